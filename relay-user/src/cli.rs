@@ -1,0 +1,71 @@
+//! Command-line interface of the `relay` binary.
+
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// TURN relay (RFC 8656) with a kernel (XDP) fast path for ChannelData.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the TURN server (with no flags: the embedded default config, on loopback).
+    Serve(ServeArgs),
+}
+
+/// Which kernel fast path to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FastPathMode {
+    /// Socket path only.
+    Off,
+    /// Native (driver) XDP.
+    Xdp,
+    /// Generic (SKB) XDP, for interfaces whose driver lacks native XDP.
+    XdpGeneric,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Client-facing UDP listener address (repeatable).
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Address relayed transport addresses are allocated on (repeatable: one IPv4, one IPv6).
+    #[arg(long = "relay-ip", value_name = "IP")]
+    pub relay_ip: Vec<IpAddr>,
+    /// Relay port range, e.g. 49152-65535.
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub port_range: Option<String>,
+    /// Authentication realm.
+    #[arg(long, value_name = "REALM")]
+    pub realm: Option<String>,
+    /// Static long-term credential (repeatable).
+    #[arg(long = "user", value_name = "NAME:PASSWORD")]
+    pub user: Vec<String>,
+    /// TURN REST API shared secret (repeatable, for rotation).
+    #[arg(long = "auth-secret", value_name = "SECRET")]
+    pub auth_secret: Vec<String>,
+    /// Allow peers in this CIDR even if the safe default denies it (repeatable).
+    #[arg(long = "allow-peer", value_name = "CIDR")]
+    pub allow_peer: Vec<ipnet::IpNet>,
+    /// Deny peers in this CIDR (repeatable; wins over --allow-peer).
+    #[arg(long = "deny-peer", value_name = "CIDR")]
+    pub deny_peer: Vec<ipnet::IpNet>,
+    /// Kernel fast path mode.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub fastpath: Option<FastPathMode>,
+    /// Interface to attach the fast path to (repeatable).
+    #[arg(long = "interface", value_name = "IFACE")]
+    pub interface: Vec<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}

@@ -1,0 +1,112 @@
+//! Developer tasks for the relay workspace: `cargo xtask <task>`.
+
+mod demo;
+mod setup;
+
+#[path = "../../relay-user/build_ebpf.rs"]
+mod build_ebpf;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Developer tasks for the relay workspace")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh Debian 12 machine lacks (idempotent; a warm run takes seconds).
+    Setup,
+    /// Build the eBPF object for bpfel-unknown-none (set RELAY_EBPF_TOOLCHAIN=nightly to use a
+    /// rustup nightly with rust-src instead of Debian's rustc).
+    BuildEbpf,
+    /// Set up, then run formatting and lint checks and the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the relay in a namespace lab with the kernel fast path attached,
+    /// showing what the kernel program saw.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => {
+            let object = build_ebpf_object()?;
+            println!("eBPF object: {}", object.display());
+            Ok(())
+        }
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup::run()?;
+            demo::run(&workspace_root())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn build_ebpf_object() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    build_ebpf::build_ebpf(&root, &root.join("target").join("ebpf")).map_err(anyhow::Error::msg)
+}
+
+/// Runs `cargo ARGS` in the workspace root, timing it.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    println!("==> cargo {}", args.join(" "));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    println!("==> cargo {} done in {:.1?}", args[0], started.elapsed());
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    setup::run()?;
+    let object = build_ebpf_object()?;
+    println!("==> eBPF object {}", object.display());
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    let mut args = vec!["test", "--workspace", "--locked", "--"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)?;
+    println!(
+        "==> all checks and tests passed in {:.1?}",
+        started.elapsed()
+    );
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `cargo xtask setup`: installs what the build and the tests need, skipping what is present.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{bail, Context};
+
+/// Debian packages: the eBPF compiler route (ebpf-toolchain.md), kernel tooling, and the
+/// third-party TURN clients/servers the interop tests and benchmarks use.
+const PACKAGES: &[(&str, Option<&str>)] = &[
+    // Debian's rustc 1.96 (LLVM 22) and its library source, for `-Z build-std=core`.
+    ("rustc-web", Some("1.96.0+dfsg1-1~deb12u2")),
+    ("rust-web-src", Some("1.96.0+dfsg1-1~deb12u2")),
+    // bpf-linker is built against LLVM 22.
+    ("llvm-22-dev", None),
+    ("libpolly-22-dev", None),
+    ("clang", None),
+    ("bpftool", None),
+    ("ethtool", None),
+    ("iproute2", None),
+    // coturn 4.6.1: turnutils_uclient / turnutils_peer / turnserver.
+    ("coturn", None),
+    // aioice, a Python TURN client, for Debian's /usr/bin/python3.
+    ("python3-aioice", None),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let missing: Vec<String> = PACKAGES
+        .iter()
+        .filter(|(name, version)| !package_installed(name, *version))
+        .map(|(name, version)| match version {
+            Some(v) => format!("{name}={v}"),
+            None => (*name).to_owned(),
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages present");
+    } else {
+        println!("setup: installing {}", missing.join(" "));
+        run_root(&["apt-get", "update", "-qq"])?;
+        let mut args = vec!["apt-get", "install", "-y", "-qq"];
+        args.extend(missing.iter().map(String::as_str));
+        run_root(&args)?;
+    }
+
+    if bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .status()
+            .context("running cargo install bpf-linker")?;
+        if !status.success() {
+            bail!("installing bpf-linker failed ({status})");
+        }
+    }
+    println!("setup: done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+fn package_installed(name: &str, version: Option<&str>) -> bool {
+    let Ok(out) = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}\t${Version}", name])
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split('\t');
+    let installed = fields.next().is_some_and(|s| s.ends_with(" installed"));
+    let version_ok = version.is_none_or(|want| fields.next() == Some(want));
+    out.status.success() && installed && version_ok
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// Runs a command as root (directly when already root, else through sudo).
+fn run_root(args: &[&str]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if is_root {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        cmd
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.args(args);
+        cmd
+    };
+    let status = cmd
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("{} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
