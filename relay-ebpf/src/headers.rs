@@ -61,18 +61,19 @@ const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IPV6_HDR_LEN);
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HDR_LEN);
 
 /// The IP layer of a parsed UDP datagram.
+#[expect(
+    dead_code,
+    reason = "read by the ChannelData forwarders, not by the classifier"
+)]
 pub enum IpHeader {
     V4(*mut Ipv4Hdr),
     V6(*mut Ipv6Hdr),
 }
 
 /// A UDP datagram located inside a frame.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "read by the ChannelData forwarders, not by the classifier"
-    )
+#[expect(
+    dead_code,
+    reason = "read by the ChannelData forwarders, not by the classifier"
 )]
 pub struct UdpDatagram {
     pub ip: IpHeader,
@@ -227,7 +228,9 @@ mod tests {
     #[test]
     fn parses_ipv4_udp() {
         let bytes = ipv4_udp(b"hello");
-        let udp = frame_of(&bytes).udp().ok().expect("valid frame");
+        let udp = frame_of(&bytes)
+            .udp()
+            .unwrap_or_else(|r| panic!("valid frame: {r:?}"));
         assert_eq!(udp.payload_offset, 42);
         assert_eq!(udp.payload_len, 5);
     }

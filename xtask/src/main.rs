@@ -101,7 +101,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    let mut args = vec!["test", "--workspace", "--locked", "--"];
+    // Integration tests start the real `relay` binary; `cargo test` builds binaries only for
+    // the package whose tests use them, so build every binary first.
+    cargo(&["build", "--workspace", "--locked", "--bins"])?;
+    let mut args = vec!["test", "--workspace", "--locked", "--no-fail-fast", "--"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)?;
     println!(

@@ -1,0 +1,589 @@
+//! Peer address policy: which peer addresses a client may create permissions / channels for and
+//! send to (RFC 8656 §21 security considerations, architecture.md "Safety defaults").
+//!
+//! Evaluation order for a peer address `p` (first match decides):
+//!
+//! 1. `p` is one of the relay's own addresses (compared after IPv4-mapped canonicalisation)
+//!    → denied ([`DenyReason::RelayAddress`]), even if allowed.
+//! 2. `p` is in a configured deny CIDR → denied ([`DenyReason::ExplicitDeny`]). Deny always
+//!    wins over allow.
+//! 3. `p` is in a configured allow CIDR → allowed, **except** that if `p` is an IPv6 encoding of
+//!    IPv4 addresses (see below) every embedded IPv4 address must itself pass the full policy
+//!    (steps 1–4 applied to the IPv4 address), else denied ([`DenyReason::EmbeddedIpv4`]).
+//! 4. `p` is in a default-denied range ([`DEFAULT_DENIED`]) → denied with that range's reason.
+//! 5. Otherwise allowed.
+//!
+//! # IPv6 encodings of IPv4 (decision)
+//!
+//! IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible (`::/96`), IPv4-translated
+//! (`::ffff:0:0:0/96`), NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`), 6to4 (`2002::/16`) and Teredo
+//! (`2001::/32`) addresses are **denied outright** by default, whatever IPv4 address they carry:
+//! a dual-stack relay socket, a NAT64 gateway, a 6to4 or Teredo relay would otherwise deliver to
+//! that IPv4 address and bypass the IPv4 policy, and legitimate TURN peers essentially never need
+//! these forms. An operator who needs them (e.g. an IPv6-only relay behind NAT64) allows the IPv6
+//! prefix explicitly; even then the embedded IPv4 address(es) must be allowed by the IPv4 policy
+//! (for Teredo both the server address, bits 32..64, and the client address, the last 32 bits
+//! XOR `0xffffffff`). So `allow(64:ff9b::/96)` permits `64:ff9b::8.8.8.8` but never
+//! `64:ff9b::169.254.169.254`.
+//!
+//! Not treated as embeddings (no fixed prefix): ISATAP interface identifiers and other
+//! RFC 6052 prefix lengths on operator-chosen NAT64 prefixes. Deny those prefixes explicitly if
+//! the network has them.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// Why a peer address is denied. `Display` names the range (e.g. `loopback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// 0.0.0.0/8, ::/128
+    Unspecified,
+    /// 127.0.0.0/8, ::1/128
+    Loopback,
+    /// RFC 1918: 10/8, 172.16/12, 192.168/16
+    Private,
+    /// fc00::/7
+    UniqueLocal,
+    /// 169.254.0.0/16 (incl. the 169.254.169.254 metadata service), fe80::/10
+    LinkLocal,
+    /// fec0::/10 (deprecated)
+    SiteLocal,
+    /// 100.64.0.0/10 (RFC 6598 shared address space)
+    Cgnat,
+    /// 224.0.0.0/4, ff00::/8
+    Multicast,
+    /// 255.255.255.255/32
+    Broadcast,
+    /// 240.0.0.0/4 (future use)
+    Reserved,
+    /// 192.0.2/24, 198.51.100/24, 203.0.113/24, 2001:db8::/32, 3fff::/20
+    Documentation,
+    /// 198.18.0.0/15, 2001:2::/48
+    Benchmarking,
+    /// 192.0.0.0/24
+    IetfProtocolAssignments,
+    /// 192.88.99.0/24 (deprecated 6to4 relay anycast)
+    SixToFourRelayAnycast,
+    /// 100::/64 (RFC 6666)
+    DiscardOnly,
+    /// 2001:10::/28, 2001:20::/28 (ORCHID, not routable)
+    Orchid,
+    /// ::ffff:0:0/96
+    Ipv4Mapped,
+    /// ::/96
+    Ipv4Compatible,
+    /// ::ffff:0:0:0/96 (SIIT)
+    Ipv4Translated,
+    /// 64:ff9b::/96, 64:ff9b:1::/48
+    Nat64,
+    /// 2002::/16
+    SixToFour,
+    /// 2001::/32
+    Teredo,
+    /// In a configured deny CIDR.
+    ExplicitDeny(IpNet),
+    /// One of the relay's own addresses.
+    RelayAddress(IpAddr),
+    /// An allowed IPv6 encoding of an IPv4 address that the IPv4 policy denies.
+    EmbeddedIpv4(Ipv4Addr),
+}
+
+impl DenyReason {
+    /// Short, stable label (also usable as a metric label; no addresses in it).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Loopback => "loopback",
+            Self::Private => "private",
+            Self::UniqueLocal => "unique-local",
+            Self::LinkLocal => "link-local",
+            Self::SiteLocal => "site-local",
+            Self::Cgnat => "cgnat",
+            Self::Multicast => "multicast",
+            Self::Broadcast => "broadcast",
+            Self::Reserved => "reserved",
+            Self::Documentation => "documentation",
+            Self::Benchmarking => "benchmarking",
+            Self::IetfProtocolAssignments => "ietf-protocol-assignments",
+            Self::SixToFourRelayAnycast => "6to4-relay-anycast",
+            Self::DiscardOnly => "discard-only",
+            Self::Orchid => "orchid",
+            Self::Ipv4Mapped => "ipv4-mapped",
+            Self::Ipv4Compatible => "ipv4-compatible",
+            Self::Ipv4Translated => "ipv4-translated",
+            Self::Nat64 => "nat64",
+            Self::SixToFour => "6to4",
+            Self::Teredo => "teredo",
+            Self::ExplicitDeny(_) => "configured-deny",
+            Self::RelayAddress(_) => "relay-address",
+            Self::EmbeddedIpv4(_) => "embedded-ipv4",
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ExplicitDeny(net) => write!(f, "configured-deny ({net})"),
+            Self::RelayAddress(ip) => write!(f, "relay-address ({ip})"),
+            Self::EmbeddedIpv4(ip) => write!(f, "embedded-ipv4 ({ip} is denied)"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+impl std::error::Error for DenyReason {}
+
+const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> IpNet {
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), len))
+}
+
+const fn v6(s0: u16, s1: u16, s2: u16, s3: u16, s4: u16, s5: u16, len: u8) -> IpNet {
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(s0, s1, s2, s3, s4, s5, 0, 0),
+        len,
+    ))
+}
+
+/// The default-denied ranges, most specific first where they overlap (the first match names the
+/// reason).
+pub const DEFAULT_DENIED: &[(IpNet, DenyReason)] = &[
+    // IPv4
+    (v4(0, 0, 0, 0, 8), DenyReason::Unspecified),
+    (v4(127, 0, 0, 0, 8), DenyReason::Loopback),
+    (v4(10, 0, 0, 0, 8), DenyReason::Private),
+    (v4(172, 16, 0, 0, 12), DenyReason::Private),
+    (v4(192, 168, 0, 0, 16), DenyReason::Private),
+    (v4(169, 254, 0, 0, 16), DenyReason::LinkLocal),
+    (v4(100, 64, 0, 0, 10), DenyReason::Cgnat),
+    (v4(224, 0, 0, 0, 4), DenyReason::Multicast),
+    (v4(255, 255, 255, 255, 32), DenyReason::Broadcast),
+    (v4(240, 0, 0, 0, 4), DenyReason::Reserved),
+    (v4(192, 0, 2, 0, 24), DenyReason::Documentation),
+    (v4(198, 51, 100, 0, 24), DenyReason::Documentation),
+    (v4(203, 0, 113, 0, 24), DenyReason::Documentation),
+    (v4(198, 18, 0, 0, 15), DenyReason::Benchmarking),
+    (v4(192, 0, 0, 0, 24), DenyReason::IetfProtocolAssignments),
+    (v4(192, 88, 99, 0, 24), DenyReason::SixToFourRelayAnycast),
+    // IPv6 (specific ones before the ::/96 and 2001::/32 embeddings that contain them)
+    (
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
+        DenyReason::Unspecified,
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+        DenyReason::Loopback,
+    ),
+    (v6(0, 0, 0, 0, 0, 0xffff, 96), DenyReason::Ipv4Mapped),
+    (v6(0, 0, 0, 0, 0xffff, 0, 96), DenyReason::Ipv4Translated),
+    (v6(0, 0, 0, 0, 0, 0, 96), DenyReason::Ipv4Compatible),
+    (v6(0x64, 0xff9b, 0, 0, 0, 0, 96), DenyReason::Nat64),
+    (v6(0x64, 0xff9b, 1, 0, 0, 0, 48), DenyReason::Nat64),
+    (v6(0x100, 0, 0, 0, 0, 0, 64), DenyReason::DiscardOnly),
+    (v6(0x2001, 0x2, 0, 0, 0, 0, 48), DenyReason::Benchmarking),
+    (v6(0x2001, 0x10, 0, 0, 0, 0, 28), DenyReason::Orchid),
+    (v6(0x2001, 0x20, 0, 0, 0, 0, 28), DenyReason::Orchid),
+    (v6(0x2001, 0, 0, 0, 0, 0, 32), DenyReason::Teredo),
+    (v6(0x2001, 0xdb8, 0, 0, 0, 0, 32), DenyReason::Documentation),
+    (v6(0x3fff, 0, 0, 0, 0, 0, 20), DenyReason::Documentation),
+    (v6(0x2002, 0, 0, 0, 0, 0, 16), DenyReason::SixToFour),
+    (v6(0xfc00, 0, 0, 0, 0, 0, 7), DenyReason::UniqueLocal),
+    (v6(0xfe80, 0, 0, 0, 0, 0, 10), DenyReason::LinkLocal),
+    (v6(0xfec0, 0, 0, 0, 0, 0, 10), DenyReason::SiteLocal),
+    (v6(0xff00, 0, 0, 0, 0, 0, 8), DenyReason::Multicast),
+];
+
+/// The IPv4 addresses an IPv6 address encodes (at most two, for Teredo), or none.
+fn embedded_ipv4(ip: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
+    let s = ip.segments();
+    let o = ip.octets();
+    let last32 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let is_zero = |range: std::ops::Range<usize>| s[range].iter().all(|&x| x == 0);
+    if is_zero(0..5) && s[5] == 0xffff {
+        // ::ffff:0:0/96 mapped
+        [Some(last32), None]
+    } else if is_zero(0..4) && s[4] == 0xffff && s[5] == 0 {
+        // ::ffff:0:0:0/96 translated
+        [Some(last32), None]
+    } else if is_zero(0..6) {
+        // ::/96 compatible (includes :: and ::1)
+        [Some(last32), None]
+    } else if s[0] == 0x64 && s[1] == 0xff9b && is_zero(2..6) {
+        // 64:ff9b::/96
+        [Some(last32), None]
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        // 64:ff9b:1::/48, RFC 6052 §2.2 /48 layout: v4 in octets 6,7 and 9,10 (octet 8 is "u").
+        [Some(Ipv4Addr::new(o[6], o[7], o[9], o[10])), None]
+    } else if s[0] == 0x2002 {
+        // 6to4: 2002:V4ADDR::/48
+        [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None]
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        // Teredo: server at bits 32..64, client obfuscated in the last 32 bits.
+        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
+        let client = Ipv4Addr::from(!u32::from(last32));
+        [Some(server), Some(client)]
+    } else {
+        [None, None]
+    }
+}
+
+/// Peer address policy; see the module documentation for the evaluation order.
+#[derive(Clone, Debug)]
+pub struct PeerPolicy {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    relay_addresses: Vec<IpAddr>,
+}
+
+impl Default for PeerPolicy {
+    fn default() -> Self {
+        Self::safe_default()
+    }
+}
+
+impl PeerPolicy {
+    /// Denies [`DEFAULT_DENIED`]; no allow/deny CIDRs, no relay addresses yet.
+    pub fn safe_default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            relay_addresses: Vec::new(),
+        }
+    }
+
+    /// Explicitly allows `net`, overriding the default deny (e.g. 198.18.0.0/15 in the test lab).
+    /// Does not override deny CIDRs or relay addresses.
+    pub fn allow(&mut self, net: IpNet) {
+        let net = net.trunc();
+        if !self.allow.contains(&net) {
+            self.allow.push(net);
+        }
+    }
+
+    /// Explicitly denies `net`; always wins over allow.
+    pub fn deny(&mut self, net: IpNet) {
+        let net = net.trunc();
+        if !self.deny.contains(&net) {
+            self.deny.push(net);
+        }
+    }
+
+    /// Replaces the set of the relay's own addresses (listener and relay interface addresses):
+    /// always denied, even if allowed. IPv4-mapped IPv6 forms are canonicalised.
+    pub fn set_relay_addresses(&mut self, ips: &[IpAddr]) {
+        self.relay_addresses = ips.iter().map(|ip| ip.to_canonical()).collect();
+        self.relay_addresses.sort_unstable();
+        self.relay_addresses.dedup();
+    }
+
+    pub fn is_allowed(&self, peer: IpAddr) -> bool {
+        self.check(peer).is_ok()
+    }
+
+    pub fn check(&self, peer: IpAddr) -> Result<(), DenyReason> {
+        let canonical = peer.to_canonical();
+        if self.relay_addresses.contains(&canonical) {
+            return Err(DenyReason::RelayAddress(canonical));
+        }
+        if let Some(net) = self.deny.iter().find(|n| n.contains(&peer)) {
+            return Err(DenyReason::ExplicitDeny(*net));
+        }
+        if self.allow.iter().any(|n| n.contains(&peer)) {
+            if let IpAddr::V6(v6) = peer {
+                for embedded in embedded_ipv4(v6).into_iter().flatten() {
+                    if self.check(IpAddr::V4(embedded)).is_err() {
+                        return Err(DenyReason::EmbeddedIpv4(embedded));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        match DEFAULT_DENIED.iter().find(|(net, _)| net.contains(&peer)) {
+            Some((_, reason)) => Err(*reason),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn default_denied_table() {
+        use DenyReason::*;
+        let cases: &[(&str, DenyReason)] = &[
+            ("0.0.0.0", Unspecified),
+            ("0.255.255.255", Unspecified),
+            ("::", Unspecified),
+            ("127.0.0.1", Loopback),
+            ("127.255.255.254", Loopback),
+            ("::1", Loopback),
+            ("10.0.0.1", Private),
+            ("10.255.255.255", Private),
+            ("172.16.0.1", Private),
+            ("172.31.255.255", Private),
+            ("192.168.1.1", Private),
+            ("fc00::1", UniqueLocal),
+            ("fd12:3456::1", UniqueLocal),
+            ("169.254.0.1", LinkLocal),
+            ("169.254.169.254", LinkLocal),
+            ("fe80::1", LinkLocal),
+            ("febf::1", LinkLocal),
+            ("fec0::1", SiteLocal),
+            ("100.64.0.1", Cgnat),
+            ("100.127.255.255", Cgnat),
+            ("224.0.0.1", Multicast),
+            ("239.255.255.250", Multicast),
+            ("ff02::1", Multicast),
+            ("ff0e::1", Multicast),
+            ("255.255.255.255", Broadcast),
+            ("240.0.0.1", Reserved),
+            ("255.255.255.254", Reserved),
+            ("192.0.2.1", Documentation),
+            ("198.51.100.1", Documentation),
+            ("203.0.113.255", Documentation),
+            ("2001:db8::1", Documentation),
+            ("3fff::1", Documentation),
+            ("198.18.0.1", Benchmarking),
+            ("198.19.255.255", Benchmarking),
+            ("2001:2::1", Benchmarking),
+            ("192.0.0.8", IetfProtocolAssignments),
+            ("192.88.99.1", SixToFourRelayAnycast),
+            ("100::1", DiscardOnly),
+            ("2001:10::1", Orchid),
+            ("2001:20::1", Orchid),
+            ("::ffff:8.8.8.8", Ipv4Mapped),
+            ("::ffff:127.0.0.1", Ipv4Mapped),
+            ("::ffff:0:8.8.8.8", Ipv4Translated),
+            ("::8.8.8.8", Ipv4Compatible),
+            ("::2", Ipv4Compatible),
+            ("64:ff9b::8.8.8.8", Nat64),
+            ("64:ff9b:1::1", Nat64),
+            ("2002:0808:0808::1", SixToFour),
+            ("2002:7f00:1::1", SixToFour),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", Teredo),
+        ];
+        let p = PeerPolicy::safe_default();
+        for (addr, reason) in cases {
+            assert_eq!(p.check(ip(addr)), Err(*reason), "{addr}");
+            assert!(!p.is_allowed(ip(addr)), "{addr}");
+        }
+    }
+
+    #[test]
+    fn public_addresses_allowed_and_boundaries() {
+        let p = PeerPolicy::safe_default();
+        for addr in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "9.255.255.255",
+            "11.0.0.0",
+            "100.63.255.255",
+            "100.128.0.0",
+            "126.255.255.255",
+            "128.0.0.0",
+            "169.253.255.255",
+            "169.255.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.0.1.255",
+            "192.0.3.0",
+            "192.167.255.255",
+            "192.169.0.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "223.255.255.255",
+            "2606:4700:4700::1111",
+            "2001:4860:4860::8888",
+            "2001:db9::1",
+            "2001:1::1",
+            "2001:3::1",
+            "2003::1",
+            "fbff::1",
+        ] {
+            assert_eq!(p.check(ip(addr)), Ok(()), "{addr}");
+        }
+    }
+
+    #[test]
+    fn display_names_range() {
+        assert_eq!(DenyReason::Loopback.to_string(), "loopback");
+        let p = PeerPolicy::safe_default();
+        assert_eq!(
+            p.check(ip("169.254.169.254")).unwrap_err().to_string(),
+            "link-local"
+        );
+        let mut p = PeerPolicy::safe_default();
+        p.deny(net("8.8.8.0/24"));
+        assert_eq!(
+            p.check(ip("8.8.8.8")).unwrap_err().to_string(),
+            "configured-deny (8.8.8.0/24)"
+        );
+    }
+
+    #[test]
+    fn allow_overrides_default_deny() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("198.18.0.0/15"));
+        assert!(p.is_allowed(ip("198.18.1.1")));
+        assert!(p.is_allowed(ip("198.19.0.2")));
+        assert!(
+            p.is_allowed(ip("198.20.0.1")),
+            "public, outside the benchmark range"
+        );
+        assert_eq!(p.check(ip("10.0.0.1")), Err(DenyReason::Private));
+        // Non-truncated CIDR is normalised.
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("10.1.2.3/16"));
+        assert!(p.is_allowed(ip("10.1.200.1")));
+        assert!(!p.is_allowed(ip("10.2.0.1")));
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("198.18.0.0/15"));
+        p.deny(net("198.18.5.0/24"));
+        assert!(p.is_allowed(ip("198.18.4.1")));
+        assert_eq!(
+            p.check(ip("198.18.5.1")),
+            Err(DenyReason::ExplicitDeny(net("198.18.5.0/24")))
+        );
+        // Deny applies to public addresses too, and the order of calls does not matter.
+        let mut p = PeerPolicy::safe_default();
+        p.deny(net("8.8.0.0/16"));
+        p.allow(net("8.8.8.0/24"));
+        assert!(!p.is_allowed(ip("8.8.8.8")));
+        assert!(p.is_allowed(ip("8.9.0.1")));
+    }
+
+    #[test]
+    fn relay_addresses_always_denied() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("198.18.0.0/15"));
+        p.set_relay_addresses(&[ip("198.18.1.1"), ip("203.0.113.10"), ip("2606:4700::1")]);
+        assert_eq!(
+            p.check(ip("198.18.1.1")),
+            Err(DenyReason::RelayAddress(ip("198.18.1.1")))
+        );
+        assert!(p.is_allowed(ip("198.18.1.2")));
+        assert!(!p.is_allowed(ip("2606:4700::1")));
+        assert!(p.is_allowed(ip("2606:4700::2")));
+        // Mapped form of a relay address, even if the mapped range is allowed.
+        p.allow(net("::ffff:0:0/96"));
+        assert!(!p.is_allowed(ip("::ffff:198.18.1.1")));
+        assert!(p.is_allowed(ip("::ffff:198.18.1.2")));
+        // A public relay address.
+        p.set_relay_addresses(&[ip("8.8.8.8")]);
+        assert!(!p.is_allowed(ip("8.8.8.8")));
+        assert!(p.is_allowed(ip("198.18.1.1")), "replaced, not appended");
+        // 6to4 / NAT64 forms of the relay address when those prefixes are allowed.
+        p.allow(net("2002::/16"));
+        p.allow(net("64:ff9b::/96"));
+        assert_eq!(
+            p.check(ip("2002:0808:0808::1")),
+            Err(DenyReason::EmbeddedIpv4(Ipv4Addr::new(8, 8, 8, 8)))
+        );
+        assert!(!p.is_allowed(ip("64:ff9b::8.8.8.8")));
+        assert!(p.is_allowed(ip("64:ff9b::8.8.4.4")));
+    }
+
+    #[test]
+    fn embedded_ipv4_requires_explicit_allow_and_allowed_v4() {
+        let mut p = PeerPolicy::safe_default();
+        // Denied outright by default, even when the embedded IPv4 is public.
+        for addr in [
+            "::ffff:8.8.8.8",
+            "::8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "2002:0808:0808::1",
+        ] {
+            assert!(!p.is_allowed(ip(addr)), "{addr}");
+        }
+        p.allow(net("::ffff:0:0/96"));
+        p.allow(net("::/96"));
+        p.allow(net("::ffff:0:0:0/96"));
+        p.allow(net("64:ff9b::/96"));
+        p.allow(net("64:ff9b:1::/48"));
+        p.allow(net("2002::/16"));
+        p.allow(net("2001::/32"));
+        let cases: &[(&str, Option<[u8; 4]>)] = &[
+            ("::ffff:8.8.8.8", None),
+            ("::ffff:127.0.0.1", Some([127, 0, 0, 1])),
+            ("::ffff:169.254.169.254", Some([169, 254, 169, 254])),
+            ("::ffff:0:8.8.8.8", None),
+            ("::ffff:0:10.0.0.1", Some([10, 0, 0, 1])),
+            ("::8.8.8.8", None),
+            ("::1", Some([0, 0, 0, 1])),
+            ("::", Some([0, 0, 0, 0])),
+            ("::10.1.1.1", Some([10, 1, 1, 1])),
+            ("64:ff9b::8.8.8.8", None),
+            ("64:ff9b::169.254.169.254", Some([169, 254, 169, 254])),
+            ("64:ff9b::192.168.0.1", Some([192, 168, 0, 1])),
+            // RFC 6052 /48: 8.8.8.8 -> 64:ff9b:1:0808:08:0800::
+            ("64:ff9b:1:808:8:800::", None),
+            ("64:ff9b:1:7f00:0:100::", Some([127, 0, 0, 1])),
+            ("2002:0808:0808::1", None),
+            ("2002:7f00:0001::1", Some([127, 0, 0, 1])),
+            ("2002:a9fe:a9fe::", Some([169, 254, 169, 254])),
+            // Teredo, RFC 4380 example: server 65.54.227.120, client 192.0.2.45 (documentation).
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                Some([192, 0, 2, 45]),
+            ),
+            // Server 65.54.227.120, client 8.8.8.8 (!0x08080808 = 0xf7f7f7f7).
+            ("2001:0:4136:e378::f7f7:f7f7", None),
+            // Server 10.0.0.1 (private), client 8.8.8.8.
+            ("2001:0:a00:1::f7f7:f7f7", Some([10, 0, 0, 1])),
+        ];
+        for (addr, denied) in cases {
+            let expect = match denied {
+                None => Ok(()),
+                Some(o) => Err(DenyReason::EmbeddedIpv4(Ipv4Addr::from(*o))),
+            };
+            assert_eq!(p.check(ip(addr)), expect, "{addr}");
+        }
+        // Allowing the embedded IPv4 range makes the encoded form pass too.
+        p.allow(net("10.0.0.0/8"));
+        assert!(p.is_allowed(ip("::ffff:10.0.0.1")));
+        // ...but a deny of the IPv4 range still applies to the encoded form.
+        p.deny(net("10.9.0.0/16"));
+        assert!(!p.is_allowed(ip("::ffff:10.9.0.1")));
+        assert!(!p.is_allowed(ip("2002:0a09:0001::1")));
+    }
+
+    #[test]
+    fn broad_ipv6_allow_still_checks_embedded() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("::/0"));
+        // Explicit allow overrides defaults for plain IPv6...
+        assert!(p.is_allowed(ip("fd00::1")));
+        // ...but never for IPv6 encodings of denied IPv4.
+        assert!(!p.is_allowed(ip("::ffff:127.0.0.1")));
+        assert!(!p.is_allowed(ip("::1")));
+        assert!(!p.is_allowed(ip("64:ff9b::a9fe:a9fe")));
+        assert!(p.is_allowed(ip("::ffff:1.1.1.1")));
+    }
+
+    #[test]
+    fn default_table_is_well_formed() {
+        for (n, _) in DEFAULT_DENIED {
+            assert_eq!(*n, n.trunc(), "{n}");
+        }
+        assert_eq!(
+            PeerPolicy::default().check(ip("127.0.0.1")),
+            Err(DenyReason::Loopback)
+        );
+    }
+}

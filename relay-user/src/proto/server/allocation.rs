@@ -1,0 +1,174 @@
+//! Per-allocation state: permissions (RFC 8656 §9) and channels (RFC 8656 §12).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::{AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
+use crate::proto::stun::{AddressFamily, TransactionId};
+
+/// An Allocate waiting for its relay socket.
+#[derive(Debug)]
+pub(super) struct Pending {
+    /// How to answer the Allocate once bound.
+    pub(super) ctx: Ctx,
+    /// Failed binds so far.
+    pub(super) attempts: u32,
+    /// EVEN-PORT was asked for.
+    pub(super) even_port: bool,
+    /// ADDRESS-ERROR-CODE to add for a refused ADDITIONAL-ADDRESS-FAMILY.
+    pub(super) family_error: Option<AddressFamily>,
+}
+
+#[derive(Debug)]
+pub(super) enum AllocState {
+    Pending(Pending),
+    Active,
+}
+
+#[derive(Debug)]
+pub(super) struct Channel {
+    pub(super) peer: SocketAddr,
+    /// While bound: binding expiry. Afterwards: end of the reserved period.
+    pub(super) expires: Instant,
+    /// False once expired: the number and the peer stay reserved until `expires`.
+    pub(super) bound: bool,
+    /// A CreateChannelBinding is live in the fast path (no DeleteChannelBinding since).
+    pub(super) installed: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct Allocation {
+    pub(super) id: AllocationId,
+    pub(super) username: String,
+    pub(super) client: SocketAddr,
+    pub(super) listener: SocketAddr,
+    pub(super) relayed: SocketAddr,
+    /// Granted by the Allocate; the expiry starts when the socket is bound.
+    pub(super) lifetime: Duration,
+    pub(super) expires: Instant,
+    pub(super) state: AllocState,
+    /// Transaction id of the Allocate that created it, for retransmissions (RFC 8656 §7.2).
+    pub(super) last_allocate: TransactionId,
+    pub(super) success_response: Vec<u8>,
+    /// Peer IP → permission expiry.
+    pub(super) permissions: HashMap<IpAddr, Instant>,
+    pub(super) channels: BTreeMap<u16, Channel>,
+    /// Peer → channel number (bound or reserved).
+    pub(super) peer_channels: HashMap<SocketAddr, u16>,
+}
+
+impl Allocation {
+    pub(super) fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.get(&ip).is_some_and(|e| *e > now)
+    }
+
+    pub(super) fn delete_channel_command(&self, channel: u16, peer: SocketAddr) -> Command {
+        Command::DeleteChannelBinding {
+            id: self.id,
+            client: self.client,
+            listener: self.listener,
+            relayed: self.relayed,
+            peer,
+            channel,
+        }
+    }
+
+    /// Installs or refreshes the permission for `ip` (RFC 8656 §9.2) and (re)announces every
+    /// bound channel to that IP with its new deadline: the earlier of channel and permission
+    /// expiry, so the kernel never forwards past either.
+    pub(super) fn install_permission(
+        &mut self,
+        ip: IpAddr,
+        expires: Instant,
+        commands: &mut VecDeque<Command>,
+    ) {
+        let entry = self.permissions.entry(ip).or_insert(expires);
+        if *entry < expires {
+            *entry = expires;
+        }
+        let permission_expires = *entry;
+        for (number, channel) in self.channels.iter_mut() {
+            if channel.bound && channel.peer.ip() == ip {
+                channel.installed = true;
+                commands.push_back(Command::CreateChannelBinding {
+                    id: self.id,
+                    client: self.client,
+                    listener: self.listener,
+                    relayed: self.relayed,
+                    peer: channel.peer,
+                    channel: *number,
+                    expires_at: channel.expires.min(permission_expires),
+                });
+            }
+        }
+    }
+
+    /// Earliest deadline of anything in this allocation.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let permissions = self.permissions.values().copied();
+        let channels = self.channels.values().map(|c| c.expires);
+        std::iter::once(self.expires)
+            .chain(permissions)
+            .chain(channels)
+            .min()
+    }
+
+    /// Expires channels (into their reserved period, then gone) and permissions
+    /// (RFC 8656 §9, §12), emitting DeleteChannelBinding for whatever leaves the fast path.
+    pub(super) fn expire(&mut self, now: Instant, commands: &mut VecDeque<Command>) {
+        let mut gone = Vec::new();
+        for (number, channel) in self.channels.iter_mut() {
+            if channel.expires > now {
+                continue;
+            }
+            if channel.bound {
+                channel.bound = false;
+                channel.expires += CHANNEL_COOLDOWN;
+                if channel.installed {
+                    channel.installed = false;
+                    commands.push_back(Command::DeleteChannelBinding {
+                        id: self.id,
+                        client: self.client,
+                        listener: self.listener,
+                        relayed: self.relayed,
+                        peer: channel.peer,
+                        channel: *number,
+                    });
+                }
+                if channel.expires <= now {
+                    gone.push(*number);
+                }
+            } else {
+                gone.push(*number);
+            }
+        }
+        for number in gone {
+            if let Some(channel) = self.channels.remove(&number) {
+                self.peer_channels.remove(&channel.peer);
+            }
+        }
+        let expired: Vec<IpAddr> = self
+            .permissions
+            .iter()
+            .filter(|(_, e)| **e <= now)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in expired {
+            self.permissions.remove(&ip);
+            for (number, channel) in self.channels.iter_mut() {
+                if channel.installed && channel.peer.ip() == ip {
+                    channel.installed = false;
+                    commands.push_back(Command::DeleteChannelBinding {
+                        id: self.id,
+                        client: self.client,
+                        listener: self.listener,
+                        relayed: self.relayed,
+                        peer: channel.peer,
+                        channel: *number,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1142 @@
+//! Sans-IO TURN server core (RFC 8656 over UDP, long-term credentials of RFC 8489 §9.2).
+//!
+//! The daemon feeds datagrams and time in and drains [`Command`]s out; the core never reads a
+//! clock, never touches a socket and takes its randomness (ports, nonce secret, Data indication
+//! transaction ids) from the injected RNG.
+
+mod allocation;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore};
+
+use crate::proto::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
+use crate::proto::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+use crate::proto::policy::PeerPolicy;
+use crate::proto::stun::{
+    attr_type, AddressFamily, Attribute, Class, DecodeError, ErrorCode, Integrity, Message,
+    MessageBuilder, Method, TransactionId,
+};
+
+use allocation::{AllocState, Allocation, Channel, Pending};
+
+/// IANA protocol number of UDP, the only REQUESTED-TRANSPORT supported (RFC 8656 §7.2).
+const PROTOCOL_UDP: u8 = 17;
+/// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
+const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+/// Relay sockets asked for per Allocate before giving up with 508.
+const MAX_BIND_ATTEMPTS: u32 = 4;
+/// Random port picks before scanning the range.
+const RANDOM_PORT_TRIES: u32 = 16;
+/// Source addresses the unauthenticated rate limiter tracks.
+const RATE_LIMIT_TRACKED: usize = 65_536;
+
+/// Server configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// REALM sent in 401/438 (must match the realm `credentials` derive keys with).
+    pub realm: String,
+    /// SOFTWARE attribute for responses, if any.
+    pub software: Option<String>,
+    /// Relay addresses; the first IPv4 and the first IPv6 one are used.
+    pub relay_ips: Vec<IpAddr>,
+    /// Relay port range.
+    pub port_range: RangeInclusive<u16>,
+    /// Long-term and REST credentials.
+    pub credentials: Credentials,
+    /// Peer address policy.
+    pub policy: PeerPolicy,
+    /// Allocation lifetime without (or below) a requested LIFETIME.
+    pub default_lifetime: Duration,
+    /// Largest allocation lifetime granted.
+    pub max_lifetime: Duration,
+    /// Permission lifetime (RFC 8656 §9: 300 s).
+    pub permission_lifetime: Duration,
+    /// Channel binding lifetime (RFC 8656 §12: 600 s).
+    pub channel_lifetime: Duration,
+    /// How long a nonce stays valid before 438.
+    pub nonce_lifetime: Duration,
+    /// Total allocations (508 above).
+    pub max_allocations: usize,
+    /// Allocations per username (486 above).
+    pub max_allocations_per_user: usize,
+    /// Permissions per allocation (508 above).
+    pub max_permissions_per_allocation: usize,
+    /// Unauthenticated requests per source IP: (burst, per second).
+    pub unauthenticated_rate: (u32, u32),
+}
+
+impl ServerConfig {
+    /// A configuration with the RFC default lifetimes and conservative caps.
+    pub fn new(
+        realm: impl Into<String>,
+        relay_ips: Vec<IpAddr>,
+        credentials: Credentials,
+        policy: PeerPolicy,
+    ) -> Self {
+        Self {
+            realm: realm.into(),
+            software: None,
+            relay_ips,
+            port_range: 49152..=65535,
+            credentials,
+            policy,
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            permission_lifetime: Duration::from_secs(300),
+            channel_lifetime: Duration::from_secs(600),
+            nonce_lifetime: Duration::from_secs(3600),
+            max_allocations: 16_384,
+            max_allocations_per_user: 64,
+            max_permissions_per_allocation: 128,
+            unauthenticated_rate: (20, 10),
+        }
+    }
+}
+
+/// Identifies an allocation across commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocationId(pub u64);
+
+impl fmt::Display for AllocationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Effects for the IO layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Send `payload` to the client from the listener address.
+    SendToClient {
+        /// listener (local) address
+        listener: SocketAddr,
+        /// client address
+        client: SocketAddr,
+        /// datagram
+        payload: Vec<u8>,
+    },
+    /// Send `payload` to the peer from the relayed address.
+    SendToPeer {
+        /// relayed (local) address
+        relayed: SocketAddr,
+        /// peer address
+        peer: SocketAddr,
+        /// datagram
+        payload: Vec<u8>,
+    },
+    /// Bind a UDP socket on exactly `relayed`; answer with [`Server::allocation_bound`] or
+    /// [`Server::allocation_bind_failed`]. The core holds the Allocate response until then;
+    /// after a failure it asks for another port a few times, then answers 508.
+    CreateAllocation {
+        /// allocation
+        id: AllocationId,
+        /// address to bind
+        relayed: SocketAddr,
+    },
+    /// Close the relay socket of an allocation.
+    DeleteAllocation {
+        /// allocation
+        id: AllocationId,
+        /// its relayed address
+        relayed: SocketAddr,
+    },
+    /// Install (or refresh) a channel in the kernel fast path; emitted on ChannelBind success
+    /// and every refresh.
+    CreateChannelBinding {
+        /// allocation
+        id: AllocationId,
+        /// client address
+        client: SocketAddr,
+        /// listener address
+        listener: SocketAddr,
+        /// relayed address
+        relayed: SocketAddr,
+        /// peer address
+        peer: SocketAddr,
+        /// channel number
+        channel: u16,
+        /// when the binding stops being valid
+        expires_at: Instant,
+    },
+    /// Remove a channel from the kernel fast path.
+    DeleteChannelBinding {
+        /// allocation
+        id: AllocationId,
+        /// client address
+        client: SocketAddr,
+        /// listener address
+        listener: SocketAddr,
+        /// relayed address
+        relayed: SocketAddr,
+        /// peer address
+        peer: SocketAddr,
+        /// channel number
+        channel: u16,
+    },
+}
+
+/// Snapshot of one (bound) allocation for admin and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationInfo {
+    /// allocation id
+    pub id: AllocationId,
+    /// username that created it
+    pub username: String,
+    /// client transport address
+    pub client: SocketAddr,
+    /// listener (server) transport address
+    pub listener: SocketAddr,
+    /// relayed transport address
+    pub relayed: SocketAddr,
+    /// expiry
+    pub expires: Instant,
+    /// peer IPs with a live permission
+    pub permissions: Vec<IpAddr>,
+    /// bound channels: (number, peer)
+    pub channels: Vec<(u16, SocketAddr)>,
+}
+
+/// Where and how to answer one request.
+#[derive(Clone, Debug)]
+struct Ctx {
+    client: SocketAddr,
+    listener: SocketAddr,
+    method: Method,
+    tid: TransactionId,
+    fingerprint: bool,
+    auth: Option<Auth>,
+}
+
+/// The credentials a request was authenticated with.
+#[derive(Clone, Debug)]
+struct Auth {
+    username: String,
+    key: LongTermKey,
+    sha256: bool,
+}
+
+/// The TURN server state machine.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    relay_v4: Option<IpAddr>,
+    relay_v6: Option<IpAddr>,
+    rng: StdRng,
+    unix_now: u64,
+    nonces: NonceIssuer,
+    limiter: RateLimiter,
+    next_id: u64,
+    allocations: BTreeMap<AllocationId, Allocation>,
+    /// (client, listener) → allocation; the protocol is always UDP.
+    by_five_tuple: HashMap<(SocketAddr, SocketAddr), AllocationId>,
+    /// relayed address (also while its socket is being bound) → allocation
+    by_relayed: HashMap<SocketAddr, AllocationId>,
+    per_user: HashMap<String, usize>,
+    commands: VecDeque<Command>,
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        400 => "Bad Request",
+        401 => "Unauthenticated",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        508 => "Insufficient Capacity",
+        _ => "Server Error",
+    }
+}
+
+fn same_family(a: IpAddr, b: IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+impl Server {
+    /// Creates the server; `now` is the epoch of its nonces, `unix_now` the wall clock for
+    /// REST credential expiry.
+    pub fn new(config: ServerConfig, mut rng: StdRng, now: Instant, unix_now: u64) -> Self {
+        let relay_v4 = config.relay_ips.iter().copied().find(IpAddr::is_ipv4);
+        let relay_v6 = config.relay_ips.iter().copied().find(IpAddr::is_ipv6);
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
+        let nonces = NonceIssuer::new(secret, config.nonce_lifetime, now);
+        let (burst, per_second) = config.unauthenticated_rate;
+        Self {
+            limiter: RateLimiter::new(burst, per_second, RATE_LIMIT_TRACKED),
+            relay_v4,
+            relay_v6,
+            rng,
+            unix_now,
+            nonces,
+            next_id: 1,
+            allocations: BTreeMap::new(),
+            by_five_tuple: HashMap::new(),
+            by_relayed: HashMap::new(),
+            per_user: HashMap::new(),
+            commands: VecDeque::new(),
+            config,
+        }
+    }
+
+    /// Updates the wall clock used for REST credential expiry.
+    pub fn set_unix_time(&mut self, unix_now: u64) {
+        self.unix_now = unix_now;
+    }
+
+    /// Next effect for the IO layer.
+    pub fn next_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// Snapshot of the bound allocations.
+    pub fn allocations(&self) -> impl Iterator<Item = AllocationInfo> + '_ {
+        self.allocations
+            .values()
+            .filter(|a| matches!(a.state, AllocState::Active))
+            .map(|a| AllocationInfo {
+                id: a.id,
+                username: a.username.clone(),
+                client: a.client,
+                listener: a.listener,
+                relayed: a.relayed,
+                expires: a.expires,
+                permissions: a.permissions.keys().copied().collect(),
+                channels: a
+                    .channels
+                    .iter()
+                    .filter(|(_, c)| c.bound)
+                    .map(|(n, c)| (*n, c.peer))
+                    .collect(),
+            })
+    }
+
+    /// Earliest deadline at which [`Server::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.allocations
+            .values()
+            .filter_map(Allocation::next_deadline)
+            .min()
+    }
+
+    /// Expires allocations, permissions and channels (RFC 8656 §7, §9, §12). Nonces are
+    /// stateless (their age is inside them), so nothing is kept for them.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<AllocationId> = self
+            .allocations
+            .values()
+            .filter(|a| a.expires <= now)
+            .map(|a| a.id)
+            .collect();
+        for id in expired {
+            self.remove_allocation(id);
+        }
+        for alloc in self.allocations.values_mut() {
+            alloc.expire(now, &mut self.commands);
+        }
+    }
+
+    /// A datagram from a client (STUN or ChannelData) arrived on `listener`.
+    pub fn handle_client_datagram(
+        &mut self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) {
+        match classify(data) {
+            PacketKind::Stun => self.handle_stun(client, listener, data, now),
+            PacketKind::ChannelData => self.handle_channel_data(client, listener, data, now),
+            PacketKind::Other => {}
+        }
+    }
+
+    /// ChannelData from the client (RFC 8656 §12.5): forwarded to the bound peer if the
+    /// channel and its permission are live, else dropped.
+    fn handle_channel_data(
+        &mut self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) {
+        let Ok(cd) = ChannelData::decode(data) else {
+            return;
+        };
+        let Some(alloc) = self.active_on(client, listener) else {
+            return;
+        };
+        let Some(channel) = alloc.channels.get(&cd.channel) else {
+            return;
+        };
+        if !channel.bound || channel.expires <= now || !alloc.has_permission(channel.peer.ip(), now)
+        {
+            return;
+        }
+        self.commands.push_back(Command::SendToPeer {
+            relayed: alloc.relayed,
+            peer: channel.peer,
+            payload: cd.data.to_vec(),
+        });
+    }
+
+    /// A datagram from `peer` arrived on the relay socket bound to `relayed`
+    /// (RFC 8656 §11.6 Data indication, §12.6 ChannelData towards the client).
+    pub fn handle_peer_datagram(
+        &mut self,
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) {
+        let Some(id) = self.by_relayed.get(&relayed).copied() else {
+            return;
+        };
+        let Some(alloc) = self.allocations.get(&id) else {
+            return;
+        };
+        if !matches!(alloc.state, AllocState::Active)
+            || alloc.expires <= now
+            || !alloc.has_permission(peer.ip(), now)
+        {
+            return;
+        }
+        let (listener, client) = (alloc.listener, alloc.client);
+        let bound_channel = alloc
+            .peer_channels
+            .get(&peer)
+            .and_then(|n| alloc.channels.get(n).map(|c| (*n, c)))
+            .filter(|(_, c)| c.bound && c.expires > now)
+            .map(|(n, _)| n);
+        let payload = match bound_channel {
+            Some(channel) => {
+                if data.len() > usize::from(u16::MAX) {
+                    return;
+                }
+                ChannelData { channel, data }.encode(false)
+            }
+            None => {
+                // RFC 8656 §11.6: no channel, so a Data indication.
+                let tid = TransactionId::random(&mut self.rng);
+                let mut b = MessageBuilder::new(Class::Indication, Method::DATA, tid);
+                b.add(&Attribute::XorPeerAddress(peer))
+                    .add(&Attribute::Data(data));
+                if b.len() > usize::from(u16::MAX) {
+                    return;
+                }
+                b.finish(None, false)
+            }
+        };
+        self.commands.push_back(Command::SendToClient {
+            listener,
+            client,
+            payload,
+        });
+    }
+
+    /// The relay socket for `id` is bound: send the held Allocate success (RFC 8656 §7.2).
+    pub fn allocation_bound(&mut self, id: AllocationId, now: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let AllocState::Pending(pending) = std::mem::replace(&mut alloc.state, AllocState::Active)
+        else {
+            return;
+        };
+        let relayed = alloc.relayed;
+        let lifetime = alloc.lifetime;
+        alloc.expires = now + lifetime;
+        let ctx = pending.ctx;
+        let mut attrs = vec![
+            Attribute::XorRelayedAddress(relayed),
+            Attribute::Lifetime(lifetime.as_secs().try_into().unwrap_or(u32::MAX)),
+            Attribute::XorMappedAddress(ctx.client),
+        ];
+        if let Some(family) = pending.family_error {
+            attrs.push(Attribute::AddressErrorCode {
+                family,
+                error: ErrorCode {
+                    code: 440,
+                    reason: reason(440),
+                },
+            });
+        }
+        let payload = self.build(&ctx, Class::Success, &attrs);
+        if let Some(alloc) = self.allocations.get_mut(&id) {
+            alloc.success_response = payload.clone();
+        }
+        self.commands.push_back(Command::SendToClient {
+            listener: ctx.listener,
+            client: ctx.client,
+            payload,
+        });
+    }
+
+    /// The relay socket for `id` could not be bound: try another port, or answer 508 after
+    /// [`MAX_BIND_ATTEMPTS`].
+    pub fn allocation_bind_failed(&mut self, id: AllocationId, _now: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let AllocState::Pending(pending) = &mut alloc.state else {
+            return;
+        };
+        pending.attempts += 1;
+        let attempts = pending.attempts;
+        let even = pending.even_port;
+        let failed = alloc.relayed;
+        self.by_relayed.remove(&failed);
+        let next = if attempts < MAX_BIND_ATTEMPTS {
+            self.pick_relayed(failed.ip(), even)
+        } else {
+            None
+        };
+        match next {
+            Some(relayed) => {
+                if let Some(alloc) = self.allocations.get_mut(&id) {
+                    alloc.relayed = relayed;
+                }
+                self.by_relayed.insert(relayed, id);
+                self.commands
+                    .push_back(Command::CreateAllocation { id, relayed });
+            }
+            None => {
+                let ctx = match self.allocations.get(&id).map(|a| &a.state) {
+                    Some(AllocState::Pending(p)) => p.ctx.clone(),
+                    _ => return,
+                };
+                self.forget_allocation(id);
+                self.respond_error(&ctx, 508, &[]);
+            }
+        }
+    }
+
+    fn active_on(&self, client: SocketAddr, listener: SocketAddr) -> Option<&Allocation> {
+        let id = self.by_five_tuple.get(&(client, listener))?;
+        self.allocations
+            .get(id)
+            .filter(|a| matches!(a.state, AllocState::Active))
+    }
+
+    fn peer_allowed(&self, ip: IpAddr) -> bool {
+        let canonical = ip.to_canonical();
+        self.config.policy.is_allowed(ip) && !self.config.relay_ips.contains(&canonical)
+    }
+
+    /// Removes an allocation from every index without emitting anything.
+    fn forget_allocation(&mut self, id: AllocationId) -> Option<Allocation> {
+        let alloc = self.allocations.remove(&id)?;
+        self.by_five_tuple.remove(&(alloc.client, alloc.listener));
+        if self.by_relayed.get(&alloc.relayed) == Some(&id) {
+            self.by_relayed.remove(&alloc.relayed);
+        }
+        if let Some(n) = self.per_user.get_mut(&alloc.username) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(&alloc.username);
+            }
+        }
+        Some(alloc)
+    }
+
+    /// Deletes an allocation: its channels leave the fast path, then its socket closes.
+    fn remove_allocation(&mut self, id: AllocationId) {
+        let Some(alloc) = self.forget_allocation(id) else {
+            return;
+        };
+        for (number, channel) in &alloc.channels {
+            if channel.installed {
+                self.commands
+                    .push_back(alloc.delete_channel_command(*number, channel.peer));
+            }
+        }
+        self.commands.push_back(Command::DeleteAllocation {
+            id,
+            relayed: alloc.relayed,
+        });
+    }
+
+    /// A free relayed address of the family of `ip`: random picks, then a scan from a random
+    /// start, skipping addresses other allocations use.
+    fn pick_relayed(&mut self, ip: IpAddr, even: bool) -> Option<SocketAddr> {
+        let (lo, hi) = (
+            *self.config.port_range.start(),
+            *self.config.port_range.end(),
+        );
+        if lo > hi {
+            return None;
+        }
+        let ok = |port: u16, used: &HashMap<SocketAddr, AllocationId>| {
+            (!even || port.is_multiple_of(2)) && !used.contains_key(&SocketAddr::new(ip, port))
+        };
+        for _ in 0..RANDOM_PORT_TRIES {
+            let port = self.rng.gen_range(lo..=hi);
+            if ok(port, &self.by_relayed) {
+                return Some(SocketAddr::new(ip, port));
+            }
+        }
+        let span = u32::from(hi - lo) + 1;
+        let start = self.rng.gen_range(0..span);
+        (0..span)
+            .map(|i| lo + ((start + i) % span) as u16)
+            .find(|p| ok(*p, &self.by_relayed))
+            .map(|p| SocketAddr::new(ip, p))
+    }
+
+    // ---- STUN ----
+
+    fn handle_stun(&mut self, client: SocketAddr, listener: SocketAddr, data: &[u8], now: Instant) {
+        let msg = match Message::decode(data) {
+            Ok(msg) => msg,
+            Err(DecodeError::NotStun) => return,
+            Err(DecodeError::BadAttributes {
+                method,
+                class,
+                transaction_id,
+                ..
+            }) => {
+                // RFC 8489 §6.3.1: malformed requests get 400; anything else is dropped.
+                if class == Class::Request && self.limiter.allow(client.ip(), now) {
+                    let ctx = Ctx {
+                        client,
+                        listener,
+                        method,
+                        tid: transaction_id,
+                        fingerprint: false,
+                        auth: None,
+                    };
+                    self.respond_error(&ctx, 400, &[]);
+                }
+                return;
+            }
+        };
+        // RFC 8489 §7.3: a FINGERPRINT that does not match means it is not STUN after all.
+        if msg.verify_fingerprint() == Some(false) {
+            return;
+        }
+        match msg.class() {
+            Class::Request => self.handle_request(&msg, client, listener, now),
+            Class::Indication if msg.method() == Method::SEND => {
+                self.handle_send(&msg, client, listener, now)
+            }
+            // Other indications and all responses are dropped (RFC 8489 §6.3.2, §6.3.3).
+            _ => {}
+        }
+    }
+
+    fn handle_request(
+        &mut self,
+        msg: &Message<'_>,
+        client: SocketAddr,
+        listener: SocketAddr,
+        now: Instant,
+    ) {
+        let mut ctx = Ctx {
+            client,
+            listener,
+            method: msg.method(),
+            tid: msg.transaction_id(),
+            fingerprint: msg.has_fingerprint(),
+            auth: None,
+        };
+        let method = msg.method();
+        if method == Method::BINDING {
+            self.handle_binding(msg, &ctx, now);
+            return;
+        }
+        if ![
+            Method::ALLOCATE,
+            Method::REFRESH,
+            Method::CREATE_PERMISSION,
+            Method::CHANNEL_BIND,
+        ]
+        .contains(&method)
+        {
+            // Unknown (or indication-only) method as a request: 400.
+            if self.limiter.allow(client.ip(), now) {
+                self.respond_error(&ctx, 400, &[]);
+            }
+            return;
+        }
+        let Some(auth) = self.authenticate(msg, &ctx, now) else {
+            return;
+        };
+        ctx.auth = Some(auth);
+        // RFC 8489 §6.3.1.1: unknown comprehension-required attributes → 420, after
+        // authentication so the answer can be signed.
+        let unknown = msg.unknown_comprehension_required();
+        if !unknown.is_empty() {
+            let list = Attribute::UnknownAttributes(unknown.to_vec());
+            self.respond_error(&ctx, 420, &[list]);
+            return;
+        }
+        match method {
+            Method::ALLOCATE => self.handle_allocate(msg, &ctx, now),
+            Method::REFRESH => self.handle_refresh(msg, &ctx, now),
+            Method::CREATE_PERMISSION => self.handle_create_permission(msg, &ctx, now),
+            _ => self.handle_channel_bind(msg, &ctx, now),
+        }
+    }
+
+    /// Binding (RFC 8489 §6.3.1): XOR-MAPPED-ADDRESS, no authentication, rate limited.
+    fn handle_binding(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+        if !self.limiter.allow(ctx.client.ip(), now) {
+            return;
+        }
+        let unknown = msg.unknown_comprehension_required();
+        if !unknown.is_empty() {
+            let list = Attribute::UnknownAttributes(unknown.to_vec());
+            self.respond_error(ctx, 420, &[list]);
+            return;
+        }
+        let mut reply = ctx.clone();
+        reply.fingerprint = true;
+        self.respond(
+            &reply,
+            Class::Success,
+            &[Attribute::XorMappedAddress(ctx.client)],
+        );
+    }
+
+    /// Long-term credential check (RFC 8489 §9.2.4). Sends the error itself and returns `None`
+    /// when the request must not be processed. Unauthenticated answers (401, 400) are rate
+    /// limited per source IP and silently dropped over the limit.
+    fn authenticate(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) -> Option<Auth> {
+        if !msg.has_integrity() && !msg.has_integrity_sha256() {
+            if self.limiter.allow(ctx.client.ip(), now) {
+                self.respond_unauthenticated(ctx, now);
+            }
+            return None;
+        }
+        let (Some(username), Some(_realm), Some(nonce)) =
+            (msg.username(), msg.realm(), msg.nonce())
+        else {
+            if self.limiter.allow(ctx.client.ip(), now) {
+                self.respond_error(ctx, 400, &[]);
+            }
+            return None;
+        };
+        let sha256 = msg.has_integrity_sha256();
+        let key = self
+            .config
+            .credentials
+            .keys_for(username, self.unix_now)
+            .into_iter()
+            .find(|key| {
+                if sha256 {
+                    msg.verify_integrity_sha256(key.as_bytes()).is_ok()
+                } else {
+                    msg.verify_integrity(key.as_bytes()).is_ok()
+                }
+            });
+        let Some(key) = key else {
+            if self.limiter.allow(ctx.client.ip(), now) {
+                self.respond_unauthenticated(ctx, now);
+            }
+            return None;
+        };
+        let auth = Auth {
+            username: username.to_owned(),
+            key,
+            sha256,
+        };
+        match self.nonces.check(nonce, ctx.client, now) {
+            NonceCheck::Valid => Some(auth),
+            NonceCheck::Stale | NonceCheck::Invalid => {
+                // The request itself was authentic, so the 438 is signed.
+                let mut signed = ctx.clone();
+                signed.auth = Some(auth);
+                let nonce = self.nonces.issue(ctx.client, now);
+                let realm = self.config.realm.clone();
+                self.respond_error(
+                    &signed,
+                    438,
+                    &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
+                );
+                None
+            }
+        }
+    }
+
+    fn respond_unauthenticated(&mut self, ctx: &Ctx, now: Instant) {
+        let nonce = self.nonces.issue(ctx.client, now);
+        let realm = self.config.realm.clone();
+        self.respond_error(
+            ctx,
+            401,
+            &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
+        );
+    }
+
+    fn desired_lifetime(&self, requested: Option<u32>) -> Duration {
+        // RFC 8656 §7.2 step 7 / §8: min(requested, max), but never below the default.
+        match requested {
+            None => self.config.default_lifetime,
+            Some(secs) => Duration::from_secs(u64::from(secs))
+                .min(self.config.max_lifetime)
+                .max(self.config.default_lifetime),
+        }
+    }
+
+    /// Allocate (RFC 8656 §7.2).
+    fn handle_allocate(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+        let Some(auth) = ctx.auth.clone() else {
+            return;
+        };
+        // Step 2: an allocation on this 5-tuple already. A retransmission of the request that
+        // created it gets the same success again.
+        if let Some(id) = self.by_five_tuple.get(&(ctx.client, ctx.listener)).copied() {
+            let Some(alloc) = self.allocations.get(&id) else {
+                return;
+            };
+            if alloc.last_allocate == ctx.tid {
+                if matches!(alloc.state, AllocState::Active) {
+                    self.commands.push_back(Command::SendToClient {
+                        listener: ctx.listener,
+                        client: ctx.client,
+                        payload: alloc.success_response.clone(),
+                    });
+                }
+                // While the socket is being bound the response is still to come.
+                return;
+            }
+            self.respond_error(ctx, 437, &[]);
+            return;
+        }
+        // Step 3: REQUESTED-TRANSPORT.
+        let transport = msg.attributes().iter().find_map(|a| match a {
+            Attribute::RequestedTransport(p) => Some(*p),
+            _ => None,
+        });
+        match transport {
+            None => return self.respond_error(ctx, 400, &[]),
+            Some(PROTOCOL_UDP) => {}
+            Some(_) => return self.respond_error(ctx, 442, &[]),
+        }
+        // Step 4: DONT-FRAGMENT is accepted (the IO layer sends relay datagrams with
+        // IP_PMTUDISC_DO); nothing to keep here.
+        let requested_family = msg.attributes().iter().find_map(|a| match a {
+            Attribute::RequestedAddressFamily(f) => Some(*f),
+            _ => None,
+        });
+        let additional_family = msg.attributes().iter().find_map(|a| match a {
+            Attribute::AdditionalAddressFamily(f) => Some(*f),
+            _ => None,
+        });
+        let token = msg.has(attr_type::RESERVATION_TOKEN);
+        let even_port = msg.attributes().iter().find_map(|a| match a {
+            Attribute::EvenPort(r) => Some(*r),
+            _ => None,
+        });
+        // Steps 5 and 6: contradictory attribute combinations.
+        if token
+            && (requested_family.is_some() || additional_family.is_some() || even_port.is_some())
+        {
+            return self.respond_error(ctx, 400, &[]);
+        }
+        if requested_family.is_some() && additional_family.is_some() {
+            return self.respond_error(ctx, 400, &[]);
+        }
+        if matches!(additional_family, Some(f) if f != AddressFamily::V6) {
+            return self.respond_error(ctx, 400, &[]);
+        }
+        // RESERVATION-TOKEN: this server never hands out reservations, so every token is
+        // unknown → 508 as §7.2 prescribes for an invalid token. EVEN-PORT with R=1 would need
+        // one too → 508.
+        if token || even_port == Some(true) {
+            return self.respond_error(ctx, 508, &[]);
+        }
+        let relay_ip = match requested_family {
+            None | Some(AddressFamily::V4) => self.relay_v4,
+            Some(AddressFamily::V6) => self.relay_v6,
+            Some(AddressFamily::Other(_)) => None,
+        };
+        let Some(relay_ip) = relay_ip else {
+            return self.respond_error(ctx, 440, &[]);
+        };
+        // ADDITIONAL-ADDRESS-FAMILY (dual allocation) is not supported: the IPv4 allocation is
+        // made and the IPv6 part is refused with ADDRESS-ERROR-CODE 440 (§7.2 step 6).
+        let family_error = additional_family.map(|_| AddressFamily::V6);
+        // Step 8: quotas.
+        if self.per_user.get(&auth.username).copied().unwrap_or(0)
+            >= self.config.max_allocations_per_user
+        {
+            return self.respond_error(ctx, 486, &[]);
+        }
+        if self.allocations.len() >= self.config.max_allocations {
+            return self.respond_error(ctx, 508, &[]);
+        }
+        let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some()) else {
+            return self.respond_error(ctx, 508, &[]);
+        };
+        let lifetime = self.desired_lifetime(msg.lifetime());
+        let id = AllocationId(self.next_id);
+        self.next_id += 1;
+        let alloc = Allocation {
+            id,
+            username: auth.username.clone(),
+            client: ctx.client,
+            listener: ctx.listener,
+            relayed,
+            lifetime,
+            expires: now + lifetime,
+            state: AllocState::Pending(Pending {
+                ctx: ctx.clone(),
+                attempts: 0,
+                even_port: even_port.is_some(),
+                family_error,
+            }),
+            last_allocate: ctx.tid,
+            success_response: Vec::new(),
+            permissions: HashMap::new(),
+            channels: BTreeMap::new(),
+            peer_channels: HashMap::new(),
+        };
+        self.allocations.insert(id, alloc);
+        self.by_five_tuple.insert((ctx.client, ctx.listener), id);
+        self.by_relayed.insert(relayed, id);
+        *self.per_user.entry(auth.username).or_insert(0) += 1;
+        self.commands
+            .push_back(Command::CreateAllocation { id, relayed });
+    }
+
+    /// The live allocation of a request's 5-tuple, or a 437 (or 441 for another user's
+    /// credentials, RFC 8656 §5) already sent.
+    fn allocation_for(&mut self, ctx: &Ctx) -> Option<AllocationId> {
+        let id = self
+            .by_five_tuple
+            .get(&(ctx.client, ctx.listener))
+            .copied()
+            .filter(|id| {
+                self.allocations
+                    .get(id)
+                    .is_some_and(|a| matches!(a.state, AllocState::Active))
+            });
+        let Some(id) = id else {
+            self.respond_error(ctx, 437, &[]);
+            return None;
+        };
+        let same_user = match (&ctx.auth, self.allocations.get(&id)) {
+            (Some(auth), Some(alloc)) => auth.username == alloc.username,
+            _ => false,
+        };
+        if !same_user {
+            self.respond_error(ctx, 441, &[]);
+            return None;
+        }
+        Some(id)
+    }
+
+    /// Refresh (RFC 8656 §8).
+    fn handle_refresh(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+        let Some(id) = self.allocation_for(ctx) else {
+            return;
+        };
+        let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
+            return;
+        };
+        let requested_family = msg.attributes().iter().find_map(|a| match a {
+            Attribute::RequestedAddressFamily(f) => Some(*f),
+            _ => None,
+        });
+        if matches!(requested_family, Some(f) if f != AddressFamily::of(relayed.ip())) {
+            return self.respond_error(ctx, 443, &[]);
+        }
+        let lifetime = if msg.lifetime() == Some(0) {
+            self.remove_allocation(id);
+            Duration::ZERO
+        } else {
+            let lifetime = self.desired_lifetime(msg.lifetime());
+            if let Some(alloc) = self.allocations.get_mut(&id) {
+                alloc.expires = now + lifetime;
+            }
+            lifetime
+        };
+        let secs = lifetime.as_secs().try_into().unwrap_or(u32::MAX);
+        self.respond(ctx, Class::Success, &[Attribute::Lifetime(secs)]);
+    }
+
+    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind against the allocation
+    /// family (443) and the peer policy (403); sends the error and returns false if one fails.
+    fn check_peers(&mut self, ctx: &Ctx, relayed: SocketAddr, peers: &[SocketAddr]) -> bool {
+        if peers.is_empty() {
+            self.respond_error(ctx, 400, &[]);
+            return false;
+        }
+        if peers.iter().any(|p| !same_family(p.ip(), relayed.ip())) {
+            self.respond_error(ctx, 443, &[]);
+            return false;
+        }
+        if peers.iter().any(|p| !self.peer_allowed(p.ip())) {
+            self.respond_error(ctx, 403, &[]);
+            return false;
+        }
+        true
+    }
+
+    /// CreatePermission (RFC 8656 §10.2): all peers or none.
+    fn handle_create_permission(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+        let Some(id) = self.allocation_for(ctx) else {
+            return;
+        };
+        let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
+            return;
+        };
+        let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
+        if !self.check_peers(ctx, relayed, &peers) {
+            return;
+        }
+        let cap = self.config.max_permissions_per_allocation;
+        let lifetime = self.config.permission_lifetime;
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let mut new_ips: Vec<IpAddr> = peers
+            .iter()
+            .map(|p| p.ip())
+            .filter(|ip| !alloc.permissions.contains_key(ip))
+            .collect();
+        new_ips.sort_unstable();
+        new_ips.dedup();
+        if alloc.permissions.len() + new_ips.len() > cap {
+            return self.respond_error(ctx, 508, &[]);
+        }
+        for peer in &peers {
+            alloc.install_permission(peer.ip(), now + lifetime, &mut self.commands);
+        }
+        self.respond(ctx, Class::Success, &[]);
+    }
+
+    /// ChannelBind (RFC 8656 §12.2).
+    fn handle_channel_bind(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+        let Some(id) = self.allocation_for(ctx) else {
+            return;
+        };
+        let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
+            return;
+        };
+        let Some(number) = msg.channel_number().filter(|n| CHANNEL_RANGE.contains(n)) else {
+            return self.respond_error(ctx, 400, &[]);
+        };
+        let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
+        if peers.len() > 1 {
+            return self.respond_error(ctx, 400, &[]);
+        }
+        if !self.check_peers(ctx, relayed, &peers) {
+            return;
+        }
+        let Some(peer) = peers.first().copied() else {
+            return;
+        };
+        let cap = self.config.max_permissions_per_allocation;
+        let channel_lifetime = self.config.channel_lifetime;
+        let permission_lifetime = self.config.permission_lifetime;
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        // The channel is bound (or reserved after expiry) to another peer, or the peer to
+        // another channel: 400. A binding in its reserved period may be renewed for the same
+        // pair.
+        if alloc.channels.get(&number).is_some_and(|c| c.peer != peer)
+            || alloc.peer_channels.get(&peer).is_some_and(|n| *n != number)
+        {
+            return self.respond_error(ctx, 400, &[]);
+        }
+        if !alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= cap {
+            return self.respond_error(ctx, 508, &[]);
+        }
+        let expires_at = now + channel_lifetime;
+        alloc.channels.insert(
+            number,
+            Channel {
+                peer,
+                expires: expires_at,
+                bound: true,
+                installed: false,
+            },
+        );
+        alloc.peer_channels.insert(peer, number);
+        // Installs the permission and (re)announces the binding to the fast path.
+        alloc.install_permission(peer.ip(), now + permission_lifetime, &mut self.commands);
+        self.respond(ctx, Class::Success, &[]);
+    }
+
+    /// Send indication (RFC 8656 §11.2): forwarded if there is a permission, else dropped.
+    fn handle_send(
+        &mut self,
+        msg: &Message<'_>,
+        client: SocketAddr,
+        listener: SocketAddr,
+        now: Instant,
+    ) {
+        if !msg.unknown_comprehension_required().is_empty() {
+            return;
+        }
+        let Some(alloc) = self.active_on(client, listener) else {
+            return;
+        };
+        let (Some(peer), Some(data)) = (msg.xor_peer_addresses().next(), msg.data()) else {
+            return;
+        };
+        if !alloc.has_permission(peer.ip(), now) || !same_family(peer.ip(), alloc.relayed.ip()) {
+            return;
+        }
+        self.commands.push_back(Command::SendToPeer {
+            relayed: alloc.relayed,
+            peer,
+            payload: data.to_vec(),
+        });
+    }
+
+    // ---- responses ----
+
+    fn build(&self, ctx: &Ctx, class: Class, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        let mut b = MessageBuilder::new(class, ctx.method, ctx.tid);
+        for a in attrs {
+            b.add(a);
+        }
+        if let Some(software) = &self.config.software {
+            b.add(&Attribute::Software(software));
+        }
+        let integrity = ctx.auth.as_ref().map(|auth| {
+            if auth.sha256 {
+                Integrity::Sha256(auth.key.as_bytes())
+            } else {
+                Integrity::Sha1(auth.key.as_bytes())
+            }
+        });
+        b.finish_with(integrity, ctx.fingerprint)
+    }
+
+    fn respond(&mut self, ctx: &Ctx, class: Class, attrs: &[Attribute<'_>]) {
+        let payload = self.build(ctx, class, attrs);
+        self.commands.push_back(Command::SendToClient {
+            listener: ctx.listener,
+            client: ctx.client,
+            payload,
+        });
+    }
+
+    fn respond_error(&mut self, ctx: &Ctx, code: u16, extra: &[Attribute<'_>]) {
+        let mut attrs = Vec::with_capacity(extra.len() + 1);
+        attrs.push(Attribute::ErrorCode(ErrorCode {
+            code,
+            reason: reason(code),
+        }));
+        attrs.extend_from_slice(extra);
+        self.respond(ctx, Class::Error, &attrs);
+    }
+}
