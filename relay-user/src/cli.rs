@@ -68,4 +68,11 @@ pub struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Also accept the RFC 5766 channel numbers 0x5000-0x7FFF in ChannelBind (older clients,
+    /// coturn's turnutils_uclient among them, pick from 0x4000-0x7FFF).
+    #[arg(long)]
+    pub legacy_channels: bool,
+    /// Local admin endpoint for `relay ctl` (keep it on loopback).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin: Option<SocketAddr>,
 }

@@ -1,0 +1,32 @@
+//! Sockets: client-facing listeners and per-allocation relay sockets.
+//!
+//! Everything the daemon needs from the OS about UDP lives here, so the batching
+//! (recvmmsg/GSO) work can replace these functions without touching the daemon loop.
+
+use std::{io, net::SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+
+/// Receive/send buffer asked for on every socket: bursts of small datagrams must not be dropped
+/// while the core task is busy (the kernel caps it at net.core.rmem_max).
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Largest UDP payload the relay reads (a full 64 KiB datagram).
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// Binds a non-blocking UDP socket on exactly `addr` (port 0 picks a free port).
+///
+/// IPv6 sockets are v6-only so an IPv4 listener on the same port can coexist.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Best effort: a smaller buffer still works, it only drops earlier under bursts.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}

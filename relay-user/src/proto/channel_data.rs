@@ -3,6 +3,10 @@
 
 /// Channel numbers a client may bind (RFC 8656 §12).
 pub const CHANNEL_RANGE: std::ops::RangeInclusive<u16> = 0x4000..=0x4FFF;
+/// The wider range of RFC 5766 §11, which older clients (coturn's among them) still pick from.
+/// The server accepts it only when configured to; ChannelData in it always decodes, because
+/// only a bound channel is ever forwarded.
+pub const LEGACY_CHANNEL_RANGE: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 /// Size of the ChannelData header.
 pub const CHANNEL_DATA_HEADER_LEN: usize = 4;
 
@@ -41,8 +45,8 @@ pub enum ChannelDataError {
     /// Shorter than the 4-byte header.
     #[error("shorter than the ChannelData header")]
     TooShort,
-    /// Channel number outside 0x4000..=0x4FFF.
-    #[error("channel number {0:#06x} outside 0x4000..=0x4FFF")]
+    /// Channel number outside 0x4000..=0x7FFF.
+    #[error("channel number {0:#06x} outside 0x4000..=0x7FFF")]
     BadChannel(u16),
     /// The length field disagrees with the datagram beyond 0–3 bytes of padding.
     #[error("length field {field} does not match {available} bytes of data")]
@@ -63,7 +67,7 @@ impl<'a> ChannelData<'a> {
             .ok_or(ChannelDataError::TooShort)?;
         let channel = u16::from_be_bytes([header[0], header[1]]);
         let field = usize::from(u16::from_be_bytes([header[2], header[3]]));
-        if !CHANNEL_RANGE.contains(&channel) {
+        if !LEGACY_CHANNEL_RANGE.contains(&channel) {
             return Err(ChannelDataError::BadChannel(channel));
         }
         let bad = ChannelDataError::BadLength {
@@ -130,8 +134,8 @@ mod tests {
             Err(ChannelDataError::BadChannel(0x3fff))
         );
         assert_eq!(
-            ChannelData::decode(&[0x50, 0x00, 0, 0]),
-            Err(ChannelDataError::BadChannel(0x5000))
+            ChannelData::decode(&[0x80, 0x00, 0, 0]),
+            Err(ChannelDataError::BadChannel(0x8000))
         );
         // Length past the datagram.
         assert!(matches!(
@@ -174,7 +178,7 @@ mod tests {
         #[test]
         fn prop_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             if let Ok(m) = ChannelData::decode(&bytes) {
-                prop_assert!(CHANNEL_RANGE.contains(&m.channel));
+                prop_assert!(LEGACY_CHANNEL_RANGE.contains(&m.channel));
                 prop_assert!(bytes.len() - 4 - m.data.len() <= 3);
             }
         }

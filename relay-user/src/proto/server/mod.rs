@@ -19,6 +19,7 @@ use rand::{Rng, RngCore};
 
 use crate::proto::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
 use crate::proto::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+
 use crate::proto::policy::PeerPolicy;
 use crate::proto::stun::{
     attr_type, AddressFamily, Attribute, Class, DecodeError, ErrorCode, Integrity, Message,
@@ -71,6 +72,9 @@ pub struct ServerConfig {
     pub max_permissions_per_allocation: usize,
     /// Unauthenticated requests per source IP: (burst, per second).
     pub unauthenticated_rate: (u32, u32),
+    /// Channel numbers ChannelBind accepts: RFC 8656's 0x4000-0x4FFF by default, or RFC 5766's
+    /// 0x4000-0x7FFF for older clients.
+    pub channel_range: RangeInclusive<u16>,
 }
 
 impl ServerConfig {
@@ -97,6 +101,7 @@ impl ServerConfig {
             max_allocations_per_user: 64,
             max_permissions_per_allocation: 128,
             unauthenticated_rate: (20, 10),
+            channel_range: CHANNEL_RANGE,
         }
     }
 }
@@ -1028,7 +1033,10 @@ impl Server {
         let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
             return;
         };
-        let Some(number) = msg.channel_number().filter(|n| CHANNEL_RANGE.contains(n)) else {
+        let Some(number) = msg
+            .channel_number()
+            .filter(|n| self.config.channel_range.contains(n))
+        else {
             return self.respond_error(ctx, 400, &[]);
         };
         let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();

@@ -1,0 +1,289 @@
+//! Daemon configuration: the embedded defaults, then an optional TOML file, then flags.
+//!
+//! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
+//! `auth-secret`, `allow-peer`, `deny-peer`, `fastpath`, `interface`, `log-level`,
+//! `admin`, `legacy-channels`); a key the file does not set keeps the layer below, a flag given on the command line
+//! replaces the file's value (lists are replaced, not merged).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    path::Path,
+};
+
+use anyhow::{bail, ensure, Context};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::cli::{FastPathMode, ServeArgs};
+
+/// The configuration `relay serve` runs with when given no flags: loopback only.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// One configuration layer as written in TOML; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub listen: Option<Vec<SocketAddr>>,
+    pub relay_ip: Option<Vec<IpAddr>>,
+    pub port_range: Option<String>,
+    pub realm: Option<String>,
+    pub user: Option<Vec<String>>,
+    pub auth_secret: Option<Vec<String>>,
+    pub allow_peer: Option<Vec<IpNet>>,
+    pub deny_peer: Option<Vec<IpNet>>,
+    pub fastpath: Option<FastPathMode>,
+    pub interface: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub admin: Option<SocketAddr>,
+    pub legacy_channels: Option<bool>,
+}
+
+impl ConfigFile {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).with_context(|| format!("invalid config {origin}"))
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Keys set in `upper` replace this layer's.
+    fn overlay(&mut self, upper: ConfigFile) {
+        fn put<T>(slot: &mut Option<T>, value: Option<T>) {
+            if value.is_some() {
+                *slot = value;
+            }
+        }
+        put(&mut self.listen, upper.listen);
+        put(&mut self.relay_ip, upper.relay_ip);
+        put(&mut self.port_range, upper.port_range);
+        put(&mut self.realm, upper.realm);
+        put(&mut self.user, upper.user);
+        put(&mut self.auth_secret, upper.auth_secret);
+        put(&mut self.allow_peer, upper.allow_peer);
+        put(&mut self.deny_peer, upper.deny_peer);
+        put(&mut self.fastpath, upper.fastpath);
+        put(&mut self.interface, upper.interface);
+        put(&mut self.log_level, upper.log_level);
+        put(&mut self.admin, upper.admin);
+        put(&mut self.legacy_channels, upper.legacy_channels);
+    }
+
+    /// The layer the command-line flags form (unset flags leave keys unset).
+    fn from_flags(args: &ServeArgs) -> Self {
+        fn list<T: Clone>(v: &[T]) -> Option<Vec<T>> {
+            (!v.is_empty()).then(|| v.to_vec())
+        }
+        Self {
+            listen: list(&args.listen),
+            relay_ip: list(&args.relay_ip),
+            port_range: args.port_range.clone(),
+            realm: args.realm.clone(),
+            user: list(&args.user),
+            auth_secret: list(&args.auth_secret),
+            allow_peer: list(&args.allow_peer),
+            deny_peer: list(&args.deny_peer),
+            fastpath: args.fastpath,
+            interface: list(&args.interface),
+            log_level: args.log_level.clone(),
+            admin: args.admin,
+            legacy_channels: args.legacy_channels.then_some(true),
+        }
+    }
+}
+
+/// A static long-term credential.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for StaticUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StaticUser({}:***)", self.name)
+    }
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub relay_ips: Vec<IpAddr>,
+    pub port_range: RangeInclusive<u16>,
+    pub realm: String,
+    pub users: Vec<StaticUser>,
+    pub auth_secrets: Vec<String>,
+    pub allow_peer: Vec<IpNet>,
+    pub deny_peer: Vec<IpNet>,
+    pub fastpath: FastPathMode,
+    pub interfaces: Vec<String>,
+    pub log_level: String,
+    /// Local admin endpoint (HTTP on loopback) for `relay ctl`.
+    pub admin: SocketAddr,
+    /// ChannelBind accepts RFC 5766's 0x4000-0x7FFF instead of RFC 8656's 0x4000-0x4FFF.
+    pub legacy_channels: bool,
+}
+
+impl Config {
+    /// Embedded defaults, then `--config FILE`, then flags.
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "(embedded default)")?;
+        if let Some(path) = &args.config {
+            layers.overlay(ConfigFile::load(path)?);
+        }
+        layers.overlay(ConfigFile::from_flags(args));
+        Self::resolve(layers)
+    }
+
+    /// Checks every key and turns the merged layer into a `Config`.
+    pub fn resolve(file: ConfigFile) -> anyhow::Result<Self> {
+        let listen = file.listen.unwrap_or_default();
+        ensure!(!listen.is_empty(), "no listener: set --listen ADDR:PORT");
+        let relay_ips = file.relay_ip.unwrap_or_default();
+        ensure!(!relay_ips.is_empty(), "no relay address: set --relay-ip IP");
+        if let Some(ip) = relay_ips.iter().find(|ip| ip.is_unspecified()) {
+            bail!("--relay-ip {ip}: a relayed address must be a concrete address, not a wildcard");
+        }
+        let port_range = parse_port_range(file.port_range.as_deref().unwrap_or("49152-65535"))?;
+        let realm = file.realm.unwrap_or_default();
+        ensure!(!realm.is_empty(), "the realm must not be empty (--realm)");
+        let users = file
+            .user
+            .unwrap_or_default()
+            .iter()
+            .map(|u| parse_user(u))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let auth_secrets = file.auth_secret.unwrap_or_default();
+        ensure!(
+            auth_secrets.iter().all(|s| !s.is_empty()),
+            "--auth-secret must not be empty"
+        );
+        Ok(Self {
+            listen,
+            relay_ips,
+            port_range,
+            realm,
+            users,
+            auth_secrets,
+            allow_peer: file.allow_peer.unwrap_or_default(),
+            deny_peer: file.deny_peer.unwrap_or_default(),
+            fastpath: file.fastpath.unwrap_or(FastPathMode::Off),
+            interfaces: file.interface.unwrap_or_default(),
+            log_level: file.log_level.unwrap_or_else(|| "info".to_owned()),
+            admin: file
+                .admin
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479))),
+            legacy_channels: file.legacy_channels.unwrap_or(false),
+        })
+    }
+}
+
+/// `LOW-HIGH`, both in 1..=65535, LOW <= HIGH.
+pub fn parse_port_range(text: &str) -> anyhow::Result<RangeInclusive<u16>> {
+    let parsed = text.split_once('-').and_then(|(lo, hi)| {
+        let lo: u16 = lo.trim().parse().ok()?;
+        let hi: u16 = hi.trim().parse().ok()?;
+        Some(lo..=hi)
+    });
+    match parsed {
+        Some(range) if *range.start() >= 1 && range.start() <= range.end() => Ok(range),
+        _ => bail!("invalid port range `{text}`: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535"),
+    }
+}
+
+/// `NAME:PASSWORD`; the password may itself contain `:`.
+pub fn parse_user(text: &str) -> anyhow::Result<StaticUser> {
+    match text.split_once(':') {
+        Some((name, password)) if !name.is_empty() && !password.is_empty() => Ok(StaticUser {
+            name: name.to_owned(),
+            password: password.to_owned(),
+        }),
+        _ => bail!("invalid --user `{}`: expected NAME:PASSWORD", redact(text)),
+    }
+}
+
+/// Keeps secrets out of error messages.
+fn redact(text: &str) -> String {
+    match text.split_once(':') {
+        Some((name, _)) => format!("{name}:***"),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs::default()
+    }
+
+    #[test]
+    fn embedded_default_runs_on_loopback() {
+        let config = Config::from_args(&args()).expect("embedded default is valid");
+        assert!(config.listen.iter().all(|a| a.ip().is_loopback()));
+        assert!(config.relay_ips.iter().all(IpAddr::is_loopback));
+        assert_eq!(config.port_range, 49152..=65535);
+        assert_eq!(config.fastpath, FastPathMode::Off);
+        assert!(config.admin.ip().is_loopback());
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").expect("default");
+        layers.overlay(
+            ConfigFile::parse(
+                r#"
+                listen = ["198.18.1.1:3478"]
+                relay-ip = ["198.18.2.1", "2001:2::1"]
+                realm = "example.org"
+                user = ["alice:secret"]
+                allow-peer = ["198.18.0.0/15"]
+                fastpath = "xdp"
+                "#,
+                "test",
+            )
+            .expect("valid file"),
+        );
+        let mut flags = args();
+        flags.realm = Some("flag.example".into());
+        layers.overlay(ConfigFile::from_flags(&flags));
+        let config = Config::resolve(layers).expect("valid");
+        assert_eq!(config.listen, vec!["198.18.1.1:3478".parse().unwrap()]);
+        assert_eq!(config.relay_ips.len(), 2);
+        assert_eq!(config.realm, "flag.example");
+        assert_eq!(config.users[0].name, "alice");
+        assert_eq!(config.fastpath, FastPathMode::Xdp);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = ConfigFile::parse("lisen = []", "test").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown field `lisen`"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn bad_values_get_clear_errors() {
+        assert!(parse_port_range("10-5").is_err());
+        assert!(parse_port_range("0-5").is_err());
+        assert!(parse_port_range("abc").is_err());
+        assert_eq!(parse_port_range("5-10").unwrap(), 5..=10);
+        let err = parse_user("bob").unwrap_err().to_string();
+        assert!(err.contains("NAME:PASSWORD"), "{err}");
+        let err = parse_user(":pw").unwrap_err().to_string();
+        assert!(!err.contains("pw"), "password leaked: {err}");
+        assert_eq!(parse_user("bob:a:b").unwrap().password, "a:b");
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.relay_ip = Some(vec!["0.0.0.0".parse().unwrap()]);
+        assert!(Config::resolve(file).is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! The daemon's core task: owns the sans-IO [`Server`], feeds it datagrams and time, and
+//! executes the commands it emits (send, open/close relay sockets, fast-path updates).
+//!
+//! Socket reader tasks only move datagrams into one queue; all protocol state lives in this one
+//! task, so no locks guard it and fast-path map updates happen in the order the core decided
+//! them.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{net::UdpSocket, sync::mpsc, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use crate::{
+    fastpath::FastPath,
+    net,
+    proto::server::{AllocationId, Command, Server},
+};
+
+/// Events already queued are handled together before commands are flushed.
+const MAX_EVENTS_PER_WAKE: usize = 256;
+
+/// A datagram for the core.
+#[derive(Debug)]
+pub enum Event {
+    /// From a client, on a listener socket.
+    Client {
+        listener: SocketAddr,
+        client: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// From a peer, on the relay socket of an allocation.
+    Peer {
+        relayed: SocketAddr,
+        peer: SocketAddr,
+        data: Vec<u8>,
+    },
+}
+
+/// The relay socket of one allocation and the task reading it.
+struct RelaySocket {
+    id: AllocationId,
+    socket: Arc<UdpSocket>,
+    reader: JoinHandle<()>,
+}
+
+pub struct Core {
+    server: Server,
+    events: mpsc::Sender<Event>,
+    listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
+    readers: Vec<JoinHandle<()>>,
+    relays: HashMap<SocketAddr, RelaySocket>,
+    fastpath: Option<FastPath>,
+}
+
+/// Seconds since the Unix epoch (REST credential expiry is wall-clock based).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Core {
+    pub fn new(server: Server, events: mpsc::Sender<Event>, fastpath: Option<FastPath>) -> Self {
+        Self {
+            server,
+            events,
+            listeners: HashMap::new(),
+            readers: Vec::new(),
+            relays: HashMap::new(),
+            fastpath,
+        }
+    }
+
+    /// Starts reading client datagrams from a bound listener socket.
+    pub fn add_listener(&mut self, addr: SocketAddr, socket: Arc<UdpSocket>) {
+        let reader = tokio::spawn(read_listener(
+            Arc::clone(&socket),
+            addr,
+            self.events.clone(),
+        ));
+        self.readers.push(reader);
+        self.listeners.insert(addr, socket);
+    }
+
+    /// Runs until `shutdown` resolves (or every event source is gone), then releases every
+    /// relay socket and the fast path.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        shutdown: impl Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let result = loop {
+            let deadline = self.server.poll_timeout();
+            let timer = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = &mut shutdown => break result,
+                event = events.recv() => {
+                    let Some(event) = event else { break Ok(()) };
+                    let now = Instant::now();
+                    self.server.set_unix_time(unix_now());
+                    self.handle(event, now);
+                    for _ in 1..MAX_EVENTS_PER_WAKE {
+                        match events.try_recv() {
+                            Ok(event) => self.handle(event, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = timer => self.server.handle_timeout(Instant::now()),
+            }
+            self.execute().await;
+        };
+        self.close();
+        result
+    }
+
+    fn handle(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::Client {
+                listener,
+                client,
+                data,
+            } => self
+                .server
+                .handle_client_datagram(client, listener, &data, now),
+            Event::Peer {
+                relayed,
+                peer,
+                data,
+            } => self.server.handle_peer_datagram(relayed, peer, &data, now),
+        }
+    }
+
+    /// Drains and executes every command the server has queued.
+    async fn execute(&mut self) {
+        while let Some(command) = self.server.next_command() {
+            match command {
+                Command::SendToClient {
+                    listener,
+                    client,
+                    payload,
+                } => match self.listeners.get(&listener) {
+                    Some(socket) => send(socket, &payload, client).await,
+                    None => warn!(%listener, "no listener socket for a response"),
+                },
+                Command::SendToPeer {
+                    relayed,
+                    peer,
+                    payload,
+                } => match self.relays.get(&relayed) {
+                    Some(relay) => send(&relay.socket, &payload, peer).await,
+                    None => debug!(%relayed, "relay socket already closed"),
+                },
+                Command::CreateAllocation { id, relayed } => self.open_relay(id, relayed),
+                Command::DeleteAllocation { id, relayed } => self.close_relay(id, relayed),
+                // The kernel program attached today only counts verdicts; it forwards nothing,
+                // so there is no channel state to install in it.
+                Command::CreateChannelBinding { .. } | Command::DeleteChannelBinding { .. } => {}
+            }
+        }
+    }
+
+    /// Binds the relay socket of a new allocation and tells the server how it went
+    /// (RFC 8656 §7.2: the Allocate success is only sent once the address is really ours).
+    fn open_relay(&mut self, id: AllocationId, relayed: SocketAddr) {
+        let now = Instant::now();
+        match net::bind_udp(relayed) {
+            Ok(socket) => {
+                let socket = Arc::new(socket);
+                let reader = tokio::spawn(read_relay(
+                    Arc::clone(&socket),
+                    relayed,
+                    self.events.clone(),
+                ));
+                self.relays
+                    .insert(relayed, RelaySocket { id, socket, reader });
+                debug!(allocation = %id, %relayed, "relay socket bound");
+                self.server.allocation_bound(id, now);
+            }
+            Err(error) => {
+                debug!(allocation = %id, %relayed, %error, "relay port unavailable");
+                self.server.allocation_bind_failed(id, now);
+            }
+        }
+    }
+
+    fn close_relay(&mut self, id: AllocationId, relayed: SocketAddr) {
+        match self.relays.remove(&relayed) {
+            Some(relay) if relay.id == id => {
+                relay.reader.abort();
+                debug!(allocation = %id, %relayed, "relay socket closed");
+            }
+            Some(other) => {
+                warn!(allocation = %id, %relayed, "relay socket belongs to another allocation");
+                self.relays.insert(relayed, other);
+            }
+            None => {}
+        }
+    }
+
+    /// Stops every reader and drops every socket; the fast path detaches when dropped.
+    fn close(&mut self) {
+        for reader in self.readers.drain(..) {
+            reader.abort();
+        }
+        let open = self.relays.len();
+        for (_, relay) in self.relays.drain() {
+            relay.reader.abort();
+        }
+        info!(released = open, "relay sockets released");
+        if let Some(fastpath) = self.fastpath.take() {
+            report_verdicts(&fastpath);
+        }
+    }
+}
+
+fn report_verdicts(fastpath: &FastPath) {
+    match fastpath.verdict_counters() {
+        Ok(counters) => {
+            let summary: Vec<String> = counters
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(reason, n)| format!("{}={n}", reason.label()))
+                .collect();
+            info!("fast path verdicts: {}", summary.join(" "));
+        }
+        Err(error) => warn!("cannot read fast path counters: {error}"),
+    }
+}
+
+/// Sends one datagram; a full socket buffer waits, other errors drop the datagram (UDP).
+async fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {
+    let result = match socket.try_send_to(payload, to) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.send_to(payload, to).await,
+        other => other,
+    };
+    if let Err(error) = result {
+        debug!(%to, %error, "send failed");
+    }
+}
+
+/// Errors a UDP receive can report for an earlier send (ICMP); the socket itself is fine.
+fn transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || error.raw_os_error() == Some(libc::EHOSTUNREACH)
+        || error.raw_os_error() == Some(libc::ENETUNREACH)
+}
+
+async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mpsc::Sender<Event>) {
+    let mut buf = vec![0u8; net::MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, client)) => {
+                let data = buf.get(..len).unwrap_or_default().to_vec();
+                let event = Event::Client {
+                    listener,
+                    client,
+                    data,
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) if transient(&error) => {}
+            Err(error) => {
+                warn!(%listener, %error, "listener receive failed; listener stopped");
+                return;
+            }
+        }
+    }
+}
+
+async fn read_relay(socket: Arc<UdpSocket>, relayed: SocketAddr, events: mpsc::Sender<Event>) {
+    let mut buf = vec![0u8; net::MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, peer)) => {
+                let data = buf.get(..len).unwrap_or_default().to_vec();
+                let event = Event::Peer {
+                    relayed,
+                    peer,
+                    data,
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) if transient(&error) => {}
+            Err(error) => {
+                warn!(%relayed, %error, "relay socket receive failed; socket stopped");
+                return;
+            }
+        }
+    }
+}

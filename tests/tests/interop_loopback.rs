@@ -1,0 +1,357 @@
+//! `relay serve` on loopback against real third-party TURN clients (coturn's
+//! `turnutils_uclient`, aioice) and against malformed input.
+//!
+//! Peers live on 127.0.0.2, which the relay allows with `--allow-peer 127.0.0.2/32` (loopback
+//! peers are denied by default, and the relay's own 127.0.0.1 always is).
+
+mod support;
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use relay::proto::{
+    auth::LongTermKey,
+    stun::{attr_type, Attribute, Class, Message, MessageBuilder, Method, TransactionId},
+};
+use support::{echo_peer, free_udp_port, run_aioice, uclient, Relay};
+
+const PEER_IP: &str = "127.0.0.2";
+const REALM: &str = "relay.local";
+
+fn relay_with(extra: &[&str]) -> Relay {
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--realm",
+        REALM,
+        "--allow-peer",
+        "127.0.0.2/32",
+        "--log-level",
+        "info",
+    ];
+    args.extend_from_slice(extra);
+    Relay::start(&args)
+}
+
+#[test]
+fn aioice_allocate_permission_send_data_channels_refresh_and_401() {
+    let relay = relay_with(&["--user", "alice:wonderland"]);
+    run_aioice(&[], relay.listener(), "alice", "wonderland", PEER_IP);
+}
+
+#[test]
+fn uclient_channel_data_with_long_term_credentials_loses_nothing() {
+    let relay = relay_with(&["--user", "alice:wonderland", "--legacy-channels"]);
+    let peer_port = free_udp_port(PEER_IP);
+    let _peer = echo_peer(&[], PEER_IP, peer_port);
+    let port = relay.listener().port().to_string();
+    let peer_port = peer_port.to_string();
+    let report = uclient(
+        &[],
+        &[
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-e",
+            PEER_IP,
+            "-r",
+            &peer_port,
+            "-n",
+            "200",
+            "-m",
+            "4",
+            "-l",
+            "200",
+            "-c",
+            "-p",
+            &port,
+            "127.0.0.1",
+        ],
+    );
+    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
+    assert_eq!(
+        (report.sent, report.received),
+        (800, 800),
+        "{}",
+        report.output
+    );
+}
+
+#[test]
+fn uclient_send_indications_with_rest_credentials_loses_nothing() {
+    // Two secrets: the client signs with the second, as during a rotation.
+    let relay = relay_with(&["--auth-secret", "old-secret", "--auth-secret", "new-secret"]);
+    let peer_port = free_udp_port(PEER_IP);
+    let _peer = echo_peer(&[], PEER_IP, peer_port);
+    let port = relay.listener().port().to_string();
+    let peer_port = peer_port.to_string();
+    let report = uclient(
+        &[],
+        &[
+            "-u",
+            "bob",
+            "-W",
+            "new-secret",
+            "-s",
+            "-e",
+            PEER_IP,
+            "-r",
+            &peer_port,
+            "-n",
+            "100",
+            "-m",
+            "2",
+            "-l",
+            "120",
+            "-c",
+            "-p",
+            &port,
+            "127.0.0.1",
+        ],
+    );
+    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
+    assert_eq!(
+        (report.sent, report.received),
+        (200, 200),
+        "{}",
+        report.output
+    );
+
+    let wrong = uclient(
+        &[],
+        &[
+            "-u",
+            "bob",
+            "-W",
+            "not-the-secret",
+            "-e",
+            PEER_IP,
+            "-r",
+            &peer_port,
+            "-n",
+            "5",
+            "-m",
+            "1",
+            "-c",
+            "-p",
+            &port,
+            "127.0.0.1",
+        ],
+    );
+    assert_eq!(wrong.received, 0, "{}", wrong.output);
+    assert!(
+        wrong.output.contains("Cannot complete Allocation"),
+        "{}",
+        wrong.output
+    );
+}
+
+/// A minimal STUN client over one UDP socket, built on the relay's own codec.
+struct Client {
+    socket: UdpSocket,
+    server: SocketAddr,
+    auth: Option<(String, LongTermKey, String)>,
+}
+
+impl Client {
+    fn new(server: SocketAddr) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .expect("timeout");
+        Self {
+            socket,
+            server,
+            auth: None,
+        }
+    }
+
+    fn send_raw(&self, bytes: &[u8]) {
+        self.socket.send_to(bytes, self.server).expect("send");
+    }
+
+    /// The next datagram from the server, if one comes within the timeout.
+    fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65_536];
+        match self.socket.recv_from(&mut buf) {
+            Ok((n, _)) => Some(buf[..n].to_vec()),
+            Err(_) => None,
+        }
+    }
+
+    fn request(&self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        let mut b = MessageBuilder::new(Class::Request, method, TransactionId([7; 12]));
+        for a in attrs {
+            b.add(a);
+        }
+        let bytes = match &self.auth {
+            Some((user, key, nonce)) => {
+                b.add(&Attribute::Username(user))
+                    .add(&Attribute::Realm(REALM))
+                    .add(&Attribute::Nonce(nonce));
+                b.finish(Some(key.as_bytes()), true)
+            }
+            None => b.finish(None, true),
+        };
+        self.send_raw(&bytes);
+        self.recv().expect("a response")
+    }
+
+    /// Takes REALM/NONCE from a 401 and signs from now on.
+    fn login(&mut self, user: &str, password: &str) {
+        let response = self.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+        let msg = Message::decode(&response).expect("valid response");
+        assert_eq!(msg.error_code(), Some(401));
+        let nonce = msg.nonce().expect("nonce").to_owned();
+        let key = LongTermKey::derive(user, REALM, password);
+        self.auth = Some((user.to_owned(), key, nonce));
+    }
+}
+
+fn error_code(bytes: &[u8]) -> Option<u16> {
+    Message::decode(bytes).ok().and_then(|m| m.error_code())
+}
+
+#[test]
+fn malformed_input_gets_the_right_answer_and_the_server_keeps_serving() {
+    let relay = relay_with(&["--user", "alice:wonderland"]);
+    let server = relay.listener();
+    let mut client = Client::new(server);
+
+    // Not STUN, truncated, lengths that disagree with the datagram, wrong cookie, oversized:
+    // dropped without an answer.
+    let mut wrong_length =
+        MessageBuilder::new(Class::Request, Method::BINDING, TransactionId([1; 12]))
+            .finish(None, false);
+    wrong_length[3] = 40;
+    let mut wrong_cookie =
+        MessageBuilder::new(Class::Request, Method::BINDING, TransactionId([2; 12]))
+            .finish(None, false);
+    wrong_cookie[4] ^= 0xff;
+    let oversized = vec![0u8; 65_000];
+    for junk in [
+        &[][..],
+        &[0x00][..],
+        &[0u8; 19][..],
+        &wrong_length[..],
+        &wrong_cookie[..],
+        &oversized[..],
+        &[0xff; 64][..],
+    ] {
+        client.send_raw(junk);
+    }
+    assert_eq!(client.recv(), None, "junk must not be answered");
+
+    // A request whose attribute runs past the end: 400 (RFC 8489 §6.3.1).
+    let mut truncated_attr =
+        MessageBuilder::new(Class::Request, Method::BINDING, TransactionId([3; 12]));
+    truncated_attr.add(&Attribute::Software("x"));
+    let mut truncated_attr = truncated_attr.finish(None, false);
+    truncated_attr[22..24].copy_from_slice(&200u16.to_be_bytes());
+    client.send_raw(&truncated_attr);
+    assert_eq!(client.recv().as_deref().and_then(error_code), Some(400));
+
+    // Unknown comprehension-required attribute: 420 with UNKNOWN-ATTRIBUTES.
+    let mut unknown = MessageBuilder::new(Class::Request, Method::BINDING, TransactionId([4; 12]));
+    unknown.add_raw(0x0777, b"abcd");
+    client.send_raw(&unknown.finish(None, false));
+    let answer = client.recv().expect("420");
+    let msg = Message::decode(&answer).expect("valid");
+    assert_eq!(msg.error_code(), Some(420));
+    assert!(msg
+        .attributes()
+        .iter()
+        .any(|a| matches!(a, Attribute::UnknownAttributes(list) if list == &[0x0777])));
+
+    // Bad integrity: 401, nothing allocated.
+    client.login("alice", "not-the-password");
+    let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    assert_eq!(error_code(&response), Some(401));
+
+    // Right credentials: allocation; unsupported transport 442 first.
+    client.login("alice", "wonderland");
+    let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(6)]);
+    assert_eq!(error_code(&response), Some(442));
+    let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    let msg = Message::decode(&response).expect("valid");
+    assert_eq!(msg.class(), Class::Success, "{msg:?}");
+    assert!(msg.xor_relayed_address().is_some());
+
+    // Forbidden peers (RFC 8656 §9 policy): the relay itself, metadata, private ranges.
+    for peer in ["127.0.0.1:9", "169.254.169.254:80", "10.0.0.1:9", "[::1]:9"] {
+        let peer: SocketAddr = peer.parse().expect("addr");
+        let response = client.request(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(peer)],
+        );
+        let code = error_code(&response);
+        assert!(
+            code == Some(403) || code == Some(443),
+            "{peer}: expected 403/443, got {code:?}"
+        );
+    }
+    // A channel number outside 0x4000-0x4FFF: 400.
+    let peer: SocketAddr = format!("{PEER_IP}:9").parse().expect("addr");
+    let response = client.request(
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x5000),
+            Attribute::XorPeerAddress(peer),
+        ],
+    );
+    assert_eq!(error_code(&response), Some(400));
+
+    // ChannelData on a channel that is not bound, and with a wrong length: dropped.
+    client.send_raw(&[0x40, 0x01, 0x00, 0x04, 1, 2, 3, 4]);
+    client.send_raw(&[0x40, 0x01, 0x00, 0x40, 1, 2, 3, 4]);
+    assert_eq!(client.recv(), None);
+
+    // Delete, then requests on the deleted allocation get 437 (RFC 8656 §8, §10).
+    let response = client.request(Method::REFRESH, &[Attribute::Lifetime(0)]);
+    let msg = Message::decode(&response).expect("valid");
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(msg.lifetime(), Some(0));
+    let response = client.request(
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(peer)],
+    );
+    assert_eq!(error_code(&response), Some(437));
+
+    // After all of that the server still serves everyone: a plain Binding and a full client.
+    let fresh = Client::new(server);
+    let response = fresh.request(Method::BINDING, &[]);
+    let msg = Message::decode(&response).expect("valid");
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(
+        msg.xor_mapped_address(),
+        Some(fresh.socket.local_addr().expect("addr"))
+    );
+    assert!(msg.has(attr_type::FINGERPRINT));
+    run_aioice(&[], server, "alice", "wonderland", PEER_IP);
+}
+
+#[test]
+fn shutdown_releases_the_relay_sockets() {
+    let relay = relay_with(&["--user", "alice:wonderland"]);
+    let mut client = Client::new(relay.listener());
+    client.login("alice", "wonderland");
+    let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    let relayed = Message::decode(&response)
+        .ok()
+        .and_then(|m| m.xor_relayed_address())
+        .expect("allocated");
+    // The relayed port is taken while the relay runs and free once it stopped.
+    assert!(
+        UdpSocket::bind(relayed).is_err(),
+        "{relayed} should be in use"
+    );
+    let log = relay.stop();
+    assert!(log.contains("relay sockets released"), "{log}");
+    assert!(log.contains("relay stopped"), "{log}");
+    UdpSocket::bind(relayed).unwrap_or_else(|e| panic!("{relayed} still in use: {e}"));
+}

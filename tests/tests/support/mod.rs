@@ -1,0 +1,240 @@
+//! Processes the interop tests run: the relay itself, coturn's echo peer and TURN client, the
+//! aioice client script. Every child is killed when its handle drops, even if a test panics.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of these helpers"
+)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::Duration,
+};
+
+use relay_tests::relay_bin;
+
+/// How long a child may take to report that it is ready.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `relay serve`, stopped with SIGTERM on drop.
+pub struct Relay {
+    child: Child,
+    /// The UDP listener addresses it reported.
+    pub listeners: Vec<SocketAddr>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Relay {
+    /// Starts `relay serve ARGS` (through `prefix`, e.g. `ip netns exec NS`) and waits until
+    /// it logs `expect_listeners` listener addresses.
+    pub fn start_with(prefix: &[&str], args: &[&str], expect_listeners: usize) -> Self {
+        let bin = relay_bin();
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        command
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start relay");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .split("listening on udp ")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut log) = sink.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        let mut relay = Self {
+            child,
+            listeners: Vec::new(),
+            log,
+        };
+        while relay.listeners.len() < expect_listeners {
+            match rx.recv_timeout(START_TIMEOUT) {
+                Ok(addr) => relay.listeners.push(addr),
+                Err(_) => panic!("relay did not start:\n{}", relay.log()),
+            }
+        }
+        relay
+    }
+
+    /// Starts `relay serve ARGS` on this host and waits for one listener.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(&[], args, 1)
+    }
+
+    pub fn listener(&self) -> SocketAddr {
+        self.listeners[0]
+    }
+
+    /// Everything the relay logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the log.
+    pub fn stop(mut self) -> String {
+        self.terminate();
+        self.log()
+    }
+
+    fn terminate(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: kill only sends a signal to our own child's pid.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        for _ in 0..100 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                // Let the reader thread collect the final lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.terminate();
+        }
+    }
+}
+
+/// A child process killed on drop.
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A UDP port that was free on `ip` a moment ago.
+pub fn free_udp_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+}
+
+/// coturn's `turnutils_peer`, a UDP echo server, on `ip:port` (through `prefix`).
+pub fn echo_peer(prefix: &[&str], ip: &str, port: u16) -> Background {
+    let port = port.to_string();
+    let mut args: Vec<&str> = prefix.to_vec();
+    args.extend(["turnutils_peer", "-L", ip, "-p", &port]);
+    let child = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start turnutils_peer (coturn package; `cargo xtask setup` installs it)");
+    // It binds at once; give it a moment before clients send.
+    std::thread::sleep(Duration::from_millis(300));
+    Background(child)
+}
+
+/// What a `turnutils_uclient` run reported.
+#[derive(Debug)]
+pub struct UclientReport {
+    pub sent: u64,
+    pub received: u64,
+    pub lost: Option<u64>,
+    pub output: String,
+}
+
+/// Runs `turnutils_uclient ARGS` (through `prefix`) to completion with a time limit.
+pub fn uclient(prefix: &[&str], args: &[&str]) -> UclientReport {
+    let mut full: Vec<&str> = prefix.to_vec();
+    full.extend(["timeout", "120", "turnutils_uclient"]);
+    full.extend_from_slice(args);
+    let out = Command::new(full[0])
+        .args(&full[1..])
+        .output()
+        .expect("run turnutils_uclient (coturn package; `cargo xtask setup` installs it)");
+    parse_uclient(&out)
+}
+
+fn parse_uclient(out: &Output) -> UclientReport {
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let number_after = |key: &str| -> Option<u64> {
+        output.lines().rev().find_map(|line| {
+            let rest = line.split(key).nth(1)?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+    };
+    UclientReport {
+        sent: number_after("tot_send_msgs=").unwrap_or(0),
+        received: number_after("tot_recv_msgs=").unwrap_or(0),
+        lost: number_after("Total lost packets "),
+        output,
+    }
+}
+
+/// The aioice interop script.
+pub fn aioice_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/aioice_turn.py")
+}
+
+/// Runs the aioice script against `server` with the echo peer on `peer_ip` (through `prefix`).
+pub fn run_aioice(prefix: &[&str], server: SocketAddr, user: &str, pass: &str, peer_ip: &str) {
+    let script = aioice_script();
+    let port = server.port().to_string();
+    let ip = server.ip().to_string();
+    let mut full: Vec<&str> = prefix.to_vec();
+    // Debian's python3 carries python3-aioice, whatever python3 comes first on PATH.
+    full.extend(["timeout", "60", "/usr/bin/python3"]);
+    full.push(script.to_str().expect("utf-8 path"));
+    full.extend([ip.as_str(), port.as_str(), user, pass, peer_ip]);
+    let out = Command::new(full[0])
+        .args(&full[1..])
+        .output()
+        .expect("run /usr/bin/python3 (python3-aioice; `cargo xtask setup` installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("aioice interop: all steps passed"),
+        "aioice interop failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    print!("{stdout}");
+}
