@@ -16,6 +16,40 @@ pub struct Cli {
 pub enum Command {
     /// Run the TURN server (with no flags: the embedded default config, on loopback).
     Serve(ServeArgs),
+    /// Talk to a running relay's admin endpoint.
+    Ctl(CtlArgs),
+}
+
+/// The admin endpoint `relay serve` listens on unless told otherwise.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:3479";
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin endpoint of the relay (`relay serve --admin`).
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_ADMIN, global = true)]
+    pub admin: SocketAddr,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List allocations: id, user, client, relayed address, peers, channels, path, counters.
+    Allocations {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// `fastpath on|off ALLOCATION` moves one allocation between the kernel and the socket
+    /// path; `fastpath default on|off` sets the path for allocations without their own setting.
+    Fastpath {
+        /// `on`, `off` or `default`.
+        #[arg(value_name = "on|off|default")]
+        first: String,
+        /// The allocation id, or `on`/`off` after `default`.
+        #[arg(value_name = "ALLOCATION|on|off")]
+        second: String,
+    },
 }
 
 /// Which kernel fast path to use.

@@ -1,12 +1,19 @@
 //! `relay`: TURN server with a kernel fast path.
 
 use clap::Parser;
-use relay::cli::{Cli, Command};
+use relay::{
+    cli::{Cli, Command, CtlCommand},
+    control::client,
+};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => relay::daemon::serve(args),
+        Command::Ctl(ctl) => match ctl.command {
+            CtlCommand::Allocations { json } => client::allocations(ctl.admin, json),
+            CtlCommand::Fastpath { first, second } => client::fastpath(ctl.admin, &first, &second),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

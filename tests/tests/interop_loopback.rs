@@ -355,3 +355,91 @@ fn shutdown_releases_the_relay_sockets() {
     assert!(log.contains("relay stopped"), "{log}");
     UdpSocket::bind(relayed).unwrap_or_else(|e| panic!("{relayed} still in use: {e}"));
 }
+
+#[test]
+fn ctl_lists_allocations_counts_socket_traffic_and_serves_metrics() {
+    let relay = relay_with(&["--user", "alice:wonderland"]);
+    let peer = UdpSocket::bind((PEER_IP, 0)).expect("peer socket");
+    peer.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let peer_addr = peer.local_addr().expect("peer addr");
+    let mut client = Client::new(relay.listener());
+    client.login("alice", "wonderland");
+    let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+    let relayed = Message::decode(&response)
+        .ok()
+        .and_then(|m| m.xor_relayed_address())
+        .expect("allocated");
+    let response = client.request(
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(peer_addr)],
+    );
+    assert_eq!(
+        Message::decode(&response).map(|m| m.class()),
+        Ok(Class::Success)
+    );
+    // Three Send indications of 10 bytes reach the peer; one 7-byte datagram comes back.
+    for _ in 0..3 {
+        let mut send = MessageBuilder::new(Class::Indication, Method::SEND, TransactionId([9; 12]));
+        send.add(&Attribute::XorPeerAddress(peer_addr))
+            .add(&Attribute::Data(b"0123456789"));
+        client.send_raw(&send.finish(None, false));
+        let mut buf = [0u8; 64];
+        let (n, from) = peer.recv_from(&mut buf).expect("relayed to peer");
+        assert_eq!((&buf[..n], from), (&b"0123456789"[..], relayed));
+    }
+    peer.send_to(b"reply!!", relayed).expect("peer sends");
+    let data = client.recv().expect("Data indication");
+    let msg = Message::decode(&data).expect("valid");
+    assert_eq!(
+        (msg.class(), msg.method()),
+        (Class::Indication, Method::DATA)
+    );
+
+    let (ok, stdout, stderr) = relay.ctl(&["allocations", "--json"]);
+    assert!(ok, "{stderr}");
+    let list: relay::control::AllocationList = serde_json::from_str(&stdout).expect("json");
+    assert!(!list.fastpath_attached);
+    assert_eq!(list.allocations.len(), 1, "{stdout}");
+    let a = &list.allocations[0];
+    assert_eq!(a.user, "alice");
+    assert_eq!(a.relayed, relayed.to_string());
+    assert_eq!(a.peers, vec![PEER_IP.to_owned()]);
+    assert_eq!(a.path, "socket");
+    assert_eq!((a.socket.to_peer_packets, a.socket.to_peer_bytes), (3, 30));
+    assert_eq!(a.socket.to_client_packets, 1);
+    assert_eq!(a.kernel.packets(), 0);
+
+    let (ok, table, stderr) = relay.ctl(&["allocations"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        table.contains("RELAYED") && table.contains(&relayed.to_string()),
+        "{table}"
+    );
+
+    // Without a fast path, the toggle explains why it cannot apply.
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "on", &a.id.to_string()]);
+    assert!(!ok);
+    assert!(stderr.contains("--fastpath off"), "{stderr}");
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "sideways", "1"]);
+    assert!(!ok);
+    assert!(stderr.contains("expected `on` or `off`"), "{stderr}");
+
+    let metrics = relay_tests_http_get(relay.admin, "/metrics");
+    assert!(metrics.contains("relay_allocations 1"), "{metrics}");
+    assert!(
+        metrics.contains("relay_relayed_packets_total{path=\"socket\",direction=\"to_peer\"} 3"),
+        "{metrics}"
+    );
+}
+
+/// A plain HTTP GET against the admin endpoint, as Prometheus would do it.
+fn relay_tests_http_get(admin: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).expect("connect admin");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}

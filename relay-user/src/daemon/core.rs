@@ -6,7 +6,8 @@
 //! them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
+    fmt::Write as _,
     future::Future,
     io,
     net::SocketAddr,
@@ -18,6 +19,7 @@ use tokio::{net::UdpSocket, sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
+    control::{AdminRequest, AllocationList, AllocationView, ChannelView, PathCounters},
     fastpath::FastPath,
     net,
     proto::server::{AllocationId, Command, Server},
@@ -56,6 +58,12 @@ pub struct Core {
     listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
     readers: Vec<JoinHandle<()>>,
     relays: HashMap<SocketAddr, RelaySocket>,
+    /// Commands taken from the server, in order, waiting to be executed.
+    pending: VecDeque<Command>,
+    /// What the socket path relayed per live allocation.
+    socket_counters: HashMap<AllocationId, PathCounters>,
+    /// Socket-path totals, including allocations that are gone (for metrics).
+    socket_totals: PathCounters,
     fastpath: Option<FastPath>,
 }
 
@@ -75,6 +83,9 @@ impl Core {
             listeners: HashMap::new(),
             readers: Vec::new(),
             relays: HashMap::new(),
+            pending: VecDeque::new(),
+            socket_counters: HashMap::new(),
+            socket_totals: PathCounters::default(),
             fastpath,
         }
     }
@@ -95,6 +106,7 @@ impl Core {
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
+        mut admin: mpsc::Receiver<AdminRequest>,
         shutdown: impl Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
@@ -120,7 +132,11 @@ impl Core {
                         }
                     }
                 }
-                () = timer => self.server.handle_timeout(Instant::now()),
+                () = timer => {
+                    self.server.handle_timeout(Instant::now());
+                    self.collect(None);
+                }
+                Some(request) = admin.recv() => self.admin(request),
             }
             self.execute().await;
         };
@@ -134,20 +150,57 @@ impl Core {
                 listener,
                 client,
                 data,
-            } => self
-                .server
-                .handle_client_datagram(client, listener, &data, now),
+            } => {
+                self.server
+                    .handle_client_datagram(client, listener, &data, now);
+                self.collect(None);
+            }
             Event::Peer {
                 relayed,
                 peer,
                 data,
-            } => self.server.handle_peer_datagram(relayed, peer, &data, now),
+            } => {
+                self.server.handle_peer_datagram(relayed, peer, &data, now);
+                self.collect(Some(relayed));
+            }
         }
     }
 
-    /// Drains and executes every command the server has queued.
-    async fn execute(&mut self) {
+    /// Moves the server's commands into `pending`, counting relayed data on the socket path:
+    /// every SendToPeer is client data, and a SendToClient caused by a datagram on a relay
+    /// socket is peer data (responses to requests are never caused by one).
+    fn collect(&mut self, from_relay: Option<SocketAddr>) {
         while let Some(command) = self.server.next_command() {
+            let counted = match &command {
+                Command::SendToPeer {
+                    relayed, payload, ..
+                } => Some((*relayed, payload.len(), true)),
+                Command::SendToClient { payload, .. } => {
+                    from_relay.map(|relayed| (relayed, payload.len(), false))
+                }
+                _ => None,
+            };
+            if let Some((relayed, len, to_peer)) = counted {
+                if let Some(relay) = self.relays.get(&relayed) {
+                    let counters = self.socket_counters.entry(relay.id).or_default();
+                    for c in [counters, &mut self.socket_totals] {
+                        if to_peer {
+                            c.to_peer_packets += 1;
+                            c.to_peer_bytes += len as u64;
+                        } else {
+                            c.to_client_packets += 1;
+                            c.to_client_bytes += len as u64;
+                        }
+                    }
+                }
+            }
+            self.pending.push_back(command);
+        }
+    }
+
+    /// Executes every pending command; binding a relay socket may make the server emit more.
+    async fn execute(&mut self) {
+        while let Some(command) = self.pending.pop_front() {
             match command {
                 Command::SendToClient {
                     listener,
@@ -165,7 +218,10 @@ impl Core {
                     Some(relay) => send(&relay.socket, &payload, peer).await,
                     None => debug!(%relayed, "relay socket already closed"),
                 },
-                Command::CreateAllocation { id, relayed } => self.open_relay(id, relayed),
+                Command::CreateAllocation { id, relayed } => {
+                    self.open_relay(id, relayed);
+                    self.collect(None);
+                }
                 Command::DeleteAllocation { id, relayed } => self.close_relay(id, relayed),
                 // The kernel program attached today only counts verdicts; it forwards nothing,
                 // so there is no channel state to install in it.
@@ -199,6 +255,7 @@ impl Core {
     }
 
     fn close_relay(&mut self, id: AllocationId, relayed: SocketAddr) {
+        self.socket_counters.remove(&id);
         match self.relays.remove(&relayed) {
             Some(relay) if relay.id == id => {
                 relay.reader.abort();
@@ -210,6 +267,122 @@ impl Core {
             }
             None => {}
         }
+    }
+
+    fn admin(&mut self, request: AdminRequest) {
+        match request {
+            AdminRequest::List(reply) => {
+                let _ = reply.send(self.allocation_list());
+            }
+            AdminRequest::SetFastPath { reply, .. } | AdminRequest::SetDefault { reply, .. } => {
+                let _ = reply.send(Err(
+                    "the kernel fast path is not running (relay serve --fastpath off)".to_owned(),
+                ));
+            }
+            AdminRequest::Metrics(reply) => {
+                let _ = reply.send(self.metrics());
+            }
+        }
+    }
+
+    fn allocation_list(&self) -> AllocationList {
+        let now = Instant::now();
+        let allocations = self
+            .server
+            .allocations()
+            .map(|a| AllocationView {
+                id: a.id.0,
+                user: a.username,
+                client: a.client.to_string(),
+                listener: a.listener.to_string(),
+                relayed: a.relayed.to_string(),
+                expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
+                peers: a.permissions.iter().map(ToString::to_string).collect(),
+                channels: a
+                    .channels
+                    .iter()
+                    .map(|(number, peer)| ChannelView {
+                        number: *number,
+                        peer: peer.to_string(),
+                    })
+                    .collect(),
+                path: "socket".to_owned(),
+                socket: self.socket_counters.get(&a.id).copied().unwrap_or_default(),
+                kernel: PathCounters::default(),
+            })
+            .collect();
+        AllocationList {
+            fastpath_attached: self.fastpath.is_some(),
+            fastpath_default: false,
+            allocations,
+        }
+    }
+
+    /// Prometheus text exposition; no per-user labels.
+    fn metrics(&self) -> String {
+        let (mut allocations, mut permissions, mut channels) = (0u64, 0u64, 0u64);
+        for a in self.server.allocations() {
+            allocations += 1;
+            permissions += a.permissions.len() as u64;
+            channels += a.channels.len() as u64;
+        }
+        let mut out = String::new();
+        for (name, help, value) in [
+            ("relay_allocations", "Live allocations.", allocations),
+            ("relay_permissions", "Live permissions.", permissions),
+            ("relay_channels", "Bound channels.", channels),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP relay_relayed_packets_total Datagrams relayed, by path and direction.\n\
+             # TYPE relay_relayed_packets_total counter"
+        );
+        let t = self.socket_totals;
+        for (direction, packets) in [
+            ("to_peer", t.to_peer_packets),
+            ("to_client", t.to_client_packets),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_relayed_packets_total{{path=\"socket\",direction=\"{direction}\"}} {packets}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP relay_relayed_bytes_total Payload bytes relayed, by path and direction.\n\
+             # TYPE relay_relayed_bytes_total counter"
+        );
+        for (direction, bytes) in [
+            ("to_peer", t.to_peer_bytes),
+            ("to_client", t.to_client_bytes),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_relayed_bytes_total{{path=\"socket\",direction=\"{direction}\"}} {bytes}"
+            );
+        }
+        if let Some(fastpath) = &self.fastpath {
+            if let Ok(counters) = fastpath.verdict_counters() {
+                let _ = writeln!(
+                    out,
+                    "# HELP relay_fastpath_verdicts_total Kernel program verdicts, by reason.\n\
+                     # TYPE relay_fastpath_verdicts_total counter"
+                );
+                for (reason, n) in counters {
+                    let _ = writeln!(
+                        out,
+                        "relay_fastpath_verdicts_total{{reason=\"{}\"}} {n}",
+                        reason.label()
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// Stops every reader and drops every socket; the fast path detaches when dropped.

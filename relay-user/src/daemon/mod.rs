@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::{
     cli::{FastPathMode, ServeArgs},
     config::{Config, StaticUser},
+    control,
     fastpath::{AttachMode, FastPath},
     net,
     proto::{
@@ -60,6 +61,11 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     let fastpath = start_fastpath(&config)?;
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let admin_listener = control::http::bind(config.admin).await?;
+    let admin_addr = admin_listener.local_addr().context("admin address")?;
+    let (admin_tx, admin_rx) = mpsc::channel(64);
+    let admin_task = tokio::spawn(control::http::serve(admin_listener, admin_tx));
+    info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let socket = net::bind_udp(*addr)
@@ -84,7 +90,11 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         realm = %config.realm,
         "relay running; stop with SIGINT or SIGTERM"
     );
-    relay_core.run(events_rx, wait_for_shutdown()).await?;
+    let result = relay_core
+        .run(events_rx, admin_rx, wait_for_shutdown())
+        .await;
+    admin_task.abort();
+    result?;
     info!("relay stopped");
     Ok(())
 }

@@ -25,6 +25,8 @@ pub struct Relay {
     child: Child,
     /// The UDP listener addresses it reported.
     pub listeners: Vec<SocketAddr>,
+    /// Its admin endpoint (tests pass `--admin 127.0.0.1:0` unless they choose one).
+    pub admin: SocketAddr,
     log: Arc<Mutex<String>>,
 }
 
@@ -41,9 +43,11 @@ impl Relay {
             }
             None => Command::new(&bin),
         };
+        command.arg("serve").args(args);
+        if !args.contains(&"--admin") {
+            command.args(["--admin", "127.0.0.1:0"]);
+        }
         command
-            .arg("serve")
-            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -53,14 +57,18 @@ impl Relay {
         let (tx, rx) = mpsc::channel();
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line
-                    .split("listening on udp ")
+            let address_after = |line: &str, key: &str| {
+                line.split(key)
                     .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|rest| rest.split(|c: char| c.is_whitespace() || c == ')').next())
                     .and_then(|a| a.parse::<SocketAddr>().ok())
-                {
-                    let _ = tx.send(addr);
+            };
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = address_after(&line, "listening on udp ") {
+                    let _ = tx.send((false, addr));
+                }
+                if let Some(addr) = address_after(&line, "admin endpoint on http://") {
+                    let _ = tx.send((true, addr));
                 }
                 if let Ok(mut log) = sink.lock() {
                     log.push_str(&line);
@@ -71,14 +79,18 @@ impl Relay {
         let mut relay = Self {
             child,
             listeners: Vec::new(),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             log,
         };
-        while relay.listeners.len() < expect_listeners {
+        let mut admin = None;
+        while relay.listeners.len() < expect_listeners || admin.is_none() {
             match rx.recv_timeout(START_TIMEOUT) {
-                Ok(addr) => relay.listeners.push(addr),
+                Ok((true, addr)) => admin = Some(addr),
+                Ok((false, addr)) => relay.listeners.push(addr),
                 Err(_) => panic!("relay did not start:\n{}", relay.log()),
             }
         }
+        relay.admin = admin.unwrap_or(relay.admin);
         relay
     }
 
@@ -89,6 +101,21 @@ impl Relay {
 
     pub fn listener(&self) -> SocketAddr {
         self.listeners[0]
+    }
+
+    /// Runs `relay ctl --admin ADMIN ARGS` and returns (success, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(relay_bin())
+            .arg("ctl")
+            .args(["--admin", &self.admin.to_string()])
+            .args(args)
+            .output()
+            .expect("run relay ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Everything the relay logged so far.

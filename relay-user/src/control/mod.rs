@@ -1,0 +1,88 @@
+//! The local admin interface: an HTTP endpoint inside the daemon (loopback only) and the
+//! `relay ctl` client that talks to it.
+//!
+//! Routes (all answers are JSON except `/metrics`):
+//! - `GET /allocations`: every allocation with its peers, channels, path and counters.
+//! - `POST /allocations/{id}/fastpath/on|off`: move one allocation between the kernel fast path
+//!   and the socket path; the allocation itself is untouched.
+//! - `POST /fastpath/default/on|off`: the path new allocations start on.
+//! - `GET /metrics`: Prometheus text format.
+
+pub mod client;
+pub mod http;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// Packets and bytes relayed in each direction on one path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathCounters {
+    pub to_peer_packets: u64,
+    pub to_peer_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
+impl PathCounters {
+    pub fn packets(&self) -> u64 {
+        self.to_peer_packets + self.to_client_packets
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.to_peer_bytes + self.to_client_bytes
+    }
+}
+
+/// A bound channel as the admin interface shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelView {
+    pub number: u16,
+    pub peer: String,
+}
+
+/// One allocation as `relay ctl allocations` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationView {
+    pub id: u64,
+    pub user: String,
+    pub client: String,
+    pub listener: String,
+    pub relayed: String,
+    pub expires_in_secs: u64,
+    /// Peer IPs with a live permission.
+    pub peers: Vec<String>,
+    pub channels: Vec<ChannelView>,
+    /// `kernel` when its channels are forwarded by the fast path, else `socket`.
+    pub path: String,
+    pub socket: PathCounters,
+    pub kernel: PathCounters,
+}
+
+/// The answer to `GET /allocations`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationList {
+    /// Whether a kernel fast path is attached at all.
+    pub fastpath_attached: bool,
+    /// Path new allocations start on.
+    pub fastpath_default: bool,
+    pub allocations: Vec<AllocationView>,
+}
+
+/// What the admin endpoint asks the core task to do; the core answers on the oneshot.
+#[derive(Debug)]
+pub enum AdminRequest {
+    List(oneshot::Sender<AllocationList>),
+    /// Turn the fast path on or off for one allocation.
+    SetFastPath {
+        allocation: u64,
+        on: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Turn the fast path on or off for allocations that have no explicit setting.
+    SetDefault {
+        on: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Prometheus exposition text.
+    Metrics(oneshot::Sender<String>),
+}
