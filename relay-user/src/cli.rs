@@ -15,7 +15,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the TURN server (with no flags: the embedded default config, on loopback).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a running relay's admin endpoint.
     Ctl(CtlArgs),
 }

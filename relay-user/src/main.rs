@@ -9,7 +9,7 @@ use relay::{
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => relay::daemon::serve(args),
+        Command::Serve(args) => relay::daemon::serve(*args),
         Command::Ctl(ctl) => match ctl.command {
             CtlCommand::Allocations { json } => client::allocations(ctl.admin, json),
             CtlCommand::Fastpath { first, second } => client::fastpath(ctl.admin, &first, &second),

@@ -21,28 +21,36 @@ use tracing::{debug, info, warn};
 use crate::{
     control::{AdminRequest, AllocationList, AllocationView, ChannelView, PathCounters},
     fastpath::FastPath,
-    net,
+    net::{
+        self,
+        batch::{self, Datagrams, Receiver, Transmit},
+    },
     proto::server::{AllocationId, Command, Server},
 };
 
 /// Events already queued are handled together before commands are flushed.
 const MAX_EVENTS_PER_WAKE: usize = 256;
 
-/// A datagram for the core.
+/// A batch of datagrams for the core.
 #[derive(Debug)]
 pub enum Event {
-    /// From a client, on a listener socket.
+    /// From clients, on a listener socket.
     Client {
         listener: SocketAddr,
-        client: SocketAddr,
-        data: Vec<u8>,
+        datagrams: Datagrams,
     },
-    /// From a peer, on the relay socket of an allocation.
+    /// From peers, on the relay socket of an allocation.
     Peer {
         relayed: SocketAddr,
-        peer: SocketAddr,
-        data: Vec<u8>,
+        datagrams: Datagrams,
     },
+}
+
+/// The local socket a transmit leaves from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Local {
+    Listener(SocketAddr),
+    Relay(SocketAddr),
 }
 
 /// The relay socket of one allocation and the task reading it.
@@ -60,6 +68,8 @@ pub struct Core {
     relays: HashMap<SocketAddr, RelaySocket>,
     /// Commands taken from the server, in order, waiting to be executed.
     pending: VecDeque<Command>,
+    /// Datagrams to send at the end of this wake, per local socket (flushed in batches).
+    outbox: HashMap<Local, Vec<Transmit>>,
     /// What the socket path relayed per live allocation.
     socket_counters: HashMap<AllocationId, PathCounters>,
     /// Socket-path totals, including allocations that are gone (for metrics).
@@ -84,6 +94,7 @@ impl Core {
             readers: Vec::new(),
             relays: HashMap::new(),
             pending: VecDeque::new(),
+            outbox: HashMap::new(),
             socket_counters: HashMap::new(),
             socket_totals: PathCounters::default(),
             fastpath,
@@ -148,20 +159,19 @@ impl Core {
         match event {
             Event::Client {
                 listener,
-                client,
-                data,
+                datagrams,
             } => {
-                self.server
-                    .handle_client_datagram(client, listener, &data, now);
-                self.collect(None);
+                for (client, data) in datagrams.iter() {
+                    self.server
+                        .handle_client_datagram(client, listener, data, now);
+                    self.collect(None);
+                }
             }
-            Event::Peer {
-                relayed,
-                peer,
-                data,
-            } => {
-                self.server.handle_peer_datagram(relayed, peer, &data, now);
-                self.collect(Some(relayed));
+            Event::Peer { relayed, datagrams } => {
+                for (peer, data) in datagrams.iter() {
+                    self.server.handle_peer_datagram(relayed, peer, data, now);
+                    self.collect(Some(relayed));
+                }
             }
         }
     }
@@ -198,7 +208,8 @@ impl Core {
         }
     }
 
-    /// Executes every pending command; binding a relay socket may make the server emit more.
+    /// Executes every pending command (binding a relay socket may make the server emit more),
+    /// then flushes the datagrams queued per socket in batches.
     async fn execute(&mut self) {
         while let Some(command) = self.pending.pop_front() {
             match command {
@@ -206,18 +217,23 @@ impl Core {
                     listener,
                     client,
                     payload,
-                } => match self.listeners.get(&listener) {
-                    Some(socket) => send(socket, &payload, client).await,
-                    None => warn!(%listener, "no listener socket for a response"),
-                },
+                } => self
+                    .outbox
+                    .entry(Local::Listener(listener))
+                    .or_default()
+                    .push(Transmit {
+                        to: client,
+                        payload,
+                    }),
                 Command::SendToPeer {
                     relayed,
                     peer,
                     payload,
-                } => match self.relays.get(&relayed) {
-                    Some(relay) => send(&relay.socket, &payload, peer).await,
-                    None => debug!(%relayed, "relay socket already closed"),
-                },
+                } => self
+                    .outbox
+                    .entry(Local::Relay(relayed))
+                    .or_default()
+                    .push(Transmit { to: peer, payload }),
                 Command::CreateAllocation { id, relayed } => {
                     self.open_relay(id, relayed);
                     self.collect(None);
@@ -228,6 +244,36 @@ impl Core {
                 Command::CreateChannelBinding { .. } | Command::DeleteChannelBinding { .. } => {}
             }
         }
+        self.flush().await;
+    }
+
+    async fn flush(&mut self) {
+        for (local, queue) in self.outbox.iter_mut() {
+            if queue.is_empty() {
+                continue;
+            }
+            let socket = match local {
+                Local::Listener(addr) => self.listeners.get(addr),
+                Local::Relay(addr) => self.relays.get(addr).map(|r| &r.socket),
+            };
+            match socket {
+                Some(socket) => batch::send_all(socket, queue).await,
+                None => {
+                    debug!(
+                        ?local,
+                        dropped = queue.len(),
+                        "socket closed before sending"
+                    );
+                    queue.clear();
+                }
+            }
+        }
+        // Keep the queues of live sockets (their capacity is reused), forget closed ones.
+        let (listeners, relays) = (&self.listeners, &self.relays);
+        self.outbox.retain(|local, _| match local {
+            Local::Listener(addr) => listeners.contains_key(addr),
+            Local::Relay(addr) => relays.contains_key(addr),
+        });
     }
 
     /// Binds the relay socket of a new allocation and tells the server how it went
@@ -415,17 +461,6 @@ fn report_verdicts(fastpath: &FastPath) {
     }
 }
 
-/// Sends one datagram; a full socket buffer waits, other errors drop the datagram (UDP).
-async fn send(socket: &UdpSocket, payload: &[u8], to: SocketAddr) {
-    let result = match socket.try_send_to(payload, to) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.send_to(payload, to).await,
-        other => other,
-    };
-    if let Err(error) = result {
-        debug!(%to, %error, "send failed");
-    }
-}
-
 /// Errors a UDP receive can report for an earlier send (ICMP); the socket itself is fine.
 fn transient(error: &io::Error) -> bool {
     matches!(
@@ -438,16 +473,20 @@ fn transient(error: &io::Error) -> bool {
         || error.raw_os_error() == Some(libc::ENETUNREACH)
 }
 
+/// Slot size for listener sockets: any client datagram fits.
+const LISTENER_SLOT: usize = net::MAX_DATAGRAM;
+/// Relay sockets take fewer datagrams per batch: there is one per allocation.
+const RELAY_BATCH: usize = 8;
+
 async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mpsc::Sender<Event>) {
-    let mut buf = vec![0u8; net::MAX_DATAGRAM];
+    let mut receiver = Receiver::new(batch::RECV_BATCH, LISTENER_SLOT);
     loop {
-        match socket.recv_from(&mut buf).await {
-            Ok((len, client)) => {
-                let data = buf.get(..len).unwrap_or_default().to_vec();
+        let mut datagrams = Datagrams::default();
+        match receiver.recv(&socket, &mut datagrams).await {
+            Ok(()) => {
                 let event = Event::Client {
                     listener,
-                    client,
-                    data,
+                    datagrams,
                 };
                 if events.send(event).await.is_err() {
                     return;
@@ -463,16 +502,12 @@ async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mps
 }
 
 async fn read_relay(socket: Arc<UdpSocket>, relayed: SocketAddr, events: mpsc::Sender<Event>) {
-    let mut buf = vec![0u8; net::MAX_DATAGRAM];
+    let mut receiver = Receiver::new(RELAY_BATCH, net::MAX_DATAGRAM);
     loop {
-        match socket.recv_from(&mut buf).await {
-            Ok((len, peer)) => {
-                let data = buf.get(..len).unwrap_or_default().to_vec();
-                let event = Event::Peer {
-                    relayed,
-                    peer,
-                    data,
-                };
+        let mut datagrams = Datagrams::default();
+        match receiver.recv(&socket, &mut datagrams).await {
+            Ok(()) => {
+                let event = Event::Peer { relayed, datagrams };
                 if events.send(event).await.is_err() {
                     return;
                 }

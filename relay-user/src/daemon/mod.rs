@@ -26,8 +26,8 @@ use crate::{
 
 pub use self::core::Event;
 
-/// Datagrams queued between the socket tasks and the core before receivers wait.
-const EVENT_QUEUE: usize = 8192;
+/// Batches queued between the socket tasks and the core before receivers wait.
+const EVENT_QUEUE: usize = 1024;
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -60,6 +60,15 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // else should start.
     let fastpath = start_fastpath(&config)?;
 
+    let gso = net::batch::probe_gso();
+    info!(
+        "socket path: recvmmsg batches, sendmmsg{}",
+        if gso {
+            " with UDP GSO"
+        } else {
+            " (no UDP GSO on this kernel)"
+        }
+    );
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let admin_listener = control::http::bind(config.admin).await?;
     let admin_addr = admin_listener.local_addr().context("admin address")?;

@@ -3,6 +3,8 @@
 //! Everything the daemon needs from the OS about UDP lives here, so the batching
 //! (recvmmsg/GSO) work can replace these functions without touching the daemon loop.
 
+pub mod batch;
+
 use std::{io, net::SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};

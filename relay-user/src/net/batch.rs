@@ -1,0 +1,491 @@
+//! Batched UDP on Linux: `recvmmsg` for receiving, `sendmmsg` with UDP GSO (`UDP_SEGMENT`)
+//! for sending.
+//!
+//! Sending groups consecutive datagrams that share destination and size (the last of a run may
+//! be shorter) into one GSO super-datagram; everything else goes out as plain messages of the
+//! same `sendmmsg` call. GSO support is probed once; an EIO/EINVAL from a GSO send turns it off
+//! for good with one log line (drivers without checksum offload refuse it).
+
+use std::{
+    io,
+    mem::{size_of, zeroed},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use tokio::{io::Interest, net::UdpSocket};
+use tracing::{debug, warn};
+
+/// Datagrams per receive batch.
+pub const RECV_BATCH: usize = 32;
+/// Messages per `sendmmsg` call.
+const SEND_BATCH: usize = 64;
+/// Most segments the kernel takes in one GSO send (UDP_MAX_SEGMENTS).
+const MAX_GSO_SEGMENTS: usize = 64;
+/// Largest GSO super-datagram (an IP datagram carries at most 64 KiB).
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// `UDP_SEGMENT` from linux/udp.h.
+const UDP_SEGMENT: libc::c_int = 103;
+
+static GSO_ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Probes UDP GSO once at start; returns whether it is used.
+pub fn probe_gso() -> bool {
+    let supported = std::net::UdpSocket::bind("127.0.0.1:0")
+        .map(|socket| {
+            let size: libc::c_int = 1200;
+            // SAFETY: setsockopt reads `size` (a c_int, as UDP_SEGMENT expects) through a valid
+            // pointer with the matching length; the fd is open for the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_UDP,
+                    UDP_SEGMENT,
+                    (&size as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            rc == 0
+        })
+        .unwrap_or(false);
+    GSO_ENABLED.store(supported, Ordering::Relaxed);
+    supported
+}
+
+fn disable_gso(error: &io::Error) {
+    if GSO_ENABLED.swap(false, Ordering::Relaxed) {
+        warn!(%error, "UDP GSO send failed; sending without segmentation from now on");
+    }
+}
+
+/// Received datagrams: one contiguous buffer plus (source, range) per datagram.
+#[derive(Debug, Default)]
+pub struct Datagrams {
+    pub data: Vec<u8>,
+    pub items: Vec<(SocketAddr, std::ops::Range<usize>)>,
+}
+
+impl Datagrams {
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
+        self.items
+            .iter()
+            .map(|(from, range)| (*from, self.data.get(range.clone()).unwrap_or_default()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Receive buffers for one socket, reused across batches.
+pub struct Receiver {
+    slot: usize,
+    bufs: Vec<u8>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers inside `iovecs`/`headers` only ever point into this struct's own
+// `bufs`/`addrs` and are rebuilt before every use, so moving the struct to another thread is
+// as safe as moving the Vecs.
+unsafe impl Send for Receiver {}
+
+impl Receiver {
+    /// `batch` datagrams of up to `slot` bytes each. Pages of the buffer are only touched when
+    /// a datagram lands in them, so large slots cost address space, not memory.
+    pub fn new(batch: usize, slot: usize) -> Self {
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which all-zero
+        // bytes are a valid (empty) value.
+        let (addr, iov, hdr) = unsafe {
+            (
+                zeroed::<libc::sockaddr_storage>(),
+                zeroed::<libc::iovec>(),
+                zeroed::<libc::mmsghdr>(),
+            )
+        };
+        Self {
+            slot,
+            bufs: vec![0; batch * slot],
+            addrs: vec![addr; batch],
+            iovecs: vec![iov; batch],
+            headers: vec![hdr; batch],
+        }
+    }
+
+    /// Waits until `socket` is readable, then takes up to a batch of datagrams into `out`
+    /// (cleared first). Truncated datagrams (larger than a slot) are dropped.
+    pub async fn recv(&mut self, socket: &UdpSocket, out: &mut Datagrams) -> io::Result<()> {
+        out.data.clear();
+        out.items.clear();
+        loop {
+            socket.readable().await?;
+            match socket.try_io(Interest::READABLE, || self.recv_now(socket.as_raw_fd())) {
+                Ok(n) => {
+                    self.collect(n, out);
+                    if !out.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn recv_now(&mut self, fd: libc::c_int) -> io::Result<usize> {
+        let batch = self.headers.len();
+        for i in 0..batch {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i * self.slot..].as_mut_ptr().cast(),
+                iov_len: self.slot,
+            };
+            let hdr = &mut self.headers[i].msg_hdr;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.iovecs[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_controllen = 0;
+            hdr.msg_flags = 0;
+            self.headers[i].msg_len = 0;
+        }
+        // SAFETY: every header points at a live iovec into `bufs` (slot bytes each, inside the
+        // Vec) and at a sockaddr_storage with its real size; the kernel writes at most that.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.headers.as_mut_ptr(),
+                batch as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn collect(&self, n: usize, out: &mut Datagrams) {
+        for i in 0..n.min(self.headers.len()) {
+            let header = &self.headers[i];
+            if header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                debug!(
+                    slot = self.slot,
+                    "dropped a datagram larger than the receive slot"
+                );
+                continue;
+            }
+            let Some(from) = to_socket_addr(&self.addrs[i]) else {
+                continue;
+            };
+            let len = (header.msg_len as usize).min(self.slot);
+            let start = out.data.len();
+            out.data.extend_from_slice(
+                self.bufs
+                    .get(i * self.slot..i * self.slot + len)
+                    .unwrap_or_default(),
+            );
+            out.items.push((from, start..start + len));
+        }
+    }
+}
+
+fn to_socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is large
+            // enough and aligned for.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn to_storage(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero bytes are a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe {
+                (&mut storage as *mut libc::sockaddr_storage)
+                    .cast::<libc::sockaddr_in>()
+                    .write(sin)
+            };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe {
+                (&mut storage as *mut libc::sockaddr_storage)
+                    .cast::<libc::sockaddr_in6>()
+                    .write(sin6)
+            };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// One outgoing datagram.
+#[derive(Debug)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// A message as `sendmmsg` will see it: a plain datagram, or a GSO run.
+struct Planned {
+    to: SocketAddr,
+    /// Index range into the transmit queue.
+    first: usize,
+    count: usize,
+    /// Segment size when `count > 1`.
+    segment: usize,
+}
+
+/// Splits the queue into messages: runs of same-destination, same-size datagrams become one
+/// GSO message (the last of a run may be shorter), the rest stay single.
+fn plan(queue: &[Transmit], gso: bool) -> Vec<Planned> {
+    let mut plan: Vec<Planned> = Vec::new();
+    for (i, t) in queue.iter().enumerate() {
+        if gso {
+            if let Some(last) = plan.last_mut() {
+                let prev = &queue[last.first + last.count - 1];
+                let total = last.segment * last.count + t.payload.len();
+                // A shorter datagram ends the run; equal sizes continue it.
+                if last.to == t.to
+                    && prev.payload.len() == last.segment
+                    && t.payload.len() <= last.segment
+                    && !t.payload.is_empty()
+                    && last.count < MAX_GSO_SEGMENTS
+                    && total <= MAX_GSO_BYTES
+                {
+                    last.count += 1;
+                    continue;
+                }
+            }
+        }
+        plan.push(Planned {
+            to: t.to,
+            first: i,
+            count: 1,
+            segment: t.payload.len(),
+        });
+    }
+    plan
+}
+
+/// Sends everything in `queue` from `socket` (which it empties): waits when the socket buffer
+/// is full, drops a datagram the kernel refuses (UDP gives no delivery promise anyway).
+pub async fn send_all(socket: &UdpSocket, queue: &mut Vec<Transmit>) {
+    let mut done = 0;
+    while done < queue.len() {
+        let gso = GSO_ENABLED.load(Ordering::Relaxed);
+        let pending = &queue[done..];
+        let result = socket.try_io(Interest::WRITABLE, || {
+            send_now(socket.as_raw_fd(), pending, gso)
+        });
+        match result {
+            Ok(sent) => done += sent.max(1).min(pending.len()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) if gso && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
+                disable_gso(&e);
+            }
+            Err(e) => {
+                // The first message was refused (e.g. EPERM, ENETUNREACH): skip it.
+                debug!(to = %pending[0].to, error = %e, "send failed; datagram dropped");
+                done += 1;
+            }
+        }
+    }
+    queue.clear();
+}
+
+/// One `sendmmsg` call over the head of `queue`; returns how many transmits were sent.
+fn send_now(fd: libc::c_int, queue: &[Transmit], gso: bool) -> io::Result<usize> {
+    let mut planned = plan(queue, gso);
+    planned.truncate(SEND_BATCH);
+    // GSO runs need their payloads contiguous.
+    let mut joined: Vec<Vec<u8>> = Vec::new();
+    let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(planned.len());
+    for p in &planned {
+        let (ptr, len) = if p.count == 1 {
+            let payload = &queue[p.first].payload;
+            (payload.as_ptr(), payload.len())
+        } else {
+            let mut buf = Vec::with_capacity(p.segment * p.count);
+            for t in &queue[p.first..p.first + p.count] {
+                buf.extend_from_slice(&t.payload);
+            }
+            let ptr = buf.as_ptr();
+            let len = buf.len();
+            joined.push(buf);
+            (ptr, len)
+        };
+        iovecs.push(libc::iovec {
+            iov_base: ptr.cast_mut().cast(),
+            iov_len: len,
+        });
+    }
+    let addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+        planned.iter().map(|p| to_storage(p.to)).collect();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let cmsg_space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    let mut control = vec![0u8; cmsg_space * planned.len()];
+    // SAFETY: all-zero bytes are a valid mmsghdr.
+    let mut headers: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; planned.len()];
+    for (i, p) in planned.iter().enumerate() {
+        let hdr = &mut headers[i].msg_hdr;
+        hdr.msg_name = (&addrs[i].0 as *const libc::sockaddr_storage)
+            .cast_mut()
+            .cast();
+        hdr.msg_namelen = addrs[i].1;
+        hdr.msg_iov = &mut iovecs[i];
+        hdr.msg_iovlen = 1;
+        if p.count > 1 {
+            let space = &mut control[i * cmsg_space..(i + 1) * cmsg_space];
+            hdr.msg_control = space.as_mut_ptr().cast();
+            hdr.msg_controllen = cmsg_space;
+            // SAFETY: msg_control points at `cmsg_space` zeroed bytes, room for exactly one
+            // cmsg carrying a u16, so CMSG_FIRSTHDR is non-null and CMSG_DATA is in bounds.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(hdr);
+                (*cmsg).cmsg_level = libc::SOL_UDP;
+                (*cmsg).cmsg_type = UDP_SEGMENT;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), p.segment as u16);
+            }
+        }
+    }
+    // SAFETY: every header points at live iovecs (into `queue` or `joined`), addresses and
+    // control buffers that outlive the call; lengths match the buffers.
+    let n = unsafe {
+        libc::sendmmsg(
+            fd,
+            headers.as_mut_ptr(),
+            headers.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(planned.iter().take(n as usize).map(|p| p.count).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(to: &str, len: usize) -> Transmit {
+        Transmit {
+            to: to.parse().expect("addr"),
+            payload: vec![7; len],
+        }
+    }
+
+    #[test]
+    fn plan_groups_same_destination_and_size() {
+        let q = vec![
+            t("198.18.0.1:1", 100),
+            t("198.18.0.1:1", 100),
+            t("198.18.0.1:1", 60),
+            t("198.18.0.1:1", 100),
+            t("198.18.0.2:1", 100),
+        ];
+        let p = plan(&q, true);
+        let shape: Vec<(usize, usize)> = p.iter().map(|p| (p.count, p.segment)).collect();
+        assert_eq!(shape, vec![(3, 100), (1, 100), (1, 100)]);
+        assert_eq!(plan(&q, false).len(), 5);
+    }
+
+    #[test]
+    fn plan_respects_segment_limits() {
+        let q: Vec<Transmit> = (0..100).map(|_| t("198.18.0.1:1", 1200)).collect();
+        let p = plan(&q, true);
+        assert!(p.iter().all(|p| p.count * p.segment <= MAX_GSO_BYTES));
+        assert_eq!(p.iter().map(|p| p.count).sum::<usize>(), 100);
+    }
+
+    #[tokio::test]
+    async fn batch_round_trip_with_and_without_gso() {
+        let receiver = crate::net::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let sender = crate::net::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let to = receiver.local_addr().expect("addr");
+        let mut rx = Receiver::new(RECV_BATCH, 2048);
+        for gso in [probe_gso(), false] {
+            GSO_ENABLED.store(gso, Ordering::Relaxed);
+            let mut queue: Vec<Transmit> = (0..10u8)
+                .map(|i| Transmit {
+                    to,
+                    payload: vec![i; if i == 9 { 50 } else { 200 }],
+                })
+                .collect();
+            send_all(&sender, &mut queue).await;
+            assert!(queue.is_empty());
+            let mut got = Vec::new();
+            let mut out = Datagrams::default();
+            while got.len() < 10 {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    rx.recv(&receiver, &mut out),
+                )
+                .await
+                .expect("datagrams arrive")
+                .expect("recv");
+                got.extend(out.iter().map(|(_, d)| d.to_vec()));
+            }
+            for (i, d) in got.iter().enumerate() {
+                let len = if i == 9 { 50 } else { 200 };
+                assert_eq!(d, &vec![i as u8; len], "gso={gso}");
+            }
+        }
+    }
+}
