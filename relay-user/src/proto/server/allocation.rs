@@ -14,6 +14,8 @@ pub(super) struct Pending {
     pub(super) ctx: Ctx,
     /// Failed binds so far.
     pub(super) attempts: u32,
+    /// Relayed addresses whose bind failed for this Allocate; never picked again for it.
+    pub(super) failed: Vec<SocketAddr>,
     /// EVEN-PORT was asked for.
     pub(super) even_port: bool,
     /// ADDRESS-ERROR-CODE to add for a refused ADDITIONAL-ADDRESS-FAMILY.

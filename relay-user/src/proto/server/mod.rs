@@ -503,9 +503,15 @@ impl Server {
         let attempts = pending.attempts;
         let even = pending.even_port;
         let failed = alloc.relayed;
+        // The failed address leaves the index (another allocation may get it later, the
+        // socket may have been busy only briefly), but this Allocate must not retry it: with a
+        // small port range a random pick would otherwise land on it again and waste the
+        // attempts before the 508 (RFC 8656 §7.2: 508 only when no relayed address can be had).
+        pending.failed.push(failed);
+        let exclude = pending.failed.clone();
         self.by_relayed.remove(&failed);
         let next = if attempts < MAX_BIND_ATTEMPTS {
-            self.pick_relayed(failed.ip(), even)
+            self.pick_relayed(failed.ip(), even, &exclude)
         } else {
             None
         };
@@ -575,8 +581,13 @@ impl Server {
     }
 
     /// A free relayed address of the family of `ip`: random picks, then a scan from a random
-    /// start, skipping addresses other allocations use.
-    fn pick_relayed(&mut self, ip: IpAddr, even: bool) -> Option<SocketAddr> {
+    /// start, skipping addresses other allocations use and those in `exclude`.
+    fn pick_relayed(
+        &mut self,
+        ip: IpAddr,
+        even: bool,
+        exclude: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         let (lo, hi) = (
             *self.config.port_range.start(),
             *self.config.port_range.end(),
@@ -585,7 +596,10 @@ impl Server {
             return None;
         }
         let ok = |port: u16, used: &HashMap<SocketAddr, AllocationId>| {
-            (!even || port.is_multiple_of(2)) && !used.contains_key(&SocketAddr::new(ip, port))
+            let addr = SocketAddr::new(ip, port);
+            (!even || port.is_multiple_of(2))
+                && !used.contains_key(&addr)
+                && !exclude.contains(&addr)
         };
         for _ in 0..RANDOM_PORT_TRIES {
             let port = self.rng.gen_range(lo..=hi);
@@ -884,7 +898,7 @@ impl Server {
         if self.allocations.len() >= self.config.max_allocations {
             return self.respond_error(ctx, 508, &[]);
         }
-        let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some()) else {
+        let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some(), &[]) else {
             return self.respond_error(ctx, 508, &[]);
         };
         let lifetime = self.desired_lifetime(msg.lifetime());
@@ -901,6 +915,7 @@ impl Server {
             state: AllocState::Pending(Pending {
                 ctx: ctx.clone(),
                 attempts: 0,
+                failed: Vec::new(),
                 even_port: even_port.is_some(),
                 family_error,
             }),
