@@ -5,6 +5,7 @@
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod quota;
 #[cfg(test)]
 mod tests;
 
@@ -12,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -27,6 +29,7 @@ use crate::proto::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending};
+pub use quota::{QuotaError, QuotaLedger};
 
 /// IANA protocol number of UDP, the only REQUESTED-TRANSPORT supported (RFC 8656 §7.2).
 const PROTOCOL_UDP: u8 = 17;
@@ -72,6 +75,13 @@ pub struct ServerConfig {
     pub max_permissions_per_allocation: usize,
     /// Unauthenticated requests per source IP: (burst, per second).
     pub unauthenticated_rate: (u32, u32),
+    /// Allocation counts shared with the other workers' servers (caps are relay-wide).
+    pub quota: Arc<QuotaLedger>,
+    /// Id of the first allocation; with `allocation_id_stride` this keeps ids unique across
+    /// workers (worker i of n: first i + 1, stride n).
+    pub first_allocation_id: u64,
+    /// Step between allocation ids.
+    pub allocation_id_stride: u64,
     /// Channel numbers ChannelBind accepts: RFC 8656's 0x4000-0x4FFF by default, or RFC 5766's
     /// 0x4000-0x7FFF for older clients.
     pub channel_range: RangeInclusive<u16>,
@@ -102,6 +112,9 @@ impl ServerConfig {
             max_permissions_per_allocation: 128,
             unauthenticated_rate: (20, 10),
             channel_range: CHANNEL_RANGE,
+            quota: Arc::new(QuotaLedger::default()),
+            first_allocation_id: 1,
+            allocation_id_stride: 1,
         }
     }
 }
@@ -244,7 +257,6 @@ pub struct Server {
     by_five_tuple: HashMap<(SocketAddr, SocketAddr), AllocationId>,
     /// relayed address (also while its socket is being bound) → allocation
     by_relayed: HashMap<SocketAddr, AllocationId>,
-    per_user: HashMap<String, usize>,
     commands: VecDeque<Command>,
 }
 
@@ -287,11 +299,10 @@ impl Server {
             rng,
             unix_now,
             nonces,
-            next_id: 1,
+            next_id: config.first_allocation_id.max(1),
             allocations: BTreeMap::new(),
             by_five_tuple: HashMap::new(),
             by_relayed: HashMap::new(),
-            per_user: HashMap::new(),
             commands: VecDeque::new(),
             config,
         }
@@ -554,12 +565,7 @@ impl Server {
         if self.by_relayed.get(&alloc.relayed) == Some(&id) {
             self.by_relayed.remove(&alloc.relayed);
         }
-        if let Some(n) = self.per_user.get_mut(&alloc.username) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_user.remove(&alloc.username);
-            }
-        }
+        self.config.quota.release(&alloc.username);
         Some(alloc)
     }
 
@@ -890,20 +896,23 @@ impl Server {
         // made and the IPv6 part is refused with ADDRESS-ERROR-CODE 440 (§7.2 step 6).
         let family_error = additional_family.map(|_| AddressFamily::V6);
         // Step 8: quotas.
-        if self.per_user.get(&auth.username).copied().unwrap_or(0)
-            >= self.config.max_allocations_per_user
-        {
-            return self.respond_error(ctx, 486, &[]);
-        }
-        if self.allocations.len() >= self.config.max_allocations {
-            return self.respond_error(ctx, 508, &[]);
+        let quota = self.config.quota.try_acquire(
+            &auth.username,
+            self.config.max_allocations_per_user,
+            self.config.max_allocations,
+        );
+        match quota {
+            Ok(()) => {}
+            Err(QuotaError::User) => return self.respond_error(ctx, 486, &[]),
+            Err(QuotaError::Total) => return self.respond_error(ctx, 508, &[]),
         }
         let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some(), &[]) else {
+            self.config.quota.release(&auth.username);
             return self.respond_error(ctx, 508, &[]);
         };
         let lifetime = self.desired_lifetime(msg.lifetime());
         let id = AllocationId(self.next_id);
-        self.next_id += 1;
+        self.next_id += self.config.allocation_id_stride.max(1);
         let alloc = Allocation {
             id,
             username: auth.username.clone(),
@@ -928,7 +937,6 @@ impl Server {
         self.allocations.insert(id, alloc);
         self.by_five_tuple.insert((ctx.client, ctx.listener), id);
         self.by_relayed.insert(relayed, id);
-        *self.per_user.entry(auth.username).or_insert(0) += 1;
         self.commands
             .push_back(Command::CreateAllocation { id, relayed });
     }
