@@ -1,5 +1,6 @@
 //! Developer tasks for the relay workspace: `cargo xtask <task>`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -38,6 +39,9 @@ enum Task {
     /// Set up, build, and run the relay in a namespace lab with the kernel fast path attached,
     /// showing what the kernel program saw.
     Demo,
+    /// Benchmark the socket path, the kernel fast path and coturn side by side in a namespace
+    /// lab (root): table on the terminal, JSON + SVG in bench-results/.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             demo::run(&workspace_root())
         }
+        Task::Bench(args) => bench::run(&workspace_root(), args),
     }
 }
 

@@ -34,7 +34,12 @@ impl QuotaLedger {
     }
 
     /// Counts one more allocation for `user` unless a cap is reached.
-    pub fn try_acquire(&self, user: &str, per_user_cap: usize, total_cap: usize) -> Result<(), QuotaError> {
+    pub fn try_acquire(
+        &self,
+        user: &str,
+        per_user_cap: usize,
+        total_cap: usize,
+    ) -> Result<(), QuotaError> {
         let mut counts = self.lock();
         let mine = counts.per_user.get(user).copied().unwrap_or(0);
         if mine >= per_user_cap {

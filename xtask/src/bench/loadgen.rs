@@ -1,0 +1,228 @@
+//! Load generators. The socket generator (sendmmsg over already-connected-enough UDP sockets)
+//! works everywhere; its ceiling is measured in every run (generator → sink, no relay), so the
+//! report shows whether it limited a path.
+//!
+//! Extension point: [`Generator`] is what the runners call. A frame injector built on
+//! BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ([`LiveFramesGenerator`]) slots in here
+//! once the eBPF object carries the XDP program it needs (see its doc comment).
+
+use std::{
+    net::{SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use super::lab::{check_stop, pin_current_thread, STOP};
+
+/// Datagrams from one socket: either one destination (a TURN client's ChannelData to the
+/// server, `prefix` = the 4-byte ChannelData header) or many (the peer answering every
+/// allocation's relayed address, no prefix).
+pub struct SendGroup {
+    pub socket: Arc<UdpSocket>,
+    pub dests: Vec<SocketAddrV4>,
+    pub prefix: Vec<u8>,
+}
+
+pub struct FloodPlan {
+    pub groups: Vec<SendGroup>,
+    /// Application payload bytes after the prefix.
+    pub payload: usize,
+    pub duration: Duration,
+    /// Hard cap, so a loop is bounded in count as well as time.
+    pub max_packets: u64,
+    pub cpu: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GenStats {
+    pub sent: u64,
+    pub elapsed: Duration,
+    /// sendmmsg calls that failed (ENOBUFS, EAGAIN): the kernel refused load.
+    pub send_errors: u64,
+}
+
+pub trait Generator: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Sends until the plan's duration or packet cap is reached, from the calling thread
+    /// (which it pins to `plan.cpu`).
+    fn flood(&self, plan: &FloodPlan) -> anyhow::Result<GenStats>;
+}
+
+pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Generator>> {
+    match name {
+        "socket" => Ok(Box::new(SocketGenerator { batch: 64 })),
+        "live-frames" => Ok(Box::new(LiveFramesGenerator)),
+        other => bail!("unknown generator {other:?} (socket, live-frames)"),
+    }
+}
+
+/// sendmmsg batches of `batch` datagrams, round-robin over the groups.
+pub struct SocketGenerator {
+    pub batch: usize,
+}
+
+/// One group's prebuilt messages. The mmsghdr entries point into `iov`, `names` and `buf`, which
+/// live as long as the struct and never move (boxed slices, built once).
+struct Prepared {
+    fd: i32,
+    _buf: Box<[u8]>,
+    _iov: Box<[libc::iovec]>,
+    _names: Box<[libc::sockaddr_in]>,
+    msgs: Box<[libc::mmsghdr]>,
+    next: usize,
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+impl Prepared {
+    fn new(group: &SendGroup, payload: usize, batch: usize) -> Self {
+        let mut buf = group.prefix.clone();
+        buf.extend((0..payload).map(|i| (i % 251) as u8));
+        let mut buf = buf.into_boxed_slice();
+        let len = batch.max(group.dests.len());
+        let mut iov: Box<[libc::iovec]> = (0..len)
+            .map(|_| libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            })
+            .collect();
+        let mut names: Box<[libc::sockaddr_in]> = (0..len)
+            .map(|i| sockaddr(group.dests[i % group.dests.len()]))
+            .collect();
+        let msgs = (0..len)
+            .map(|i| {
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = std::ptr::addr_of_mut!(names[i]).cast();
+                m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                m.msg_hdr.msg_iov = std::ptr::addr_of_mut!(iov[i]);
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        Self {
+            fd: group.socket.as_raw_fd(),
+            _buf: buf,
+            _iov: iov,
+            _names: names,
+            msgs,
+            next: 0,
+        }
+    }
+
+    /// Sends up to `n` messages; returns how many the kernel took, or None on error.
+    fn send(&mut self, n: usize) -> Option<usize> {
+        let n = n.min(self.msgs.len() - self.next);
+        // SAFETY: msgs[next..next+n] are initialised headers whose pointers target buffers owned
+        // by self; the socket fd stays open because the plan (holding the socket) outlives us.
+        let rc = unsafe {
+            libc::sendmmsg(
+                self.fd,
+                self.msgs.as_mut_ptr().add(self.next),
+                n as u32,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if rc < 0 {
+            return None;
+        }
+        let sent = rc as usize;
+        self.next = (self.next + sent) % self.msgs.len();
+        Some(sent)
+    }
+}
+
+impl Generator for SocketGenerator {
+    fn name(&self) -> &'static str {
+        "socket"
+    }
+
+    fn flood(&self, plan: &FloodPlan) -> anyhow::Result<GenStats> {
+        pin_current_thread(plan.cpu)?;
+        let mut groups: Vec<Prepared> = plan
+            .groups
+            .iter()
+            .map(|g| Prepared::new(g, plan.payload, self.batch))
+            .collect();
+        if groups.is_empty() {
+            bail!("nothing to send");
+        }
+        let mut stats = GenStats::default();
+        let started = Instant::now();
+        let mut i = 0;
+        while stats.sent < plan.max_packets {
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let n_groups = groups.len();
+            let group = &mut groups[i % n_groups];
+            i += 1;
+            let want = (plan.max_packets - stats.sent).min(self.batch as u64) as usize;
+            match group.send(want) {
+                Some(n) => stats.sent += n as u64,
+                None => {
+                    stats.send_errors += 1;
+                    std::thread::yield_now();
+                }
+            }
+            if i % 8 == 0 && started.elapsed() >= plan.duration {
+                break;
+            }
+        }
+        stats.elapsed = started.elapsed();
+        check_stop()?;
+        Ok(stats)
+    }
+}
+
+/// Frame injector for several Mpps on one core: BPF_PROG_TEST_RUN with
+/// BPF_F_TEST_XDP_LIVE_FRAMES (kernel ≥ 5.18), `repeat` = batch count, run on the generator's
+/// veth (c0, in the client namespace). Not available yet: it needs an XDP program in the eBPF
+/// object, which the fast-path work owns.
+///
+/// The program it needs (`relay_bench_gen`, section `xdp`, type XDP):
+/// * map `BENCH_GEN_CFG`: Array<1> of `#[repr(C)] { ifindex: u32, n_frames: u32 }`
+///   (ifindex of c0 inside the client namespace);
+/// * map `BENCH_GEN_FRAMES`: Array<1024> of `#[repr(C)] { len: u32, bytes: [u8; 64] }`: full
+///   Ethernet + IPv4 + UDP + ChannelData headers and the first payload bytes of one flow each
+///   (one entry per allocation), with valid IPv4 and UDP checksums computed by userspace over
+///   the whole frame;
+/// * map `BENCH_GEN_NEXT`: PerCpuArray<1> of u32, the next entry to emit;
+/// * body: take entry `next % n_frames`, copy its `len` (≤ 64) bytes over the start of the
+///   frame (bounded loop or fixed 64-byte copy), advance `next`, return
+///   `bpf_redirect(cfg.ifindex, 0)`.
+///
+/// The copy is not optional: live-frame pages are recycled with whatever a downstream XDP
+/// program (the relay's, which strips the ChannelData header and rewrites the headers in place)
+/// wrote into them, so every frame must be rewritten on every run. The payload after byte 64 is
+/// never written downstream, so the checksums stay valid. Userspace passes `data_in` = one
+/// template frame of the full length (4 + payload + 42 bytes) with `ctx_in` naming c0 as
+/// `ingress_ifindex`, and calls BPF_PROG_TEST_RUN with `flags = BPF_F_TEST_XDP_LIVE_FRAMES`
+/// and `repeat` = frames per call, from a thread inside the client namespace pinned to the
+/// generator core.
+pub struct LiveFramesGenerator;
+
+impl Generator for LiveFramesGenerator {
+    fn name(&self) -> &'static str {
+        "live-frames"
+    }
+
+    fn flood(&self, _plan: &FloodPlan) -> anyhow::Result<GenStats> {
+        bail!(
+            "the live-frames generator needs the XDP program `relay_bench_gen` in the eBPF \
+             object (see xtask/src/bench/loadgen.rs); use --generator socket"
+        )
+    }
+}

@@ -1,0 +1,545 @@
+//! `cargo xtask bench`: socket path vs kernel fast path (XDP, TC) vs coturn, side by side, in a
+//! namespace lab of its own, with the load generator's own ceiling measured in the same run.
+//!
+//! Modules: `lab` (namespaces, veth, NAPI pinning, cleanup), `turn` (the client's control
+//! plane), `loadgen` (generators), `measure` (counters, CPU, latency), `runner` (servers and
+//! floods per path), `report` (table, JSON, SVG).
+
+mod lab;
+mod loadgen;
+mod measure;
+mod report;
+mod runner;
+mod turn;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+use self::{
+    report::{Results, Run},
+    runner::{Ctx, PathKind, Variant},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Fewer rounds and variants, shorter floods: finishes in under 2 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// A few seconds: one round, one short flood per path (what the test suite runs).
+    #[arg(long, conflicts_with = "quick")]
+    smoke: bool,
+    /// Where to write the JSON results (default: OUT/bench.json).
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Output directory for JSON, SVG and server logs (default: bench-results/ in the workspace).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Paths to run, comma-separated (default: all of generator,socket,xdp,tc,coturn).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    paths: Option<Vec<String>>,
+    /// Rounds (each runs every path once, in rotating order).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per flood.
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+    /// The relay binary (default: $RELAY_BIN, else built with `cargo build --release`).
+    #[arg(long, value_name = "PATH")]
+    relay_bin: Option<PathBuf>,
+    /// Load generator: socket (sendmmsg) or live-frames (BPF_PROG_TEST_RUN, not available yet).
+    #[arg(long, default_value = "socket")]
+    generator: String,
+    /// Core for the generator, sinks and the far veth ends' NAPI threads.
+    #[arg(long, default_value_t = 0)]
+    gen_cpu: usize,
+    /// Core for the server under test and the relay-side NAPI threads (the measured core).
+    #[arg(long, default_value_t = 1)]
+    relay_cpu: usize,
+    /// Packets per second of the paced latency probe.
+    #[arg(long, default_value_t = 2000)]
+    latency_rate: u32,
+    /// Run in this (debug) build instead of re-running in a release build.
+    #[arg(long)]
+    no_release: bool,
+}
+
+/// The shape of a run: rounds, variants, durations.
+struct Plan {
+    mode: &'static str,
+    rounds: usize,
+    variants: Vec<Variant>,
+    duration: Duration,
+    latency_duration: Duration,
+}
+
+impl Plan {
+    fn from_args(args: &BenchArgs) -> Self {
+        let v = |payload, flows, bidi| Variant {
+            payload,
+            flows,
+            bidi,
+        };
+        let mut plan = if args.smoke {
+            Self {
+                mode: "smoke",
+                rounds: 1,
+                variants: vec![v(120, 1, false)],
+                duration: Duration::from_millis(500),
+                latency_duration: Duration::from_millis(300),
+            }
+        } else if args.quick {
+            Self {
+                mode: "quick",
+                rounds: 2,
+                variants: vec![v(120, 1, false), v(120, 1000, false), v(120, 1, true)],
+                duration: Duration::from_secs(2),
+                latency_duration: Duration::from_secs(1),
+            }
+        } else {
+            let mut variants = Vec::new();
+            for payload in [120, 1200] {
+                for flows in [1, 1000] {
+                    for bidi in [false, true] {
+                        variants.push(v(payload, flows, bidi));
+                    }
+                }
+            }
+            Self {
+                mode: "full",
+                rounds: 5,
+                variants,
+                duration: Duration::from_secs(5),
+                latency_duration: Duration::from_secs(3),
+            }
+        };
+        if let Some(r) = args.rounds {
+            plan.rounds = r.clamp(1, 100);
+        }
+        if let Some(d) = args.duration {
+            plan.duration = Duration::from_secs_f64(d.clamp(0.1, 120.0));
+        }
+        plan
+    }
+}
+
+pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("cargo xtask bench needs root (network namespaces, taskset of kernel threads, XDP)");
+    }
+    let relay_bin = match args
+        .relay_bin
+        .clone()
+        .or_else(|| std::env::var_os("RELAY_BIN").map(PathBuf::from))
+    {
+        Some(path) => path,
+        None => build_relay(root)?,
+    };
+    if !relay_bin.exists() {
+        bail!("relay binary {} does not exist", relay_bin.display());
+    }
+    // The generator and the sinks are part of the measurement: run them optimised.
+    if cfg!(debug_assertions) && !args.no_release && !args.smoke {
+        let pass_relay = args.relay_bin.is_none().then_some(relay_bin.as_path());
+        return reexec_release(root, pass_relay);
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("bench-results"));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let json_path = args.json.clone().unwrap_or_else(|| out.join("bench.json"));
+
+    let plan = Plan::from_args(&args);
+    let paths: Vec<PathKind> = match &args.paths {
+        Some(list) => list
+            .iter()
+            .map(|p| PathKind::parse(p))
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![
+            PathKind::Generator,
+            PathKind::Socket,
+            PathKind::Xdp,
+            PathKind::Tc,
+            PathKind::Coturn,
+        ],
+    };
+    let generator = loadgen::by_name(&args.generator)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.gen_cpu >= cpus || args.relay_cpu >= cpus || args.gen_cpu == args.relay_cpu {
+        bail!(
+            "need two distinct cores below {cpus} (--gen-cpu {}, --relay-cpu {})",
+            args.gen_cpu,
+            args.relay_cpu
+        );
+    }
+    let ctx = Ctx {
+        relay_bin,
+        out: out.clone(),
+        gen_cpu: args.gen_cpu,
+        relay_cpu: args.relay_cpu,
+        duration: plan.duration,
+        settle: Duration::from_millis(300),
+        // Far above what one core can send in the duration; a bound in count as well as time.
+        max_packets: (plan.duration.as_secs_f64() * 20e6) as u64,
+        latency_rate: args.latency_rate.clamp(1, 100_000),
+        latency_duration: plan.latency_duration,
+        secret: format!("bench-{:x}", std::process::id()),
+    };
+
+    lab::install_signal_handlers();
+    let started = Instant::now();
+    println!(
+        "bench: {} mode, {} round(s), {} variant(s), {:.1} s floods; generator {} on cpu {}, \
+         server on cpu {}",
+        plan.mode,
+        plan.rounds,
+        plan.variants.len(),
+        plan.duration.as_secs_f64(),
+        generator.name(),
+        ctx.gen_cpu,
+        ctx.relay_cpu
+    );
+    let _bpf_stats = paths
+        .iter()
+        .any(|p| matches!(p, PathKind::Xdp | PathKind::Tc))
+        .then(measure::BpfStatsGuard::enable);
+    let mut lab = lab::Lab::up(ctx.gen_cpu, ctx.relay_cpu)?;
+    for note in &lab.notes {
+        println!("bench: note: {note}");
+    }
+    runner::check_isolation(&lab)?;
+    let peer = runner::peer_socket(&lab)?;
+
+    let mut results = Results::new(&plan, &ctx, generator.name(), &lab.notes);
+    let server_paths: Vec<PathKind> = paths
+        .iter()
+        .copied()
+        .filter(|p| *p != PathKind::Generator)
+        .collect();
+    let ceiling_variants: Vec<Variant> = {
+        let mut v: Vec<Variant> = plan
+            .variants
+            .iter()
+            .map(|v| Variant { bidi: false, ..*v })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let steps_per_round = if paths.contains(&PathKind::Generator) {
+        ceiling_variants.len()
+    } else {
+        0
+    } + server_paths.len() * (plan.variants.len() + 1);
+    let total_steps = steps_per_round * plan.rounds;
+    let mut step = 0;
+    let mut unavailable: BTreeMap<PathKind, String> = BTreeMap::new();
+    let max_flows = plan.variants.iter().map(|v| v.flows).max().unwrap_or(1);
+
+    for round in 0..plan.rounds {
+        if paths.contains(&PathKind::Generator) {
+            for &variant in &ceiling_variants {
+                lab::check_stop()?;
+                step += 1;
+                let (groups, sink) = runner::ceiling_groups(&lab, variant.flows, variant.payload)?;
+                let m = runner::flood(
+                    &lab,
+                    &ctx,
+                    generator.as_ref(),
+                    variant,
+                    groups,
+                    None,
+                    &[std::sync::Arc::new(sink)],
+                    None,
+                    false,
+                )?;
+                progress(
+                    step,
+                    total_steps,
+                    round,
+                    &plan,
+                    PathKind::Generator,
+                    variant,
+                    &m,
+                );
+                results.runs.push(Run {
+                    round,
+                    path: PathKind::Generator,
+                    variant,
+                    m,
+                });
+            }
+        }
+        // Alternate: every round starts with a different server.
+        let mut order = server_paths.clone();
+        if !order.is_empty() {
+            let shift = round % order.len();
+            order.rotate_left(shift);
+        }
+        for path in order {
+            lab::check_stop()?;
+            if let Some(reason) = unavailable.get(&path) {
+                step += plan.variants.len() + 1;
+                println!(
+                    "[{step:>3}/{total_steps}] round {}/{} {:<9} unavailable: {}",
+                    round + 1,
+                    plan.rounds,
+                    path.name(),
+                    first_line(reason)
+                );
+                continue;
+            }
+            let kernel = matches!(path, PathKind::Xdp | PathKind::Tc);
+            if kernel {
+                if let Err(e) = lab.attach_far_end_pass(&out) {
+                    println!("bench: note: far-end XDP_PASS hook failed: {e:#}");
+                }
+            }
+            let outcome = run_server_path(
+                &lab,
+                &ctx,
+                &plan,
+                generator.as_ref(),
+                &peer,
+                path,
+                round,
+                max_flows,
+                &mut step,
+                total_steps,
+                &mut results,
+            );
+            if kernel {
+                lab.detach_far_end_pass();
+            }
+            if let Err(reason) = outcome? {
+                println!(
+                    "[{:>3}/{total_steps}] round {}/{} {:<9} unavailable: {}",
+                    step + plan.variants.len() + 1,
+                    round + 1,
+                    plan.rounds,
+                    path.name(),
+                    first_line(&reason)
+                );
+                step += plan.variants.len() + 1;
+                unavailable.insert(path, reason);
+            }
+        }
+    }
+    drop(lab);
+
+    for path in &paths {
+        results
+            .availability
+            .insert(*path, unavailable.get(path).cloned());
+    }
+    results.elapsed_s = started.elapsed().as_secs_f64();
+    println!();
+    print!("{}", report::table(&results));
+    for (path, reason) in &unavailable {
+        println!("{} unavailable:\n{}", path.name(), reason);
+    }
+    let json = report::json(&results);
+    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let svg_path = out.join("bench.svg");
+    std::fs::write(&svg_path, report::svg(&results))
+        .with_context(|| format!("writing {}", svg_path.display()))?;
+    println!(
+        "bench: {} and {} written in {:.0} s",
+        json_path.display(),
+        svg_path.display(),
+        results.elapsed_s
+    );
+    Ok(())
+}
+
+/// Starts the server, allocates, floods every variant, probes latency. Ok(Err(reason)): the
+/// path is unavailable (its server did not start).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the orchestration state the loop threads through"
+)]
+fn run_server_path(
+    lab: &lab::Lab,
+    ctx: &Ctx,
+    plan: &Plan,
+    generator: &dyn loadgen::Generator,
+    peer: &std::sync::Arc<std::net::UdpSocket>,
+    path: PathKind,
+    round: usize,
+    max_flows: usize,
+    step: &mut usize,
+    total_steps: usize,
+    results: &mut Results,
+) -> anyhow::Result<Result<(), String>> {
+    let server = match runner::start(path, lab, ctx) {
+        Ok(s) => s,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let kernel = matches!(path, PathKind::Xdp | PathKind::Tc);
+    let setup = Instant::now();
+    let allocations = match runner::allocate(lab, ctx, max_flows) {
+        Ok(a) => a,
+        Err(e) => {
+            return Ok(Err(format!(
+                "TURN setup failed: {e:#}\n{}",
+                server.log_tail(8)
+            )))
+        }
+    };
+    let setup_s = setup.elapsed().as_secs_f64();
+    for &variant in &plan.variants {
+        lab::check_stop()?;
+        *step += 1;
+        let client = runner::client_groups(&allocations, variant.flows, variant.payload);
+        let back = variant
+            .bidi
+            .then(|| runner::peer_group(peer, &allocations, variant.flows));
+        let mut receivers = vec![std::sync::Arc::clone(peer)];
+        if variant.bidi {
+            receivers.extend(
+                allocations[..variant.flows]
+                    .iter()
+                    .map(|a| std::sync::Arc::clone(&a.socket)),
+            );
+        }
+        let m = runner::flood(
+            lab,
+            ctx,
+            generator,
+            variant,
+            client,
+            back,
+            &receivers,
+            Some(server.pid),
+            kernel,
+        )?;
+        progress(*step, total_steps, round, plan, path, variant, &m);
+        results.runs.push(Run {
+            round,
+            path,
+            variant,
+            m,
+        });
+    }
+    lab::check_stop()?;
+    *step += 1;
+    runner::drain_clients(&allocations);
+    let first = &allocations[0];
+    let lat = measure::latency_probe(
+        &first.socket,
+        std::net::SocketAddr::from((lab::LISTEN_IP, runner::LISTEN_PORT)),
+        first.channel,
+        peer,
+        ctx.latency_rate,
+        ctx.latency_duration,
+        120,
+        ctx.gen_cpu,
+    )?;
+    println!(
+        "[{:>3}/{total_steps}] round {}/{} {:<9} latency at {} pps: p50 {:.0} us, p99 {:.0} us \
+         ({}/{} answered; {} allocations set up in {:.1} s)",
+        *step,
+        round + 1,
+        plan.rounds,
+        path.name(),
+        ctx.latency_rate,
+        lat.p50_us,
+        lat.p99_us,
+        lat.received,
+        lat.sent,
+        allocations.len(),
+        setup_s
+    );
+    results.latency.push((round, path, lat));
+    drop(allocations);
+    drop(server);
+    Ok(Ok(()))
+}
+
+fn progress(
+    step: usize,
+    total: usize,
+    round: usize,
+    plan: &Plan,
+    path: PathKind,
+    variant: Variant,
+    m: &runner::Measurement,
+) {
+    let lost = m.sent().saturating_sub(m.delivered());
+    println!(
+        "[{step:>3}/{total}] round {}/{} {:<9} {:<16} delivered {:>9.1} kpps  offered {:>9.1} \
+         kpps  lost {:>5.1}%",
+        round + 1,
+        plan.rounds,
+        path.name(),
+        variant.label(),
+        m.pps() / 1e3,
+        m.offered_pps() / 1e3,
+        100.0 * lost as f64 / m.sent().max(1) as f64
+    );
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+fn build_relay(root: &Path) -> anyhow::Result<PathBuf> {
+    println!("bench: building the relay (release)");
+    let status = Command::new(cargo())
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+            "-p",
+            "relay-user",
+            "--bin",
+            "relay",
+        ])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the relay failed");
+    }
+    Ok(target_dir(root).join("release").join("relay"))
+}
+
+/// Runs this same command in a release build of xtask (with the relay binary settled), so the
+/// generator and sinks are not slowed by a debug build.
+fn reexec_release(root: &Path, relay_bin: Option<&Path>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    println!("bench: re-running in a release build of xtask (--no-release to skip)");
+    let mut command = Command::new(cargo());
+    command
+        .args(["run", "--release", "--locked", "--quiet", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .args(["-p", "xtask", "--"])
+        .args(std::env::args_os().skip(1))
+        .arg("--no-release");
+    if let Some(relay_bin) = relay_bin {
+        command.arg("--relay-bin").arg(relay_bin);
+    }
+    Err(command.exec()).context("re-running xtask in release")
+}

@@ -1,0 +1,526 @@
+//! Results: the terminal table, the JSON file, and a hand-written SVG bar chart.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde_json::{json, Value};
+
+use super::{
+    measure::LatencyStats,
+    runner::{Ctx, Measurement, PathKind, Variant},
+    Plan,
+};
+
+pub struct Run {
+    pub round: usize,
+    pub path: PathKind,
+    pub variant: Variant,
+    pub m: Measurement,
+}
+
+pub struct Results {
+    pub conditions: Value,
+    pub runs: Vec<Run>,
+    pub latency: Vec<(usize, PathKind, LatencyStats)>,
+    /// None: available; Some(reason): unavailable.
+    pub availability: BTreeMap<PathKind, Option<String>>,
+    pub elapsed_s: f64,
+}
+
+impl Results {
+    pub fn new(plan: &Plan, ctx: &Ctx, generator: &str, notes: &[String]) -> Self {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_default();
+        let coturn = std::process::Command::new("turnserver")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        Self {
+            conditions: json!({
+                "mode": plan.mode,
+                "rounds": plan.rounds,
+                "flood_seconds": plan.duration.as_secs_f64(),
+                "latency_seconds": plan.latency_duration.as_secs_f64(),
+                "latency_rate_pps": ctx.latency_rate,
+                "generator": generator,
+                "generator_cpu": ctx.gen_cpu,
+                "server_cpu": ctx.relay_cpu,
+                "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+                "cpu_model": cpu_model,
+                "kernel": kernel.trim(),
+                "coturn": coturn,
+                "relay_bin": ctx.relay_bin.display().to_string(),
+                "lab_notes": notes,
+                "topology": "client ns c0 198.18.1.2-64 <-veth-> relay ns 198.18.1.1 | 198.18.2.1 <-veth-> peer ns 198.18.2.2; ip_forward off; tx checksum offload off on c0/p0; GRO + threaded NAPI on all veth ends",
+                "delivered": "receiving namespace /proc/net/snmp: Ip InDelivers - Icmp InMsgs - Udp NoPorts - Udp InCsumErrors (Udp InDatagrams only counts datagrams a socket has read)",
+            }),
+            runs: Vec::new(),
+            latency: Vec::new(),
+            availability: BTreeMap::new(),
+            elapsed_s: 0.0,
+        }
+    }
+
+    /// (path, variant) → runs, in a stable order.
+    fn groups(&self) -> BTreeMap<(Variant, PathKind), Vec<&Measurement>> {
+        let mut out: BTreeMap<(Variant, PathKind), Vec<&Measurement>> = BTreeMap::new();
+        for run in &self.runs {
+            out.entry((run.variant, run.path)).or_default().push(&run.m);
+        }
+        out
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Summary {
+    path: PathKind,
+    variant: Variant,
+    median_pps: f64,
+    min_pps: f64,
+    max_pps: f64,
+    offered_pps: f64,
+    loss_pct: f64,
+    relay_drops: u64,
+    csum_errors: u64,
+    process_ns_per_pkt: Option<f64>,
+    core_ns_per_pkt: f64,
+    bpf_ns_per_run: Option<f64>,
+    /// Delivered rate relative to the generator ceiling for the same payload and flows.
+    of_ceiling: Option<f64>,
+}
+
+fn summaries(results: &Results) -> Vec<Summary> {
+    let groups = results.groups();
+    let ceiling = |v: Variant| -> Option<f64> {
+        let key = (Variant { bidi: false, ..v }, PathKind::Generator);
+        groups
+            .get(&key)
+            .map(|ms| median(ms.iter().map(|m| m.pps()).collect()))
+    };
+    groups
+        .iter()
+        .map(|(&(variant, path), ms)| {
+            let pps: Vec<f64> = ms.iter().map(|m| m.pps()).collect();
+            let per_pkt = |ns: u64, m: &Measurement| ns as f64 / m.delivered().max(1) as f64;
+            let sent: u64 = ms.iter().map(|m| m.sent()).sum();
+            let delivered: u64 = ms.iter().map(|m| m.delivered()).sum();
+            let process: Vec<f64> = ms
+                .iter()
+                .filter_map(|m| m.process_cpu_ns.map(|ns| per_pkt(ns, m)))
+                .collect();
+            let bpf: Vec<f64> = ms
+                .iter()
+                .filter_map(|m| match (m.bpf_run_ns, m.bpf_runs) {
+                    (Some(ns), Some(runs)) if runs > 0 => Some(ns as f64 / runs as f64),
+                    _ => None,
+                })
+                .collect();
+            let median_pps = median(pps.clone());
+            // The ceiling is one direction; both-directions runs have two generators.
+            let of_ceiling = (path != PathKind::Generator && !variant.bidi)
+                .then(|| ceiling(variant))
+                .flatten()
+                .filter(|c| *c > 0.0)
+                .map(|c| median_pps / c);
+            Summary {
+                path,
+                variant,
+                median_pps,
+                min_pps: pps.iter().copied().fold(f64::INFINITY, f64::min),
+                max_pps: pps.iter().copied().fold(0.0, f64::max),
+                offered_pps: median(ms.iter().map(|m| m.offered_pps()).collect()),
+                loss_pct: 100.0 * sent.saturating_sub(delivered) as f64 / sent.max(1) as f64,
+                relay_drops: ms.iter().map(|m| m.relay_rcvbuf_errors).sum(),
+                csum_errors: ms.iter().map(|m| m.csum_errors).sum(),
+                process_ns_per_pkt: (!process.is_empty()).then(|| median(process)),
+                core_ns_per_pkt: median(ms.iter().map(|m| per_pkt(m.core_cpu_ns, m)).collect()),
+                bpf_ns_per_run: (!bpf.is_empty()).then(|| median(bpf)),
+                of_ceiling,
+            }
+        })
+        .collect()
+}
+
+fn latency_summary(results: &Results) -> BTreeMap<PathKind, (f64, f64, f64, u64, u64)> {
+    let mut by_path: BTreeMap<PathKind, Vec<&LatencyStats>> = BTreeMap::new();
+    for (_, path, l) in &results.latency {
+        by_path.entry(*path).or_default().push(l);
+    }
+    by_path
+        .into_iter()
+        .map(|(path, ls)| {
+            (
+                path,
+                (
+                    median(ls.iter().map(|l| l.p50_us).collect()),
+                    median(ls.iter().map(|l| l.p99_us).collect()),
+                    ls.iter().map(|l| l.max_us).fold(0.0, f64::max),
+                    ls.iter().map(|l| l.sent).sum(),
+                    ls.iter().map(|l| l.received).sum(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Ratios the issue asks for, at 120 B, one flow, client→peer.
+fn ratios(sums: &[Summary]) -> BTreeMap<&'static str, f64> {
+    let at = |path| {
+        sums.iter()
+            .find(|s| {
+                s.path == path
+                    && s.variant.payload == 120
+                    && s.variant.flows == 1
+                    && !s.variant.bidi
+            })
+            .map(|s| s.median_pps)
+            .filter(|p| *p > 0.0)
+    };
+    let mut out = BTreeMap::new();
+    let pairs = [
+        ("socket_over_coturn", PathKind::Socket, PathKind::Coturn),
+        ("xdp_over_socket", PathKind::Xdp, PathKind::Socket),
+        ("tc_over_socket", PathKind::Tc, PathKind::Socket),
+        (
+            "socket_over_generator_ceiling",
+            PathKind::Socket,
+            PathKind::Generator,
+        ),
+        (
+            "xdp_over_generator_ceiling",
+            PathKind::Xdp,
+            PathKind::Generator,
+        ),
+    ];
+    for (name, a, b) in pairs {
+        if let (Some(a), Some(b)) = (at(a), at(b)) {
+            out.insert(name, a / b);
+        }
+    }
+    out
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+pub fn table(results: &Results) -> String {
+    let sums = summaries(results);
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<10} {:<16} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "path",
+        "variant",
+        "Mpps med",
+        "min",
+        "max",
+        "offered",
+        "loss%",
+        "ceil%",
+        "proc ns",
+        "core ns",
+        "bpf ns",
+        "drops"
+    );
+    for s in &sums {
+        let _ = writeln!(
+            t,
+            "{:<10} {:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6.1} {:>7} {:>8} {:>8.0} {:>8} {:>6}",
+            s.path.name(),
+            s.variant.label(),
+            s.median_pps / 1e6,
+            s.min_pps / 1e6,
+            s.max_pps / 1e6,
+            s.offered_pps / 1e6,
+            s.loss_pct,
+            opt(s.of_ceiling.map(|c| c * 100.0), 0),
+            opt(s.process_ns_per_pkt, 0),
+            s.core_ns_per_pkt,
+            opt(s.bpf_ns_per_run, 0),
+            s.relay_drops + s.csum_errors,
+        );
+    }
+    let _ = writeln!(
+        t,
+        "(Mpps: delivered at the receiving namespace, median/min/max over rounds; offered: what \
+         the generator sent; ceil%: share of the generator's own ceiling; proc/core ns: server \
+         process CPU / relay-core busy time per delivered packet; bpf ns: per program run; \
+         drops: server socket RcvbufErrors + checksum errors)"
+    );
+    let lat = latency_summary(results);
+    if !lat.is_empty() {
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "{:<10} {:>9} {:>9} {:>9} {:>10}   latency: 120 B round trip client->relay->peer echo->relay->client at {} pps",
+            "path",
+            "p50 us",
+            "p99 us",
+            "max us",
+            "answered",
+            results.conditions["latency_rate_pps"]
+        );
+        for (path, (p50, p99, max, sent, received)) in &lat {
+            let _ = writeln!(
+                t,
+                "{:<10} {:>9.1} {:>9.1} {:>9.1} {:>10}",
+                path.name(),
+                p50,
+                p99,
+                max,
+                format!("{received}/{sent}")
+            );
+        }
+    }
+    let r = ratios(&sums);
+    if !r.is_empty() {
+        let _ = writeln!(t);
+        let line: Vec<String> = r.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        let _ = writeln!(t, "ratios (120B x1 c>p medians): {}", line.join(", "));
+    }
+    for (path, reason) in &results.availability {
+        if reason.is_some() {
+            let _ = writeln!(t, "{}: unavailable (reason below)", path.name());
+        }
+    }
+    t
+}
+
+pub fn json(results: &Results) -> Value {
+    let sums = summaries(results);
+    let summary: Vec<Value> = sums
+        .iter()
+        .map(|s| {
+            json!({
+                "path": s.path.name(),
+                "variant": s.variant.label(),
+                "payload": s.variant.payload,
+                "flows": s.variant.flows,
+                "both_directions": s.variant.bidi,
+                "delivered_pps": {"median": s.median_pps, "min": s.min_pps, "max": s.max_pps},
+                "offered_pps_median": s.offered_pps,
+                "loss_percent": s.loss_pct,
+                "share_of_generator_ceiling": s.of_ceiling,
+                "process_cpu_ns_per_packet": s.process_ns_per_pkt,
+                "relay_core_ns_per_packet": s.core_ns_per_pkt,
+                "bpf_ns_per_run": s.bpf_ns_per_run,
+                "server_rcvbuf_errors": s.relay_drops,
+                "checksum_errors": s.csum_errors,
+            })
+        })
+        .collect();
+    let runs: Vec<Value> = results
+        .runs
+        .iter()
+        .map(|r| {
+            let m = &r.m;
+            json!({
+                "round": r.round,
+                "path": r.path.name(),
+                "variant": r.variant.label(),
+                "elapsed_s": m.elapsed_s,
+                "sent_client_to_peer": m.sent_c2p,
+                "sent_peer_to_client": m.sent_p2c,
+                "delivered_client_to_peer": m.delivered_c2p,
+                "delivered_peer_to_client": m.delivered_p2c,
+                "delivered_pps": m.pps(),
+                "send_errors": m.send_errors,
+                "server_rcvbuf_errors": m.relay_rcvbuf_errors,
+                "checksum_errors": m.csum_errors,
+                "process_cpu_ns": m.process_cpu_ns,
+                "relay_core_busy_ns": m.core_cpu_ns,
+                "bpf_run_ns": m.bpf_run_ns,
+                "bpf_runs": m.bpf_runs,
+            })
+        })
+        .collect();
+    let latency: Vec<Value> = results
+        .latency
+        .iter()
+        .map(|(round, path, l)| {
+            json!({"round": round, "path": path.name(), "sent": l.sent, "received": l.received,
+                   "p50_us": l.p50_us, "p99_us": l.p99_us, "max_us": l.max_us})
+        })
+        .collect();
+    let availability: serde_json::Map<String, Value> = results
+        .availability
+        .iter()
+        .map(|(p, reason)| {
+            (
+                p.name().to_owned(),
+                json!({"available": reason.is_none(), "reason": reason}),
+            )
+        })
+        .collect();
+    let ratios: serde_json::Map<String, Value> = ratios(&sums)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), json!(v)))
+        .collect();
+    json!({
+        "conditions": results.conditions,
+        "elapsed_s": results.elapsed_s,
+        "paths": availability,
+        "summary": summary,
+        "ratios": ratios,
+        "latency": latency,
+        "runs": runs,
+    })
+}
+
+const COLORS: [(PathKind, &str); 5] = [
+    (PathKind::Generator, "#9e9e9e"),
+    (PathKind::Socket, "#1f77b4"),
+    (PathKind::Xdp, "#d62728"),
+    (PathKind::Tc, "#ff7f0e"),
+    (PathKind::Coturn, "#2ca02c"),
+];
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Grouped bars: one group per variant, one bar per path (median delivered Mpps), whiskers
+/// from min to max over rounds.
+pub fn svg(results: &Results) -> String {
+    let sums = summaries(results);
+    let mut variants: Vec<Variant> = sums.iter().map(|s| s.variant).collect();
+    variants.dedup();
+    let paths: Vec<PathKind> = COLORS
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| sums.iter().any(|s| s.path == *p))
+        .collect();
+    let (w, h) = (160.0 + 120.0 * variants.len().max(1) as f64, 420.0_f64);
+    let (left, top, bottom) = (70.0, 50.0, 80.0);
+    let plot_h = h - top - bottom;
+    let max = sums.iter().map(|s| s.max_pps).fold(0.0, f64::max) / 1e6;
+    let scale_max = nice_ceiling(max.max(0.001));
+    let y = |mpps: f64| top + plot_h * (1.0 - mpps / scale_max);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="22" font-size="15">Delivered ChannelData rate (Mpps, median; whiskers min-max) - {} mode, {} round(s)</text>"#,
+        escape(results.conditions["mode"].as_str().unwrap_or("")),
+        results.conditions["rounds"]
+    );
+    for i in 0..=5 {
+        let v = scale_max * f64::from(i) / 5.0;
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v:.2}</text>"##,
+            w - 20.0,
+            left - 6.0,
+            yy + 4.0
+        );
+    }
+    let group_w = 120.0;
+    let bar_w = (group_w - 20.0) / paths.len().max(1) as f64;
+    for (gi, variant) in variants.iter().enumerate() {
+        let gx = left + 10.0 + group_w * gi as f64;
+        for (pi, path) in paths.iter().enumerate() {
+            let Some(sum) = sums
+                .iter()
+                .find(|x| x.variant == *variant && x.path == *path)
+            else {
+                continue;
+            };
+            let color = COLORS
+                .iter()
+                .find(|(p, _)| p == path)
+                .map_or("#000", |c| c.1);
+            let x = gx + bar_w * pi as f64;
+            let top_y = y(sum.median_pps / 1e6);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: {:.3} Mpps</title></rect>"#,
+                bar_w - 2.0,
+                (y(0.0) - top_y).max(0.0),
+                path.name(),
+                escape(&variant.label()),
+                sum.median_pps / 1e6
+            );
+            let cx = x + (bar_w - 2.0) / 2.0;
+            let _ = writeln!(
+                s,
+                r#"<line x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+                y(sum.min_pps / 1e6),
+                y(sum.max_pps / 1e6)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            gx + (group_w - 20.0) / 2.0,
+            h - bottom + 18.0,
+            escape(&variant.label())
+        );
+    }
+    for (i, path) in paths.iter().enumerate() {
+        let color = COLORS
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or("#000", |c| c.1);
+        let x = left + 110.0 * i as f64;
+        let yy = h - 30.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{yy}">{}</text>"#,
+            yy - 10.0,
+            x + 16.0,
+            path.name()
+        );
+    }
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+fn nice_ceiling(v: f64) -> f64 {
+    let exp = 10f64.powf(v.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if m * exp >= v {
+            return m * exp;
+        }
+    }
+    10.0 * exp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_ceiling() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(nice_ceiling(0.42), 0.5);
+        assert_eq!(nice_ceiling(1.7), 2.0);
+    }
+}

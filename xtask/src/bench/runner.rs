@@ -1,0 +1,623 @@
+//! One runner per path: start the server under test in the relay namespace (pinned to the
+//! relay core), set up allocations through the real TURN control plane, flood, measure, stop.
+//! The generator-ceiling "path" runs the same flood into a bare sink with no server at all.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+use super::{
+    lab::{self, check_stop, in_ns, Lab, UdpCounters, LISTEN_IP, PEER_IP, RELAY_IP},
+    loadgen::{FloodPlan, GenStats, Generator, SendGroup},
+    measure,
+    turn::{self, Allocation, FIRST_CHANNEL},
+};
+
+pub const LISTEN_PORT: u16 = 3478;
+pub const PEER_PORT: u16 = 9000;
+/// Where the generator-ceiling flood goes: a bare socket in the relay namespace.
+pub const CEILING_PORT: u16 = 9999;
+const REALM: &str = "bench.lab";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PathKind {
+    /// Generator → sink, no relay: the generator's own ceiling.
+    Generator,
+    /// `relay serve --fastpath off`.
+    Socket,
+    /// `relay serve --fastpath xdp`.
+    Xdp,
+    /// `relay serve --fastpath tc`.
+    Tc,
+    /// coturn's `turnserver`.
+    Coturn,
+}
+
+impl PathKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Generator => "generator",
+            Self::Socket => "socket",
+            Self::Xdp => "xdp",
+            Self::Tc => "tc",
+            Self::Coturn => "coturn",
+        }
+    }
+
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "generator" => Self::Generator,
+            "socket" => Self::Socket,
+            "xdp" => Self::Xdp,
+            "tc" => Self::Tc,
+            "coturn" => Self::Coturn,
+            other => bail!("unknown path {other:?} (generator, socket, xdp, tc, coturn)"),
+        })
+    }
+
+    fn is_kernel(self) -> bool {
+        matches!(self, Self::Xdp | Self::Tc)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    pub payload: usize,
+    pub flows: usize,
+    pub bidi: bool,
+}
+
+impl Variant {
+    pub fn label(&self) -> String {
+        format!(
+            "{}B x{} {}",
+            self.payload,
+            self.flows,
+            if self.bidi { "both" } else { "c>p" }
+        )
+    }
+}
+
+/// Settings shared by every runner.
+pub struct Ctx {
+    pub relay_bin: PathBuf,
+    pub out: PathBuf,
+    pub gen_cpu: usize,
+    pub relay_cpu: usize,
+    pub duration: Duration,
+    pub settle: Duration,
+    pub max_packets: u64,
+    pub latency_rate: u32,
+    pub latency_duration: Duration,
+    pub secret: String,
+}
+
+/// What one flood measured. Delivered counts come from the receiving namespace's UDP layer.
+#[derive(Clone, Debug, Default)]
+pub struct Measurement {
+    pub elapsed_s: f64,
+    pub sent_c2p: u64,
+    pub sent_p2c: u64,
+    pub delivered_c2p: u64,
+    pub delivered_p2c: u64,
+    pub send_errors: u64,
+    /// Relay namespace RcvbufErrors: datagrams the server's sockets had no room for.
+    pub relay_rcvbuf_errors: u64,
+    /// Checksum errors at the receivers (a broken kernel path shows up here).
+    pub csum_errors: u64,
+    /// Server process utime+stime.
+    pub process_cpu_ns: Option<u64>,
+    /// Busy time of the relay core (process, softirq, NAPI threads pinned there).
+    pub core_cpu_ns: u64,
+    /// BPF programs in the relay namespace (needs kernel.bpf_stats_enabled=1).
+    pub bpf_run_ns: Option<u64>,
+    pub bpf_runs: Option<u64>,
+}
+
+impl Measurement {
+    pub fn sent(&self) -> u64 {
+        self.sent_c2p + self.sent_p2c
+    }
+
+    pub fn delivered(&self) -> u64 {
+        self.delivered_c2p + self.delivered_p2c
+    }
+
+    pub fn pps(&self) -> f64 {
+        self.delivered() as f64 / self.elapsed_s.max(1e-9)
+    }
+
+    pub fn offered_pps(&self) -> f64 {
+        self.sent() as f64 / self.elapsed_s.max(1e-9)
+    }
+}
+
+/// A server under test, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Server {
+    child: Child,
+    pub pid: u32,
+    log: Arc<Mutex<String>>,
+    log_file: Option<PathBuf>,
+}
+
+impl Server {
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = match &self.log_file {
+            Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+            None => self.log.lock().map(|l| l.clone()).unwrap_or_default(),
+        };
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            // SAFETY: kill only signals our own child, which we have not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        for _ in 0..60 {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_logged(mut command: Command) -> anyhow::Result<(Child, Arc<Mutex<String>>)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("spawning the server")?;
+    let stderr = child.stderr.take().context("piped stderr")?;
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(mut log) = sink.lock() {
+                // Bounded: a chatty server must not grow the benchmark's memory.
+                if log.len() > 1 << 20 {
+                    log.drain(..1 << 19);
+                }
+                log.push_str(&line);
+                log.push('\n');
+            }
+        }
+    });
+    Ok((child, log))
+}
+
+/// Starts the server for `path`; Err(reason) means the path is unavailable on this build or
+/// machine (reported, not fatal).
+pub fn start(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+    match path {
+        PathKind::Generator => Err("not a server".to_owned()),
+        PathKind::Coturn => start_coturn(lab, ctx),
+        _ => start_relay(path, lab, ctx),
+    }
+}
+
+fn pinned(ns: &str, cpu: usize, program: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", &cpu.to_string(), "ip", "netns", "exec", ns, program]);
+    c
+}
+
+fn start_relay(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+    let relay_bin = ctx.relay_bin.to_str().ok_or("non-utf-8 relay path")?;
+    let mut command = pinned(&lab.relay, ctx.relay_cpu, relay_bin);
+    let listen = format!("{LISTEN_IP}:{LISTEN_PORT}");
+    command.args([
+        "serve",
+        "--listen",
+        &listen,
+        "--relay-ip",
+        &RELAY_IP.to_string(),
+        "--auth-secret",
+        &ctx.secret,
+        "--allow-peer",
+        "198.18.2.0/24",
+        "--realm",
+        REALM,
+        "--admin",
+        "127.0.0.1:0",
+        "--log-level",
+        "info",
+        "--fastpath",
+    ]);
+    command.arg(match path {
+        PathKind::Xdp => "xdp",
+        PathKind::Tc => "tc",
+        _ => "off",
+    });
+    if path.is_kernel() {
+        command.args(["--interface", &lab.r_c, "--interface", &lab.r_p]);
+    }
+    let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
+    let mut server = Server {
+        pid: child.id(),
+        child,
+        log,
+        log_file: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let attached_needed = if path.is_kernel() { 2 } else { 0 };
+    loop {
+        let text = server.log.lock().map(|l| l.clone()).unwrap_or_default();
+        let listening = text.contains("listening on udp");
+        let attached = text.matches("fast path attached").count();
+        if listening && attached >= attached_needed {
+            return Ok(server);
+        }
+        if !server.alive() {
+            return Err(format!(
+                "relay exited at start:\n{}",
+                indent(&server.log_tail(8))
+            ));
+        }
+        if Instant::now() > deadline || lab::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "relay not ready within 20 s (listening: {listening}, fast path attached on \
+                 {attached}/{attached_needed} interfaces):\n{}",
+                indent(&server.log_tail(8))
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+    if Command::new("turnserver")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Err("turnserver not installed (apt-get install coturn)".to_owned());
+    }
+    let log_file = ctx.out.join("turnserver.log");
+    let _ = std::fs::remove_file(&log_file);
+    let mut command = pinned(&lab.relay, ctx.relay_cpu, "turnserver");
+    command.args([
+        "-n", // no configuration file: everything is on this command line
+        "--listening-ip",
+        &LISTEN_IP.to_string(),
+        "--listening-port",
+        &LISTEN_PORT.to_string(),
+        "--relay-ip",
+        &RELAY_IP.to_string(),
+        "--realm",
+        REALM,
+        "--use-auth-secret",
+        "--static-auth-secret",
+        &ctx.secret,
+        "--no-tls",
+        "--no-dtls",
+        "--no-tcp",
+        "--no-tcp-relay",
+        "--no-cli",
+        // coturn refuses some peer ranges by default; the lab's peer must be allowed.
+        "--allowed-peer-ip",
+        "198.18.2.0-198.18.2.255",
+        "--no-stdout-log",
+        "--simple-log",
+        "--log-file",
+    ]);
+    command.arg(&log_file);
+    command.arg("--pidfile").arg(ctx.out.join("turnserver.pid"));
+    let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
+    let mut server = Server {
+        pid: child.id(),
+        child,
+        log,
+        log_file: Some(log_file),
+    };
+    let probe = in_ns(&lab.client, || Ok(UdpSocket::bind((lab::client_ip(0), 0))?))
+        .map_err(|e| format!("{e:#}"))?;
+    let target = SocketAddr::from((LISTEN_IP, LISTEN_PORT));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if !server.alive() {
+            return Err(format!(
+                "turnserver exited at start:\n{}",
+                indent(&server.log_tail(8))
+            ));
+        }
+        if turn::binding_ping(&probe, target, Duration::from_millis(200)) {
+            return Ok(server);
+        }
+    }
+    Err(format!(
+        "turnserver did not answer a Binding request within 15 s:\n{}",
+        indent(&server.log_tail(8))
+    ))
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The peer namespace's socket: sink of client→peer traffic, source of peer→client traffic,
+/// and the echo of the latency probe.
+pub fn peer_socket(lab: &Lab) -> anyhow::Result<Arc<UdpSocket>> {
+    let socket = in_ns(&lab.peer, || {
+        let s = UdpSocket::bind((PEER_IP, PEER_PORT))?;
+        measure::big_rcvbuf(&s, 64 << 20)?;
+        Ok(s)
+    })?;
+    Ok(Arc::new(socket))
+}
+
+/// `n` allocations, each with channel 0x4000 bound to the peer socket, through the server's
+/// TURN control plane (Allocate with REST long-term credentials, then ChannelBind).
+pub fn allocate(lab: &Lab, ctx: &Ctx, n: usize) -> anyhow::Result<Vec<Allocation>> {
+    let sockets = in_ns(&lab.client, move || {
+        (0..n)
+            .map(|i| {
+                let s = UdpSocket::bind((lab::client_ip(i), 0))?;
+                // The first client receives the latency probe and the 1-flow return traffic;
+                // the others stay near the default so 1000 full queues cannot pin gigabytes.
+                if i == 0 {
+                    measure::big_rcvbuf(&s, 16 << 20)?;
+                }
+                Ok(s)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let server = SocketAddr::from((LISTEN_IP, LISTEN_PORT));
+    let peer = SocketAddr::from((PEER_IP, PEER_PORT));
+    let started = Instant::now();
+    let mut out = Vec::with_capacity(n);
+    for (i, socket) in sockets.into_iter().enumerate() {
+        check_stop()?;
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("setting up {n} allocations took over 120 s (stopped at {i})");
+        }
+        let (user, pass) = turn::rest_credentials(&ctx.secret, &format!("bench{i}"));
+        let client = turn::Client::new(socket, server, user, &pass);
+        out.push(
+            client
+                .allocate_and_bind(peer, FIRST_CHANNEL)
+                .with_context(|| format!("allocation {i} of {n}"))?,
+        );
+    }
+    Ok(out)
+}
+
+struct Snapshot {
+    client: UdpCounters,
+    relay: UdpCounters,
+    peer: UdpCounters,
+    process: Option<u64>,
+    core: u64,
+    bpf: Option<(u64, u64)>,
+}
+
+fn snapshot(lab: &Lab, ctx: &Ctx, pid: Option<u32>, kernel: bool) -> anyhow::Result<Snapshot> {
+    Ok(Snapshot {
+        client: lab.udp_counters(&lab.client)?,
+        relay: lab.udp_counters(&lab.relay)?,
+        peer: lab.udp_counters(&lab.peer)?,
+        process: pid.and_then(measure::process_ticks),
+        core: measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0),
+        bpf: if kernel {
+            measure::bpf_run_stats(&lab.relay)
+        } else {
+            None
+        },
+    })
+}
+
+fn ticks_ns(ticks: u64) -> u64 {
+    ticks * 1_000_000_000 / measure::clk_tck()
+}
+
+/// Floods `client_groups` (and `peer_group`, for both directions) for the configured time and
+/// measures what crossed. `sink_ns_is_relay`: the generator-ceiling run, whose sink lives in the
+/// relay namespace.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per path kind; a struct would only rename these"
+)]
+pub fn flood(
+    lab: &Lab,
+    ctx: &Ctx,
+    generator: &dyn Generator,
+    variant: Variant,
+    client_groups: Vec<SendGroup>,
+    peer_group: Option<SendGroup>,
+    receivers: &[Arc<UdpSocket>],
+    server_pid: Option<u32>,
+    kernel: bool,
+) -> anyhow::Result<Measurement> {
+    for r in receivers {
+        measure::drain(r);
+    }
+    let ceiling = server_pid.is_none();
+    let before = snapshot(lab, ctx, server_pid, kernel)?;
+    let plan = |groups| FloodPlan {
+        groups,
+        payload: variant.payload,
+        duration: ctx.duration,
+        max_packets: ctx.max_packets,
+        cpu: ctx.gen_cpu,
+    };
+    let client_plan = plan(client_groups);
+    let peer_plan = peer_group.map(|g| plan(vec![g]));
+    let (c2p, p2c): (GenStats, Option<GenStats>) = std::thread::scope(|scope| {
+        let peer = peer_plan
+            .as_ref()
+            .map(|p| scope.spawn(move || generator.flood(p)));
+        let c2p = scope
+            .spawn(|| generator.flood(&client_plan))
+            .join()
+            .map_err(|_| anyhow::anyhow!("generator panicked"))??;
+        let p2c = match peer {
+            Some(h) => Some(
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("generator panicked"))??,
+            ),
+            None => None,
+        };
+        anyhow::Ok((c2p, p2c))
+    })?;
+    // In-flight datagrams land within the settle time; the rate divides by the send time.
+    std::thread::sleep(ctx.settle);
+    // The receivers are not read during the flood (that would cost the generator core); what
+    // they queued is counted now, as they are read (see UdpCounters).
+    let server_ticks_after = server_pid.and_then(measure::process_ticks);
+    let core_after = measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0);
+    for r in receivers {
+        measure::drain(r);
+    }
+    let mut after = snapshot(lab, ctx, server_pid, kernel)?;
+    after.process = server_ticks_after;
+    after.core = core_after;
+    if std::env::var_os("RELAY_BENCH_DEBUG").is_some() {
+        eprintln!(
+            "debug: client {:?}\ndebug: relay {:?}\ndebug: peer {:?}",
+            after.client.since(&before.client),
+            after.relay.since(&before.relay),
+            after.peer.since(&before.peer)
+        );
+    }
+    let client = after.client.since(&before.client);
+    let relay = after.relay.since(&before.relay);
+    let peer = after.peer.since(&before.peer);
+    let elapsed = c2p.elapsed.max(p2c.map(|p| p.elapsed).unwrap_or_default());
+    let bpf = match (before.bpf, after.bpf) {
+        (Some(b), Some(a)) => Some((a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))),
+        _ => None,
+    };
+    Ok(Measurement {
+        elapsed_s: elapsed.as_secs_f64(),
+        sent_c2p: c2p.sent,
+        sent_p2c: p2c.map(|p| p.sent).unwrap_or(0),
+        delivered_c2p: if ceiling {
+            relay.arrived()
+        } else {
+            peer.arrived()
+        },
+        delivered_p2c: if p2c.is_some() { client.arrived() } else { 0 },
+        send_errors: c2p.send_errors + p2c.map(|p| p.send_errors).unwrap_or(0),
+        relay_rcvbuf_errors: if ceiling { 0 } else { relay.rcvbuf_errors },
+        csum_errors: client.in_csum_errors + relay.in_csum_errors + peer.in_csum_errors,
+        process_cpu_ns: match (before.process, after.process) {
+            (Some(b), Some(a)) => Some(ticks_ns(a.saturating_sub(b))),
+            _ => None,
+        },
+        core_cpu_ns: ticks_ns(after.core.saturating_sub(before.core)),
+        bpf_run_ns: bpf.map(|b| b.0),
+        bpf_runs: bpf.map(|b| b.1),
+    })
+}
+
+/// Client-side send groups for the first `flows` allocations.
+pub fn client_groups(allocations: &[Allocation], flows: usize, payload: usize) -> Vec<SendGroup> {
+    let server = SocketAddrV4::new(LISTEN_IP, LISTEN_PORT);
+    allocations
+        .iter()
+        .take(flows)
+        .map(|a| SendGroup {
+            socket: Arc::clone(&a.socket),
+            dests: vec![server],
+            prefix: channel_header(a.channel, payload),
+        })
+        .collect()
+}
+
+/// The peer answering the first `flows` allocations' relayed addresses (both-directions variant).
+pub fn peer_group(peer: &Arc<UdpSocket>, allocations: &[Allocation], flows: usize) -> SendGroup {
+    SendGroup {
+        socket: Arc::clone(peer),
+        dests: allocations
+            .iter()
+            .take(flows)
+            .filter_map(|a| match a.relayed {
+                SocketAddr::V4(v4) => Some(v4),
+                SocketAddr::V6(_) => None,
+            })
+            .collect(),
+        prefix: Vec::new(),
+    }
+}
+
+/// The generator-ceiling flood's senders: `flows` sockets in the client namespace aiming at a
+/// bare sink in the relay namespace, with the same 4-byte header so frames are the same size.
+pub fn ceiling_groups(
+    lab: &Lab,
+    flows: usize,
+    payload: usize,
+) -> anyhow::Result<(Vec<SendGroup>, UdpSocket)> {
+    let sink = in_ns(&lab.relay, || {
+        let s = UdpSocket::bind((LISTEN_IP, CEILING_PORT))?;
+        measure::big_rcvbuf(&s, 64 << 20)?;
+        Ok(s)
+    })?;
+    let senders = in_ns(&lab.client, move || {
+        (0..flows)
+            .map(|i| Ok(UdpSocket::bind((lab::client_ip(i), 0))?))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let dest = SocketAddrV4::new(LISTEN_IP, CEILING_PORT);
+    let groups = senders
+        .into_iter()
+        .map(|s| SendGroup {
+            socket: Arc::new(s),
+            dests: vec![dest],
+            prefix: channel_header(FIRST_CHANNEL, payload),
+        })
+        .collect();
+    Ok((groups, sink))
+}
+
+fn channel_header(channel: u16, payload: usize) -> Vec<u8> {
+    let mut h = channel.to_be_bytes().to_vec();
+    h.extend_from_slice(&(payload as u16).to_be_bytes());
+    h
+}
+
+/// Drains every client socket (bounded), so one variant's leftovers do not skew the next.
+pub fn drain_clients(allocations: &[Allocation]) {
+    for a in allocations {
+        measure::drain(&a.socket);
+    }
+}
+
+/// test-lab.md's isolation check: with forwarding off, the client cannot reach the peer except
+/// through the relay (no route, or nothing arrives).
+pub fn check_isolation(lab: &Lab) -> anyhow::Result<()> {
+    let before = lab.udp_counters(&lab.peer)?;
+    let sent = in_ns(&lab.client, || {
+        let s = UdpSocket::bind((lab::client_ip(0), 0))?;
+        Ok(s.send_to(b"isolation", (PEER_IP, PEER_PORT)).is_ok())
+    })?;
+    if sent {
+        std::thread::sleep(Duration::from_millis(100));
+        let after = lab.udp_counters(&lab.peer)?.since(&before);
+        if after.in_datagrams + after.no_ports + after.in_errors > 0 {
+            bail!("the client reaches the peer directly: the lab is not isolated");
+        }
+    }
+    Ok(())
+}
