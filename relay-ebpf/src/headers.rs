@@ -3,20 +3,21 @@
 //! Every accessor checks `start + offset + size <= end` right before handing out a pointer,
 //! which is the shape the verifier needs to accept the access.
 
-use relay_common::Reason;
+use relay_common::{ip_field, ipv4_field, ChannelKey, PeerKey, Reason};
 
 pub const ETH_HDR_LEN: usize = 14;
 pub const IPV4_HDR_LEN: usize = 20;
 pub const IPV6_HDR_LEN: usize = 40;
 pub const UDP_HDR_LEN: usize = 8;
 
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_UDP: u8 = 17;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const IPPROTO_UDP: u8 = 17;
 /// IPv4 flags/fragment-offset bits that mark any fragment: MF plus the 13-bit offset.
 const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -24,6 +25,7 @@ pub struct EthHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -38,6 +40,7 @@ pub struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ipv6Hdr {
     pub version_class_flow: [u8; 4],
     pub payload_len: [u8; 2],
@@ -48,6 +51,7 @@ pub struct Ipv6Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct UdpHdr {
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
@@ -60,28 +64,78 @@ const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HDR_LEN);
 const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IPV6_HDR_LEN);
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HDR_LEN);
 
-/// The IP layer of a parsed UDP datagram.
-#[expect(
-    dead_code,
-    reason = "read by the ChannelData forwarders, not by the classifier"
-)]
+/// The IP header of a parsed UDP datagram. The pointers are valid until the frame is resized.
+#[derive(Clone, Copy)]
 pub enum IpHeader {
     V4(*mut Ipv4Hdr),
     V6(*mut Ipv6Hdr),
 }
 
 /// A UDP datagram located inside a frame.
-#[expect(
-    dead_code,
-    reason = "read by the ChannelData forwarders, not by the classifier"
-)]
+#[derive(Clone, Copy)]
 pub struct UdpDatagram {
     pub ip: IpHeader,
-    pub udp: *mut UdpHdr,
+    /// The UDP header, copied (the rewrite overwrites it while still needing the old values).
+    pub udp: UdpHdr,
+    /// Offset of the UDP header from the frame start.
+    pub l4_offset: usize,
     /// Offset of the UDP payload from the frame start.
     pub payload_offset: usize,
     /// UDP payload length as the UDP header states it.
     pub payload_len: usize,
+}
+
+impl UdpDatagram {
+    /// The [`ChannelKey`] of this datagram if it carries ChannelData on `channel`.
+    #[inline(always)]
+    pub fn channel_key(&self, channel: u16) -> ChannelKey {
+        let (client_ip, listener_ip) = self.addresses();
+        ChannelKey {
+            client_ip,
+            listener_ip,
+            client_port: u16::from_ne_bytes(self.udp.src_port),
+            listener_port: u16::from_ne_bytes(self.udp.dst_port),
+            channel,
+            family: self.family(),
+            reserved: 0,
+        }
+    }
+
+    /// The [`PeerKey`] of this datagram if it comes from a peer.
+    #[inline(always)]
+    pub fn peer_key(&self) -> PeerKey {
+        let (peer_ip, relayed_ip) = self.addresses();
+        PeerKey {
+            peer_ip,
+            relayed_ip,
+            peer_port: u16::from_ne_bytes(self.udp.src_port),
+            relayed_port: u16::from_ne_bytes(self.udp.dst_port),
+            family: self.family(),
+            reserved: [0; 3],
+        }
+    }
+
+    /// Source and destination address as map fields (IPv4: first word, the rest zero).
+    #[inline(always)]
+    pub fn addresses(&self) -> ([u32; 4], [u32; 4]) {
+        // SAFETY: the parser checked the headers lie inside the frame, and the frame has not been
+        // resized since (callers only ask before rewriting).
+        unsafe {
+            match self.ip {
+                IpHeader::V4(ip) => (ipv4_field((*ip).src), ipv4_field((*ip).dst)),
+                IpHeader::V6(ip) => (ip_field((*ip).src), ip_field((*ip).dst)),
+            }
+        }
+    }
+
+    /// `relay_common::FAMILY_IPV4` or `FAMILY_IPV6`.
+    #[inline(always)]
+    pub fn family(&self) -> u8 {
+        match self.ip {
+            IpHeader::V4(_) => relay_common::FAMILY_IPV4,
+            IpHeader::V6(_) => relay_common::FAMILY_IPV6,
+        }
+    }
 }
 
 /// A frame between `start` and `end` (the XDP `data` / `data_end` pointers).
@@ -137,7 +191,9 @@ impl Frame {
         }
         Ok(UdpDatagram {
             ip,
-            udp,
+            l4_offset,
+            // SAFETY: `ptr_at` checked that a whole `UdpHdr` lies inside the frame.
+            udp: unsafe { *udp },
             payload_offset,
             payload_len,
         })

@@ -1,33 +1,104 @@
 //! Kernel programs of the relay.
 //!
-//! The XDP entry point parses Ethernet / IPv4 or IPv6 / UDP and accounts every frame under one
-//! [`Reason`]; everything it does not forward goes to the socket path with `XDP_PASS`.
-//! Pure helpers build on the host too, so they can be unit-tested there.
+//! `relay_xdp` (and `relay_tc`, the same logic at TC ingress) forwards TURN ChannelData in the
+//! kernel: client → peer strips the ChannelData header, peer → client prepends it, both rewrite
+//! addresses, fix checksums incrementally and send through the FIB's next hop. Everything it
+//! does not forward goes to the socket path (XDP_PASS / TC_ACT_OK), counted under one
+//! [`Reason`]. Pure helpers build on the host too, so they can be unit-tested there.
+//!
+//! Checksums: the program updates the checksums it finds, so it relies on senders producing
+//! complete ones, as frames from real NICs have them. A local sender on a veth offloads them
+//! (CHECKSUM_PARTIAL) and the rewritten frame would arrive corrupt: test topologies turn TX
+//! checksum offload off on the sending veths (`ethtool -K DEV tx off`).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+mod channel;
+mod checksum;
+mod context;
+mod forward;
 mod headers;
+mod maps;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use relay_common::Reason;
 
 /// XDP entry point attached to the listener and relay interfaces.
 #[xdp]
 pub fn relay_xdp(ctx: XdpContext) -> u32 {
-    let reason = classify(&ctx);
-    verdict::count(reason);
+    let mut packet = context::Xdp { ctx: ctx.ctx };
+    let ingress = context::Packet::ingress_ifindex(&packet);
+    match forward::process(&mut packet) {
+        Ok(forward) => {
+            verdict::count(forward.reason);
+            if forward.egress == ingress {
+                xdp_action::XDP_TX
+            } else {
+                // The egress was found in the map before the rewrite; a failure here aborts.
+                maps::EGRESS_DEVICES
+                    .redirect(forward.egress, 0)
+                    .unwrap_or(xdp_action::XDP_ABORTED)
+            }
+        }
+        Err(Reason::DropRewriteFailed) => {
+            verdict::count(Reason::DropRewriteFailed);
+            xdp_action::XDP_DROP
+        }
+        Err(reason) => {
+            verdict::count(reason);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// XDP program for the far end of a veth that `relay_xdp` transmits into: veth delivers
+/// XDP_TX/redirected frames only to a peer running XDP.
+#[xdp]
+pub fn relay_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Walks the headers of one frame and names what the fast path would do with it.
-#[inline(always)]
-fn classify(ctx: &XdpContext) -> Reason {
-    let frame = headers::Frame::new(ctx.data(), ctx.data_end());
-    match frame.udp() {
-        Ok(_udp) => Reason::PassUdpNoMatch,
-        Err(reason) => reason,
+/// TC (clsact ingress) entry point: the same forwarding as `relay_xdp`, for interfaces or
+/// kernels where XDP is not an option.
+#[classifier]
+pub fn relay_tc(ctx: TcContext) -> i32 {
+    // Segmentation offload aggregates would need per-segment rewriting: leave them to the stack.
+    // SAFETY: the kernel hands the program a valid `__sk_buff`.
+    if unsafe { (*ctx.skb.skb).gso_segs } > 1 {
+        verdict::count(Reason::PassGso);
+        return TC_ACT_OK;
+    }
+    // Make the headers directly accessible (no-op for linear skbs).
+    if ctx.pull_data(0).is_err() {
+        verdict::count(Reason::PassMalformedIp);
+        return TC_ACT_OK;
+    }
+    let mut packet = context::Tc { skb: ctx.skb.skb };
+    match forward::process(&mut packet) {
+        Ok(forward) => {
+            verdict::count(forward.reason);
+            // SAFETY: bpf_redirect only records the target; the kernel validates it.
+            unsafe { bpf_redirect(forward.egress, 0) as i32 }
+        }
+        Err(Reason::DropRewriteFailed) => {
+            verdict::count(Reason::DropRewriteFailed);
+            TC_ACT_SHOT
+        }
+        Err(reason) => {
+            verdict::count(reason);
+            TC_ACT_OK
+        }
     }
 }
+
+/// TC verdicts (include/uapi/linux/pkt_cls.h). bpf_redirect returns TC_ACT_REDIRECT (7).
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -52,3 +52,227 @@ impl Default for TwoHosts {
         Self::new()
     }
 }
+
+/// Relay's address on the peer side (relayed transport addresses live here).
+pub const RELAY_PEER_SIDE_IP: &str = "198.18.2.1";
+/// The peer host.
+pub const PEER_IP: &str = "198.18.2.2";
+/// IPv6 addresses of the same hosts, from the benchmark range 2001:2::/48 (RFC 5180), /64 each.
+pub const CLIENT_IP6: &str = "2001:2:0:1::2";
+pub const RELAY_CLIENT_SIDE_IP6: &str = "2001:2:0:1::1";
+pub const RELAY_PEER_SIDE_IP6: &str = "2001:2:0:2::1";
+pub const PEER_IP6: &str = "2001:2:0:2::2";
+
+/// Fixed, locally administered MAC addresses, so packet fixtures can spell out Ethernet headers.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x02];
+pub const RELAY_CLIENT_SIDE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x01];
+pub const RELAY_PEER_SIDE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x02, 0x01];
+pub const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x02, 0x02];
+
+/// The three-namespace lab of test-lab.md:
+///
+/// ```text
+///  client ns                         relay ns                                peer ns
+///  client_if 198.18.1.2/24 <-veth-> relay_client_if 198.18.1.1/24
+///            2001:2:0:1::2/64                       2001:2:0:1::1/64
+///                                   relay_peer_if   198.18.2.1/24 <-veth-> peer_if 198.18.2.2/24
+///                                                   2001:2:0:2::1/64               2001:2:0:2::2/64
+/// ```
+///
+/// - Every device has a fixed MAC (the `*_MAC` constants) and IPv6 addresses without DAD, so
+///   they are usable at once.
+/// - Client and peer have no routes beyond their own /24 and /64: they can only talk to each
+///   other through the relay (a test can prove that with [`ThreeHosts::client_reaches_peer`]).
+/// - TX checksum offload is off on `client_if` and `peer_if`: a local sender on a veth
+///   otherwise puts partial checksums on frames, which the kernel fast path (incremental
+///   checksum updates) cannot repair; real NICs deliver complete ones.
+/// - [`ThreeHosts::enable_fast_path_forwarding`] and [`ThreeHosts::add_static_neighbours`] are
+///   what the kernel fast path needs on top (its `bpf_fib_lookup` refuses interfaces without
+///   forwarding, and passes frames to the stack while a neighbour is unresolved).
+///
+/// Dropping it deletes the namespaces and with them every device.
+pub struct ThreeHosts {
+    pub client: Netns,
+    pub relay: Netns,
+    pub peer: Netns,
+    pub client_if: String,
+    pub relay_client_if: String,
+    pub relay_peer_if: String,
+    pub peer_if: String,
+}
+
+impl ThreeHosts {
+    pub fn new() -> Self {
+        let client = Netns::new("l3c");
+        let relay = Netns::new("l3r");
+        let peer = Netns::new("l3p");
+        let suffix = unique_suffix();
+        let lab = Self {
+            client_if: format!("c{suffix}"),
+            relay_client_if: format!("rc{suffix}"),
+            relay_peer_if: format!("rp{suffix}"),
+            peer_if: format!("p{suffix}"),
+            client,
+            relay,
+            peer,
+        };
+        assert!(
+            lab.relay_client_if.len() <= 15,
+            "interface name too long: {}",
+            lab.relay_client_if
+        );
+        veth(
+            (&lab.client, &lab.client_if, CLIENT_MAC),
+            (&lab.relay, &lab.relay_client_if, RELAY_CLIENT_SIDE_MAC),
+        );
+        veth(
+            (&lab.peer, &lab.peer_if, PEER_MAC),
+            (&lab.relay, &lab.relay_peer_if, RELAY_PEER_SIDE_MAC),
+        );
+        for (ns, dev, v4, v6) in [
+            (&lab.client, &lab.client_if, CLIENT_IP, CLIENT_IP6),
+            (
+                &lab.relay,
+                &lab.relay_client_if,
+                RELAY_CLIENT_SIDE_IP,
+                RELAY_CLIENT_SIDE_IP6,
+            ),
+            (
+                &lab.relay,
+                &lab.relay_peer_if,
+                RELAY_PEER_SIDE_IP,
+                RELAY_PEER_SIDE_IP6,
+            ),
+            (&lab.peer, &lab.peer_if, PEER_IP, PEER_IP6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        for (ns, dev) in [(&lab.client, &lab.client_if), (&lab.peer, &lab.peer_if)] {
+            ns.exec("ethtool", &["-K", dev, "tx", "off"]);
+        }
+        lab
+    }
+
+    /// Turns IPv4 and IPv6 forwarding on for the relay's two interfaces (only): the kernel fast
+    /// path's `bpf_fib_lookup` answers "forwarding disabled" otherwise. Client and peer still
+    /// have no route to each other, so nothing crosses the relay except what it relays.
+    pub fn enable_fast_path_forwarding(&self) {
+        for dev in [&self.relay_client_if, &self.relay_peer_if] {
+            self.relay.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv4.conf.{dev}.forwarding=1")],
+            );
+            self.relay.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.forwarding=1")],
+            );
+        }
+    }
+
+    /// Permanent neighbour entries on every link, both families: no ARP/ND before the first
+    /// datagram, so the fast path forwards from the very first frame.
+    pub fn add_static_neighbours(&self) {
+        let entries = [
+            (
+                &self.client,
+                &self.client_if,
+                RELAY_CLIENT_SIDE_IP,
+                RELAY_CLIENT_SIDE_IP6,
+                RELAY_CLIENT_SIDE_MAC,
+            ),
+            (
+                &self.relay,
+                &self.relay_client_if,
+                CLIENT_IP,
+                CLIENT_IP6,
+                CLIENT_MAC,
+            ),
+            (
+                &self.relay,
+                &self.relay_peer_if,
+                PEER_IP,
+                PEER_IP6,
+                PEER_MAC,
+            ),
+            (
+                &self.peer,
+                &self.peer_if,
+                RELAY_PEER_SIDE_IP,
+                RELAY_PEER_SIDE_IP6,
+                RELAY_PEER_SIDE_MAC,
+            ),
+        ];
+        for (ns, dev, v4, v6, mac) in entries {
+            let mac = mac_string(mac);
+            for ip in [v4, v6] {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    ip,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+    }
+
+    /// Whether the client can ping the peer (it must not: the relay does not route).
+    pub fn client_reaches_peer(&self) -> bool {
+        self.client
+            .command("ping")
+            .args(["-c", "1", "-W", "1", PEER_IP])
+            .output()
+            .map(|out| out.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Default for ThreeHosts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Creates a veth pair between two namespaces with fixed MACs. Both ends are created in the
+/// first namespace and one is moved, so no device ever sits in the test runner's namespace.
+fn veth(a: (&Netns, &str, [u8; 6]), b: (&Netns, &str, [u8; 6])) {
+    let (ns_a, dev_a, mac_a) = a;
+    let (ns_b, dev_b, mac_b) = b;
+    ns_a.ip(&[
+        "link",
+        "add",
+        dev_a,
+        "address",
+        &mac_string(mac_a),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        dev_b,
+        "address",
+        &mac_string(mac_b),
+    ]);
+    ns_a.ip(&["link", "set", dev_b, "netns", ns_b.name()]);
+}
+
+/// `02:00:00:00:01:02` form of a MAC address.
+pub fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -13,6 +13,7 @@ use std::{
 };
 
 pub mod lab;
+pub mod packet;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
@@ -98,6 +99,18 @@ impl Netns {
         })
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    /// Reads `/proc/net/snmp6` counter `name` (e.g. "Udp6InCsumErrors") inside this namespace.
+    pub fn snmp6_counter(&self, name: &str) -> u64 {
+        let out = self.exec("cat", &["/proc/net/snmp6"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {name} in /proc/net/snmp6"))
     }
 
     /// Reads `/proc/net/snmp` `Udp` counter `field` (e.g. "InDatagrams") inside this namespace.

@@ -1,0 +1,221 @@
+//! What the forwarding logic needs from a program context, for XDP and for TC.
+//!
+//! Both directions are written once against [`Packet`]; the entry points wrap their context
+//! and turn the outcome into their own action codes.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_fib_lookup, xdp_md},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup_helper, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+    },
+};
+
+/// The frame under the program and the helpers that change it.
+pub trait Packet {
+    /// Address of the first byte (Ethernet header).
+    fn data(&self) -> usize;
+    /// Address one past the last byte.
+    fn data_end(&self) -> usize;
+    /// Interface the frame arrived on.
+    fn ingress_ifindex(&self) -> u32;
+    /// Removes four bytes right after the UDP header at `l4_offset` (34 for IPv4, 54 for
+    /// IPv6). Ethernet and IP headers keep their content and offsets; the eight bytes at
+    /// `l4_offset` are garbage afterwards (the caller writes a new UDP header there).
+    /// Data pointers must be reloaded afterwards.
+    fn strip4(&mut self, l4_offset: usize) -> bool;
+    /// Inserts four bytes right after the UDP header at `l4_offset`, with the same guarantees
+    /// as [`Packet::strip4`]: afterwards the twelve bytes at `l4_offset` are garbage.
+    fn insert4(&mut self, l4_offset: usize) -> bool;
+    /// Removes `len` bytes at the end. Data pointers must be reloaded afterwards.
+    fn trim_tail(&mut self, len: usize) -> bool;
+    /// Copies four bytes at `offset` (not necessarily bounds-checked by the verifier) into `buf`.
+    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool;
+    /// `bpf_fib_lookup` for this context; returns the helper's result.
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
+}
+
+const FIB_PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
+
+/// An XDP context.
+pub struct Xdp {
+    pub ctx: *mut xdp_md,
+}
+
+impl Packet for Xdp {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // SAFETY: the kernel hands the program a valid `xdp_md`.
+        unsafe { (*self.ctx).data as usize }
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { (*self.ctx).data_end as usize }
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn strip4(&mut self, l4_offset: usize) -> bool {
+        // Move Ethernet + IP four bytes towards the payload, then drop the first four bytes.
+        let moved = match l4_offset {
+            34 => self.move_headers_back::<34>(),
+            54 => self.move_headers_back::<54>(),
+            _ => false,
+        };
+        // SAFETY: the helper checks the new head against the frame itself.
+        moved && unsafe { bpf_xdp_adjust_head(self.ctx, 4) == 0 }
+    }
+
+    #[inline(always)]
+    fn insert4(&mut self, l4_offset: usize) -> bool {
+        // SAFETY: the helper checks there is enough headroom.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, -4) } != 0 {
+            return false;
+        }
+        match l4_offset {
+            34 => self.move_headers_front::<34>(),
+            54 => self.move_headers_front::<54>(),
+            _ => false,
+        }
+    }
+
+    #[inline(always)]
+    fn trim_tail(&mut self, len: usize) -> bool {
+        // SAFETY: the helper refuses to shrink below an Ethernet header.
+        unsafe { bpf_xdp_adjust_tail(self.ctx, -(len as i32)) == 0 }
+    }
+
+    #[inline(always)]
+    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool {
+        // SAFETY: the helper bounds-checks `offset + 4` against the frame and writes exactly
+        // four bytes into `buf`.
+        unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, buf.as_mut_ptr().cast(), 4) == 0 }
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: `params` is a whole `bpf_fib_lookup` on our stack, and its size is passed.
+        unsafe { fib_lookup_helper(self.ctx.cast::<c_void>(), params, FIB_PARAMS_LEN, 0) }
+    }
+}
+
+impl Xdp {
+    /// Copies bytes `0..L4` to `4..L4 + 4` (back to front, the ranges overlap).
+    #[inline(always)]
+    fn move_headers_back<const L4: usize>(&mut self) -> bool {
+        let start = self.data();
+        if start + L4 + 4 > self.data_end() {
+            return false;
+        }
+        let mut i = L4;
+        while i > 0 {
+            i -= 1;
+            // Volatile keeps each load next to its store: otherwise LLVM batches all loads
+            // first and spills them, far beyond the 512-byte BPF stack.
+            // SAFETY: `i + 4 < L4 + 4` and the frame holds `L4 + 4` bytes (checked above).
+            unsafe {
+                let byte = core::ptr::read_volatile((start + i) as *const u8);
+                core::ptr::write_volatile((start + i + 4) as *mut u8, byte);
+            }
+        }
+        true
+    }
+
+    /// Copies bytes `4..L4 + 4` to `0..L4` (front to back, the ranges overlap).
+    #[inline(always)]
+    fn move_headers_front<const L4: usize>(&mut self) -> bool {
+        let start = self.data();
+        if start + L4 + 4 > self.data_end() {
+            return false;
+        }
+        let mut i = 0;
+        while i < L4 {
+            // Volatile: see `move_headers_back`.
+            // SAFETY: `i + 4 < L4 + 4` and the frame holds `L4 + 4` bytes (checked above).
+            unsafe {
+                let byte = core::ptr::read_volatile((start + i + 4) as *const u8);
+                core::ptr::write_volatile((start + i) as *mut u8, byte);
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// A TC (clsact) context.
+pub struct Tc {
+    pub skb: *mut __sk_buff,
+}
+
+impl Packet for Tc {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // SAFETY: the kernel hands the program a valid `__sk_buff`.
+        unsafe { (*self.skb).data as usize }
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        // SAFETY: as above.
+        unsafe { (*self.skb).data_end as usize }
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { (*self.skb).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn strip4(&mut self, _l4_offset: usize) -> bool {
+        // BPF_ADJ_ROOM_NET removes the four bytes right after the IP header (the first half of
+        // the UDP header, which the caller rewrites whole). It also resets the skb's checksum
+        // state to CHECKSUM_NONE, which is right: our checksums are complete.
+        // SAFETY: the helper validates the skb and the length itself.
+        unsafe { bpf_skb_adjust_room(self.skb, -4, BPF_ADJ_ROOM_NET, 0) == 0 }
+    }
+
+    #[inline(always)]
+    fn insert4(&mut self, _l4_offset: usize) -> bool {
+        // Inserts four bytes between IP and UDP header; the caller rewrites UDP + ChannelData.
+        // SAFETY: as above.
+        unsafe { bpf_skb_adjust_room(self.skb, 4, BPF_ADJ_ROOM_NET, 0) == 0 }
+    }
+
+    #[inline(always)]
+    fn trim_tail(&mut self, len: usize) -> bool {
+        // SAFETY: the skb pointer is valid; the helper checks the new length.
+        unsafe {
+            let new_len = (*self.skb).len - len as u32;
+            bpf_skb_change_tail(self.skb, new_len, 0) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool {
+        // SAFETY: the helper bounds-checks against the skb and writes exactly four bytes.
+        unsafe {
+            bpf_skb_load_bytes(
+                self.skb.cast::<c_void>(),
+                offset as u32,
+                buf.as_mut_ptr().cast(),
+                4,
+            ) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: `params` is a whole `bpf_fib_lookup` on our stack, and its size is passed.
+        unsafe { fib_lookup_helper(self.skb.cast::<c_void>(), params, FIB_PARAMS_LEN, 0) }
+    }
+}

@@ -1,0 +1,62 @@
+//! Map definitions. Names and layouts come from `relay_common`; the `#[map]` macro needs the
+//! name as a literal, so each one repeats the constant it matches.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{DevMapHash, HashMap, PerCpuHashMap},
+};
+use relay_common::{
+    AllocationCounters, ChannelKey, PeerKey, ToClient, ToPeer, MAX_ALLOCATIONS,
+    MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_LISTENER_PORTS,
+};
+
+/// Client → peer: which peer a client's channel goes to (`relay_common::CHANNELS_MAP`).
+#[map(name = "CHANNELS")]
+pub static CHANNELS: HashMap<ChannelKey, ToPeer> =
+    HashMap::with_max_entries(MAX_CHANNEL_BINDINGS, 0);
+
+/// Peer → client: which client (and channel) a peer's datagrams go to
+/// (`relay_common::PEERS_MAP`).
+#[map(name = "PEERS")]
+pub static PEERS: HashMap<PeerKey, ToClient> = HashMap::with_max_entries(MAX_CHANNEL_BINDINGS, 0);
+
+/// Per-allocation packets and bytes per direction, per CPU so no atomics are needed
+/// (`relay_common::ALLOCATION_COUNTERS_MAP`).
+#[map(name = "ALLOCATION_COUNTERS")]
+pub static ALLOCATION_COUNTERS: PerCpuHashMap<u64, AllocationCounters> =
+    PerCpuHashMap::with_max_entries(MAX_ALLOCATIONS, 0);
+
+/// Listener ports (network order): datagrams to them may be client ChannelData
+/// (`relay_common::LISTENER_PORTS_MAP`).
+#[map(name = "LISTENER_PORTS")]
+pub static LISTENER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_LISTENER_PORTS, 0);
+
+/// Interfaces the program is attached to, keyed by ifindex: the only ones it redirects into
+/// (`relay_common::EGRESS_DEVICES_MAP`).
+#[map(name = "EGRESS_DEVICES")]
+pub static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_DEVICES, 0);
+
+/// Adds one datagram of `bytes` application bytes to `allocation`'s counters on this CPU.
+#[inline(always)]
+pub fn count_allocation(allocation: u64, to_peer: bool, bytes: u64) {
+    let mut slot = ALLOCATION_COUNTERS.get_ptr_mut(allocation);
+    if slot.is_none() {
+        // Userspace creates the entry when it installs a binding; recreate it if it was removed
+        // while the binding lived on. BPF_NOEXIST: a racing CPU's insert wins, which is fine.
+        const BPF_NOEXIST: u64 = 1;
+        let _ = ALLOCATION_COUNTERS.insert(allocation, AllocationCounters::default(), BPF_NOEXIST);
+        slot = ALLOCATION_COUNTERS.get_ptr_mut(allocation);
+    }
+    if let Some(counters) = slot {
+        // SAFETY: the pointer comes from a successful lookup in a per-CPU hash: it points at
+        // this CPU's copy, which nothing else writes while this program runs (no preemption).
+        let counters = unsafe { &mut *counters };
+        if to_peer {
+            counters.to_peer_packets += 1;
+            counters.to_peer_bytes += bytes;
+        } else {
+            counters.to_client_packets += 1;
+            counters.to_client_bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! A channel binding as the daemon knows it, and its two kernel map entries.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
+
+use relay_common::{
+    ip_field, ipv4_field, port_field, ChannelKey, PeerKey, ToClient, ToPeer, CHANNEL_MAX,
+    CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6,
+};
+
+use super::FastPathError;
+
+/// One channel of one allocation (RFC 8656 §12): everything the kernel needs to forward
+/// ChannelData both ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelBinding {
+    /// Allocation id; keys the per-allocation counters.
+    pub allocation: u64,
+    /// The client's transport address (as the listener sees it).
+    pub client: SocketAddr,
+    /// The listener address the client sends to.
+    pub listener: SocketAddr,
+    /// The allocation's relayed transport address.
+    pub relayed: SocketAddr,
+    /// The peer bound to the channel.
+    pub peer: SocketAddr,
+    /// Channel number, 0x4000..=0x7fff (0x4fff unless --legacy-channels).
+    pub channel: u16,
+    /// When the binding expires (RFC 8656 §12: 10 minutes after the last refresh, or the
+    /// allocation's or permission's end if earlier). The kernel stops forwarding then.
+    pub expires_at: Instant,
+}
+
+/// The two map entries of `binding`, with expiry and flags left zero.
+pub(crate) fn entries(
+    binding: &ChannelBinding,
+) -> Result<(ChannelKey, ToPeer, PeerKey, ToClient), FastPathError> {
+    if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&binding.channel) {
+        return Err(FastPathError::Unsupported(
+            "channel number outside 0x4000..=0x7fff",
+        ));
+    }
+    let client_side = family(binding.client.ip()) == family(binding.listener.ip());
+    let peer_side = family(binding.relayed.ip()) == family(binding.peer.ip());
+    let same = family(binding.client.ip()) == family(binding.peer.ip());
+    if !(client_side && peer_side && same) {
+        return Err(FastPathError::Unsupported(
+            "client, listener, relayed and peer addresses must share one family",
+        ));
+    }
+    let family = family(binding.client.ip());
+    let channel_key = ChannelKey {
+        client_ip: field(binding.client.ip()),
+        listener_ip: field(binding.listener.ip()),
+        client_port: port_field(binding.client.port()),
+        listener_port: port_field(binding.listener.port()),
+        channel: port_field(binding.channel),
+        family,
+        reserved: 0,
+    };
+    let to_peer = ToPeer {
+        allocation: binding.allocation,
+        expires_at_ns: 0,
+        relayed_ip: field(binding.relayed.ip()),
+        peer_ip: field(binding.peer.ip()),
+        relayed_port: port_field(binding.relayed.port()),
+        peer_port: port_field(binding.peer.port()),
+        flags: 0,
+    };
+    let peer_key = PeerKey {
+        peer_ip: field(binding.peer.ip()),
+        relayed_ip: field(binding.relayed.ip()),
+        peer_port: port_field(binding.peer.port()),
+        relayed_port: port_field(binding.relayed.port()),
+        family,
+        reserved: [0; 3],
+    };
+    let to_client = ToClient {
+        allocation: binding.allocation,
+        expires_at_ns: 0,
+        listener_ip: field(binding.listener.ip()),
+        client_ip: field(binding.client.ip()),
+        listener_port: port_field(binding.listener.port()),
+        client_port: port_field(binding.client.port()),
+        channel: port_field(binding.channel),
+        flags: 0,
+    };
+    Ok((channel_key, to_peer, peer_key, to_client))
+}
+
+fn family(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => FAMILY_IPV4,
+        IpAddr::V6(_) => FAMILY_IPV6,
+    }
+}
+
+fn field(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => ipv4_field(v4.octets()),
+        IpAddr::V6(v6) => ip_field(v6.octets()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(client: &str, peer: &str) -> ChannelBinding {
+        let v6 = client.starts_with('[');
+        ChannelBinding {
+            allocation: 7,
+            client: client.parse().unwrap(),
+            listener: if v6 {
+                "[2001:2:0:1::1]:3478"
+            } else {
+                "198.18.1.1:3478"
+            }
+            .parse()
+            .unwrap(),
+            relayed: if peer.starts_with('[') {
+                "[2001:2:0:2::1]:50000"
+            } else {
+                "198.18.2.1:50000"
+            }
+            .parse()
+            .unwrap(),
+            peer: peer.parse().unwrap(),
+            channel: 0x4001,
+            expires_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn keys_hold_packet_order_bytes() {
+        let (key, to_peer, peer_key, to_client) =
+            entries(&binding("198.18.1.2:40000", "198.18.2.2:9")).unwrap();
+        assert_eq!(key.client_ip[0].to_ne_bytes(), [198, 18, 1, 2]);
+        assert_eq!(key.client_ip[1..], [0, 0, 0]);
+        assert_eq!(key.client_port.to_ne_bytes(), 40000u16.to_be_bytes());
+        assert_eq!(key.channel.to_ne_bytes(), [0x40, 0x01]);
+        assert_eq!(key.family, FAMILY_IPV4);
+        assert_eq!(to_peer.peer_port.to_ne_bytes(), [0, 9]);
+        assert_eq!(peer_key.relayed_ip, to_peer.relayed_ip);
+        assert_eq!(to_client.client_ip, key.client_ip);
+        assert_eq!(to_client.allocation, 7);
+    }
+
+    #[test]
+    fn mixed_families_and_bad_channels_are_refused() {
+        assert!(entries(&binding("198.18.1.2:40000", "[2001:2:0:2::2]:9")).is_err());
+        let mut bad = binding("198.18.1.2:40000", "198.18.2.2:9");
+        bad.channel = 0x8000;
+        assert!(entries(&bad).is_err());
+        bad.channel = 0x3fff;
+        assert!(entries(&bad).is_err());
+        // RFC 5766 numbers are accepted: the protocol core decides which ones are bound.
+        bad.channel = 0x7fff;
+        assert!(entries(&bad).is_ok());
+        assert!(entries(&binding("[2001:2:0:1::2]:40000", "[2001:2:0:2::2]:9")).is_ok());
+    }
+}

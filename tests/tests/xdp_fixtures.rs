@@ -1,0 +1,547 @@
+//! Packet fixtures through BPF_PROG_TEST_RUN: input frame → expected verdict (and counter) →
+//! exact expected output frame, for the XDP and the TC entry point.
+//!
+//! The runs happen inside the relay namespace of a three-namespace lab, so `bpf_fib_lookup`
+//! sees real interfaces, routes and (permanent) neighbour entries: the expected MAC addresses
+//! are the lab's fixed ones. Expected frames are built from scratch with complete checksums,
+//! so every incremental checksum update is checked against full recomputation.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use relay::fastpath::{AttachMode, ChannelBinding, FastPath, TestProgram};
+use relay_common::Reason;
+use relay_tests::{
+    lab::{
+        mac_string, ThreeHosts, CLIENT_MAC, PEER_MAC, RELAY_CLIENT_SIDE_MAC, RELAY_PEER_SIDE_MAC,
+    },
+    packet::{channel_data, UdpFrame},
+    require_root,
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A host on the client-side link that the relay's XDP_TX case sends to.
+const NEAR_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x01, 0x03];
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address literal")
+}
+
+/// What a fixture expects.
+enum Expect {
+    /// Forwarded out of another interface (redirect) or the same one (XDP_TX), as this frame.
+    Forward {
+        frame: Vec<u8>,
+        same_interface: bool,
+        reason: Reason,
+    },
+    /// Passed to the stack unchanged.
+    Pass(Reason),
+}
+
+struct Fixture {
+    name: &'static str,
+    input: Vec<u8>,
+    from_peer_side: bool,
+    expect: Expect,
+}
+
+/// The addressing of one family's binding.
+struct Family {
+    client: SocketAddr,
+    listener: SocketAddr,
+    relayed: SocketAddr,
+    peer: SocketAddr,
+}
+
+const V4: fn() -> Family = || Family {
+    client: addr("198.18.1.2:40000"),
+    listener: addr("198.18.1.1:3478"),
+    relayed: addr("198.18.2.1:50000"),
+    peer: addr("198.18.2.2:9000"),
+};
+
+const V6: fn() -> Family = || Family {
+    client: addr("[2001:2:0:1::2]:40000"),
+    listener: addr("[2001:2:0:1::1]:3478"),
+    relayed: addr("[2001:2:0:2::1]:50000"),
+    peer: addr("[2001:2:0:2::2]:9000"),
+};
+
+const CHANNEL_V4: u16 = 0x4001;
+const CHANNEL_V6: u16 = 0x4002;
+
+fn client_frame(f: &Family, payload: &[u8]) -> UdpFrame {
+    UdpFrame::new(
+        CLIENT_MAC,
+        RELAY_CLIENT_SIDE_MAC,
+        f.client,
+        f.listener,
+        payload,
+    )
+}
+
+fn peer_frame(f: &Family, payload: &[u8]) -> UdpFrame {
+    UdpFrame::new(PEER_MAC, RELAY_PEER_SIDE_MAC, f.peer, f.relayed, payload)
+}
+
+/// What the peer should receive for `data`: from the relayed address, TTL 64, same IP id.
+fn to_peer_frame(f: &Family, data: &[u8]) -> UdpFrame {
+    let mut frame = UdpFrame::new(RELAY_PEER_SIDE_MAC, PEER_MAC, f.relayed, f.peer, data);
+    frame.ttl = 64;
+    frame
+}
+
+/// What the client should receive for a peer's `data` on `channel`.
+fn to_client_frame(f: &Family, channel: u16, data: &[u8]) -> UdpFrame {
+    let mut frame = UdpFrame::new(
+        RELAY_CLIENT_SIDE_MAC,
+        CLIENT_MAC,
+        f.listener,
+        f.client,
+        &channel_data(channel, data, 0),
+    );
+    frame.ttl = 64;
+    frame
+}
+
+fn forward(frame: UdpFrame, reason: Reason) -> Expect {
+    Expect::Forward {
+        frame: frame.build(),
+        same_interface: false,
+        reason,
+    }
+}
+
+fn fixtures() -> Vec<Fixture> {
+    let v4 = V4();
+    let v6 = V6();
+    let mut list = Vec::new();
+    let mut add = |name, input: Vec<u8>, from_peer_side, expect| {
+        list.push(Fixture {
+            name,
+            input,
+            from_peer_side,
+            expect,
+        })
+    };
+
+    // Client → peer, both families, 0 / 1 / 3 padding bytes (odd data lengths exercise the
+    // byte-wise checksum removal; non-zero padding bytes must be accounted for too).
+    for (family, channel, tag) in [(&v4, CHANNEL_V4, "v4"), (&v6, CHANNEL_V6, "v6")] {
+        let exact = b"twelve bytes";
+        add(
+            if tag == "v4" {
+                "client->peer v4, no padding"
+            } else {
+                "client->peer v6, no padding"
+            },
+            client_frame(family, &channel_data(channel, exact, 0)).build(),
+            false,
+            forward(to_peer_frame(family, exact), Reason::ForwardToPeer),
+        );
+        let nine = b"nine byte";
+        let mut padded = channel_data(channel, nine, 3);
+        padded[13..16].copy_from_slice(&[0xab, 0xcd, 0xef]);
+        add(
+            if tag == "v4" {
+                "client->peer v4, 3 padding bytes"
+            } else {
+                "client->peer v6, 3 padding bytes"
+            },
+            client_frame(family, &padded).build(),
+            false,
+            forward(to_peer_frame(family, nine), Reason::ForwardToPeer),
+        );
+        let eleven = b"eleven byte";
+        let mut one = channel_data(channel, eleven, 1);
+        one[15] = 0x5a;
+        add(
+            if tag == "v4" {
+                "client->peer v4, 1 padding byte"
+            } else {
+                "client->peer v6, 1 padding byte"
+            },
+            client_frame(family, &one).build(),
+            false,
+            forward(to_peer_frame(family, eleven), Reason::ForwardToPeer),
+        );
+        let reply = b"odd reply";
+        add(
+            if tag == "v4" {
+                "peer->client v4"
+            } else {
+                "peer->client v6"
+            },
+            peer_frame(family, reply).build(),
+            true,
+            forward(
+                to_client_frame(family, channel, reply),
+                Reason::ForwardToClient,
+            ),
+        );
+        let empty: &[u8] = b"";
+        add(
+            if tag == "v4" {
+                "peer->client v4, empty datagram"
+            } else {
+                "peer->client v6, empty datagram"
+            },
+            peer_frame(family, empty).build(),
+            true,
+            forward(
+                to_client_frame(family, channel, empty),
+                Reason::ForwardToClient,
+            ),
+        );
+    }
+
+    // Checksum corner cases: an IPv4 datagram without UDP checksum stays without one; TOS and
+    // IP id survive; IPv6 with a zero checksum goes to the stack.
+    let data = b"no checksum";
+    let mut input = client_frame(&v4, &channel_data(CHANNEL_V4, data, 1));
+    input.zero_checksum = true;
+    input.tos = 0xb8;
+    input.ip_id = 0xfffe;
+    let mut output = to_peer_frame(&v4, data);
+    output.zero_checksum = true;
+    output.tos = 0xb8;
+    output.ip_id = 0xfffe;
+    add(
+        "client->peer v4, UDP checksum 0 stays 0",
+        input.build(),
+        false,
+        forward(output, Reason::ForwardToPeer),
+    );
+    let mut input = peer_frame(&v4, b"zero");
+    input.zero_checksum = true;
+    let mut output = to_client_frame(&v4, CHANNEL_V4, b"zero");
+    output.zero_checksum = true;
+    add(
+        "peer->client v4, UDP checksum 0 stays 0",
+        input.build(),
+        true,
+        forward(output, Reason::ForwardToClient),
+    );
+    let mut input = client_frame(&v6, &channel_data(CHANNEL_V6, b"x", 3));
+    input.zero_checksum = true;
+    add(
+        "client->peer v6, UDP checksum 0",
+        input.build(),
+        false,
+        Expect::Pass(Reason::PassIpv6ZeroChecksum),
+    );
+
+    // Same interface: a peer on the client-side link leaves through XDP_TX.
+    let near = Family {
+        client: addr("198.18.1.2:40004"),
+        listener: v4.listener,
+        relayed: addr("198.18.1.1:50004"),
+        peer: addr("198.18.1.3:9000"),
+    };
+    let mut output = UdpFrame::new(
+        RELAY_CLIENT_SIDE_MAC,
+        NEAR_PEER_MAC,
+        near.relayed,
+        near.peer,
+        b"hairpin",
+    );
+    output.ttl = 64;
+    add(
+        "client->peer v4, egress = ingress",
+        client_frame(&near, &channel_data(0x4004, b"hairpin", 1)).build(),
+        false,
+        Expect::Forward {
+            frame: output.build(),
+            same_interface: true,
+            reason: Reason::ForwardToPeer,
+        },
+    );
+
+    // Everything the socket path handles.
+    add(
+        "ChannelData on an unbound channel",
+        client_frame(&v4, &channel_data(0x4fff, b"who", 1)).build(),
+        false,
+        Expect::Pass(Reason::PassNoBinding),
+    );
+    let expired = Family {
+        client: addr("198.18.1.2:40003"),
+        ..V4()
+    };
+    add(
+        "expired binding",
+        client_frame(&expired, &channel_data(0x4003, b"late", 0)).build(),
+        false,
+        Expect::Pass(Reason::PassExpired),
+    );
+    let mut bad_length = channel_data(CHANNEL_V4, b"short", 3);
+    bad_length[3] = 20;
+    add(
+        "ChannelData length beyond the datagram",
+        client_frame(&v4, &bad_length).build(),
+        false,
+        Expect::Pass(Reason::PassBadChannelLength),
+    );
+    add(
+        "ChannelData followed by 4 bytes",
+        client_frame(&v4, &channel_data(CHANNEL_V4, b"four", 4)).build(),
+        false,
+        Expect::Pass(Reason::PassBadChannelLength),
+    );
+    let mut fragment = client_frame(&v4, &channel_data(CHANNEL_V4, b"frag", 0)).build();
+    fragment[20] |= 0x20; // more fragments
+    add(
+        "IPv4 first fragment",
+        fragment,
+        false,
+        Expect::Pass(Reason::PassFragment),
+    );
+    let mut options = client_frame(&v4, &channel_data(CHANNEL_V4, b"opts", 0)).build();
+    options[14] = 0x46;
+    add(
+        "IPv4 header with options",
+        options,
+        false,
+        Expect::Pass(Reason::PassIpOptions),
+    );
+    let mut tcp = client_frame(&v4, &channel_data(CHANNEL_V4, b"tcp!", 0)).build();
+    tcp[23] = 6;
+    add("not UDP", tcp, false, Expect::Pass(Reason::PassNotUdp));
+    let mut v6_fragment = client_frame(&v6, &channel_data(CHANNEL_V6, b"frag", 0)).build();
+    v6_fragment[20] = 44; // next header: fragment
+    add(
+        "IPv6 fragment header",
+        v6_fragment,
+        false,
+        Expect::Pass(Reason::PassFragment),
+    );
+    add(
+        "STUN to the listener",
+        client_frame(&v4, &[0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42]).build(),
+        false,
+        Expect::Pass(Reason::PassUdpNoMatch),
+    );
+    let stranger = Family {
+        peer: addr("198.18.2.2:9999"),
+        ..V4()
+    };
+    add(
+        "peer without a channel",
+        peer_frame(&stranger, b"data indication please").build(),
+        true,
+        Expect::Pass(Reason::PassUdpNoMatch),
+    );
+    list
+}
+
+fn bindings() -> Vec<ChannelBinding> {
+    let in_a_minute = Instant::now() + Duration::from_secs(60);
+    let v4 = V4();
+    let v6 = V6();
+    vec![
+        ChannelBinding {
+            allocation: 1,
+            client: v4.client,
+            listener: v4.listener,
+            relayed: v4.relayed,
+            peer: v4.peer,
+            channel: CHANNEL_V4,
+            expires_at: in_a_minute,
+        },
+        ChannelBinding {
+            allocation: 2,
+            client: v6.client,
+            listener: v6.listener,
+            relayed: v6.relayed,
+            peer: v6.peer,
+            channel: CHANNEL_V6,
+            expires_at: in_a_minute,
+        },
+        ChannelBinding {
+            allocation: 3,
+            client: addr("198.18.1.2:40003"),
+            listener: v4.listener,
+            relayed: addr("198.18.2.1:50003"),
+            peer: v4.peer,
+            channel: 0x4003,
+            expires_at: Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .expect("the clock is past boot + 1 s"),
+        },
+        ChannelBinding {
+            allocation: 4,
+            client: addr("198.18.1.2:40004"),
+            listener: v4.listener,
+            relayed: addr("198.18.1.1:50004"),
+            peer: addr("198.18.1.3:9000"),
+            channel: 0x4004,
+            expires_at: in_a_minute,
+        },
+    ]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|row| {
+            row.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).expect("interface name");
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name}");
+    index
+}
+
+fn run_fixtures(program: TestProgram) {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.enable_fast_path_forwarding();
+    lab.add_static_neighbours();
+    lab.relay.ip(&[
+        "neigh",
+        "replace",
+        "198.18.1.3",
+        "lladdr",
+        &mac_string(NEAR_PEER_MAC),
+        "dev",
+        &lab.relay_client_if,
+        "nud",
+        "permanent",
+    ]);
+    let client_side = lab.relay_client_if.clone();
+    let peer_side = lab.relay_peer_if.clone();
+
+    lab.relay.run_inside(move || {
+        let mut fastpath = FastPath::load().unwrap_or_else(|e| panic!("load: {e}"));
+        // Attaching registers both interfaces as egress devices; no traffic flows in this test.
+        for dev in [&client_side, &peer_side] {
+            fastpath
+                .attach(dev, AttachMode::XdpNative)
+                .unwrap_or_else(|e| panic!("attach {dev}: {e}"));
+        }
+        for binding in bindings() {
+            fastpath
+                .install_channel(&binding)
+                .unwrap_or_else(|e| panic!("install {binding:?}: {e}"));
+        }
+        let client_index = ifindex(&client_side);
+        let peer_index = ifindex(&peer_side);
+        let (pass, redirect, tx) = match program {
+            TestProgram::Xdp => (XDP_PASS, XDP_REDIRECT, XDP_TX),
+            // TC redirects with bpf_redirect even to the ingress device.
+            TestProgram::Tc => (TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_REDIRECT),
+        };
+
+        let mut failures = Vec::new();
+        let fixtures = fixtures();
+        for fixture in &fixtures {
+            let before = fastpath.verdict_counters().expect("counters");
+            let ingress = if fixture.from_peer_side {
+                peer_index
+            } else {
+                client_index
+            };
+            let out = fastpath
+                .test_run(program, &fixture.input, ingress)
+                .unwrap_or_else(|e| panic!("{}: test run: {e}", fixture.name));
+            let after = fastpath.verdict_counters().expect("counters");
+            let counted: Vec<Reason> = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| a.1 != b.1)
+                .map(|(_, a)| a.0)
+                .collect();
+            let (action, frame, reason) = match &fixture.expect {
+                Expect::Forward {
+                    frame,
+                    same_interface,
+                    reason,
+                } => (if *same_interface { tx } else { redirect }, frame, *reason),
+                Expect::Pass(reason) => (pass, &fixture.input, *reason),
+            };
+            if out.action != action || &out.frame != frame || counted != [reason] {
+                failures.push(format!(
+                    "{}: action {} (want {action}), counted {counted:?} (want [{reason:?}])\n\
+                     got:\n{}\nwant:\n{}",
+                    fixture.name,
+                    out.action,
+                    hex(&out.frame),
+                    hex(frame)
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} fixtures failed:\n\n{}",
+            failures.len(),
+            fixtures.len(),
+            failures.join("\n\n")
+        );
+
+        // Per-allocation counters saw exactly the forwarded fixtures (application bytes only).
+        let v4 = fastpath
+            .allocation_counters(1)
+            .expect("counters of allocation 1");
+        assert_eq!(
+            (v4.to_peer_packets, v4.to_peer_bytes),
+            (4, 12 + 9 + 11 + 11),
+            "allocation 1 to peer: {v4:?}"
+        );
+        assert_eq!(
+            (v4.to_client_packets, v4.to_client_bytes),
+            (3, 9 + 4),
+            "allocation 1 to client: {v4:?}"
+        );
+        let v6 = fastpath
+            .allocation_counters(2)
+            .expect("counters of allocation 2");
+        assert_eq!((v6.to_peer_packets, v6.to_client_packets), (3, 2), "{v6:?}");
+
+        // Removal: the same frames now go to the socket path; removing twice is fine.
+        let v4_binding = bindings().remove(0);
+        fastpath.remove_channel(&v4_binding).expect("remove");
+        fastpath.remove_channel(&v4_binding).expect("remove again");
+        let input = client_frame(&V4(), &channel_data(CHANNEL_V4, b"gone", 0)).build();
+        let out = fastpath
+            .test_run(program, &input, client_index)
+            .expect("test run");
+        assert_eq!((out.action, &out.frame), (pass, &input), "after removal");
+        fastpath
+            .remove_allocation_counters(1)
+            .expect("remove counters");
+        assert_eq!(
+            fastpath
+                .allocation_counters(1)
+                .expect("counters")
+                .to_peer_packets,
+            0
+        );
+    });
+}
+
+#[test]
+fn xdp_fixtures() {
+    run_fixtures(TestProgram::Xdp);
+}
+
+#[test]
+fn tc_fixtures() {
+    run_fixtures(TestProgram::Tc);
+}
