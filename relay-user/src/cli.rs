@@ -40,6 +40,8 @@ pub enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the Prometheus metrics (what `GET /metrics` on the admin endpoint serves).
+    Metrics,
     /// `fastpath on|off ALLOCATION` moves one allocation between the kernel and the socket
     /// path; `fastpath default on|off` sets the path for allocations without their own setting.
     Fastpath {
@@ -62,6 +64,8 @@ pub enum FastPathMode {
     Xdp,
     /// Generic (SKB) XDP, for interfaces whose driver lacks native XDP.
     XdpGeneric,
+    /// TC ingress (TCX), the same forwarding logic on skbs.
+    Tc,
 }
 
 #[derive(Debug, Args, Default)]
@@ -106,6 +110,9 @@ pub struct ServeArgs {
     /// coturn's turnutils_uclient among them, pick from 0x4000-0x7FFF).
     #[arg(long)]
     pub legacy_channels: bool,
+    /// Worker threads (default: one per core), each with its own SO_REUSEPORT listener.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// Local admin endpoint for `relay ctl` (keep it on loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<SocketAddr>,

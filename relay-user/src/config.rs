@@ -2,7 +2,7 @@
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
 //! `auth-secret`, `allow-peer`, `deny-peer`, `fastpath`, `interface`, `log-level`,
-//! `admin`, `legacy-channels`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `admin`, `legacy-channels`, `workers`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -37,6 +37,7 @@ pub struct ConfigFile {
     pub log_level: Option<String>,
     pub admin: Option<SocketAddr>,
     pub legacy_channels: Option<bool>,
+    pub workers: Option<usize>,
 }
 
 impl ConfigFile {
@@ -72,6 +73,7 @@ impl ConfigFile {
         put(&mut self.log_level, upper.log_level);
         put(&mut self.admin, upper.admin);
         put(&mut self.legacy_channels, upper.legacy_channels);
+        put(&mut self.workers, upper.workers);
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -93,6 +95,7 @@ impl ConfigFile {
             log_level: args.log_level.clone(),
             admin: args.admin,
             legacy_channels: args.legacy_channels.then_some(true),
+            workers: args.workers,
         }
     }
 }
@@ -128,6 +131,8 @@ pub struct Config {
     pub admin: SocketAddr,
     /// ChannelBind accepts RFC 5766's 0x4000-0x7FFF instead of RFC 8656's 0x4000-0x4FFF.
     pub legacy_channels: bool,
+    /// Worker threads, each with its own SO_REUSEPORT listener sockets.
+    pub workers: usize,
 }
 
 impl Config {
@@ -180,6 +185,11 @@ impl Config {
                 .admin
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479))),
             legacy_channels: file.legacy_channels.unwrap_or(false),
+            workers: match file.workers {
+                Some(0) => bail!("--workers must be at least 1"),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, usize::from),
+            },
         })
     }
 }

@@ -12,6 +12,9 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => relay::daemon::serve(*args),
         Command::Ctl(ctl) => match ctl.command {
             CtlCommand::Allocations { json } => client::allocations(ctl.admin, json),
+            CtlCommand::Metrics => client::request(ctl.admin, "GET", "/metrics").map(|text| {
+                print!("{text}");
+            }),
             CtlCommand::Fastpath { first, second } => client::fastpath(ctl.admin, &first, &second),
         },
     };

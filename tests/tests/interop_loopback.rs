@@ -11,11 +11,13 @@ use std::{
     time::Duration,
 };
 
-use relay::proto::{
-    auth::LongTermKey,
-    stun::{attr_type, Attribute, Class, Message, MessageBuilder, Method, TransactionId},
+use relay::proto::stun::{
+    attr_type, Attribute, Class, Message, MessageBuilder, Method, TransactionId,
 };
-use support::{echo_peer, free_udp_port, run_aioice, uclient, Relay};
+use support::{
+    client::{error_code, Client},
+    echo_peer, free_udp_port, run_aioice, uclient, Relay,
+};
 
 const PEER_IP: &str = "127.0.0.2";
 const REALM: &str = "relay.local";
@@ -151,77 +153,11 @@ fn uclient_send_indications_with_rest_credentials_loses_nothing() {
     );
 }
 
-/// A minimal STUN client over one UDP socket, built on the relay's own codec.
-struct Client {
-    socket: UdpSocket,
-    server: SocketAddr,
-    auth: Option<(String, LongTermKey, String)>,
-}
-
-impl Client {
-    fn new(server: SocketAddr) -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("client socket");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(700)))
-            .expect("timeout");
-        Self {
-            socket,
-            server,
-            auth: None,
-        }
-    }
-
-    fn send_raw(&self, bytes: &[u8]) {
-        self.socket.send_to(bytes, self.server).expect("send");
-    }
-
-    /// The next datagram from the server, if one comes within the timeout.
-    fn recv(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 65_536];
-        match self.socket.recv_from(&mut buf) {
-            Ok((n, _)) => Some(buf[..n].to_vec()),
-            Err(_) => None,
-        }
-    }
-
-    fn request(&self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
-        let mut b = MessageBuilder::new(Class::Request, method, TransactionId([7; 12]));
-        for a in attrs {
-            b.add(a);
-        }
-        let bytes = match &self.auth {
-            Some((user, key, nonce)) => {
-                b.add(&Attribute::Username(user))
-                    .add(&Attribute::Realm(REALM))
-                    .add(&Attribute::Nonce(nonce));
-                b.finish(Some(key.as_bytes()), true)
-            }
-            None => b.finish(None, true),
-        };
-        self.send_raw(&bytes);
-        self.recv().expect("a response")
-    }
-
-    /// Takes REALM/NONCE from a 401 and signs from now on.
-    fn login(&mut self, user: &str, password: &str) {
-        let response = self.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
-        let msg = Message::decode(&response).expect("valid response");
-        assert_eq!(msg.error_code(), Some(401));
-        let nonce = msg.nonce().expect("nonce").to_owned();
-        let key = LongTermKey::derive(user, REALM, password);
-        self.auth = Some((user.to_owned(), key, nonce));
-    }
-}
-
-fn error_code(bytes: &[u8]) -> Option<u16> {
-    Message::decode(bytes).ok().and_then(|m| m.error_code())
-}
-
 #[test]
 fn malformed_input_gets_the_right_answer_and_the_server_keeps_serving() {
     let relay = relay_with(&["--user", "alice:wonderland"]);
     let server = relay.listener();
-    let mut client = Client::new(server);
+    let mut client = Client::new(server, REALM);
 
     // Not STUN, truncated, lengths that disagree with the datagram, wrong cookie, oversized:
     // dropped without an answer.
@@ -323,7 +259,7 @@ fn malformed_input_gets_the_right_answer_and_the_server_keeps_serving() {
     assert_eq!(error_code(&response), Some(437));
 
     // After all of that the server still serves everyone: a plain Binding and a full client.
-    let fresh = Client::new(server);
+    let mut fresh = Client::new(server, REALM);
     let response = fresh.request(Method::BINDING, &[]);
     let msg = Message::decode(&response).expect("valid");
     assert_eq!(msg.class(), Class::Success);
@@ -338,7 +274,7 @@ fn malformed_input_gets_the_right_answer_and_the_server_keeps_serving() {
 #[test]
 fn shutdown_releases_the_relay_sockets() {
     let relay = relay_with(&["--user", "alice:wonderland"]);
-    let mut client = Client::new(relay.listener());
+    let mut client = Client::new(relay.listener(), REALM);
     client.login("alice", "wonderland");
     let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
     let relayed = Message::decode(&response)
@@ -363,7 +299,7 @@ fn ctl_lists_allocations_counts_socket_traffic_and_serves_metrics() {
     peer.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
     let peer_addr = peer.local_addr().expect("peer addr");
-    let mut client = Client::new(relay.listener());
+    let mut client = Client::new(relay.listener(), REALM);
     client.login("alice", "wonderland");
     let response = client.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
     let relayed = Message::decode(&response)

@@ -1,13 +1,20 @@
 //! The `relay serve` daemon: wires config, sockets, protocol core and fast path together.
 
-mod core;
+mod admin;
 mod interfaces;
+mod kernel_sync;
+mod worker;
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use anyhow::Context;
 use rand::{distributions::Alphanumeric, Rng, SeedableRng};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
@@ -20,11 +27,14 @@ use crate::{
         auth::Credentials,
         channel_data::LEGACY_CHANNEL_RANGE,
         policy::PeerPolicy,
-        server::{Server, ServerConfig},
+        server::{QuotaLedger, Server, ServerConfig},
     },
 };
 
-pub use self::core::Event;
+use self::{
+    kernel_sync::KernelSync,
+    worker::{Worker, WorkerRequest},
+};
 
 /// Batches queued between the socket tasks and the core before receivers wait.
 const EVENT_QUEUE: usize = 1024;
@@ -33,7 +43,9 @@ const EVENT_QUEUE: usize = 1024;
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
     init_logging(&config.log_level)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The main runtime only runs the admin endpoint and waits for signals; the workers have
+    // runtimes of their own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -69,49 +81,154 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             " (no UDP GSO on this kernel)"
         }
     );
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let admin_listener = control::http::bind(config.admin).await?;
     let admin_addr = admin_listener.local_addr().context("admin address")?;
+
+    // Every worker gets one SO_REUSEPORT socket per listen address; the first one fixes the
+    // port when the config says 0.
+    let workers = config.workers.max(1);
+    let mut sockets: Vec<Vec<(SocketAddr, std::net::UdpSocket)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for addr in &config.listen {
+        let mut bound = *addr;
+        for worker in sockets.iter_mut() {
+            let socket = net::bind_udp_std(bound, true)
+                .with_context(|| format!("cannot listen on udp {addr} (in use, or not local?)"))?;
+            bound = socket.local_addr().context("listener address")?;
+            worker.push((bound, socket));
+        }
+        info!("listening on udp {bound}");
+    }
+    let own_addresses: Vec<IpAddr> = sockets
+        .first()
+        .into_iter()
+        .flatten()
+        .map(|(a, _)| a.ip())
+        .collect();
+
+    let kernel = Arc::new(Mutex::new(KernelSync::new(fastpath)));
+    let quota = Arc::new(QuotaLedger::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut handles = Vec::new();
+    let mut worker_requests = Vec::new();
+    for (index, listeners) in sockets.into_iter().enumerate() {
+        let mut server_config = server_config(&config, &own_addresses);
+        server_config.quota = Arc::clone(&quota);
+        server_config.first_allocation_id = index as u64 + 1;
+        server_config.allocation_id_stride = workers as u64;
+        server_config.port_range = worker_ports(&config.port_range, index, workers);
+        let (requests_tx, requests_rx) = mpsc::channel(16);
+        worker_requests.push(requests_tx);
+        let kernel = Arc::clone(&kernel);
+        let stop = stop_rx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("relay-worker-{index}"))
+            .spawn(move || run_worker(server_config, listeners, kernel, requests_rx, stop))
+            .context("starting a worker thread")?;
+        handles.push(handle);
+    }
+
     let (admin_tx, admin_rx) = mpsc::channel(64);
     let admin_task = tokio::spawn(control::http::serve(admin_listener, admin_tx));
+    let router = tokio::spawn(admin::route(admin_rx, worker_requests, Arc::clone(&kernel)));
     info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
-    let mut listeners = Vec::new();
-    for addr in &config.listen {
-        let socket = net::bind_udp(*addr)
-            .with_context(|| format!("cannot listen on udp {addr} (in use, or not local?)"))?;
-        let bound = socket.local_addr().context("listener address")?;
-        info!("listening on udp {bound}");
-        listeners.push((bound, Arc::new(socket)));
-    }
-    let server = Server::new(
-        server_config(&config, &listeners),
-        rand::rngs::StdRng::from_entropy(),
-        Instant::now(),
-        core::unix_now(),
-    );
-    let mut relay_core = core::Core::new(server, events_tx, fastpath);
-    for (addr, socket) in &listeners {
-        relay_core.add_listener(*addr, Arc::clone(socket));
-    }
     info!(
+        workers,
         relay_ips = ?config.relay_ips,
         ports = %format!("{}-{}", config.port_range.start(), config.port_range.end()),
         realm = %config.realm,
         "relay running; stop with SIGINT or SIGTERM"
     );
-    let result = relay_core
-        .run(events_rx, admin_rx, wait_for_shutdown())
-        .await;
+    let result = wait_for_shutdown().await;
+    let _ = stop_tx.send(true);
     admin_task.abort();
+    router.abort();
+    let mut released = 0;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(n)) => released += n,
+            Ok(Err(error)) => warn!("worker failed: {error:#}"),
+            Err(_) => warn!("a worker thread panicked"),
+        }
+    }
+    info!(released, "relay sockets released");
+    let fastpath = worker::lock(&kernel).shutdown();
+    if let Some(fastpath) = fastpath {
+        report_verdicts(&fastpath);
+        // Dropping it detaches the programs and frees the maps (nothing is pinned).
+        drop(fastpath);
+        info!("fast path detached");
+    }
     result?;
     info!("relay stopped");
     Ok(())
 }
 
-fn server_config(
-    config: &Config,
-    listeners: &[(SocketAddr, Arc<tokio::net::UdpSocket>)],
-) -> ServerConfig {
+/// One worker thread: a single-threaded runtime around the worker's core loop.
+fn run_worker(
+    config: ServerConfig,
+    listeners: Vec<(SocketAddr, std::net::UdpSocket)>,
+    kernel: Arc<Mutex<KernelSync>>,
+    requests: mpsc::Receiver<WorkerRequest>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<usize> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a worker runtime")?;
+    runtime.block_on(async move {
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let server = Server::new(
+            config,
+            rand::rngs::StdRng::from_entropy(),
+            Instant::now(),
+            worker::unix_now(),
+        );
+        let mut worker = Worker::new(server, events_tx, kernel);
+        for (addr, socket) in listeners {
+            let socket = tokio::net::UdpSocket::from_std(socket).context("listener socket")?;
+            worker.add_listener(addr, Arc::new(socket));
+        }
+        Ok(worker.run(events_rx, requests, stop).await)
+    })
+}
+
+/// Worker `index` of `workers` relays on its own slice of the port range, so workers never
+/// race for a port; a range too small to split is shared (a lost race only costs a retry).
+fn worker_ports(range: &RangeInclusive<u16>, index: usize, workers: usize) -> RangeInclusive<u16> {
+    let (lo, hi) = (usize::from(*range.start()), usize::from(*range.end()));
+    let span = hi + 1 - lo;
+    if workers <= 1 || span < workers * 16 {
+        return range.clone();
+    }
+    let share = span / workers;
+    let start = lo + index * share;
+    let end = if index + 1 == workers {
+        hi
+    } else {
+        start + share - 1
+    };
+    match (u16::try_from(start), u16::try_from(end)) {
+        (Ok(start), Ok(end)) => start..=end,
+        _ => range.clone(),
+    }
+}
+
+fn report_verdicts(fastpath: &FastPath) {
+    match fastpath.verdict_counters() {
+        Ok(counters) => {
+            let summary: Vec<String> = counters
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(reason, n)| format!("{}={n}", reason.label()))
+                .collect();
+            info!("fast path verdicts: {}", summary.join(" "));
+        }
+        Err(error) => warn!("cannot read fast path counters: {error}"),
+    }
+}
+
+fn server_config(config: &Config, listeners: &[IpAddr]) -> ServerConfig {
     let mut credentials = Credentials::new(&config.realm);
     for user in &config.users {
         credentials.add_user(&user.name, &user.password);
@@ -129,7 +246,7 @@ fn server_config(
     // Peers must never be the relay itself: that would let clients loop traffic through it.
     let own: Vec<_> = listeners
         .iter()
-        .map(|(a, _)| a.ip())
+        .copied()
         .chain(config.relay_ips.iter().copied())
         .filter(|ip| !ip.is_unspecified())
         .collect();
@@ -157,6 +274,7 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<FastPath>> {
         }
         FastPathMode::Xdp => AttachMode::XdpNative,
         FastPathMode::XdpGeneric => AttachMode::XdpGeneric,
+        FastPathMode::Tc => AttachMode::Tc,
     };
     let interfaces = if config.interfaces.is_empty() {
         let addresses: Vec<_> = config

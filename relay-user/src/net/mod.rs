@@ -1,7 +1,7 @@
 //! Sockets: client-facing listeners and per-allocation relay sockets.
 //!
-//! Everything the daemon needs from the OS about UDP lives here, so the batching
-//! (recvmmsg/GSO) work can replace these functions without touching the daemon loop.
+//! Everything the daemon needs from the OS about UDP lives here ([`batch`] holds the
+//! recvmmsg/sendmmsg/GSO code), so the daemon loop never touches a raw socket call.
 
 pub mod batch;
 
@@ -17,18 +17,28 @@ const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Largest UDP payload the relay reads (a full 64 KiB datagram).
 pub const MAX_DATAGRAM: usize = 65_535;
 
-/// Binds a non-blocking UDP socket on exactly `addr` (port 0 picks a free port).
+/// Binds a non-blocking std UDP socket on exactly `addr` (port 0 picks a free port).
 ///
-/// IPv6 sockets are v6-only so an IPv4 listener on the same port can coexist.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// IPv6 sockets are v6-only so an IPv4 listener on the same port can coexist. With
+/// `reuse_port`, several sockets (one per worker) share the address and the kernel spreads
+/// clients over them by their address hash, so one client always reaches the same worker.
+pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
     }
     // Best effort: a smaller buffer still works, it only drops earlier under bursts.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// Binds a tokio UDP socket on exactly `addr` in the current runtime.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    UdpSocket::from_std(bind_udp_std(addr, false)?)
 }

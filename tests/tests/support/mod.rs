@@ -6,6 +6,8 @@
     reason = "each test binary uses a different subset of these helpers"
 )]
 
+pub mod client;
+
 use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, UdpSocket},
@@ -27,6 +29,9 @@ pub struct Relay {
     pub listeners: Vec<SocketAddr>,
     /// Its admin endpoint (tests pass `--admin 127.0.0.1:0` unless they choose one).
     pub admin: SocketAddr,
+    /// What it was started through (e.g. `ip netns exec NS`): `relay ctl` runs the same way,
+    /// since the admin endpoint is on that namespace's loopback.
+    prefix: Vec<String>,
     log: Arc<Mutex<String>>,
 }
 
@@ -78,6 +83,7 @@ impl Relay {
         });
         let mut relay = Self {
             child,
+            prefix: prefix.iter().map(|s| (*s).to_owned()).collect(),
             listeners: Vec::new(),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             log,
@@ -105,7 +111,15 @@ impl Relay {
 
     /// Runs `relay ctl --admin ADMIN ARGS` and returns (success, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(relay_bin())
+        let mut command = match self.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(relay_bin());
+                c
+            }
+            None => Command::new(relay_bin()),
+        };
+        let out = command
             .arg("ctl")
             .args(["--admin", &self.admin.to_string()])
             .args(args)
@@ -116,6 +130,24 @@ impl Relay {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// `relay ctl allocations --json`, parsed.
+    pub fn allocations(&self) -> relay::control::AllocationList {
+        let (ok, stdout, stderr) = self.ctl(&["allocations", "--json"]);
+        assert!(ok, "relay ctl allocations: {stderr}");
+        serde_json::from_str(&stdout).expect("allocation JSON")
+    }
+
+    /// One sample from `relay ctl metrics`, e.g. `relay_allocations` or
+    /// `relay_relayed_packets_total{path="kernel",direction="to_peer"}`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (ok, stdout, stderr) = self.ctl(&["metrics"]);
+        assert!(ok, "relay ctl metrics: {stderr}");
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{stdout}"))
     }
 
     /// Everything the relay logged so far.

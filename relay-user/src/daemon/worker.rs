@@ -1,26 +1,30 @@
-//! The daemon's core task: owns the sans-IO [`Server`], feeds it datagrams and time, and
-//! executes the commands it emits (send, open/close relay sockets, fast-path updates).
+//! One worker: a thread with its own single-threaded runtime, its own SO_REUSEPORT listener
+//! sockets, its own sans-IO [`Server`] and the relay sockets of the allocations it created.
 //!
-//! Socket reader tasks only move datagrams into one queue; all protocol state lives in this one
-//! task, so no locks guard it and fast-path map updates happen in the order the core decided
-//! them.
+//! The kernel spreads clients over the workers' listener sockets by address hash, so a client
+//! always reaches the same worker and no protocol state is shared between workers (only the
+//! quota ledger and the kernel fast path, behind short locks). Socket reader tasks only move
+//! datagram batches into one queue; all protocol state lives in the worker's core loop, and
+//! its fast-path map updates happen in the order its server decided them.
 
 use std::{
     collections::{HashMap, VecDeque},
-    fmt::Write as _,
-    future::Future,
     io,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{net::UdpSocket, sync::mpsc, task::JoinHandle};
-use tracing::{debug, info, warn};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tracing::{debug, warn};
 
+use super::kernel_sync::KernelSync;
 use crate::{
-    control::{AdminRequest, AllocationList, AllocationView, ChannelView, PathCounters},
-    fastpath::FastPath,
+    control::{AllocationView, ChannelView, PathCounters},
     net::{
         self,
         batch::{self, Datagrams, Receiver, Transmit},
@@ -60,7 +64,38 @@ struct RelaySocket {
     reader: JoinHandle<()>,
 }
 
-pub struct Core {
+/// What the admin router asks one worker.
+#[derive(Debug)]
+pub enum WorkerRequest {
+    /// The worker's allocations.
+    List(oneshot::Sender<Vec<AllocationView>>),
+    /// Move an allocation of this worker between kernel and socket path.
+    SetFastPath {
+        allocation: AllocationId,
+        on: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Counts for metrics.
+    Snapshot(oneshot::Sender<WorkerSnapshot>),
+}
+
+/// One worker's share of the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSnapshot {
+    pub allocations: u64,
+    pub permissions: u64,
+    pub channels: u64,
+    pub socket_totals: PathCounters,
+    pub allocation_ids: Vec<AllocationId>,
+}
+
+/// Locks the shared fast-path state; a panic elsewhere cannot leave it half-updated in a way
+/// that matters more than stopping the relay would.
+pub fn lock(kernel: &Mutex<KernelSync>) -> MutexGuard<'_, KernelSync> {
+    kernel.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Worker {
     server: Server,
     events: mpsc::Sender<Event>,
     listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
@@ -74,7 +109,7 @@ pub struct Core {
     socket_counters: HashMap<AllocationId, PathCounters>,
     /// Socket-path totals, including allocations that are gone (for metrics).
     socket_totals: PathCounters,
-    fastpath: Option<FastPath>,
+    kernel: Arc<Mutex<KernelSync>>,
 }
 
 /// Seconds since the Unix epoch (REST credential expiry is wall-clock based).
@@ -85,8 +120,12 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-impl Core {
-    pub fn new(server: Server, events: mpsc::Sender<Event>, fastpath: Option<FastPath>) -> Self {
+impl Worker {
+    pub fn new(
+        server: Server,
+        events: mpsc::Sender<Event>,
+        kernel: Arc<Mutex<KernelSync>>,
+    ) -> Self {
         Self {
             server,
             events,
@@ -97,7 +136,7 @@ impl Core {
             outbox: HashMap::new(),
             socket_counters: HashMap::new(),
             socket_totals: PathCounters::default(),
-            fastpath,
+            kernel,
         }
     }
 
@@ -112,16 +151,15 @@ impl Core {
         self.listeners.insert(addr, socket);
     }
 
-    /// Runs until `shutdown` resolves (or every event source is gone), then releases every
-    /// relay socket and the fast path.
+    /// Runs until `stop` turns true, then releases the worker's allocations (their kernel
+    /// entries first) and relay sockets; returns how many allocations it released.
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
-        mut admin: mpsc::Receiver<AdminRequest>,
-        shutdown: impl Future<Output = anyhow::Result<()>>,
-    ) -> anyhow::Result<()> {
-        let mut shutdown = std::pin::pin!(shutdown);
-        let result = loop {
+        mut requests: mpsc::Receiver<WorkerRequest>,
+        mut stop: watch::Receiver<bool>,
+    ) -> usize {
+        loop {
             let deadline = self.server.poll_timeout();
             let timer = async move {
                 match deadline {
@@ -130,9 +168,13 @@ impl Core {
                 }
             };
             tokio::select! {
-                result = &mut shutdown => break result,
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
                 event = events.recv() => {
-                    let Some(event) = event else { break Ok(()) };
+                    let Some(event) = event else { break };
                     let now = Instant::now();
                     self.server.set_unix_time(unix_now());
                     self.handle(event, now);
@@ -147,12 +189,11 @@ impl Core {
                     self.server.handle_timeout(Instant::now());
                     self.collect(None);
                 }
-                Some(request) = admin.recv() => self.admin(request),
+                Some(request) = requests.recv() => self.request(request),
             }
             self.execute().await;
-        };
-        self.close();
-        result
+        }
+        self.close()
     }
 
     fn handle(&mut self, event: Event, now: Instant) {
@@ -238,10 +279,14 @@ impl Core {
                     self.open_relay(id, relayed);
                     self.collect(None);
                 }
-                Command::DeleteAllocation { id, relayed } => self.close_relay(id, relayed),
-                // The kernel program attached today only counts verdicts; it forwards nothing,
-                // so there is no channel state to install in it.
-                Command::CreateChannelBinding { .. } | Command::DeleteChannelBinding { .. } => {}
+                Command::DeleteAllocation { id, relayed } => {
+                    lock(&self.kernel).apply(&command);
+                    self.close_relay(id, relayed);
+                }
+                // Installed before the ChannelBind success queued behind it is sent.
+                Command::CreateChannelBinding { .. } | Command::DeleteChannelBinding { .. } => {
+                    lock(&self.kernel).apply(&command)
+                }
             }
         }
         self.flush().await;
@@ -315,26 +360,43 @@ impl Core {
         }
     }
 
-    fn admin(&mut self, request: AdminRequest) {
+    fn request(&mut self, request: WorkerRequest) {
         match request {
-            AdminRequest::List(reply) => {
-                let _ = reply.send(self.allocation_list());
+            WorkerRequest::List(reply) => {
+                let _ = reply.send(self.allocation_views());
             }
-            AdminRequest::SetFastPath { reply, .. } | AdminRequest::SetDefault { reply, .. } => {
-                let _ = reply.send(Err(
-                    "the kernel fast path is not running (relay serve --fastpath off)".to_owned(),
-                ));
+            WorkerRequest::SetFastPath {
+                allocation,
+                on,
+                reply,
+            } => {
+                let result = if self.server.allocations().any(|a| a.id == allocation) {
+                    lock(&self.kernel).set_allocation(allocation, on)
+                } else {
+                    Err(format!("no allocation {allocation}"))
+                };
+                let _ = reply.send(result);
             }
-            AdminRequest::Metrics(reply) => {
-                let _ = reply.send(self.metrics());
+            WorkerRequest::Snapshot(reply) => {
+                let mut snapshot = WorkerSnapshot {
+                    socket_totals: self.socket_totals,
+                    ..WorkerSnapshot::default()
+                };
+                for a in self.server.allocations() {
+                    snapshot.allocations += 1;
+                    snapshot.permissions += a.permissions.len() as u64;
+                    snapshot.channels += a.channels.len() as u64;
+                    snapshot.allocation_ids.push(a.id);
+                }
+                let _ = reply.send(snapshot);
             }
         }
     }
 
-    fn allocation_list(&self) -> AllocationList {
+    fn allocation_views(&self) -> Vec<AllocationView> {
         let now = Instant::now();
-        let allocations = self
-            .server
+        let kernel = lock(&self.kernel);
+        self.server
             .allocations()
             .map(|a| AllocationView {
                 id: a.id.0,
@@ -352,112 +414,34 @@ impl Core {
                         peer: peer.to_string(),
                     })
                     .collect(),
-                path: "socket".to_owned(),
-                socket: self.socket_counters.get(&a.id).copied().unwrap_or_default(),
-                kernel: PathCounters::default(),
-            })
-            .collect();
-        AllocationList {
-            fastpath_attached: self.fastpath.is_some(),
-            fastpath_default: false,
-            allocations,
-        }
-    }
-
-    /// Prometheus text exposition; no per-user labels.
-    fn metrics(&self) -> String {
-        let (mut allocations, mut permissions, mut channels) = (0u64, 0u64, 0u64);
-        for a in self.server.allocations() {
-            allocations += 1;
-            permissions += a.permissions.len() as u64;
-            channels += a.channels.len() as u64;
-        }
-        let mut out = String::new();
-        for (name, help, value) in [
-            ("relay_allocations", "Live allocations.", allocations),
-            ("relay_permissions", "Live permissions.", permissions),
-            ("relay_channels", "Bound channels.", channels),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP relay_relayed_packets_total Datagrams relayed, by path and direction.\n\
-             # TYPE relay_relayed_packets_total counter"
-        );
-        let t = self.socket_totals;
-        for (direction, packets) in [
-            ("to_peer", t.to_peer_packets),
-            ("to_client", t.to_client_packets),
-        ] {
-            let _ = writeln!(
-                out,
-                "relay_relayed_packets_total{{path=\"socket\",direction=\"{direction}\"}} {packets}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP relay_relayed_bytes_total Payload bytes relayed, by path and direction.\n\
-             # TYPE relay_relayed_bytes_total counter"
-        );
-        for (direction, bytes) in [
-            ("to_peer", t.to_peer_bytes),
-            ("to_client", t.to_client_bytes),
-        ] {
-            let _ = writeln!(
-                out,
-                "relay_relayed_bytes_total{{path=\"socket\",direction=\"{direction}\"}} {bytes}"
-            );
-        }
-        if let Some(fastpath) = &self.fastpath {
-            if let Ok(counters) = fastpath.verdict_counters() {
-                let _ = writeln!(
-                    out,
-                    "# HELP relay_fastpath_verdicts_total Kernel program verdicts, by reason.\n\
-                     # TYPE relay_fastpath_verdicts_total counter"
-                );
-                for (reason, n) in counters {
-                    let _ = writeln!(
-                        out,
-                        "relay_fastpath_verdicts_total{{reason=\"{}\"}} {n}",
-                        reason.label()
-                    );
+                path: if kernel.enabled(a.id) {
+                    "kernel"
+                } else {
+                    "socket"
                 }
-            }
-        }
-        out
+                .to_owned(),
+                socket: self.socket_counters.get(&a.id).copied().unwrap_or_default(),
+                kernel: kernel.counters(a.id),
+            })
+            .collect()
     }
 
-    /// Stops every reader and drops every socket; the fast path detaches when dropped.
-    fn close(&mut self) {
+    /// Stops every reader, takes the worker's channels out of the kernel and drops every
+    /// socket; returns how many relay sockets it released.
+    fn close(&mut self) -> usize {
         for reader in self.readers.drain(..) {
             reader.abort();
         }
         let open = self.relays.len();
-        for (_, relay) in self.relays.drain() {
+        let mut kernel = lock(&self.kernel);
+        for (relayed, relay) in self.relays.drain() {
+            kernel.apply(&Command::DeleteAllocation {
+                id: relay.id,
+                relayed,
+            });
             relay.reader.abort();
         }
-        info!(released = open, "relay sockets released");
-        if let Some(fastpath) = self.fastpath.take() {
-            report_verdicts(&fastpath);
-        }
-    }
-}
-
-fn report_verdicts(fastpath: &FastPath) {
-    match fastpath.verdict_counters() {
-        Ok(counters) => {
-            let summary: Vec<String> = counters
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(reason, n)| format!("{}={n}", reason.label()))
-                .collect();
-            info!("fast path verdicts: {}", summary.join(" "));
-        }
-        Err(error) => warn!("cannot read fast path counters: {error}"),
+        open
     }
 }
 

@@ -1,0 +1,178 @@
+//! Routes admin requests to the workers and merges their answers.
+
+use std::{
+    fmt::Write as _,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    kernel_sync::KernelSync,
+    worker::{lock, WorkerRequest, WorkerSnapshot},
+};
+use crate::{
+    control::{AdminRequest, AllocationList, PathCounters},
+    proto::server::AllocationId,
+};
+
+/// Serves requests from the admin endpoint until it goes away.
+pub async fn route(
+    mut requests: mpsc::Receiver<AdminRequest>,
+    workers: Vec<mpsc::Sender<WorkerRequest>>,
+    kernel: Arc<Mutex<KernelSync>>,
+) {
+    while let Some(request) = requests.recv().await {
+        match request {
+            AdminRequest::List(reply) => {
+                let mut allocations = Vec::new();
+                for worker in &workers {
+                    if let Some(mut part) = ask(worker, WorkerRequest::List).await {
+                        allocations.append(&mut part);
+                    }
+                }
+                allocations.sort_by_key(|a| a.id);
+                let (fastpath_attached, fastpath_default) = {
+                    let kernel = lock(&kernel);
+                    (kernel.attached(), kernel.default_on())
+                };
+                let _ = reply.send(AllocationList {
+                    fastpath_attached,
+                    fastpath_default,
+                    allocations,
+                });
+            }
+            AdminRequest::SetFastPath {
+                allocation,
+                on,
+                reply,
+            } => {
+                // Allocation ids are striped over the workers: worker i owns i + 1 + k * n.
+                let owner = usize::try_from(allocation.saturating_sub(1))
+                    .ok()
+                    .and_then(|i| workers.get(i % workers.len().max(1)));
+                let result = match owner {
+                    Some(worker) => ask(worker, |reply| WorkerRequest::SetFastPath {
+                        allocation: AllocationId(allocation),
+                        on,
+                        reply,
+                    })
+                    .await
+                    .unwrap_or_else(|| Err("the relay is shutting down".to_owned())),
+                    None => Err(format!("no allocation {allocation}")),
+                };
+                let _ = reply.send(result);
+            }
+            AdminRequest::SetDefault { on, reply } => {
+                let _ = reply.send(lock(&kernel).set_default(on));
+            }
+            AdminRequest::Metrics(reply) => {
+                let mut total = WorkerSnapshot::default();
+                for worker in &workers {
+                    if let Some(part) = ask(worker, WorkerRequest::Snapshot).await {
+                        total.allocations += part.allocations;
+                        total.permissions += part.permissions;
+                        total.channels += part.channels;
+                        add(&mut total.socket_totals, &part.socket_totals);
+                        total.allocation_ids.extend(part.allocation_ids);
+                    }
+                }
+                let _ = reply.send(metrics(&total, &kernel));
+            }
+        }
+    }
+}
+
+async fn ask<T>(
+    worker: &mpsc::Sender<WorkerRequest>,
+    make: impl FnOnce(oneshot::Sender<T>) -> WorkerRequest,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    worker.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+fn add(total: &mut PathCounters, c: &PathCounters) {
+    total.to_peer_packets += c.to_peer_packets;
+    total.to_peer_bytes += c.to_peer_bytes;
+    total.to_client_packets += c.to_client_packets;
+    total.to_client_bytes += c.to_client_bytes;
+}
+
+/// Prometheus text exposition; no per-user labels.
+fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "relay_allocations",
+            "Live allocations.",
+            snapshot.allocations,
+        ),
+        (
+            "relay_permissions",
+            "Live permissions.",
+            snapshot.permissions,
+        ),
+        ("relay_channels", "Bound channels.", snapshot.channels),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
+    let kernel = lock(kernel);
+    let kernel_totals = kernel.totals(snapshot.allocation_ids.iter().copied());
+    let paths = [
+        ("socket", snapshot.socket_totals),
+        ("kernel", kernel_totals),
+    ];
+    let _ = writeln!(
+        out,
+        "# HELP relay_relayed_packets_total Datagrams relayed, by path and direction.\n\
+         # TYPE relay_relayed_packets_total counter"
+    );
+    for (path, c) in &paths {
+        for (direction, n) in [
+            ("to_peer", c.to_peer_packets),
+            ("to_client", c.to_client_packets),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_relayed_bytes_total Payload bytes relayed, by path and direction.\n\
+         # TYPE relay_relayed_bytes_total counter"
+    );
+    for (path, c) in &paths {
+        for (direction, n) in [
+            ("to_peer", c.to_peer_bytes),
+            ("to_client", c.to_client_bytes),
+        ] {
+            let _ = writeln!(
+                out,
+                "relay_relayed_bytes_total{{path=\"{path}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
+    if let Some(fastpath) = kernel.fastpath() {
+        if let Ok(counters) = fastpath.verdict_counters() {
+            let _ = writeln!(
+                out,
+                "# HELP relay_fastpath_verdicts_total Kernel program verdicts, by reason.\n\
+                 # TYPE relay_fastpath_verdicts_total counter"
+            );
+            for (reason, n) in counters {
+                let _ = writeln!(
+                    out,
+                    "relay_fastpath_verdicts_total{{reason=\"{}\"}} {n}",
+                    reason.label()
+                );
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,426 @@
+//! `relay serve` in the three-namespace lab (test-lab.md) with real clients: the socket path on
+//! its own, the kernel fast path (XDP and TC), the per-allocation toggle, and what happens to
+//! kernel forwarding when an allocation goes away.
+//!
+//! client ns 198.18.1.2 <-> relay ns 198.18.1.1 (listener) / 198.18.2.1 (relayed) <-> peer ns
+//! 198.18.2.2, and the same in 2001:2::/48. The client has no route to the peer: whatever
+//! arrives crossed the relay.
+
+mod support;
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use relay::fastpath::FastPath;
+use relay_tests::{
+    enter_netns,
+    lab::{
+        ThreeHosts, CLIENT_IP, PEER_IP, PEER_IP6, RELAY_CLIENT_SIDE_IP, RELAY_CLIENT_SIDE_IP6,
+        RELAY_PEER_SIDE_IP, RELAY_PEER_SIDE_IP6,
+    },
+    require_root,
+};
+use support::{client::Client, echo_peer, uclient, Relay};
+
+const REALM: &str = "lab.test";
+const PORT: &str = "3478";
+
+fn ns_path(ns: &relay_tests::Netns) -> String {
+    format!("/run/netns/{}", ns.name())
+}
+
+/// `relay_xdp_pass` on the client's and the peer's veth ends, for as long as it lives: frames
+/// the fast path redirects into a veth are only delivered if its far end runs XDP.
+struct FarEnds {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FarEnds {
+    fn attach(lab: &ThreeHosts) -> Self {
+        let (client_ns, peer_ns) = (ns_path(&lab.client), ns_path(&lab.peer));
+        let (client_if, peer_if) = (lab.client_if.clone(), lab.peer_if.clone());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut fastpath = FastPath::load().unwrap_or_else(|e| panic!("load: {e}"));
+            enter_netns(&client_ns);
+            fastpath.attach_pass(&client_if).expect("XDP_PASS on c0");
+            enter_netns(&peer_ns);
+            fastpath.attach_pass(&peer_if).expect("XDP_PASS on p0");
+            ready_tx.send(()).expect("test waits");
+            let _ = stop_rx.recv();
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("far-end programs attached");
+        Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FarEnds {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn start_relay(lab: &ThreeHosts, v6: bool, extra: &[&str]) -> Relay {
+    let relay_ns = lab.relay.name().to_owned();
+    let (listen, relay_ip, peers) = if v6 {
+        (
+            format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}"),
+            RELAY_PEER_SIDE_IP6,
+            "2001:2:0:2::/64",
+        )
+    } else {
+        (
+            format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"),
+            RELAY_PEER_SIDE_IP,
+            "198.18.2.0/24",
+        )
+    };
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--relay-ip",
+        relay_ip,
+        "--realm",
+        REALM,
+        "--user",
+        "alice:wonderland",
+        "--allow-peer",
+        peers,
+        "--legacy-channels",
+    ];
+    args.extend_from_slice(extra);
+    Relay::start_with(&["ip", "netns", "exec", &relay_ns], &args, 1)
+}
+
+fn kernel_programs_in(ns: &relay_tests::Netns) -> String {
+    let out = ns
+        .command("bpftool")
+        .args(["net", "show"])
+        .output()
+        .expect("bpftool net show");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("relay_"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// coturn's client and echo peer through the relay; returns the stopped relay's log.
+fn uclient_through(lab: &ThreeHosts, relay: &Relay, v6: bool) -> support::UclientReport {
+    let peer_ip = if v6 { PEER_IP6 } else { PEER_IP };
+    let server = if v6 {
+        RELAY_CLIENT_SIDE_IP6
+    } else {
+        RELAY_CLIENT_SIDE_IP
+    };
+    let peer_ns = lab.peer.name().to_owned();
+    let _peer = echo_peer(&["ip", "netns", "exec", &peer_ns], peer_ip, 3480);
+    let client_ns = lab.client.name().to_owned();
+    let mut args = vec![
+        "-u",
+        "alice",
+        "-w",
+        "wonderland",
+        "-e",
+        peer_ip,
+        "-r",
+        "3480",
+        "-n",
+        "250",
+        "-m",
+        "4",
+        "-l",
+        "200",
+        "-c",
+        "-p",
+        PORT,
+    ];
+    if v6 {
+        args.push("-x");
+    }
+    args.push(server);
+    let report = uclient(&["ip", "netns", "exec", &client_ns], &args);
+    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
+    assert_eq!(
+        (report.sent, report.received),
+        (1000, 1000),
+        "{}",
+        report.output
+    );
+    report
+}
+
+#[test]
+fn uclient_across_the_lab_on_the_socket_path() {
+    require_root();
+    let lab = ThreeHosts::new();
+    assert!(!lab.client_reaches_peer());
+    let relay = start_relay(&lab, false, &["--fastpath", "off"]);
+    uclient_through(&lab, &relay, false);
+    assert_eq!(
+        relay.metric("relay_relayed_packets_total{path=\"socket\",direction=\"to_peer\"}"),
+        1000
+    );
+    assert_eq!(
+        relay.metric("relay_relayed_packets_total{path=\"kernel\",direction=\"to_peer\"}"),
+        0
+    );
+}
+
+#[test]
+fn uclient_across_the_lab_on_the_socket_path_ipv6() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let relay = start_relay(&lab, true, &["--fastpath", "off"]);
+    uclient_through(&lab, &relay, true);
+}
+
+/// The kernel carries every steady-state ChannelData datagram; the relay sockets see none.
+fn kernel_path_carries_uclient(mode: &str, v6: bool) {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.enable_fast_path_forwarding();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        v6,
+        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
+    );
+    uclient_through(&lab, &relay, v6);
+    let metric = |path: &str, direction: &str| {
+        relay.metric(&format!(
+            "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}}"
+        ))
+    };
+    assert_eq!(metric("kernel", "to_peer"), 1000, "{}", relay.log());
+    assert_eq!(metric("kernel", "to_client"), 1000);
+    assert_eq!(metric("socket", "to_peer"), 0);
+    assert_eq!(metric("socket", "to_client"), 0);
+    // Checksums were right: neither end dropped anything as corrupt.
+    for ns in [&lab.client, &lab.peer] {
+        let field = "InCsumErrors";
+        let errors = if v6 {
+            ns.snmp6_counter("Udp6InCsumErrors")
+        } else {
+            ns.udp_counter(field)
+        };
+        assert_eq!(errors, 0, "{field} in {}", ns.name());
+    }
+    let log = relay.stop();
+    assert!(log.contains("fast path verdicts:"), "{log}");
+    assert!(log.contains("forward_to_peer="), "{log}");
+    assert!(log.contains("fast path detached"), "{log}");
+    // Nothing stays behind, and a restart attaches cleanly.
+    assert_eq!(kernel_programs_in(&lab.relay), "");
+    let again = start_relay(
+        &lab,
+        v6,
+        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
+    );
+    let log = again.stop();
+    assert_eq!(log.matches("fast path attached").count(), 2, "{log}");
+    assert_eq!(kernel_programs_in(&lab.relay), "");
+}
+
+#[test]
+fn xdp_fast_path_carries_uclient_traffic() {
+    kernel_path_carries_uclient("xdp", false);
+}
+
+#[test]
+fn xdp_fast_path_carries_uclient_traffic_ipv6() {
+    kernel_path_carries_uclient("xdp", true);
+}
+
+#[test]
+fn tc_fast_path_carries_uclient_traffic() {
+    kernel_path_carries_uclient("tc", false);
+}
+
+/// A UDP echo server in the peer namespace that counts what it received.
+struct Echo {
+    addr: SocketAddr,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(lab: &ThreeHosts) -> Self {
+        let socket = lab
+            .peer
+            .run_inside(|| UdpSocket::bind((PEER_IP, 0)).expect("echo socket"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let addr = socket.local_addr().expect("echo address");
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, done) = (Arc::clone(&received), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !done.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Self {
+            addr,
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends `count` ChannelData messages on `channel` one at a time and waits for each echo;
+/// returns how many came back intact.
+fn round_trips(client: &Client, channel: u16, count: usize, tag: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut echoed = 0;
+    for i in 0..count {
+        assert!(
+            Instant::now() < deadline,
+            "{tag}: round trips took too long"
+        );
+        let data = format!("{tag} {i:05}");
+        let mut message = channel.to_be_bytes().to_vec();
+        message.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        message.extend_from_slice(data.as_bytes());
+        client.send_raw(&message);
+        // Skip anything that is not the echo of this message (none is expected).
+        for _ in 0..4 {
+            match client.recv() {
+                Some(reply) if reply.get(4..) == Some(data.as_bytes()) => {
+                    echoed += 1;
+                    break;
+                }
+                Some(_) => continue,
+                None => break,
+            }
+        }
+    }
+    echoed
+}
+
+#[test]
+fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.enable_fast_path_forwarding();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        false,
+        &["--fastpath", "xdp", "--interface", &rc, "--interface", &rp],
+    );
+    let echo = Echo::start(&lab);
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut client = Client::with_socket(socket, server, REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    client.bind_channel(0x4000, echo.addr);
+
+    let list = relay.allocations();
+    assert_eq!(list.allocations.len(), 1);
+    let id = list.allocations[0].id.to_string();
+    assert_eq!(list.allocations[0].path, "kernel");
+
+    // Kernel path.
+    assert_eq!(round_trips(&client, 0x4000, 100, "kernel"), 100);
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(
+        (a.kernel.to_peer_packets, a.kernel.to_client_packets),
+        (100, 100)
+    );
+    assert_eq!(a.socket.packets(), 0);
+
+    // Off: the same allocation and channel, now through the relay socket.
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "off", &id]);
+    assert!(ok, "{stderr}");
+    assert_eq!(round_trips(&client, 0x4000, 100, "socket"), 100);
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(a.path, "socket");
+    assert_eq!(
+        (a.socket.to_peer_packets, a.socket.to_client_packets),
+        (100, 100)
+    );
+    assert_eq!(
+        a.kernel.to_peer_packets, 100,
+        "the kernel forwarded while off"
+    );
+
+    // On again: back to the kernel.
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "on", &id]);
+    assert!(ok, "{stderr}");
+    assert_eq!(round_trips(&client, 0x4000, 100, "again"), 100);
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(a.path, "kernel");
+    assert_eq!(a.kernel.to_peer_packets, 200);
+    assert_eq!(a.socket.to_peer_packets, 100);
+
+    // Deleted: the kernel forwards nothing more for it (real traffic, counted at the peer).
+    client.delete();
+    let before = echo.received.load(Ordering::Relaxed);
+    assert_eq!(round_trips(&client, 0x4000, 20, "deleted"), 0);
+    assert_eq!(echo.received.load(Ordering::Relaxed), before);
+    assert!(relay.allocations().allocations.is_empty());
+
+    // Default off: a new allocation starts on the socket path.
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "default", "off"]);
+    assert!(ok, "{stderr}");
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut second = Client::with_socket(socket, server, REALM);
+    second.login("alice", "wonderland");
+    second.allocate();
+    second.bind_channel(0x4001, echo.addr);
+    assert_eq!(round_trips(&second, 0x4001, 50, "default-off"), 50);
+    let list = relay.allocations();
+    assert!(!list.fastpath_default);
+    let a = &list.allocations[0];
+    assert_eq!((a.path.as_str(), a.kernel.packets()), ("socket", 0));
+    assert_eq!(a.socket.to_peer_packets, 50);
+    // An unknown allocation is named in the error.
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "on", "999"]);
+    assert!(!ok);
+    assert!(stderr.contains("no allocation 999"), "{stderr}");
+}
