@@ -145,6 +145,18 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", &dev, "up"])?;
         }
         exec(&lab.relay, "sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        // The kernel fast path's `bpf_fib_lookup` refuses interfaces without forwarding, so
+        // the relay's two interfaces (only) forward; client and peer still have no route to
+        // each other, so nothing crosses except what the relay relays.
+        for dev in [&lab.r_c, &lab.r_p] {
+            for family in ["ipv4", "ipv6"] {
+                exec(
+                    &lab.relay,
+                    "sysctl",
+                    &["-qw", &format!("net.{family}.conf.{dev}.forwarding=1")],
+                )?;
+            }
+        }
         // Frames a local socket sends over veth carry partial checksums; once an XDP program
         // rewrites and redirects them that state is lost (ebpf-toolchain.md), so the senders
         // the generator uses compute full checksums.

@@ -5,7 +5,7 @@
 //! plane), `loadgen` (generators), `measure` (counters, CPU, latency), `runner` (servers and
 //! floods per path), `report` (table, JSON, SVG).
 
-mod lab;
+pub(crate) mod lab;
 mod loadgen;
 mod measure;
 mod report;
