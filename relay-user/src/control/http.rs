@@ -6,11 +6,11 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 use tracing::{debug, warn};
 
-use super::AdminRequest;
+use super::{ask, AdminRequest};
 
 /// Longest request head accepted; the admin API has no request bodies.
 const MAX_REQUEST: usize = 8192;
@@ -116,15 +116,6 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(String, St
         (Some(method), Some(path)) => Some((method.to_owned(), path.to_owned())),
         _ => None,
     })
-}
-
-async fn ask<T>(
-    core: &mpsc::Sender<AdminRequest>,
-    make: impl FnOnce(oneshot::Sender<T>) -> AdminRequest,
-) -> Option<T> {
-    let (tx, rx) = oneshot::channel();
-    core.send(make(tx)).await.ok()?;
-    rx.await.ok()
 }
 
 fn on_off(word: &str) -> Option<bool> {

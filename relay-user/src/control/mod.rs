@@ -23,7 +23,34 @@ pub struct PathCounters {
     pub to_client_bytes: u64,
 }
 
+impl std::ops::AddAssign for PathCounters {
+    fn add_assign(&mut self, other: Self) {
+        self.to_peer_packets += other.to_peer_packets;
+        self.to_peer_bytes += other.to_peer_bytes;
+        self.to_client_packets += other.to_client_packets;
+        self.to_client_bytes += other.to_client_bytes;
+    }
+}
+
 impl PathCounters {
+    /// One datagram of `bytes` in one direction.
+    pub fn one(to_peer: bool, bytes: usize) -> Self {
+        let bytes = bytes as u64;
+        if to_peer {
+            Self {
+                to_peer_packets: 1,
+                to_peer_bytes: bytes,
+                ..Self::default()
+            }
+        } else {
+            Self {
+                to_client_packets: 1,
+                to_client_bytes: bytes,
+                ..Self::default()
+            }
+        }
+    }
+
     pub fn packets(&self) -> u64 {
         self.to_peer_packets + self.to_client_packets
     }
@@ -66,6 +93,17 @@ pub struct AllocationList {
     /// Path new allocations start on.
     pub fastpath_default: bool,
     pub allocations: Vec<AllocationView>,
+}
+
+/// Sends a request made around a fresh reply channel and waits for the answer; `None` when the
+/// other side is gone.
+pub async fn ask<R, T>(
+    to: &tokio::sync::mpsc::Sender<R>,
+    make: impl FnOnce(oneshot::Sender<T>) -> R,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    to.send(make(tx)).await.ok()?;
+    rx.await.ok()
 }
 
 /// What the admin endpoint asks the core task to do; the core answers on the oneshot.

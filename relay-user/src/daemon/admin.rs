@@ -5,14 +5,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::{
     kernel_sync::KernelSync,
     worker::{lock, WorkerRequest, WorkerSnapshot},
 };
 use crate::{
-    control::{AdminRequest, AllocationList, PathCounters},
+    control::{ask, AdminRequest, AllocationList},
     proto::server::AllocationId,
 };
 
@@ -73,7 +73,7 @@ pub async fn route(
                         total.allocations += part.allocations;
                         total.permissions += part.permissions;
                         total.channels += part.channels;
-                        add(&mut total.socket_totals, &part.socket_totals);
+                        total.socket_totals += part.socket_totals;
                         total.allocation_ids.extend(part.allocation_ids);
                     }
                 }
@@ -81,22 +81,6 @@ pub async fn route(
             }
         }
     }
-}
-
-async fn ask<T>(
-    worker: &mpsc::Sender<WorkerRequest>,
-    make: impl FnOnce(oneshot::Sender<T>) -> WorkerRequest,
-) -> Option<T> {
-    let (tx, rx) = oneshot::channel();
-    worker.send(make(tx)).await.ok()?;
-    rx.await.ok()
-}
-
-fn add(total: &mut PathCounters, c: &PathCounters) {
-    total.to_peer_packets += c.to_peer_packets;
-    total.to_peer_bytes += c.to_peer_bytes;
-    total.to_client_packets += c.to_client_packets;
-    total.to_client_bytes += c.to_client_bytes;
 }
 
 /// Prometheus text exposition; no per-user labels.

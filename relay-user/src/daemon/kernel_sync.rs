@@ -152,7 +152,7 @@ impl KernelSync {
     pub fn totals(&self, live: impl Iterator<Item = AllocationId>) -> PathCounters {
         let mut total = self.retired;
         for id in live {
-            add(&mut total, &self.counters(id));
+            total += self.counters(id);
         }
         total
     }
@@ -183,7 +183,7 @@ impl KernelSync {
 
     fn forget_allocation(&mut self, id: AllocationId) {
         let counters = self.counters(id);
-        add(&mut self.retired, &counters);
+        self.retired += counters;
         if let Some(channels) = self.bindings.remove(&id) {
             for binding in channels.values() {
                 self.remove(binding);
@@ -229,13 +229,6 @@ impl KernelSync {
             }
         }
     }
-}
-
-fn add(total: &mut PathCounters, c: &PathCounters) {
-    total.to_peer_packets += c.to_peer_packets;
-    total.to_peer_bytes += c.to_peer_bytes;
-    total.to_client_packets += c.to_client_packets;
-    total.to_client_bytes += c.to_client_bytes;
 }
 
 fn not_attached() -> String {

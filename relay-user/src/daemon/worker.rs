@@ -233,16 +233,9 @@ impl Worker {
             };
             if let Some((relayed, len, to_peer)) = counted {
                 if let Some(relay) = self.relays.get(&relayed) {
-                    let counters = self.socket_counters.entry(relay.id).or_default();
-                    for c in [counters, &mut self.socket_totals] {
-                        if to_peer {
-                            c.to_peer_packets += 1;
-                            c.to_peer_bytes += len as u64;
-                        } else {
-                            c.to_client_packets += 1;
-                            c.to_client_bytes += len as u64;
-                        }
-                    }
+                    let one = PathCounters::one(to_peer, len);
+                    *self.socket_counters.entry(relay.id).or_default() += one;
+                    self.socket_totals += one;
                 }
             }
             self.pending.push_back(command);
@@ -462,45 +455,43 @@ const LISTENER_SLOT: usize = net::MAX_DATAGRAM;
 /// Relay sockets take fewer datagrams per batch: there is one per allocation.
 const RELAY_BATCH: usize = 8;
 
-async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mpsc::Sender<Event>) {
-    let mut receiver = Receiver::new(batch::RECV_BATCH, LISTENER_SLOT);
+/// Reads datagram batches from `socket` (bound on `local`) into the worker's queue until the
+/// worker goes away or the socket fails; `event` wraps a batch for the queue.
+async fn read_socket(
+    socket: Arc<UdpSocket>,
+    local: SocketAddr,
+    mut receiver: Receiver,
+    events: mpsc::Sender<Event>,
+    event: fn(SocketAddr, Datagrams) -> Event,
+) {
     loop {
         let mut datagrams = Datagrams::default();
         match receiver.recv(&socket, &mut datagrams).await {
             Ok(()) => {
-                let event = Event::Client {
-                    listener,
-                    datagrams,
-                };
-                if events.send(event).await.is_err() {
+                if events.send(event(local, datagrams)).await.is_err() {
                     return;
                 }
             }
             Err(error) if transient(&error) => {}
             Err(error) => {
-                warn!(%listener, %error, "listener receive failed; listener stopped");
+                warn!(%local, %error, "receive failed; socket stopped");
                 return;
             }
         }
     }
 }
 
+async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mpsc::Sender<Event>) {
+    let receiver = Receiver::new(batch::RECV_BATCH, LISTENER_SLOT);
+    let event = |listener, datagrams| Event::Client {
+        listener,
+        datagrams,
+    };
+    read_socket(socket, listener, receiver, events, event).await
+}
+
 async fn read_relay(socket: Arc<UdpSocket>, relayed: SocketAddr, events: mpsc::Sender<Event>) {
-    let mut receiver = Receiver::new(RELAY_BATCH, net::MAX_DATAGRAM);
-    loop {
-        let mut datagrams = Datagrams::default();
-        match receiver.recv(&socket, &mut datagrams).await {
-            Ok(()) => {
-                let event = Event::Peer { relayed, datagrams };
-                if events.send(event).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) if transient(&error) => {}
-            Err(error) => {
-                warn!(%relayed, %error, "relay socket receive failed; socket stopped");
-                return;
-            }
-        }
-    }
+    let receiver = Receiver::new(RELAY_BATCH, net::MAX_DATAGRAM);
+    let event = |relayed, datagrams| Event::Peer { relayed, datagrams };
+    read_socket(socket, relayed, receiver, events, event).await
 }

@@ -119,6 +119,8 @@ impl Allocation {
     /// Expires channels (into their reserved period, then gone) and permissions
     /// (RFC 8656 §9, §12), emitting DeleteChannelBinding for whatever leaves the fast path.
     pub(super) fn expire(&mut self, now: Instant, commands: &mut VecDeque<Command>) {
+        // (number, peer) of every channel that leaves the fast path, announced at the end.
+        let mut uninstalled = Vec::new();
         let mut gone = Vec::new();
         for (number, channel) in self.channels.iter_mut() {
             if channel.expires > now {
@@ -129,14 +131,7 @@ impl Allocation {
                 channel.expires += CHANNEL_COOLDOWN;
                 if channel.installed {
                     channel.installed = false;
-                    commands.push_back(Command::DeleteChannelBinding {
-                        id: self.id,
-                        client: self.client,
-                        listener: self.listener,
-                        relayed: self.relayed,
-                        peer: channel.peer,
-                        channel: *number,
-                    });
+                    uninstalled.push((*number, channel.peer));
                 }
                 if channel.expires <= now {
                     gone.push(*number);
@@ -161,16 +156,12 @@ impl Allocation {
             for (number, channel) in self.channels.iter_mut() {
                 if channel.installed && channel.peer.ip() == ip {
                     channel.installed = false;
-                    commands.push_back(Command::DeleteChannelBinding {
-                        id: self.id,
-                        client: self.client,
-                        listener: self.listener,
-                        relayed: self.relayed,
-                        peer: channel.peer,
-                        channel: *number,
-                    });
+                    uninstalled.push((*number, channel.peer));
                 }
             }
+        }
+        for (number, peer) in uninstalled {
+            commands.push_back(self.delete_channel_command(number, peer));
         }
     }
 }
