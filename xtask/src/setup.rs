@@ -17,6 +17,10 @@ const PACKAGES: &[(&str, Option<&str>)] = &[
     ("bpftool", None),
     ("ethtool", None),
     ("iproute2", None),
+    // sysctl, ping and taskset, which the namespace tests and the benchmark call.
+    ("procps", None),
+    ("iputils-ping", None),
+    ("util-linux", None),
     // coturn 4.6.1: turnutils_uclient / turnutils_peer / turnserver.
     ("coturn", None),
     // aioice, a Python TURN client, for Debian's /usr/bin/python3.
