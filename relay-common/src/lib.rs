@@ -430,3 +430,78 @@ mod tests {
         assert!(MAX_ALLOCATIONS as usize * allocation_counter_bytes(64) <= 64 << 20);
     }
 }
+
+// --- Benchmark frame injector (`cargo xtask bench --generator live-frames`) ---------------------
+//
+// `relay_bench_gen` is never attached: the benchmark runs it with BPF_PROG_TEST_RUN and
+// BPF_F_TEST_XDP_LIVE_FRAMES in the client namespace, where it stamps one template per frame and
+// redirects the frame out of the client's veth towards the relay. The relay's own programs do
+// not reference these maps, and `FastPath::load` never loads it.
+
+/// Name of the XDP program that injects benchmark frames (test runs only, never attached).
+pub const BENCH_GEN_PROGRAM: &str = "relay_bench_gen";
+/// Name of the one-entry array holding the injector's [`BenchGenConfig`].
+pub const BENCH_GEN_CFG_MAP: &str = "BENCH_GEN_CFG";
+/// Name of the array of [`BenchGenFrame`] templates, one per flow (allocation or peer target).
+pub const BENCH_GEN_FRAMES_MAP: &str = "BENCH_GEN_FRAMES";
+/// Name of the per-CPU one-entry array (`u32`): the template the next frame gets.
+pub const BENCH_GEN_NEXT_MAP: &str = "BENCH_GEN_NEXT";
+/// Templates [`BENCH_GEN_FRAMES_MAP`] holds: the benchmark's 1000-allocation variant fits.
+pub const BENCH_GEN_MAX_FRAMES: u32 = 1024;
+/// Bytes of a template copied over the start of every frame: Ethernet (14) + IPv4 (20) + UDP
+/// (8) + ChannelData header (4) with room to spare. Downstream programs rewrite at most the
+/// first 46 bytes of a frame (the relay strips or inserts the 4-byte ChannelData header and
+/// rewrites Ethernet/IP/UDP), so restoring these bytes restores the whole frame.
+pub const BENCH_GEN_TEMPLATE_LEN: usize = 64;
+
+/// Value of [`BENCH_GEN_CFG_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchGenConfig {
+    /// Interface the frames are redirected out of (in the test-running thread's namespace).
+    pub ifindex: u32,
+    /// Templates in use: entries `0..n_frames` of [`BENCH_GEN_FRAMES_MAP`], emitted in turn.
+    /// Zero (or above [`BENCH_GEN_MAX_FRAMES`]) makes the program abort every frame.
+    pub n_frames: u32,
+}
+
+/// Value of [`BENCH_GEN_FRAMES_MAP`]: the first bytes of one flow's frame, with IPv4 and UDP
+/// checksums computed by userspace over the whole frame (the payload after these bytes is the
+/// same for every flow: the test run's `data_in`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchGenFrame {
+    /// Length of the whole frame this template belongs to: frames of any other length are
+    /// aborted, so a template never lands on a frame whose checksums it does not match.
+    pub len: u32,
+    pub bytes: [u8; BENCH_GEN_TEMPLATE_LEN],
+}
+
+impl BenchGenFrame {
+    /// An unused entry.
+    pub const EMPTY: Self = Self {
+        len: 0,
+        bytes: [0; BENCH_GEN_TEMPLATE_LEN],
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<BenchGenConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<BenchGenFrame>() == 68);
+// Padding-free: each size equals the sum of its fields' sizes.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<BenchGenConfig>() == 2 * size_of::<u32>());
+    assert!(size_of::<BenchGenFrame>() == size_of::<u32>() + BENCH_GEN_TEMPLATE_LEN);
+};
+
+/// `aya::Pod` for the benchmark injector's map types.
+#[cfg(feature = "user")]
+mod bench_pod {
+    use super::{BenchGenConfig, BenchGenFrame};
+
+    // SAFETY: both are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of integers
+    // and byte arrays only, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for BenchGenConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BenchGenFrame {}
+}

@@ -2,9 +2,9 @@
 //! works everywhere; its ceiling is measured in every run (generator → sink, no relay), so the
 //! report shows whether it limited a path.
 //!
-//! Extension point: [`Generator`] is what the runners call. A frame injector built on
-//! BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ([`LiveFramesGenerator`]) slots in here
-//! once the eBPF object carries the XDP program it needs (see its doc comment).
+//! [`Generator`] is what the runners call. The live-frames generator ([`LiveFramesGenerator`],
+//! module `live`) injects frames with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES and is
+//! several times faster than the socket generator: the default whenever it works here.
 
 use std::{
     net::{SocketAddrV4, UdpSocket},
@@ -17,6 +17,9 @@ use anyhow::bail;
 
 use super::lab::{check_stop, pin_current_thread, STOP};
 
+mod live;
+pub use live::{origin, LiveFramesGenerator};
+
 /// Datagrams from one socket: either one destination (a TURN client's ChannelData to the
 /// server, `prefix` = the 4-byte ChannelData header) or many (the peer answering every
 /// allocation's relayed address, no prefix).
@@ -26,8 +29,20 @@ pub struct SendGroup {
     pub prefix: Vec<u8>,
 }
 
+/// Where a flood's frames enter the lab: the generator's veth end and the veth end facing it
+/// (whose MAC address the frames go to). The socket generator does not need it: its sockets
+/// carry their namespace and the kernel routes.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub netns: String,
+    pub dev: String,
+    pub next_hop_netns: String,
+    pub next_hop_dev: String,
+}
+
 pub struct FloodPlan {
     pub groups: Vec<SendGroup>,
+    pub origin: Origin,
     /// Application payload bytes after the prefix.
     pub payload: usize,
     pub duration: Duration,
@@ -51,11 +66,26 @@ pub trait Generator: Send + Sync {
     fn flood(&self, plan: &FloodPlan) -> anyhow::Result<GenStats>;
 }
 
-pub fn by_name(name: &str) -> anyhow::Result<Box<dyn Generator>> {
+/// The generator called `name`; `auto` is live-frames when the eBPF object at `ebpf_object`
+/// carries its program and this kernel loads it, else socket (the note says why).
+pub fn by_name(
+    name: &str,
+    ebpf_object: &std::path::Path,
+) -> anyhow::Result<(Box<dyn Generator>, Option<String>)> {
     match name {
-        "socket" => Ok(Box::new(SocketGenerator { batch: 64 })),
-        "live-frames" => Ok(Box::new(LiveFramesGenerator)),
-        other => bail!("unknown generator {other:?} (socket, live-frames)"),
+        "socket" => Ok((Box::new(SocketGenerator { batch: 64 }), None)),
+        "live-frames" => Ok((Box::new(LiveFramesGenerator::new(ebpf_object)?), None)),
+        "auto" => match LiveFramesGenerator::new(ebpf_object) {
+            Ok(live) => Ok((Box::new(live), None)),
+            Err(e) => Ok((
+                Box::new(SocketGenerator { batch: 64 }),
+                Some(format!(
+                    "live-frames generator unavailable, using socket: {}",
+                    format!("{e:#}").lines().next().unwrap_or("")
+                )),
+            )),
+        },
+        other => bail!("unknown generator {other:?} (auto, socket, live-frames)"),
     }
 }
 
@@ -184,45 +214,5 @@ impl Generator for SocketGenerator {
         stats.elapsed = started.elapsed();
         check_stop()?;
         Ok(stats)
-    }
-}
-
-/// Frame injector for several Mpps on one core: BPF_PROG_TEST_RUN with
-/// BPF_F_TEST_XDP_LIVE_FRAMES (kernel ≥ 5.18), `repeat` = batch count, run on the generator's
-/// veth (c0, in the client namespace). Not available yet: it needs an XDP program in the eBPF
-/// object, which the fast-path work owns.
-///
-/// The program it needs (`relay_bench_gen`, section `xdp`, type XDP):
-/// * map `BENCH_GEN_CFG`: Array<1> of `#[repr(C)] { ifindex: u32, n_frames: u32 }`
-///   (ifindex of c0 inside the client namespace);
-/// * map `BENCH_GEN_FRAMES`: Array<1024> of `#[repr(C)] { len: u32, bytes: [u8; 64] }`: full
-///   Ethernet + IPv4 + UDP + ChannelData headers and the first payload bytes of one flow each
-///   (one entry per allocation), with valid IPv4 and UDP checksums computed by userspace over
-///   the whole frame;
-/// * map `BENCH_GEN_NEXT`: PerCpuArray<1> of u32, the next entry to emit;
-/// * body: take entry `next % n_frames`, copy its `len` (≤ 64) bytes over the start of the
-///   frame (bounded loop or fixed 64-byte copy), advance `next`, return
-///   `bpf_redirect(cfg.ifindex, 0)`.
-///
-/// The copy is not optional: live-frame pages are recycled with whatever a downstream XDP
-/// program (the relay's, which strips the ChannelData header and rewrites the headers in place)
-/// wrote into them, so every frame must be rewritten on every run. The payload after byte 64 is
-/// never written downstream, so the checksums stay valid. Userspace passes `data_in` = one
-/// template frame of the full length (4 + payload + 42 bytes) with `ctx_in` naming c0 as
-/// `ingress_ifindex`, and calls BPF_PROG_TEST_RUN with `flags = BPF_F_TEST_XDP_LIVE_FRAMES`
-/// and `repeat` = frames per call, from a thread inside the client namespace pinned to the
-/// generator core.
-pub struct LiveFramesGenerator;
-
-impl Generator for LiveFramesGenerator {
-    fn name(&self) -> &'static str {
-        "live-frames"
-    }
-
-    fn flood(&self, _plan: &FloodPlan) -> anyhow::Result<GenStats> {
-        bail!(
-            "the live-frames generator needs the XDP program `relay_bench_gen` in the eBPF \
-             object (see xtask/src/bench/loadgen.rs); use --generator socket"
-        )
     }
 }

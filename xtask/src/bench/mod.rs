@@ -52,9 +52,15 @@ pub struct BenchArgs {
     /// The relay binary (default: $RELAY_BIN, else built with `cargo build --release`).
     #[arg(long, value_name = "PATH")]
     relay_bin: Option<PathBuf>,
-    /// Load generator: socket (sendmmsg) or live-frames (BPF_PROG_TEST_RUN, not available yet).
-    #[arg(long, default_value = "socket")]
+    /// Load generator for every path: live-frames (BPF_PROG_TEST_RUN with
+    /// BPF_F_TEST_XDP_LIVE_FRAMES, needs the eBPF object), socket (sendmmsg), or auto
+    /// (live-frames when it loads, else socket).
+    #[arg(long, default_value = "auto")]
     generator: String,
+    /// The eBPF object holding the live-frames program (default: $RELAY_EBPF_OBJECT, else
+    /// target/ebpf/bpfel-unknown-none/release/relay-ebpf, built with the relay).
+    #[arg(long, value_name = "PATH")]
+    ebpf_object: Option<PathBuf>,
     /// Core for the generator, sinks and the far veth ends' NAPI threads.
     #[arg(long, default_value_t = 0)]
     gen_cpu: usize,
@@ -170,7 +176,12 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             PathKind::Coturn,
         ],
     };
-    let generator = loadgen::by_name(&args.generator)?;
+    let ebpf_object = args
+        .ebpf_object
+        .clone()
+        .or_else(|| std::env::var_os("RELAY_EBPF_OBJECT").map(PathBuf::from))
+        .unwrap_or_else(|| root.join("target/ebpf/bpfel-unknown-none/release/relay-ebpf"));
+    let (generator, generator_note) = loadgen::by_name(&args.generator, &ebpf_object)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if args.gen_cpu >= cpus || args.relay_cpu >= cpus || args.gen_cpu == args.relay_cpu {
         bail!(
@@ -211,6 +222,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         .any(|p| matches!(p, PathKind::Xdp | PathKind::Tc))
         .then(measure::BpfStatsGuard::enable);
     let mut lab = lab::Lab::up(ctx.gen_cpu, ctx.relay_cpu)?;
+    lab.notes.extend(generator_note);
     for note in &lab.notes {
         println!("bench: note: {note}");
     }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 
 use super::{
     lab::{self, check_stop, in_ns, Lab, UdpCounters, LISTEN_IP, PEER_IP, RELAY_IP},
-    loadgen::{FloodPlan, GenStats, Generator, SendGroup},
+    loadgen::{self, FloodPlan, GenStats, Generator, SendGroup},
     measure,
     turn::{self, Allocation, FIRST_CHANNEL},
 };
@@ -455,15 +455,24 @@ pub fn flood(
     }
     let ceiling = server_pid.is_none();
     let before = snapshot(lab, ctx, server_pid, kernel)?;
-    let plan = |groups| FloodPlan {
+    let plan = |groups, origin| FloodPlan {
         groups,
+        origin,
         payload: variant.payload,
         duration: ctx.duration,
         max_packets: ctx.max_packets,
         cpu: ctx.gen_cpu,
     };
-    let client_plan = plan(client_groups);
-    let peer_plan = peer_group.map(|g| plan(vec![g]));
+    let client_plan = plan(
+        client_groups,
+        loadgen::origin(&lab.client, &lab.c0, &lab.relay, &lab.r_c),
+    );
+    let peer_plan = peer_group.map(|g| {
+        plan(
+            vec![g],
+            loadgen::origin(&lab.peer, &lab.p0, &lab.relay, &lab.r_p),
+        )
+    });
     let (c2p, p2c): (GenStats, Option<GenStats>) = std::thread::scope(|scope| {
         let peer = peer_plan
             .as_ref()
