@@ -37,17 +37,13 @@ pub static LISTENER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_LIST
 pub static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_DEVICES, 0);
 
 /// Adds one datagram of `bytes` application bytes to `allocation`'s counters on this CPU.
+///
+/// Userspace creates the entry when it installs a binding and deletes it after the
+/// allocation's bindings are gone; the kernel never creates one, so a packet racing with the
+/// deletion cannot leave an entry behind for an allocation that no longer exists.
 #[inline(always)]
 pub fn count_allocation(allocation: u64, to_peer: bool, bytes: u64) {
-    let mut slot = ALLOCATION_COUNTERS.get_ptr_mut(allocation);
-    if slot.is_none() {
-        // Userspace creates the entry when it installs a binding; recreate it if it was removed
-        // while the binding lived on. BPF_NOEXIST: a racing CPU's insert wins, which is fine.
-        const BPF_NOEXIST: u64 = 1;
-        let _ = ALLOCATION_COUNTERS.insert(allocation, AllocationCounters::default(), BPF_NOEXIST);
-        slot = ALLOCATION_COUNTERS.get_ptr_mut(allocation);
-    }
-    if let Some(counters) = slot {
+    if let Some(counters) = ALLOCATION_COUNTERS.get_ptr_mut(allocation) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU hash: it points at
         // this CPU's copy, which nothing else writes while this program runs (no preemption).
         let counters = unsafe { &mut *counters };

@@ -182,13 +182,14 @@ impl KernelSync {
     }
 
     fn forget_allocation(&mut self, id: AllocationId) {
-        let counters = self.counters(id);
-        self.retired += counters;
+        // Bindings out first, so the counters read next are final (up to packets in flight).
         if let Some(channels) = self.bindings.remove(&id) {
             for binding in channels.values() {
                 self.remove(binding);
             }
         }
+        let counters = self.counters(id);
+        self.retired += counters;
         self.overrides.remove(&id);
         if let Some(fastpath) = &mut self.fastpath {
             if let Err(error) = fastpath.remove_allocation_counters(id.0) {
