@@ -361,6 +361,22 @@ fn ctl_lists_allocations_counts_socket_traffic_and_serves_metrics() {
     assert!(!ok);
     assert!(stderr.contains("expected `on` or `off`"), "{stderr}");
 
+    // A browser cannot drive it: foreign Host names (DNS rebinding) and POSTs without the
+    // ctl header are refused.
+    let foreign = raw_http(
+        relay.admin,
+        "GET /allocations HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    );
+    assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
+    let csrf = raw_http(
+        relay.admin,
+        &format!(
+            "POST /fastpath/default/off HTTP/1.1\r\nHost: {}\r\n\r\n",
+            relay.admin
+        ),
+    );
+    assert!(csrf.starts_with("HTTP/1.1 403"), "{csrf}");
+
     let metrics = relay_tests_http_get(relay.admin, "/metrics");
     assert!(metrics.contains("relay_allocations 1"), "{metrics}");
     assert!(
@@ -371,11 +387,20 @@ fn ctl_lists_allocations_counts_socket_traffic_and_serves_metrics() {
 
 /// A plain HTTP GET against the admin endpoint, as Prometheus would do it.
 fn relay_tests_http_get(admin: SocketAddr, path: &str) -> String {
+    let text = raw_http(
+        admin,
+        &format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\n\r\n"),
+    );
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// Sends `request` as is to the admin endpoint and returns the whole answer.
+fn raw_http(admin: SocketAddr, request: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(admin).expect("connect admin");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    stream.write_all(request.as_bytes()).expect("write");
     let mut text = String::new();
     stream.read_to_string(&mut text).expect("read");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     text
 }

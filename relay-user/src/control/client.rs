@@ -22,7 +22,7 @@ pub fn request(admin: SocketAddr, method: &str, path: &str) -> anyhow::Result<St
     stream.set_write_timeout(Some(TIMEOUT))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nX-Relay-Ctl: 1\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = String::new();
     stream

@@ -74,12 +74,21 @@ async fn handle(mut stream: TcpStream, core: mpsc::Sender<AdminRequest>) -> std:
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
     let response = match head {
-        Some((method, path)) => route(&method, &path, &core).await,
         None => Response::error(400, "malformed request"),
+        Some(r) if !r.host.as_deref().is_some_and(local_host) => Response::error(
+            403,
+            "the admin endpoint answers only requests for a loopback host",
+        ),
+        Some(r) if r.method != "GET" && !r.ctl_header => Response::error(
+            403,
+            "state-changing requests need the X-Relay-Ctl header (use relay ctl)",
+        ),
+        Some(r) => route(&r.method, &r.path, &core).await,
     };
     let reason = match response.status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
@@ -96,8 +105,20 @@ async fn handle(mut stream: TcpStream, core: mpsc::Sender<AdminRequest>) -> std:
     stream.shutdown().await
 }
 
-/// Reads up to the end of the request head; returns (method, path).
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(String, String)>> {
+/// The parts of a request the admin API looks at.
+struct Request {
+    method: String,
+    path: String,
+    host: Option<String>,
+    ctl_header: bool,
+}
+
+/// Header a state-changing request must carry: browsers cannot add it to a cross-site request
+/// without a CORS preflight, which this endpoint never grants.
+pub const CTL_HEADER: &str = "x-relay-ctl";
+
+/// Reads up to the end of the request head.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -111,11 +132,42 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(String, St
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
     let text = String::from_utf8_lossy(&buf);
-    let mut parts = text.lines().next().unwrap_or_default().split_whitespace();
-    Ok(match (parts.next(), parts.next()) {
-        (Some(method), Some(path)) => Some((method.to_owned(), path.to_owned())),
-        _ => None,
-    })
+    let mut lines = text.lines();
+    let mut parts = lines.next().unwrap_or_default().split_whitespace();
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    let mut request = Request {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        host: None,
+        ctl_header: false,
+    };
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim().to_ascii_lowercase();
+        if name == "host" {
+            request.host = Some(value.trim().to_ascii_lowercase());
+        } else if name == CTL_HEADER {
+            request.ctl_header = true;
+        }
+    }
+    Ok(Some(request))
+}
+
+/// Whether a Host header names this host by a loopback literal or `localhost` (any port):
+/// anything else is a browser sent here by DNS rebinding.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn on_off(word: &str) -> Option<bool> {
@@ -170,5 +222,32 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
         | (_, ["allocations", _, "fastpath", _])
         | (_, ["fastpath", "default", _]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such route"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_host;
+
+    #[test]
+    fn only_loopback_hosts_are_local() {
+        for host in [
+            "127.0.0.1:3479",
+            "localhost",
+            "localhost:3479",
+            "[::1]:3479",
+            "127.0.0.2",
+        ] {
+            assert!(local_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:3479",
+            "10.0.0.1",
+            "[2001:db8::1]:80",
+            "",
+            "localhost.evil",
+        ] {
+            assert!(!local_host(host), "{host}");
+        }
     }
 }

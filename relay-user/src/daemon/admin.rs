@@ -74,6 +74,7 @@ pub async fn route(
                         total.permissions += part.permissions;
                         total.channels += part.channels;
                         total.socket_totals += part.socket_totals;
+                        total.send_drops += part.send_drops;
                         total.allocation_ids.extend(part.allocation_ids);
                     }
                 }

@@ -36,8 +36,9 @@ use self::{
     worker::{Worker, WorkerRequest},
 };
 
-/// Batches queued between the socket tasks and the core before receivers wait.
-const EVENT_QUEUE: usize = 1024;
+/// Batches queued between the socket tasks and a worker before readers wait; with at most 32
+/// datagrams per batch this bounds what a flood can hold in memory.
+const EVENT_QUEUE: usize = 256;
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {

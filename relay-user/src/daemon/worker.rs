@@ -86,6 +86,7 @@ pub struct WorkerSnapshot {
     pub permissions: u64,
     pub channels: u64,
     pub socket_totals: PathCounters,
+    pub send_drops: u64,
     pub allocation_ids: Vec<AllocationId>,
 }
 
@@ -105,6 +106,10 @@ pub struct Worker {
     pending: VecDeque<Command>,
     /// Datagrams to send at the end of this wake, per local socket (flushed in batches).
     outbox: HashMap<Local, Vec<Transmit>>,
+    /// Receive buffers shared by the relay sockets of this worker.
+    relay_receiver: Arc<Mutex<Receiver>>,
+    /// Datagrams the socket path dropped on send (full buffers, refused sends).
+    send_drops: u64,
     /// What the socket path relayed per live allocation.
     socket_counters: HashMap<AllocationId, PathCounters>,
     /// Socket-path totals, including allocations that are gone (for metrics).
@@ -134,6 +139,8 @@ impl Worker {
             relays: HashMap::new(),
             pending: VecDeque::new(),
             outbox: HashMap::new(),
+            relay_receiver: Arc::new(Mutex::new(Receiver::new(RELAY_BATCH, net::MAX_DATAGRAM))),
+            send_drops: 0,
             socket_counters: HashMap::new(),
             socket_totals: PathCounters::default(),
             kernel,
@@ -295,7 +302,7 @@ impl Worker {
                 Local::Relay(addr) => self.relays.get(addr).map(|r| &r.socket),
             };
             match socket {
-                Some(socket) => batch::send_all(socket, queue).await,
+                Some(socket) => self.send_drops += batch::send_all(socket, queue).await as u64,
                 None => {
                     debug!(
                         ?local,
@@ -324,6 +331,7 @@ impl Worker {
                 let reader = tokio::spawn(read_relay(
                     Arc::clone(&socket),
                     relayed,
+                    Arc::clone(&self.relay_receiver),
                     self.events.clone(),
                 ));
                 self.relays
@@ -373,6 +381,7 @@ impl Worker {
             WorkerRequest::Snapshot(reply) => {
                 let mut snapshot = WorkerSnapshot {
                     socket_totals: self.socket_totals,
+                    send_drops: self.send_drops,
                     ..WorkerSnapshot::default()
                 };
                 for a in self.server.allocations() {
@@ -452,21 +461,32 @@ fn transient(error: &io::Error) -> bool {
 
 /// Slot size for listener sockets: any client datagram fits.
 const LISTENER_SLOT: usize = net::MAX_DATAGRAM;
-/// Relay sockets take fewer datagrams per batch: there is one per allocation.
+/// Relay sockets take fewer datagrams per batch; their receive buffers are shared by all
+/// relay sockets of a worker, so memory does not grow with the number of allocations.
 const RELAY_BATCH: usize = 8;
 
 /// Reads datagram batches from `socket` (bound on `local`) into the worker's queue until the
-/// worker goes away or the socket fails; `event` wraps a batch for the queue.
+/// worker goes away or the socket fails; `event` wraps a batch for the queue. The receive
+/// buffers may be shared with other sockets of this worker's thread: the lock is only held
+/// for one non-blocking `recvmmsg`.
 async fn read_socket(
     socket: Arc<UdpSocket>,
     local: SocketAddr,
-    mut receiver: Receiver,
+    receiver: Arc<Mutex<Receiver>>,
     events: mpsc::Sender<Event>,
     event: fn(SocketAddr, Datagrams) -> Event,
 ) {
     loop {
+        if let Err(error) = socket.readable().await {
+            warn!(%local, %error, "socket failed; stopped reading it");
+            return;
+        }
         let mut datagrams = Datagrams::default();
-        match receiver.recv(&socket, &mut datagrams).await {
+        let result = receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_recv(&socket, &mut datagrams);
+        match result {
             Ok(()) => {
                 if events.send(event(local, datagrams)).await.is_err() {
                     return;
@@ -482,7 +502,7 @@ async fn read_socket(
 }
 
 async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mpsc::Sender<Event>) {
-    let receiver = Receiver::new(batch::RECV_BATCH, LISTENER_SLOT);
+    let receiver = Arc::new(Mutex::new(Receiver::new(batch::RECV_BATCH, LISTENER_SLOT)));
     let event = |listener, datagrams| Event::Client {
         listener,
         datagrams,
@@ -490,8 +510,12 @@ async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mps
     read_socket(socket, listener, receiver, events, event).await
 }
 
-async fn read_relay(socket: Arc<UdpSocket>, relayed: SocketAddr, events: mpsc::Sender<Event>) {
-    let receiver = Receiver::new(RELAY_BATCH, net::MAX_DATAGRAM);
+async fn read_relay(
+    socket: Arc<UdpSocket>,
+    relayed: SocketAddr,
+    receiver: Arc<Mutex<Receiver>>,
+    events: mpsc::Sender<Event>,
+) {
     let event = |relayed, datagrams| Event::Peer { relayed, datagrams };
     read_socket(socket, relayed, receiver, events, event).await
 }

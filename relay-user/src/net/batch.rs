@@ -25,6 +25,9 @@ const SEND_BATCH: usize = 64;
 const MAX_GSO_SEGMENTS: usize = 64;
 /// Largest GSO super-datagram (an IP datagram carries at most 64 KiB).
 const MAX_GSO_BYTES: usize = 65_000;
+/// Largest segment grouped for GSO: a UDP payload that fits a 1500-byte MTU over IPv6. Larger
+/// datagrams would make the whole run fail with EMSGSIZE where plain sends just fragment.
+const MAX_GSO_SEGMENT: usize = 1452;
 
 /// `UDP_SEGMENT` from linux/udp.h.
 const UDP_SEGMENT: libc::c_int = 103;
@@ -122,21 +125,28 @@ impl Receiver {
     /// Waits until `socket` is readable, then takes up to a batch of datagrams into `out`
     /// (cleared first). Truncated datagrams (larger than a slot) are dropped.
     pub async fn recv(&mut self, socket: &UdpSocket, out: &mut Datagrams) -> io::Result<()> {
-        out.data.clear();
-        out.items.clear();
         loop {
             socket.readable().await?;
-            match socket.try_io(Interest::READABLE, || self.recv_now(socket.as_raw_fd())) {
-                Ok(n) => {
-                    self.collect(n, out);
-                    if !out.is_empty() {
-                        return Ok(());
-                    }
-                }
+            match self.try_recv(socket, out) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
+    }
+
+    /// Takes up to a batch of datagrams that are already waiting into `out` (cleared first);
+    /// `WouldBlock` when there are none. Never waits, so one `Receiver` can serve many sockets
+    /// of one thread.
+    pub fn try_recv(&mut self, socket: &UdpSocket, out: &mut Datagrams) -> io::Result<()> {
+        out.data.clear();
+        out.items.clear();
+        let n = socket.try_io(Interest::READABLE, || self.recv_now(socket.as_raw_fd()))?;
+        self.collect(n, out);
+        if out.is_empty() {
+            // Only truncated datagrams: nothing for the caller, but the socket may hold more.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
     }
 
     fn recv_now(&mut self, fd: libc::c_int) -> io::Result<usize> {
@@ -297,6 +307,7 @@ fn plan(queue: &[Transmit], gso: bool) -> Vec<Planned> {
                 let total = last.segment * last.count + t.payload.len();
                 // A shorter datagram ends the run; equal sizes continue it.
                 if last.to == t.to
+                    && last.segment <= MAX_GSO_SEGMENT
                     && prev.payload.len() == last.segment
                     && t.payload.len() <= last.segment
                     && !t.payload.is_empty()
@@ -318,44 +329,70 @@ fn plan(queue: &[Transmit], gso: bool) -> Vec<Planned> {
     plan
 }
 
-/// Sends everything in `queue` from `socket` (which it empties): waits when the socket buffer
-/// is full, drops a datagram the kernel refuses (UDP gives no delivery promise anyway).
-pub async fn send_all(socket: &UdpSocket, queue: &mut Vec<Transmit>) {
+/// How long a flush waits for a full socket buffer before dropping what is left: one slow
+/// socket must not stall the worker's other sockets, timers and admin requests for long.
+const WRITABLE_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Sends everything in `queue` from `socket` (which it empties); returns how many datagrams it
+/// dropped. A full socket buffer is waited for briefly, then the rest is dropped; a datagram
+/// the kernel refuses is dropped (UDP promises no delivery anyway). A GSO run the kernel
+/// refuses is sent again datagram by datagram; only EIO, which says the device cannot
+/// segment, turns GSO off for the whole relay.
+pub async fn send_all(socket: &UdpSocket, queue: &mut Vec<Transmit>) -> usize {
     let mut done = 0;
+    let mut dropped = 0;
+    // Transmits before this index go out without segmentation (a refused run being retried).
+    let mut plain_until = 0;
     while done < queue.len() {
-        let gso = GSO_ENABLED.load(Ordering::Relaxed);
+        let gso = GSO_ENABLED.load(Ordering::Relaxed) && done >= plain_until;
         let pending = &queue[done..];
+        let mut planned = plan(pending, gso);
+        planned.truncate(SEND_BATCH);
         let result = socket.try_io(Interest::WRITABLE, || {
-            send_now(socket.as_raw_fd(), pending, gso)
+            send_now(socket.as_raw_fd(), pending, &planned)
         });
+        let first_run = planned.first().map_or(1, |p| p.count);
         match result {
             Ok(sent) => done += sent.max(1).min(pending.len()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if socket.writable().await.is_err() {
-                    break;
+                match tokio::time::timeout(WRITABLE_WAIT, socket.writable()).await {
+                    Ok(Ok(())) => {}
+                    _ => {
+                        dropped += queue.len() - done;
+                        debug!(
+                            dropped = queue.len() - done,
+                            "socket buffer full; datagrams dropped"
+                        );
+                        break;
+                    }
                 }
             }
-            Err(e) if gso && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
-                disable_gso(&e);
+            Err(e) if first_run > 1 => {
+                if e.raw_os_error() == Some(libc::EIO) {
+                    disable_gso(&e);
+                }
+                debug!(error = %e, segments = first_run, "GSO send refused; sending one by one");
+                plain_until = done + first_run;
             }
             Err(e) => {
-                // The first message was refused (e.g. EPERM, ENETUNREACH): skip it.
+                // The first message was refused (e.g. EPERM, ENETUNREACH, EMSGSIZE): skip it.
                 debug!(to = %pending[0].to, error = %e, "send failed; datagram dropped");
+                dropped += 1;
                 done += 1;
             }
         }
     }
     queue.clear();
+    dropped
 }
 
-/// One `sendmmsg` call over the head of `queue`; returns how many transmits were sent.
-fn send_now(fd: libc::c_int, queue: &[Transmit], gso: bool) -> io::Result<usize> {
-    let mut planned = plan(queue, gso);
-    planned.truncate(SEND_BATCH);
+/// One `sendmmsg` call of the `planned` messages over the head of `queue`; returns how many
+/// transmits were sent.
+fn send_now(fd: libc::c_int, queue: &[Transmit], planned: &[Planned]) -> io::Result<usize> {
     // GSO runs need their payloads contiguous.
     let mut joined: Vec<Vec<u8>> = Vec::new();
     let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(planned.len());
-    for p in &planned {
+    for p in planned {
         let (ptr, len) = if p.count == 1 {
             let payload = &queue[p.first].payload;
             (payload.as_ptr(), payload.len())
@@ -447,6 +484,12 @@ mod tests {
     }
 
     #[test]
+    fn plan_leaves_datagrams_larger_than_an_mtu_alone() {
+        let q: Vec<Transmit> = (0..4).map(|_| t("198.18.0.1:1", 2000)).collect();
+        assert!(plan(&q, true).iter().all(|p| p.count == 1));
+    }
+
+    #[test]
     fn plan_respects_segment_limits() {
         let q: Vec<Transmit> = (0..100).map(|_| t("198.18.0.1:1", 1200)).collect();
         let p = plan(&q, true);
@@ -486,6 +529,35 @@ mod tests {
                 let len = if i == 9 { 50 } else { 200 };
                 assert_eq!(d, &vec![i as u8; len], "gso={gso}");
             }
+        }
+
+        // A datagram the kernel refuses (port 0: EINVAL) is dropped alone; it says nothing
+        // about GSO, which stays on for the run behind it.
+        if probe_gso() {
+            let nowhere: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+            let mut queue = vec![Transmit {
+                to: nowhere,
+                payload: vec![1; 100],
+            }];
+            queue.extend((0..3).map(|_| Transmit {
+                to,
+                payload: vec![2; 100],
+            }));
+            assert_eq!(send_all(&sender, &mut queue).await, 1);
+            assert!(GSO_ENABLED.load(Ordering::Relaxed), "GSO was turned off");
+            let mut got = 0;
+            let mut out = Datagrams::default();
+            while got < 3 {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    rx.recv(&receiver, &mut out),
+                )
+                .await
+                .expect("datagrams arrive")
+                .expect("recv");
+                got += out.len();
+            }
+            assert_eq!(got, 3);
         }
     }
 }

@@ -77,8 +77,7 @@ impl Allocation {
     }
 
     /// Installs or refreshes the permission for `ip` (RFC 8656 §9.2) and (re)announces every
-    /// bound channel to that IP with its new deadline: the earlier of channel and permission
-    /// expiry, so the kernel never forwards past either.
+    /// bound channel to that IP with its new deadline.
     pub(super) fn install_permission(
         &mut self,
         ip: IpAddr,
@@ -89,20 +88,36 @@ impl Allocation {
         if *entry < expires {
             *entry = expires;
         }
-        let permission_expires = *entry;
+        self.announce_channels(Some(ip), commands);
+    }
+
+    /// (Re)announces the bound channels with a live permission (to `only` that peer IP, or
+    /// all) to the fast path. Each deadline is the earliest of channel, permission and
+    /// allocation expiry, so the kernel never forwards past any of them, even if the daemon is
+    /// late to remove the entry.
+    pub(super) fn announce_channels(
+        &mut self,
+        only: Option<IpAddr>,
+        commands: &mut VecDeque<Command>,
+    ) {
         for (number, channel) in self.channels.iter_mut() {
-            if channel.bound && channel.peer.ip() == ip {
-                channel.installed = true;
-                commands.push_back(Command::CreateChannelBinding {
-                    id: self.id,
-                    client: self.client,
-                    listener: self.listener,
-                    relayed: self.relayed,
-                    peer: channel.peer,
-                    channel: *number,
-                    expires_at: channel.expires.min(permission_expires),
-                });
+            let ip = channel.peer.ip();
+            if !channel.bound || only.is_some_and(|only| only != ip) {
+                continue;
             }
+            let Some(permission_expires) = self.permissions.get(&ip) else {
+                continue;
+            };
+            channel.installed = true;
+            commands.push_back(Command::CreateChannelBinding {
+                id: self.id,
+                client: self.client,
+                listener: self.listener,
+                relayed: self.relayed,
+                peer: channel.peer,
+                channel: *number,
+                expires_at: channel.expires.min(*permission_expires).min(self.expires),
+            });
         }
     }
 

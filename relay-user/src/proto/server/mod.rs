@@ -73,6 +73,8 @@ pub struct ServerConfig {
     pub max_allocations_per_user: usize,
     /// Permissions per allocation (508 above).
     pub max_permissions_per_allocation: usize,
+    /// Channels (bound or in their reserved period) per allocation (508 above).
+    pub max_channels_per_allocation: usize,
     /// Unauthenticated requests per source IP: (burst, per second).
     pub unauthenticated_rate: (u32, u32),
     /// Allocation counts shared with the other workers' servers (caps are relay-wide).
@@ -110,6 +112,7 @@ impl ServerConfig {
             max_allocations: 16_384,
             max_allocations_per_user: 64,
             max_permissions_per_allocation: 128,
+            max_channels_per_allocation: 16,
             unauthenticated_rate: (20, 10),
             channel_range: CHANNEL_RANGE,
             quota: Arc::new(QuotaLedger::default()),
@@ -851,8 +854,13 @@ impl Server {
             Some(PROTOCOL_UDP) => {}
             Some(_) => return self.respond_error(ctx, 442, &[]),
         }
-        // Step 4: DONT-FRAGMENT is accepted (the IO layer sends relay datagrams with
-        // IP_PMTUDISC_DO); nothing to keep here.
+        // Step 4: this server does not set DF on what it relays (neither the socket path nor
+        // the kernel path), so DONT-FRAGMENT is treated as an unknown comprehension-required
+        // attribute: 420 listing it, and the client may retry without it.
+        if msg.has(attr_type::DONT_FRAGMENT) {
+            let list = Attribute::UnknownAttributes(vec![attr_type::DONT_FRAGMENT]);
+            return self.respond_error(ctx, 420, &[list]);
+        }
         let requested_family = msg.attributes().iter().find_map(|a| match a {
             Attribute::RequestedAddressFamily(f) => Some(*f),
             _ => None,
@@ -990,6 +998,8 @@ impl Server {
             let lifetime = self.desired_lifetime(msg.lifetime());
             if let Some(alloc) = self.allocations.get_mut(&id) {
                 alloc.expires = now + lifetime;
+                // The kernel's deadlines include the allocation's: move them with it.
+                alloc.announce_channels(None, &mut self.commands);
             }
             lifetime
         };
@@ -1072,7 +1082,12 @@ impl Server {
         let Some(peer) = peers.first().copied() else {
             return;
         };
+        // A channel carries datagrams to one transport address (RFC 8656 §12): port 0 is none.
+        if peer.port() == 0 {
+            return self.respond_error(ctx, 400, &[]);
+        }
         let cap = self.config.max_permissions_per_allocation;
+        let channel_cap = self.config.max_channels_per_allocation;
         let channel_lifetime = self.config.channel_lifetime;
         let permission_lifetime = self.config.permission_lifetime;
         let Some(alloc) = self.allocations.get_mut(&id) else {
@@ -1087,6 +1102,11 @@ impl Server {
             return self.respond_error(ctx, 400, &[]);
         }
         if !alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= cap {
+            return self.respond_error(ctx, 508, &[]);
+        }
+        // Channels (bound or reserved) are capped so one client cannot fill the kernel's
+        // shared channel table.
+        if !alloc.channels.contains_key(&number) && alloc.channels.len() >= channel_cap {
             return self.respond_error(ctx, 508, &[]);
         }
         let expires_at = now + channel_lifetime;
@@ -1122,7 +1142,11 @@ impl Server {
         let (Some(peer), Some(data)) = (msg.xor_peer_addresses().next(), msg.data()) else {
             return;
         };
-        if !alloc.has_permission(peer.ip(), now) || !same_family(peer.ip(), alloc.relayed.ip()) {
+        // Port 0 is no destination; the kernel would refuse the send anyway.
+        if peer.port() == 0
+            || !alloc.has_permission(peer.ip(), now)
+            || !same_family(peer.ip(), alloc.relayed.ip())
+        {
             return;
         }
         self.commands.push_back(Command::SendToPeer {

@@ -2247,3 +2247,103 @@ proptest! {
         h.allocate(&mut c);
     }
 }
+
+/// RFC 8656 §7.2 step 4: the server cannot set DF on what it relays, so DONT-FRAGMENT is an
+/// unknown comprehension-required attribute; without it the same client allocates.
+#[test]
+fn allocate_with_dont_fragment_is_420() {
+    let mut h = Harness::new();
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    h.challenge(
+        &mut c,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(UDP)],
+    );
+    let reply = h.request(
+        &mut c,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(UDP), Attribute::DontFragment],
+    );
+    let msg = expect_error(&reply, Method::ALLOCATE, 420, Some(&c.key));
+    assert!(msg
+        .attributes()
+        .iter()
+        .any(|a| matches!(a, Attribute::UnknownAttributes(l) if l == &[attr_type::DONT_FRAGMENT])));
+    assert_eq!(h.server.allocations().count(), 0);
+    h.allocate(&mut c);
+}
+
+/// A channel to port 0 has no destination: 400, nothing installed.
+#[test]
+fn channel_bind_to_port_zero_is_400() {
+    let mut h = Harness::new();
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    h.allocate(&mut c);
+    let peer = SocketAddr::new(peer1().ip(), 0);
+    let attrs = [
+        Attribute::ChannelNumber(0x4000),
+        Attribute::XorPeerAddress(peer),
+    ];
+    let (tid, commands) = h.signed_commands(&mut c, Method::CHANNEL_BIND, &attrs);
+    let reply = one_reply(commands, &c, tid);
+    expect_error(&reply, Method::CHANNEL_BIND, 400, Some(&c.key));
+    // A Send indication to port 0 is dropped, even with a permission.
+    h.create_permission(&mut c, &[peer1()]);
+    assert_eq!(h.send_indication(&mut c, peer, b"x"), vec![]);
+}
+
+/// Channels per allocation are capped (508), so one client cannot fill the kernel's table.
+#[test]
+fn channels_per_allocation_are_capped() {
+    let mut h = Harness::with_config(|c| c.max_channels_per_allocation = 2);
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    h.allocate(&mut c);
+    let port = |p: u16| SocketAddr::new(peer1().ip(), p);
+    h.channel_bind(&mut c, 0x4000, port(1000));
+    h.channel_bind(&mut c, 0x4001, port(1001));
+    let attrs = [
+        Attribute::ChannelNumber(0x4002),
+        Attribute::XorPeerAddress(port(1002)),
+    ];
+    let (tid, commands) = h.signed_commands(&mut c, Method::CHANNEL_BIND, &attrs);
+    let reply = one_reply(commands, &c, tid);
+    expect_error(&reply, Method::CHANNEL_BIND, 508, Some(&c.key));
+    // Refreshing an existing channel is not a new one.
+    h.channel_bind(&mut c, 0x4001, port(1001));
+}
+
+/// The kernel's deadline includes the allocation's expiry, and a Refresh moves it.
+#[test]
+fn kernel_deadline_follows_the_allocation_lifetime() {
+    let mut h = Harness::new();
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    let (id, relayed) = h.allocate(&mut c);
+    let allocated = h.now;
+    // 400 s in, the permission (300 s) would outlive the allocation (600 s from the start).
+    h.advance(secs(400));
+    let commands = h.channel_bind(&mut c, 0x4000, peer1());
+    assert_eq!(
+        commands,
+        vec![create_binding(
+            id,
+            &c,
+            relayed,
+            peer1(),
+            0x4000,
+            allocated + secs(600)
+        )]
+    );
+    let commands = h.refresh(&mut c, Some(600));
+    let t = h.now;
+    assert_eq!(
+        commands,
+        vec![create_binding(
+            id,
+            &c,
+            relayed,
+            peer1(),
+            0x4000,
+            t + secs(300)
+        )]
+    );
+}
