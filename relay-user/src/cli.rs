@@ -113,6 +113,12 @@ pub struct ServeArgs {
     /// Worker threads (default: one per core), each with its own SO_REUSEPORT listener.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Permission lifetime in seconds instead of RFC 8656's 300 (for tests only).
+    #[arg(long, value_name = "SECS", hide = true)]
+    pub permission_lifetime: Option<u64>,
+    /// Channel binding lifetime in seconds instead of RFC 8656's 600 (for tests only).
+    #[arg(long, value_name = "SECS", hide = true)]
+    pub channel_lifetime: Option<u64>,
     /// Local admin endpoint for `relay ctl` (keep it on loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<SocketAddr>,

@@ -133,6 +133,9 @@ pub struct Config {
     pub legacy_channels: bool,
     /// Worker threads, each with its own SO_REUSEPORT listener sockets.
     pub workers: usize,
+    /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
+    pub permission_lifetime: Option<std::time::Duration>,
+    pub channel_lifetime: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -143,7 +146,11 @@ impl Config {
             layers.overlay(ConfigFile::load(path)?);
         }
         layers.overlay(ConfigFile::from_flags(args));
-        Self::resolve(layers)
+        let mut config = Self::resolve(layers)?;
+        let seconds = |s: Option<u64>| s.map(std::time::Duration::from_secs);
+        config.permission_lifetime = seconds(args.permission_lifetime);
+        config.channel_lifetime = seconds(args.channel_lifetime);
+        Ok(config)
     }
 
     /// Checks every key and turns the merged layer into a `Config`.
@@ -190,6 +197,8 @@ impl Config {
                 Some(n) => n,
                 None => std::thread::available_parallelism().map_or(1, usize::from),
             },
+            permission_lifetime: None,
+            channel_lifetime: None,
         })
     }
 }

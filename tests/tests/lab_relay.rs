@@ -424,3 +424,72 @@ fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
     assert!(!ok);
     assert!(stderr.contains("no allocation 999"), "{stderr}");
 }
+
+/// After a permission or a channel expires, neither the kernel nor the socket path forwards
+/// anything more for it (real traffic; lifetimes shortened with the hidden test flags).
+#[test]
+fn expired_permissions_and_channels_stop_kernel_forwarding() {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.enable_fast_path_forwarding();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let echo = Echo::start(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+    for lifetime_flag in ["--permission-lifetime", "--channel-lifetime"] {
+        let relay = start_relay(
+            &lab,
+            false,
+            &[
+                "--fastpath",
+                "xdp",
+                "--interface",
+                &rc,
+                "--interface",
+                &rp,
+                lifetime_flag,
+                "2",
+            ],
+        );
+        let socket = lab
+            .client
+            .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+        let mut client = Client::with_socket(socket, server, REALM);
+        client.login("alice", "wonderland");
+        client.allocate();
+        client.bind_channel(0x4000, echo.addr);
+        assert_eq!(
+            round_trips(&client, 0x4000, 20, "live"),
+            20,
+            "{lifetime_flag}"
+        );
+        let a = &relay.allocations().allocations[0];
+        assert_eq!(a.kernel.to_peer_packets, 20, "{lifetime_flag}");
+
+        std::thread::sleep(Duration::from_millis(2500));
+        let before = echo.received.load(Ordering::Relaxed);
+        assert_eq!(
+            round_trips(&client, 0x4000, 10, "expired"),
+            0,
+            "{lifetime_flag}"
+        );
+        assert_eq!(
+            echo.received.load(Ordering::Relaxed),
+            before,
+            "{lifetime_flag}"
+        );
+        let a = &relay.allocations().allocations[0];
+        assert_eq!(
+            a.kernel.to_peer_packets, 20,
+            "{lifetime_flag}: kernel forwarded"
+        );
+        assert_eq!(
+            a.socket.to_peer_packets, 0,
+            "{lifetime_flag}: socket forwarded"
+        );
+        drop(relay);
+    }
+}

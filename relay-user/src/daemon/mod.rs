@@ -262,6 +262,12 @@ fn server_config(config: &Config, listeners: &[IpAddr]) -> ServerConfig {
     if config.legacy_channels {
         server.channel_range = LEGACY_CHANNEL_RANGE;
     }
+    if let Some(lifetime) = config.permission_lifetime {
+        server.permission_lifetime = lifetime;
+    }
+    if let Some(lifetime) = config.channel_lifetime {
+        server.channel_lifetime = lifetime;
+    }
     server.software = Some(concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned());
     server
 }
