@@ -505,3 +505,94 @@ mod bench_pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for BenchGenFrame {}
 }
+
+// --- Benchmark far-end sink (`cargo xtask bench`) ---------------------------------------------
+//
+// `relay_bench_sink` sits (native XDP) on the veth ends where benchmark traffic ends: the peer's
+// and the clients' ends, and for the generator-ceiling run the relay namespace's end facing the
+// generator. It counts the UDP frames that match one of its rules per rule ("class") and drops
+// them, so the far end costs an XDP run per frame instead of the kernel's UDP stack, and passes
+// everything else (ARP, the TURN control plane, and every frame while dropping is switched off
+// for the latency probe, whose echo needs real sockets). The relay never loads it.
+
+/// Name of the benchmark's far-end counting XDP program.
+pub const BENCH_SINK_PROGRAM: &str = "relay_bench_sink";
+/// Name of the one-entry array holding the sink's [`BenchSinkConfig`].
+pub const BENCH_SINK_CFG_MAP: &str = "BENCH_SINK_CFG";
+/// Name of the per-CPU array of [`BenchSinkCounters`], indexed by class: rule `i` counts at
+/// index `i`, UDP frames that matched no rule at [`BENCH_SINK_OTHER`].
+pub const BENCH_SINK_COUNTERS_MAP: &str = "BENCH_SINK_COUNTERS";
+/// Rules a sink holds.
+pub const BENCH_SINK_MAX_RULES: u32 = 4;
+/// Counter index of UDP/IPv4 frames that matched no rule (passed to the stack).
+pub const BENCH_SINK_OTHER: u32 = BENCH_SINK_MAX_RULES;
+/// Entries of [`BENCH_SINK_COUNTERS_MAP`].
+pub const BENCH_SINK_CLASSES: u32 = BENCH_SINK_MAX_RULES + 1;
+
+/// [`BenchSinkConfig::flags`]: drop the frames a rule matched (else count and pass them).
+pub const BENCH_SINK_DROP: u32 = 1;
+/// [`BenchSinkRule::flags`]: match only UDP payloads that start like ChannelData (first two
+/// bits 0b01, RFC 8656 §12), so STUN responses to the same client addresses are passed.
+pub const BENCH_SINK_CHANNEL_DATA: u32 = 1;
+
+/// One class of counted frames: IPv4 UDP to `addr`/`mask`, destination port in
+/// `port_min..=port_max`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchSinkRule {
+    /// Destination address, network order (`u32::from_ne_bytes(octets)`).
+    pub addr: u32,
+    /// Prefix mask, network order: the rule matches when `dst & mask == addr`.
+    pub mask: u32,
+    /// Destination port range, host order (compared, not copied).
+    pub port_min: u16,
+    pub port_max: u16,
+    /// [`BENCH_SINK_CHANNEL_DATA`] or 0.
+    pub flags: u32,
+}
+
+/// Value of [`BENCH_SINK_CFG_MAP`]. All zero (the map's initial state) counts nothing and passes
+/// everything.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchSinkConfig {
+    /// [`BENCH_SINK_DROP`] or 0.
+    pub flags: u32,
+    /// Rules in use: `rules[..n_rules]`, first match wins.
+    pub n_rules: u32,
+    pub rules: [BenchSinkRule; BENCH_SINK_MAX_RULES as usize],
+}
+
+/// Value of [`BENCH_SINK_COUNTERS_MAP`] (per CPU; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchSinkCounters {
+    pub frames: u64,
+    /// Whole frames, Ethernet header included.
+    pub bytes: u64,
+}
+
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<BenchSinkRule>() == 3 * size_of::<u32>() + 2 * size_of::<u16>());
+    assert!(size_of::<BenchSinkRule>() == 16);
+    assert!(
+        size_of::<BenchSinkConfig>()
+            == 2 * size_of::<u32>() + BENCH_SINK_MAX_RULES as usize * size_of::<BenchSinkRule>()
+    );
+    assert!(size_of::<BenchSinkCounters>() == 2 * size_of::<u64>());
+};
+
+/// `aya::Pod` for the benchmark sink's map types.
+#[cfg(feature = "user")]
+mod bench_sink_pod {
+    use super::{BenchSinkConfig, BenchSinkCounters, BenchSinkRule};
+
+    // SAFETY: all three are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
+    // integers only, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for BenchSinkRule {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BenchSinkConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BenchSinkCounters {}
+}

@@ -13,6 +13,8 @@ use aya_ebpf::{
     },
 };
 
+use crate::maps::EGRESS_DEVICES;
+
 /// The frame under the program and the helpers that change it.
 pub trait Packet {
     /// Address of the first byte (Ethernet header).
@@ -35,6 +37,13 @@ pub trait Packet {
     fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool;
     /// `bpf_fib_lookup` for this context; returns the helper's result.
     fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
+    /// Whether the program may send the frame out of `ifindex`, another interface than the
+    /// one it arrived on: only interfaces in `EGRESS_DEVICES` qualify. XDP also makes
+    /// `ifindex` the redirect target right away (`bpf_redirect_map` only records it; the
+    /// frame leaves when the program returns XDP_REDIRECT), so one map lookup serves both; if
+    /// the frame is passed or dropped after all, the kernel ignores the recorded target.
+    /// Changes nothing in the frame.
+    fn select_egress(&mut self, ifindex: u32) -> bool;
 }
 
 const FIB_PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
@@ -105,6 +114,12 @@ impl Packet for Xdp {
     fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
         // SAFETY: `params` is a whole `bpf_fib_lookup` on our stack, and its size is passed.
         unsafe { fib_lookup_helper(self.ctx.cast::<c_void>(), params, FIB_PARAMS_LEN, 0) }
+    }
+
+    #[inline(always)]
+    fn select_egress(&mut self, ifindex: u32) -> bool {
+        // Flags 0: a missing entry answers XDP_ABORTED (as `Err`) and records no target.
+        EGRESS_DEVICES.redirect(ifindex, 0).is_ok()
     }
 }
 
@@ -217,5 +232,11 @@ impl Packet for Tc {
     fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
         // SAFETY: `params` is a whole `bpf_fib_lookup` on our stack, and its size is passed.
         unsafe { fib_lookup_helper(self.skb.cast::<c_void>(), params, FIB_PARAMS_LEN, 0) }
+    }
+
+    #[inline(always)]
+    fn select_egress(&mut self, ifindex: u32) -> bool {
+        // TC cannot use bpf_redirect_map; the entry point redirects with bpf_redirect.
+        EGRESS_DEVICES.get_ifindex(ifindex).is_some()
     }
 }

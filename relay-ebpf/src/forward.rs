@@ -4,6 +4,8 @@
 //! parse → map lookup → expiry → `bpf_fib_lookup` → egress check → compute new headers and
 //! checksums → shrink/grow the frame → reload pointers, bounds-check, write headers.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::bpf_fib_lookup, helpers::bpf_ktime_get_ns};
 use relay_common::{ip_octets, Reason, ToClient, ToPeer, CHANNEL_DATA_HEADER_LEN, FLAG_ENABLED};
 
@@ -15,7 +17,7 @@ use crate::{
         EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN, IPPROTO_UDP,
         IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    maps::{count_allocation, CHANNELS, EGRESS_DEVICES, LISTENER_PORTS, PEERS},
+    maps::{count_allocation, CHANNELS, LISTENER_PORTS, PEERS},
 };
 
 /// TTL / hop limit of forwarded datagrams: the relay originates them, as its sockets would.
@@ -38,19 +40,21 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
 
     // Client → peer: ChannelData to a listener (RFC 8656 §12.5). Only datagrams to a
     // listener port are read as ChannelData: a peer's payload may start with any bits.
+    // The first four payload bytes are classified before the listener port is looked up:
+    // the answer only matters for what looks like ChannelData, and most peer traffic (RTP,
+    // DTLS, STUN) does not, so it skips a hash lookup.
     let mut miss = Reason::PassUdpNoMatch;
-    let to_listener = LISTENER_PORTS
-        .get_ptr(u16::from_ne_bytes(udp.udp.dst_port))
-        .is_some();
-    let header = if to_listener {
-        frame.ptr_at::<[u8; 4]>(udp.payload_offset)
-    } else {
-        None
-    };
-    if let Some(header) = header {
+    let classified = match frame.ptr_at::<[u8; 4]>(udp.payload_offset) {
         // SAFETY: `ptr_at` checked that four bytes lie inside the frame.
-        let header = unsafe { *header };
-        match channel::classify(header, udp.payload_len) {
+        Some(header) => channel::classify(unsafe { *header }, udp.payload_len),
+        None => Classified::NotChannelData,
+    };
+    let to_listener = !matches!(classified, Classified::NotChannelData)
+        && LISTENER_PORTS
+            .get_ptr(u16::from_ne_bytes(udp.udp.dst_port))
+            .is_some();
+    if to_listener {
+        match classified {
             Classified::NotChannelData => {}
             Classified::Bad(reason) => miss = reason,
             Classified::ChannelData(message) => {
@@ -216,9 +220,10 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
         return Err(Reason::PassIpv6ZeroChecksum);
     }
 
-    let mut fib = fib_params(ingress, plan, v6);
-    let egress = next_hop(ctx, &mut fib)?;
-    if egress != ingress && EGRESS_DEVICES.get_ifindex(egress).is_none() {
+    let mut room = FibRoom(MaybeUninit::uninit());
+    let fib = fib_params(&mut room, ingress, plan, v6);
+    let egress = next_hop(ctx, fib)?;
+    if egress != ingress && !ctx.select_egress(egress) {
         return Err(Reason::PassEgressNotAttached);
     }
 
@@ -265,10 +270,10 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
     // their content; the UDP header slot is garbage until written.
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let eth = frame.ptr_at::<EthHdr>(0).ok_or(Reason::DropRewriteFailed)?;
-    // SAFETY: `ptr_at` checked the header lies inside the reloaded frame.
+    // SAFETY: `ptr_at` checked the header lies inside the reloaded frame; `fib` is ours.
     unsafe {
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        copy_bytes::<6>((*eth).dst.as_mut_ptr(), fib.dmac.as_ptr());
+        copy_bytes::<6>((*eth).src.as_mut_ptr(), fib.smac.as_ptr());
     }
     let l4_offset = if v6 {
         let ip = frame
@@ -317,12 +322,50 @@ fn rewrite_ipv4(ip: &mut Ipv4Hdr, plan: &Plan) {
     ip.ttl = TTL;
 }
 
-/// `bpf_fib_lookup` arguments for the rewritten datagram.
+/// Copies `N` bytes one by one. Volatile keeps LLVM from turning the copy into a `memcpy` /
+/// `memmove` call: the BPF target implements those as a byte loop in a subprogram, several
+/// times the instructions of the unrolled copy.
+///
+/// # Safety
+/// `src` must be readable and `dst` writable for `N` bytes; the ranges must not overlap.
 #[inline(always)]
-fn fib_params(ingress: u32, plan: &Plan, v6: bool) -> bpf_fib_lookup {
-    // SAFETY: `bpf_fib_lookup` is plain integers and unions of integers; all-zero is valid
-    // and is what the helper expects in the fields we do not set.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+unsafe fn copy_bytes<const N: usize>(dst: *mut u8, src: *const u8) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: `i < N`, and the caller vouches for `N` bytes at both ends.
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+        i += 1;
+    }
+}
+
+/// Stack room for the `bpf_fib_lookup` arguments, 8-byte aligned so that [`fib_params`] can
+/// zero it a word at a time.
+#[repr(C, align(8))]
+struct FibRoom(MaybeUninit<bpf_fib_lookup>);
+
+const FIB_WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 8;
+const _: () = assert!(FIB_WORDS * 8 == core::mem::size_of::<bpf_fib_lookup>());
+
+/// Fills `room` with the `bpf_fib_lookup` arguments for the rewritten datagram.
+#[inline(always)]
+fn fib_params<'a>(
+    room: &'a mut FibRoom,
+    ingress: u32,
+    plan: &Plan,
+    v6: bool,
+) -> &'a mut bpf_fib_lookup {
+    // All-zero is a valid `bpf_fib_lookup` (plain integers and unions of integers) and is what
+    // the helper expects in the fields we do not set. Eight word stores, volatile so that LLVM
+    // does not fuse them into a `memset` call: the BPF target implements that as a byte loop
+    // in a subprogram, over 200 instructions for these 64 bytes.
+    let words = room.0.as_mut_ptr().cast::<u64>();
+    for i in 0..FIB_WORDS {
+        // SAFETY: `i < FIB_WORDS` keeps the store inside `room`, which `repr(align(8))`
+        // aligns for u64 stores.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte was just zeroed, which is a valid `bpf_fib_lookup`.
+    let fib = unsafe { room.0.assume_init_mut() };
     fib.l4_protocol = IPPROTO_UDP;
     fib.sport = plan.src_port;
     fib.dport = plan.dst_port;

@@ -105,14 +105,28 @@ impl UdpDatagram {
     #[inline(always)]
     pub fn peer_key(&self) -> PeerKey {
         let (peer_ip, relayed_ip) = self.addresses();
-        PeerKey {
+        let mut key = PeerKey {
             peer_ip,
             relayed_ip,
             peer_port: u16::from_ne_bytes(self.udp.src_port),
             relayed_port: u16::from_ne_bytes(self.udp.dst_port),
-            family: self.family(),
+            family: 0,
             reserved: [0; 3],
-        }
+        };
+        // `family` and the three zero bytes after it form one aligned word; one store writes
+        // them all. Left to itself LLVM zeroes `reserved` with a `memset` call, which the BPF
+        // target implements as a byte loop in a subprogram.
+        const _: () = assert!(
+            core::mem::offset_of!(PeerKey, reserved) == core::mem::offset_of!(PeerKey, family) + 1
+                && core::mem::offset_of!(PeerKey, family) % 4 == 0
+                && core::mem::size_of::<PeerKey>() == core::mem::offset_of!(PeerKey, family) + 4
+        );
+        let tail = core::ptr::addr_of_mut!(key.family).cast::<u32>();
+        // SAFETY: the word lies inside `key` and is 4-byte aligned (asserted above; `PeerKey`
+        // is `repr(C)` with `u32` fields, so aligned to 4); any bit pattern is valid for the
+        // `u8` fields it covers. Volatile keeps it from being merged back into a `memset`.
+        unsafe { tail.write_volatile(u32::from_ne_bytes([self.family(), 0, 0, 0])) };
+        key
     }
 
     /// Source and destination address as map fields (IPv4: first word, the rest zero).
@@ -289,6 +303,21 @@ mod tests {
             .unwrap_or_else(|r| panic!("valid frame: {r:?}"));
         assert_eq!(udp.payload_offset, 42);
         assert_eq!(udp.payload_len, 5);
+    }
+
+    #[test]
+    fn peer_key_carries_family_and_zero_padding() {
+        let bytes = ipv4_udp(b"hello");
+        let udp = frame_of(&bytes)
+            .udp()
+            .unwrap_or_else(|r| panic!("valid frame: {r:?}"));
+        let key = udp.peer_key();
+        assert_eq!(key.family, relay_common::FAMILY_IPV4);
+        assert_eq!(key.reserved, [0; 3]);
+        assert_eq!(key.peer_ip, ipv4_field([198, 18, 1, 2]));
+        assert_eq!(key.relayed_ip, ipv4_field([198, 18, 1, 1]));
+        assert_eq!(key.peer_port, u16::from_ne_bytes([0x30, 0x39]));
+        assert_eq!(key.relayed_port, u16::from_ne_bytes([0x0d, 0x96]));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 mod bench_gen;
+mod bench_sink;
 mod channel;
 mod checksum;
 mod context;
@@ -40,10 +41,9 @@ pub fn relay_xdp(ctx: XdpContext) -> u32 {
             if forward.egress == ingress {
                 xdp_action::XDP_TX
             } else {
-                // The egress was found in the map before the rewrite; a failure here aborts.
-                maps::EGRESS_DEVICES
-                    .redirect(forward.egress, 0)
-                    .unwrap_or(xdp_action::XDP_ABORTED)
+                // `forward::process` made the egress the redirect target (bpf_redirect_map)
+                // before it rewrote anything.
+                xdp_action::XDP_REDIRECT
             }
         }
         Err(Reason::DropRewriteFailed) => {

@@ -151,8 +151,14 @@ pub struct FastPath {
 impl FastPath {
     /// Parses the embedded object and loads its programs into the kernel (not attached yet).
     pub fn load() -> Result<Self, FastPathError> {
+        Self::load_object(EBPF_OBJECT)
+    }
+
+    /// Like [`FastPath::load`], from another build of the eBPF object (e.g. a baseline that a
+    /// benchmark compares against). The object must define the same programs and maps.
+    pub fn load_object(object: &[u8]) -> Result<Self, FastPathError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(FastPathError::Object)?;
+        let mut ebpf = Ebpf::load(object).map_err(FastPathError::Object)?;
         for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
             let result = xdp_program(&mut ebpf, name)?.load();
             result.map_err(|source| load_error(name, source))?;
@@ -418,6 +424,25 @@ impl FastPath {
         frame: &[u8],
         ingress_ifindex: u32,
     ) -> Result<TestRunOutput, FastPathError> {
+        self.test_run_repeat(program, frame, ingress_ifindex, 1)
+            .map(|(output, _)| output)
+    }
+
+    /// [`FastPath::test_run`] with the kernel running the program `repeat` times in a row on
+    /// the same buffer; also returns the kernel's average time per run (which includes the
+    /// test harness's own per-run overhead).
+    ///
+    /// The kernel does not restore the frame between runs: from the second run on, the program
+    /// sees what the previous run left. Only frames the program does not change (passed ones)
+    /// measure what they seem to with `repeat > 1`; time a forwarded frame with `repeat = 1`
+    /// over many calls instead.
+    pub fn test_run_repeat(
+        &mut self,
+        program: TestProgram,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<(TestRunOutput, std::time::Duration), FastPathError> {
         // Room for the frame to grow (the peer → client direction adds four bytes).
         let mut out = vec![0u8; frame.len() + 256];
         let (name, result) = match program {
@@ -431,6 +456,7 @@ impl FastPath {
                     data_in: Some(frame),
                     data_out: Some(&mut out),
                     ctx_in: Some(&ctx),
+                    repeat,
                     ..TestRunOptions::default()
                 };
                 (
@@ -448,6 +474,7 @@ impl FastPath {
                     data_in: Some(frame),
                     data_out: Some(&mut out),
                     ctx_in: Some(&ctx),
+                    repeat,
                     ..TestRunOptions::default()
                 };
                 (TC_PROGRAM, tc_program(&mut self.ebpf)?.test_run(opts))
@@ -455,10 +482,13 @@ impl FastPath {
         };
         let result = result.map_err(|source| FastPathError::TestRun { name, source })?;
         out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            action: result.return_value,
-            frame: out,
-        })
+        Ok((
+            TestRunOutput {
+                action: result.return_value,
+                frame: out,
+            },
+            result.duration,
+        ))
     }
 
     fn channel_map(
