@@ -13,7 +13,10 @@
 //! through the relay. Every veth end gets GRO on (veth then runs NAPI, whose thread can be
 //! pinned, instead of charging the receive to whichever CPU sent) and a threaded NAPI poller:
 //! the relay-side pollers run on the relay core, the far-end ones on the generator core, so the
-//! relay's core carries exactly the relay's work.
+//! relay's core carries exactly the relay's work. The far-end pollers run SCHED_FIFO: they share
+//! the generator core with the generator, and veth's 256-frame ring overflows (the relay's
+//! redirects fail as xdp_xmit_errors) whenever they wait for a slice, so a slow far end would
+//! cap what the benchmark can see of the relay.
 
 use std::{
     collections::BTreeMap,
@@ -169,7 +172,8 @@ impl Lab {
             } else {
                 gen_cpu
             };
-            if let Err(e) = pin_napi(&ns, &dev, cpu) {
+            let far_end = dev == lab.c0 || dev == lab.p0;
+            if let Err(e) = pin_napi(&ns, &dev, cpu, far_end) {
                 lab.notes.push(format!("NAPI of {dev} not pinned: {e:#}"));
             }
         }
@@ -217,8 +221,8 @@ impl Lab {
 
     /// Hook for the kernel paths: frames that XDP redirects into a veth are delivered only if
     /// the far end runs an XDP program too (XDP_PASS is enough; ebpf-toolchain.md). Attaches a
-    /// tiny XDP_PASS program (built with clang into `out`) to c0 and p0. The socket path and
-    /// coturn run without it.
+    /// tiny XDP_PASS program (built with clang into `out`) to c0 and p0. The benchmark needs it
+    /// only when its far-end sinks (sink.rs, XDP programs themselves) are unavailable.
     pub fn attach_far_end_pass(&mut self, out: &Path) -> anyhow::Result<()> {
         if self.far_end_xdp {
             return Ok(());
@@ -242,6 +246,32 @@ impl Lab {
             let _ = ip(&["-n", ns, "link", "set", "dev", dev, "xdpdrv", "off"]);
         }
         self.far_end_xdp = false;
+    }
+
+    /// Frames the veth `dev` in `ns` refused to hand to its peer: XDP redirects that found the
+    /// peer's ring full (`*xdp_xmit_errors` of `ethtool -S`) plus skbs it dropped (tx_dropped).
+    /// On the relay's ends these are frames the relay sent that the far end never took.
+    pub fn xmit_drops(&self, ns: &str, dev: &str) -> anyhow::Result<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ethtool", "-S", dev])
+            .output()
+            .context("running ethtool -S")?;
+        let xdp: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().split_once(':'))
+            .filter(|(k, _)| k.ends_with("xdp_xmit_errors"))
+            .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+            .sum();
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "cat"])
+            .arg(format!("/sys/class/net/{dev}/statistics/tx_dropped"))
+            .output()
+            .context("reading tx_dropped")?;
+        let dropped = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0);
+        Ok(xdp + dropped)
     }
 
     /// `Udp` counters of /proc/net/snmp inside `ns`.
@@ -357,8 +387,12 @@ fn remove_stale_labs() {
     }
 }
 
-/// GRO on (veth then uses NAPI), threaded NAPI, and its kernel thread pinned to `cpu`.
-fn pin_napi(ns: &str, dev: &str, cpu: usize) -> anyhow::Result<()> {
+/// Real-time priority of the far ends' NAPI threads (below the kernel's own per-CPU threads).
+const FAR_END_NAPI_PRIORITY: libc::c_int = 20;
+
+/// GRO on (veth then uses NAPI), threaded NAPI, and its kernel thread pinned to `cpu`;
+/// `realtime`: SCHED_FIFO, so it runs as soon as frames arrive.
+fn pin_napi(ns: &str, dev: &str, cpu: usize, realtime: bool) -> anyhow::Result<()> {
     exec(ns, "ethtool", &["-K", dev, "gro", "on"])?;
     exec(
         ns,
@@ -372,11 +406,29 @@ fn pin_napi(ns: &str, dev: &str, cpu: usize) -> anyhow::Result<()> {
         if comm.trim_end().starts_with(&wanted) {
             let pid = entry.file_name().to_string_lossy().into_owned();
             run("taskset", &["-p", "-c", &cpu.to_string(), &pid])?;
+            if realtime {
+                set_fifo(&pid)?;
+            }
             pinned += 1;
         }
     }
     if pinned == 0 {
         bail!("no {wanted}* kernel thread (the names are truncated past 15 characters)");
+    }
+    Ok(())
+}
+
+fn set_fifo(pid: &str) -> anyhow::Result<()> {
+    let pid: libc::pid_t = pid.parse().context("NAPI thread id")?;
+    let param = libc::sched_param {
+        sched_priority: FAR_END_NAPI_PRIORITY,
+    };
+    // SAFETY: `param` is a valid sched_param for the call; the kernel checks the pid.
+    if unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &param) } != 0 {
+        bail!(
+            "SCHED_FIFO for thread {pid}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

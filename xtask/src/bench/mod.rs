@@ -10,6 +10,7 @@ mod loadgen;
 mod measure;
 mod report;
 mod runner;
+mod sink;
 mod turn;
 
 use std::{
@@ -228,8 +229,36 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     }
     runner::check_isolation(&lab)?;
     let peer = runner::peer_socket(&lab)?;
+    // The far ends count in XDP (sink.rs); without them (an eBPF object lacking the program, a
+    // kernel refusing it) the receiving namespaces' UDP stacks count, as before, and cap
+    // what can be measured.
+    let sink_object = std::fs::read(&ebpf_object).map(std::sync::Arc::new);
+    let mut far = match &sink_object {
+        Ok(object) => sink::FarEnds::attach(&lab, object, runner::PEER_PORT),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", ebpf_object.display())),
+    };
+    if let Err(e) = &far {
+        let note = format!(
+            "far-end XDP sinks unavailable, counting at the receivers' UDP stacks (which cap \
+             the measurable rate): {}",
+            format!("{e:#}").lines().next().unwrap_or("")
+        );
+        println!("bench: note: {note}");
+        lab.notes.push(note);
+    }
+    let sink_object = sink_object.ok().filter(|_| far.is_ok());
 
     let mut results = Results::new(&plan, &ctx, generator.name(), &lab.notes);
+    if far.is_ok() {
+        results.conditions["delivered"] = serde_json::json!(
+            "XDP counters of relay_bench_sink on the far veth ends (p0 for client->peer, c0 for \
+             peer->client ChannelData; for the generator ceiling, r_c with no server), which \
+             drop the counted frames; the paced latency probe passes them to real sockets. \
+             An XDP program on a veth end turns UDP GSO off on its peer, so the servers' GSO \
+             batches are segmented in software on the relay core, as on a NIC without UDP \
+             segmentation offload"
+        );
+    }
     let server_paths: Vec<PathKind> = paths
         .iter()
         .copied()
@@ -261,6 +290,25 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 lab::check_stop()?;
                 step += 1;
                 let (groups, sink) = runner::ceiling_groups(&lab, variant.flows, variant.payload)?;
+                // Generator -> the XDP sink on the veth end facing it: no server and no kernel
+                // stack, so what is counted is what the generator can push through the veth.
+                let ceiling_sink = match &sink_object {
+                    Some(object) => Some(sink::Sink::attach(
+                        object,
+                        &lab.relay,
+                        &lab.r_c,
+                        &[sink::rule(
+                            lab::LISTEN_IP,
+                            32,
+                            runner::CEILING_PORT..=runner::CEILING_PORT,
+                            false,
+                        )],
+                    )?),
+                    None => None,
+                };
+                let delivery = ceiling_sink
+                    .as_ref()
+                    .map(|s| sink::Delivery { c2p: s, p2c: None });
                 let m = runner::flood(
                     &lab,
                     &ctx,
@@ -271,7 +319,9 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                     &[std::sync::Arc::new(sink)],
                     None,
                     false,
+                    delivery.as_ref(),
                 )?;
+                drop(ceiling_sink);
                 progress(
                     step,
                     total_steps,
@@ -309,7 +359,10 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 continue;
             }
             let kernel = matches!(path, PathKind::Xdp | PathKind::Tc);
-            if kernel {
+            // The sinks are XDP programs, which is all veth needs to deliver what the fast
+            // path transmits into the far ends; without them, attach a bare XDP_PASS.
+            let pass_hook = kernel && far.is_err();
+            if pass_hook {
                 if let Err(e) = lab.attach_far_end_pass(&out) {
                     println!("bench: note: far-end XDP_PASS hook failed: {e:#}");
                 }
@@ -326,8 +379,9 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 &mut step,
                 total_steps,
                 &mut results,
+                far.as_mut().ok(),
             );
-            if kernel {
+            if pass_hook {
                 lab.detach_far_end_pass();
             }
             if let Err(reason) = outcome? {
@@ -344,6 +398,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    drop(far);
     drop(lab);
 
     for path in &paths {
@@ -393,6 +448,7 @@ fn run_server_path(
     step: &mut usize,
     total_steps: usize,
     results: &mut Results,
+    mut far: Option<&mut sink::FarEnds>,
 ) -> anyhow::Result<Result<(), String>> {
     let server = match runner::start(path, lab, ctx) {
         Ok(s) => s,
@@ -425,6 +481,10 @@ fn run_server_path(
                     .map(|a| std::sync::Arc::clone(&a.socket)),
             );
         }
+        let delivery = far.as_deref().map(|f| sink::Delivery {
+            c2p: &f.peer,
+            p2c: Some(&f.client),
+        });
         let m = runner::flood(
             lab,
             ctx,
@@ -435,6 +495,7 @@ fn run_server_path(
             &receivers,
             Some(server.pid),
             kernel,
+            delivery.as_ref(),
         )?;
         progress(*step, total_steps, round, plan, path, variant, &m);
         results.runs.push(Run {
@@ -448,6 +509,10 @@ fn run_server_path(
     *step += 1;
     runner::drain_clients(&allocations);
     let first = &allocations[0];
+    // The probe's echo needs real sockets: the sinks count and pass while it runs.
+    if let Some(f) = far.as_deref_mut() {
+        f.set_drop(false)?;
+    }
     let lat = measure::latency_probe(
         &first.socket,
         std::net::SocketAddr::from((lab::LISTEN_IP, runner::LISTEN_PORT)),
@@ -457,7 +522,11 @@ fn run_server_path(
         ctx.latency_duration,
         120,
         ctx.gen_cpu,
-    )?;
+    );
+    if let Some(f) = far {
+        f.set_drop(true)?;
+    }
+    let lat = lat?;
     println!(
         "[{:>3}/{total_steps}] round {}/{} {:<9} latency at {} pps: p50 {:.0} us, p99 {:.0} us \
          ({}/{} answered; {} allocations set up in {:.1} s)",

@@ -58,7 +58,7 @@ impl Results {
                 "coturn": coturn,
                 "relay_bin": ctx.relay_bin.display().to_string(),
                 "lab_notes": notes,
-                "topology": "client ns c0 198.18.1.2-64 <-veth-> relay ns 198.18.1.1 | 198.18.2.1 <-veth-> peer ns 198.18.2.2; ip_forward off; tx checksum offload off on c0/p0; GRO + threaded NAPI on all veth ends",
+                "topology": "client ns c0 198.18.1.2-64 <-veth-> relay ns 198.18.1.1 | 198.18.2.1 <-veth-> peer ns 198.18.2.2; ip_forward off; tx checksum offload off on c0/p0; GRO + threaded NAPI on all veth ends (far ends c0/p0: SCHED_FIFO on the generator core)",
                 "delivered": "receiving namespace /proc/net/snmp: Ip InDelivers - Icmp InMsgs - Udp NoPorts - Udp InCsumErrors (Udp InDatagrams only counts datagrams a socket has read)",
             }),
             runs: Vec::new(),
@@ -101,6 +101,7 @@ struct Summary {
     loss_pct: f64,
     relay_drops: u64,
     csum_errors: u64,
+    far_end_drops: u64,
     process_ns_per_pkt: Option<f64>,
     core_ns_per_pkt: f64,
     bpf_ns_per_run: Option<f64>,
@@ -151,6 +152,7 @@ fn summaries(results: &Results) -> Vec<Summary> {
                 loss_pct: 100.0 * sent.saturating_sub(delivered) as f64 / sent.max(1) as f64,
                 relay_drops: ms.iter().map(|m| m.relay_rcvbuf_errors).sum(),
                 csum_errors: ms.iter().map(|m| m.csum_errors).sum(),
+                far_end_drops: ms.iter().map(|m| m.far_end_drops).sum(),
                 process_ns_per_pkt: (!process.is_empty()).then(|| median(process)),
                 core_ns_per_pkt: median(ms.iter().map(|m| per_pkt(m.core_cpu_ns, m)).collect()),
                 bpf_ns_per_run: (!bpf.is_empty()).then(|| median(bpf)),
@@ -228,7 +230,7 @@ pub fn table(results: &Results) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<10} {:<16} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "{:<10} {:<16} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "path",
         "variant",
         "Mpps med",
@@ -240,12 +242,13 @@ pub fn table(results: &Results) -> String {
         "proc ns",
         "core ns",
         "bpf ns",
-        "drops"
+        "drops",
+        "fe drops"
     );
     for s in &sums {
         let _ = writeln!(
             t,
-            "{:<10} {:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6.1} {:>7} {:>8} {:>8.0} {:>8} {:>6}",
+            "{:<10} {:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6.1} {:>7} {:>8} {:>8.0} {:>8} {:>8} {:>8}",
             s.path.name(),
             s.variant.label(),
             s.median_pps / 1e6,
@@ -258,14 +261,17 @@ pub fn table(results: &Results) -> String {
             s.core_ns_per_pkt,
             opt(s.bpf_ns_per_run, 0),
             s.relay_drops + s.csum_errors,
+            s.far_end_drops,
         );
     }
     let _ = writeln!(
         t,
-        "(Mpps: delivered at the receiving namespace, median/min/max over rounds; offered: what \
-         the generator sent; ceil%: share of the generator's own ceiling; proc/core ns: server \
+        "(Mpps: delivered at the far end (XDP sink counters, see \"delivered\" in the JSON), \
+         median/min/max over rounds; offered: what the generator sent; ceil%: share of the generator's own ceiling; proc/core ns: server \
          process CPU / relay-core busy time per delivered packet; bpf ns: per program run; \
-         drops: server socket RcvbufErrors + checksum errors)"
+         drops: server socket RcvbufErrors + checksum errors; fe drops: frames the veth \
+         towards the far end refused, summed over rounds: non-zero means the far end, not the \
+         server, limited that run)"
     );
     let lat = latency_summary(results);
     if !lat.is_empty() {
@@ -326,6 +332,7 @@ pub fn json(results: &Results) -> Value {
                 "bpf_ns_per_run": s.bpf_ns_per_run,
                 "server_rcvbuf_errors": s.relay_drops,
                 "checksum_errors": s.csum_errors,
+                "far_end_drops": s.far_end_drops,
             })
         })
         .collect();
@@ -347,6 +354,7 @@ pub fn json(results: &Results) -> Value {
                 "send_errors": m.send_errors,
                 "server_rcvbuf_errors": m.relay_rcvbuf_errors,
                 "checksum_errors": m.csum_errors,
+                "far_end_drops": m.far_end_drops,
                 "process_cpu_ns": m.process_cpu_ns,
                 "relay_core_busy_ns": m.core_cpu_ns,
                 "bpf_run_ns": m.bpf_run_ns,

@@ -17,6 +17,7 @@ use super::{
     lab::{self, check_stop, in_ns, Lab, UdpCounters, LISTEN_IP, PEER_IP, RELAY_IP},
     loadgen::{self, FloodPlan, GenStats, Generator, SendGroup},
     measure,
+    sink::{Delivery, DeliveryCount},
     turn::{self, Allocation, FIRST_CHANNEL},
 };
 
@@ -99,7 +100,9 @@ pub struct Ctx {
     pub secret: String,
 }
 
-/// What one flood measured. Delivered counts come from the receiving namespace's UDP layer.
+/// What one flood measured. Delivered counts come from the far-end sinks (XDP counters on the
+/// receiving veth ends), or, when they could not be attached, the receiving namespace's UDP
+/// layer.
 #[derive(Clone, Debug, Default)]
 pub struct Measurement {
     pub elapsed_s: f64,
@@ -112,6 +115,9 @@ pub struct Measurement {
     pub relay_rcvbuf_errors: u64,
     /// Checksum errors at the receivers (a broken kernel path shows up here).
     pub csum_errors: u64,
+    /// Frames the veth ends towards the far ends refused (ring full): non-zero means the far
+    /// end, not the server, limited part of the flood (see `Lab::xmit_drops`).
+    pub far_end_drops: u64,
     /// Server process utime+stime.
     pub process_cpu_ns: Option<u64>,
     /// Busy time of the relay core (process, softirq, NAPI threads pinned there).
@@ -411,6 +417,7 @@ struct Snapshot {
     process: Option<u64>,
     core: u64,
     bpf: Option<(u64, u64)>,
+    xmit_drops: u64,
 }
 
 fn snapshot(lab: &Lab, ctx: &Ctx, pid: Option<u32>, kernel: bool) -> anyhow::Result<Snapshot> {
@@ -425,7 +432,24 @@ fn snapshot(lab: &Lab, ctx: &Ctx, pid: Option<u32>, kernel: bool) -> anyhow::Res
         } else {
             None
         },
+        xmit_drops: far_end_egress(lab, pid.is_none())
+            .iter()
+            .map(|(ns, dev)| lab.xmit_drops(ns, dev).unwrap_or(0))
+            .sum(),
     })
+}
+
+/// The veth ends that hand frames to the far ends: the relay's two (server paths), or the
+/// generator's own (generator ceiling, whose far end is the relay namespace's r_c).
+fn far_end_egress(lab: &Lab, ceiling: bool) -> Vec<(&str, &str)> {
+    if ceiling {
+        vec![(lab.client.as_str(), lab.c0.as_str())]
+    } else {
+        vec![
+            (lab.relay.as_str(), lab.r_c.as_str()),
+            (lab.relay.as_str(), lab.r_p.as_str()),
+        ]
+    }
 }
 
 fn ticks_ns(ticks: u64) -> u64 {
@@ -433,8 +457,9 @@ fn ticks_ns(ticks: u64) -> u64 {
 }
 
 /// Floods `client_groups` (and `peer_group`, for both directions) for the configured time and
-/// measures what crossed. `sink_ns_is_relay`: the generator-ceiling run, whose sink lives in the
-/// relay namespace.
+/// measures what crossed: counted by `delivery`'s sinks, else (no sinks) by the receiving
+/// namespaces' UDP counters. `server_pid` None: the generator-ceiling run, whose receiver is in
+/// the relay namespace.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site per path kind; a struct would only rename these"
@@ -449,12 +474,14 @@ pub fn flood(
     receivers: &[Arc<UdpSocket>],
     server_pid: Option<u32>,
     kernel: bool,
+    delivery: Option<&Delivery<'_>>,
 ) -> anyhow::Result<Measurement> {
     for r in receivers {
         measure::drain(r);
     }
     let ceiling = server_pid.is_none();
     let before = snapshot(lab, ctx, server_pid, kernel)?;
+    let counted_before = delivery.map(Delivery::read).transpose()?;
     let plan = |groups, origin| FloodPlan {
         groups,
         origin,
@@ -499,15 +526,20 @@ pub fn flood(
     for r in receivers {
         measure::drain(r);
     }
+    let counted: Option<DeliveryCount> = match (delivery, counted_before) {
+        (Some(d), Some(b)) => Some(d.read()?.since(&b)),
+        _ => None,
+    };
     let mut after = snapshot(lab, ctx, server_pid, kernel)?;
     after.process = server_ticks_after;
     after.core = core_after;
     if std::env::var_os("RELAY_BENCH_DEBUG").is_some() {
         eprintln!(
-            "debug: client {:?}\ndebug: relay {:?}\ndebug: peer {:?}",
+            "debug: client {:?}\ndebug: relay {:?}\ndebug: peer {:?}\ndebug: sinks {:?}",
             after.client.since(&before.client),
             after.relay.since(&before.relay),
-            after.peer.since(&before.peer)
+            after.peer.since(&before.peer),
+            counted
         );
     }
     let client = after.client.since(&before.client);
@@ -522,15 +554,20 @@ pub fn flood(
         elapsed_s: elapsed.as_secs_f64(),
         sent_c2p: c2p.sent,
         sent_p2c: p2c.map(|p| p.sent).unwrap_or(0),
-        delivered_c2p: if ceiling {
-            relay.arrived()
-        } else {
-            peer.arrived()
+        delivered_c2p: match counted {
+            Some(c) => c.c2p.frames,
+            None if ceiling => relay.arrived(),
+            None => peer.arrived(),
         },
-        delivered_p2c: if p2c.is_some() { client.arrived() } else { 0 },
+        delivered_p2c: match (counted, p2c.is_some()) {
+            (_, false) => 0,
+            (Some(c), true) => c.p2c.frames,
+            (None, true) => client.arrived(),
+        },
         send_errors: c2p.send_errors + p2c.map(|p| p.send_errors).unwrap_or(0),
         relay_rcvbuf_errors: if ceiling { 0 } else { relay.rcvbuf_errors },
         csum_errors: client.in_csum_errors + relay.in_csum_errors + peer.in_csum_errors,
+        far_end_drops: after.xmit_drops.saturating_sub(before.xmit_drops),
         process_cpu_ns: match (before.process, after.process) {
             (Some(b), Some(a)) => Some(ticks_ns(a.saturating_sub(b))),
             _ => None,
