@@ -31,6 +31,33 @@ const MAX_GSO_SEGMENT: usize = 1452;
 
 /// `UDP_SEGMENT` from linux/udp.h.
 const UDP_SEGMENT: libc::c_int = 103;
+/// `UDP_GRO` from linux/udp.h: the kernel may hand over several datagrams of one flow as one
+/// buffer, with their size in a control message.
+const UDP_GRO: libc::c_int = 104;
+
+/// Lets the kernel coalesce datagrams of one flow on `socket` (UDP GRO); [`Receiver`] splits
+/// them again. Best effort: without it every datagram simply arrives on its own.
+pub fn enable_gro(socket: &impl AsRawFd) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int through a valid pointer with the matching length;
+    // the fd is open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// Room for the one control message a receive can carry (the UDP_GRO segment size).
+fn gro_cmsg_space() -> usize {
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize }
+}
 
 static GSO_ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -93,10 +120,12 @@ pub struct Receiver {
     addrs: Vec<libc::sockaddr_storage>,
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
+    /// One control buffer per slot, for the UDP_GRO segment size.
+    control: Vec<u8>,
 }
 
 // SAFETY: the raw pointers inside `iovecs`/`headers` only ever point into this struct's own
-// `bufs`/`addrs` and are rebuilt before every use, so moving the struct to another thread is
+// `bufs`/`addrs`/`control` and are rebuilt before every use, so moving the struct to another thread is
 // as safe as moving the Vecs.
 unsafe impl Send for Receiver {}
 
@@ -119,6 +148,7 @@ impl Receiver {
             addrs: vec![addr; batch],
             iovecs: vec![iov; batch],
             headers: vec![hdr; batch],
+            control: vec![0; batch * gro_cmsg_space()],
         }
     }
 
@@ -161,13 +191,15 @@ impl Receiver {
             hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_iov = &mut self.iovecs[i];
             hdr.msg_iovlen = 1;
-            hdr.msg_control = std::ptr::null_mut();
-            hdr.msg_controllen = 0;
+            let space = gro_cmsg_space();
+            hdr.msg_control = self.control[i * space..].as_mut_ptr().cast();
+            hdr.msg_controllen = space;
             hdr.msg_flags = 0;
             self.headers[i].msg_len = 0;
         }
         // SAFETY: every header points at a live iovec into `bufs` (slot bytes each, inside the
-        // Vec) and at a sockaddr_storage with its real size; the kernel writes at most that.
+        // Vec), at a sockaddr_storage and at a control buffer, each with its real size; the
+        // kernel writes at most that.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -203,10 +235,44 @@ impl Receiver {
                     .get(i * self.slot..i * self.slot + len)
                     .unwrap_or_default(),
             );
-            out.items.push((from, start..start + len));
+            // A GRO buffer holds datagrams of `segment` bytes (the last may be shorter).
+            let segment = gro_segment(&header.msg_hdr)
+                .filter(|s| *s > 0)
+                .unwrap_or(len);
+            let mut at = start;
+            while at < start + len {
+                let end = (at + segment).min(start + len);
+                out.items.push((from, at..end));
+                at = end;
+            }
+            if len == 0 {
+                out.items.push((from, start..start));
+            }
         }
     }
 }
+
+/// The UDP_GRO segment size of a received message, if the kernel coalesced datagrams.
+fn gro_segment(hdr: &libc::msghdr) -> Option<usize> {
+    if hdr.msg_control.is_null() || hdr.msg_controllen < size_of::<libc::cmsghdr>() {
+        return None;
+    }
+    // SAFETY: `hdr` is a message header the kernel just filled: msg_control points at our
+    // control buffer of msg_controllen valid bytes, which the CMSG_* macros stay within.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                return usize::try_from(size).ok();
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    None
+}
+
+impl Receiver {}
 
 fn to_socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {

@@ -35,6 +35,8 @@ pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    // Bursts from one flow arrive as one buffer; the receiver splits them.
+    batch::enable_gro(&socket);
     Ok(socket.into())
 }
 
