@@ -73,9 +73,16 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // else should start.
     let fastpath = start_fastpath(&config)?;
 
+    // TC sees a GRO aggregate as one skb and passes it to the socket path: no GRO with TC.
+    net::set_gro(config.fastpath != FastPathMode::Tc);
     let gso = net::batch::probe_gso();
     info!(
-        "socket path: recvmmsg batches, sendmmsg{}",
+        "socket path: recvmmsg batches{}, sendmmsg{}",
+        if config.fastpath == FastPathMode::Tc {
+            " (UDP GRO off for the TC fast path)"
+        } else {
+            " with UDP GRO"
+        },
         if gso {
             " with UDP GSO"
         } else {

@@ -5,7 +5,11 @@
 
 pub mod batch;
 
-use std::{io, net::SocketAddr};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -16,6 +20,15 @@ const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 /// Largest UDP payload the relay reads (a full 64 KiB datagram).
 pub const MAX_DATAGRAM: usize = 65_535;
+
+static GRO: AtomicBool = AtomicBool::new(true);
+
+/// Whether sockets bound from now on ask for UDP GRO. The kernel only coalesces a flow's
+/// datagrams for GRO-enabled sockets, and a TC program sees such an aggregate as one skb it
+/// cannot forward datagram by datagram: the TC fast path wants GRO off.
+pub fn set_gro(on: bool) {
+    GRO.store(on, Ordering::Relaxed);
+}
 
 /// Binds a non-blocking std UDP socket on exactly `addr` (port 0 picks a free port).
 ///
@@ -36,7 +49,9 @@ pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     // Bursts from one flow arrive as one buffer; the receiver splits them.
-    batch::enable_gro(&socket);
+    if GRO.load(Ordering::Relaxed) {
+        batch::enable_gro(&socket);
+    }
     Ok(socket.into())
 }
 
