@@ -108,15 +108,10 @@ pub enum FastPathError {
     },
 }
 
-/// Packets and bytes the kernel forwarded for one allocation, summed over CPUs. Bytes are
-/// application data (ChannelData payload without header and padding).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AllocationCounters {
-    pub to_peer_packets: u64,
-    pub to_peer_bytes: u64,
-    pub to_client_packets: u64,
-    pub to_client_bytes: u64,
-}
+/// Packets and bytes the kernel forwarded for one allocation (the map's per-CPU value type,
+/// summed over CPUs by [`FastPath::allocation_counters`]). Bytes are application data
+/// (ChannelData payload without header and padding).
+pub use relay_common::AllocationCounters;
 
 /// Which program [`FastPath::test_run`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,7 +275,7 @@ impl FastPath {
 
         // Counters first, so the kernel never has to create them.
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| FastPathError::Cpus(e))?;
-        let zero = PerCpuValues::try_from(vec![relay_common::AllocationCounters::default(); cpus])
+        let zero = PerCpuValues::try_from(vec![AllocationCounters::default(); cpus])
             .map_err(FastPathError::Cpus)?;
         const BPF_NOEXIST: u64 = 1;
         match self
@@ -351,10 +346,12 @@ impl FastPath {
             .ebpf
             .map(ALLOCATION_COUNTERS_MAP)
             .ok_or(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP))?;
-        let counters = PerCpuHashMap::<_, u64, relay_common::AllocationCounters>::try_from(map)
-            .map_err(|source| FastPathError::Map {
-                name: ALLOCATION_COUNTERS_MAP,
-                source,
+        let counters =
+            PerCpuHashMap::<_, u64, AllocationCounters>::try_from(map).map_err(|source| {
+                FastPathError::Map {
+                    name: ALLOCATION_COUNTERS_MAP,
+                    source,
+                }
             })?;
         let per_cpu = match counters.get(&allocation, 0) {
             Ok(values) => values,
@@ -505,10 +502,8 @@ impl FastPath {
 
     fn allocation_counter_map(
         &mut self,
-    ) -> Result<
-        PerCpuHashMap<&mut aya::maps::MapData, u64, relay_common::AllocationCounters>,
-        FastPathError,
-    > {
+    ) -> Result<PerCpuHashMap<&mut aya::maps::MapData, u64, AllocationCounters>, FastPathError>
+    {
         typed_map(&mut self.ebpf, ALLOCATION_COUNTERS_MAP)
     }
 

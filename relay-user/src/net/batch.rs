@@ -38,19 +38,7 @@ const UDP_GRO: libc::c_int = 104;
 /// Lets the kernel coalesce datagrams of one flow on `socket` (UDP GRO); [`Receiver`] splits
 /// them again. Best effort: without it every datagram simply arrives on its own.
 pub fn enable_gro(socket: &impl AsRawFd) -> bool {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads one c_int through a valid pointer with the matching length;
-    // the fd is open for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
+    set_udp_option(socket, UDP_GRO, 1)
 }
 
 /// Room for the one control message a receive can carry (the UDP_GRO segment size).
@@ -61,24 +49,26 @@ fn gro_cmsg_space() -> usize {
 
 static GSO_ENABLED: AtomicBool = AtomicBool::new(false);
 
+/// Sets a SOL_UDP option to an int value; whether the kernel took it.
+fn set_udp_option(socket: &impl AsRawFd, option: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: setsockopt reads one c_int through a valid pointer with the matching length;
+    // the fd is open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// Probes UDP GSO once at start; returns whether it is used.
 pub fn probe_gso() -> bool {
     let supported = std::net::UdpSocket::bind("127.0.0.1:0")
-        .map(|socket| {
-            let size: libc::c_int = 1200;
-            // SAFETY: setsockopt reads `size` (a c_int, as UDP_SEGMENT expects) through a valid
-            // pointer with the matching length; the fd is open for the call.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_UDP,
-                    UDP_SEGMENT,
-                    (&size as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            rc == 0
-        })
+        .map(|socket| set_udp_option(&socket, UDP_SEGMENT, 1200))
         .unwrap_or(false);
     GSO_ENABLED.store(supported, Ordering::Relaxed);
     supported
