@@ -42,6 +42,9 @@ enum Task {
     /// Benchmark the socket path, the kernel fast path and coturn side by side in a namespace
     /// lab (root): table on the terminal, JSON + SVG in bench-results/.
     Bench(bench::BenchArgs),
+    /// The bench's reference forwarder (started by `cargo xtask bench` in its lab).
+    #[command(hide = true)]
+    BenchForwarder(bench::forwarder::ForwarderArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(&workspace_root())
         }
         Task::Bench(args) => bench::run(&workspace_root(), args),
+        Task::BenchForwarder(args) => bench::forwarder::run(&args),
     }
 }
 

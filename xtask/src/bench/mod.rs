@@ -5,6 +5,7 @@
 //! plane), `loadgen` (generators), `measure` (counters, CPU, latency), `runner` (servers and
 //! floods per path), `report` (table, JSON, SVG).
 
+pub(crate) mod forwarder;
 pub(crate) mod lab;
 mod loadgen;
 mod measure;
@@ -41,7 +42,8 @@ pub struct BenchArgs {
     /// Output directory for JSON, SVG and server logs (default: bench-results/ in the workspace).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Paths to run, comma-separated (default: all of generator,socket,xdp,tc,coturn).
+    /// Paths to run, comma-separated (default: all of generator,socket,xdp,tc,coturn,reference;
+    /// reference is a minimal recvmmsg+GSO forwarder without TURN logic, client→peer only).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     paths: Option<Vec<String>>,
     /// Rounds (each runs every path once, in rotating order).
@@ -175,6 +177,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             PathKind::Xdp,
             PathKind::Tc,
             PathKind::Coturn,
+            PathKind::Reference,
         ],
     };
     let ebpf_object = args
@@ -203,6 +206,9 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         latency_rate: args.latency_rate.clamp(1, 100_000),
         latency_duration: plan.latency_duration,
         secret: format!("bench-{:x}", std::process::id()),
+        server_bound: Duration::from_secs(30)
+            + (plan.duration + Duration::from_secs(2)) * plan.variants.len() as u32
+            + plan.latency_duration,
     };
 
     lab::install_signal_handlers();
@@ -456,7 +462,11 @@ fn run_server_path(
     };
     let kernel = matches!(path, PathKind::Xdp | PathKind::Tc);
     let setup = Instant::now();
-    let allocations = match runner::allocate(lab, ctx, max_flows) {
+    let allocations = match if path == PathKind::Reference {
+        runner::reference_allocations(lab, max_flows)
+    } else {
+        runner::allocate(lab, ctx, max_flows)
+    } {
         Ok(a) => a,
         Err(e) => {
             return Ok(Err(format!(
@@ -469,6 +479,20 @@ fn run_server_path(
     for &variant in &plan.variants {
         lab::check_stop()?;
         *step += 1;
+        if variant.bidi && !path.both_directions() {
+            println!(
+                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a (client->peer only)",
+                *step,
+                round + 1,
+                plan.rounds,
+                path.name(),
+                variant.label()
+            );
+            if round == 0 {
+                results.not_applicable.push((path, variant));
+            }
+            continue;
+        }
         let client = runner::client_groups(&allocations, variant.flows, variant.payload);
         let back = variant
             .bidi
@@ -508,6 +532,16 @@ fn run_server_path(
     lab::check_stop()?;
     *step += 1;
     runner::drain_clients(&allocations);
+    if !path.both_directions() {
+        println!(
+            "[{:>3}/{total_steps}] round {}/{} {:<9} latency n/a (client->peer only, no echo path)",
+            *step,
+            round + 1,
+            plan.rounds,
+            path.name()
+        );
+        return Ok(Ok(()));
+    }
     let first = &allocations[0];
     // The probe's echo needs real sockets: the sinks count and pass while it runs.
     if let Some(f) = far.as_deref_mut() {

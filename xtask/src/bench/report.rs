@@ -23,6 +23,8 @@ pub struct Results {
     pub latency: Vec<(usize, PathKind, LatencyStats)>,
     /// None: available; Some(reason): unavailable.
     pub availability: BTreeMap<PathKind, Option<String>>,
+    /// Variants a path does not run (the reference forwarder's both-directions ones).
+    pub not_applicable: Vec<(PathKind, Variant)>,
     pub elapsed_s: f64,
 }
 
@@ -64,6 +66,7 @@ impl Results {
             runs: Vec::new(),
             latency: Vec::new(),
             availability: BTreeMap::new(),
+            not_applicable: Vec::new(),
             elapsed_s: 0.0,
         }
     }
@@ -200,6 +203,11 @@ fn ratios(sums: &[Summary]) -> BTreeMap<&'static str, f64> {
     let mut out = BTreeMap::new();
     let pairs = [
         ("socket_over_coturn", PathKind::Socket, PathKind::Coturn),
+        (
+            "socket_over_reference",
+            PathKind::Socket,
+            PathKind::Reference,
+        ),
         ("xdp_over_socket", PathKind::Xdp, PathKind::Socket),
         ("tc_over_socket", PathKind::Tc, PathKind::Socket),
         (
@@ -245,7 +253,24 @@ pub fn table(results: &Results) -> String {
         "drops",
         "fe drops"
     );
-    for s in &sums {
+    // Rows in (variant, path) order, the not-applicable ones in their place.
+    let mut rows: Vec<(Variant, PathKind, Option<&Summary>)> = sums
+        .iter()
+        .map(|s| (s.variant, s.path, Some(s)))
+        .chain(results.not_applicable.iter().map(|(p, v)| (*v, *p, None)))
+        .collect();
+    rows.sort_by_key(|(v, p, _)| (*v, *p));
+    for (variant, path, s) in rows {
+        let Some(s) = s else {
+            let _ = writeln!(
+                t,
+                "{:<10} {:<16} {:>8}   (client->peer only)",
+                path.name(),
+                variant.label(),
+                "n/a"
+            );
+            continue;
+        };
         let _ = writeln!(
             t,
             "{:<10} {:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6.1} {:>7} {:>8} {:>8.0} {:>8} {:>8} {:>8}",
@@ -384,23 +409,33 @@ pub fn json(results: &Results) -> Value {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), json!(v)))
         .collect();
+    let not_applicable: Vec<Value> = results
+        .not_applicable
+        .iter()
+        .map(|(path, variant)| {
+            json!({"path": path.name(), "variant": variant.label(),
+                   "reason": "the reference forwarder forwards client->peer only"})
+        })
+        .collect();
     json!({
         "conditions": results.conditions,
         "elapsed_s": results.elapsed_s,
         "paths": availability,
         "summary": summary,
+        "not_applicable": not_applicable,
         "ratios": ratios,
         "latency": latency,
         "runs": runs,
     })
 }
 
-const COLORS: [(PathKind, &str); 5] = [
+const COLORS: [(PathKind, &str); 6] = [
     (PathKind::Generator, "#9e9e9e"),
     (PathKind::Socket, "#1f77b4"),
     (PathKind::Xdp, "#d62728"),
     (PathKind::Tc, "#ff7f0e"),
     (PathKind::Coturn, "#2ca02c"),
+    (PathKind::Reference, "#9467bd"),
 ];
 
 fn escape(s: &str) -> String {

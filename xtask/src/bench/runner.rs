@@ -25,6 +25,8 @@ pub const LISTEN_PORT: u16 = 3478;
 pub const PEER_PORT: u16 = 9000;
 /// Where the generator-ceiling flood goes: a bare socket in the relay namespace.
 pub const CEILING_PORT: u16 = 9999;
+/// The reference forwarder's relayed port (on RELAY_IP).
+pub const REFERENCE_PORT: u16 = 40_000;
 const REALM: &str = "bench.lab";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -39,6 +41,9 @@ pub enum PathKind {
     Tc,
     /// coturn's `turnserver`.
     Coturn,
+    /// A minimal recvmmsg+GSO forwarder with no TURN logic (`cargo xtask bench-forwarder`),
+    /// client→peer only: the floor of what the socket path's I/O costs.
+    Reference,
 }
 
 impl PathKind {
@@ -49,6 +54,7 @@ impl PathKind {
             Self::Xdp => "xdp",
             Self::Tc => "tc",
             Self::Coturn => "coturn",
+            Self::Reference => "reference",
         }
     }
 
@@ -59,12 +65,20 @@ impl PathKind {
             "xdp" => Self::Xdp,
             "tc" => Self::Tc,
             "coturn" => Self::Coturn,
-            other => bail!("unknown path {other:?} (generator, socket, xdp, tc, coturn)"),
+            "reference" => Self::Reference,
+            other => {
+                bail!("unknown path {other:?} (generator, socket, xdp, tc, coturn, reference)")
+            }
         })
     }
 
     fn is_kernel(self) -> bool {
         matches!(self, Self::Xdp | Self::Tc)
+    }
+
+    /// Whether the path forwards peer→client too (the reference forwarder does not).
+    pub fn both_directions(self) -> bool {
+        !matches!(self, Self::Reference)
     }
 }
 
@@ -98,6 +112,9 @@ pub struct Ctx {
     pub latency_rate: u32,
     pub latency_duration: Duration,
     pub secret: String,
+    /// How long a server that needs a bound (the reference forwarder) may run: one path's
+    /// floods, settles and latency probe, with room to spare.
+    pub server_bound: Duration,
 }
 
 /// What one flood measured. Delivered counts come from the far-end sinks (XDP counters on the
@@ -215,6 +232,7 @@ pub fn start(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
     match path {
         PathKind::Generator => Err("not a server".to_owned()),
         PathKind::Coturn => start_coturn(lab, ctx),
+        PathKind::Reference => start_reference(lab, ctx),
         _ => start_relay(path, lab, ctx),
     }
 }
@@ -281,6 +299,56 @@ fn start_relay(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
             return Err(format!(
                 "relay not ready within 20 s (listening: {listening}, fast path attached on \
                  {attached}/{attached_needed} interfaces):\n{}",
+                indent(&server.log_tail(8))
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The reference forwarder: this same xtask binary's hidden `bench-forwarder` subcommand, in
+/// the relay namespace on the relay core, exiting by itself after `ctx.server_bound`.
+fn start_reference(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating xtask: {e}"))?;
+    let exe = exe.to_str().ok_or("non-utf-8 xtask path")?;
+    let mut command = pinned(&lab.relay, ctx.relay_cpu, exe);
+    command.args([
+        "bench-forwarder",
+        "--listen",
+        &format!("{LISTEN_IP}:{LISTEN_PORT}"),
+        "--relayed",
+        &format!("{RELAY_IP}:{REFERENCE_PORT}"),
+        "--peer",
+        &format!("{PEER_IP}:{PEER_PORT}"),
+        "--seconds",
+        &ctx.server_bound.as_secs().max(1).to_string(),
+        "--stats-file",
+    ]);
+    let stats_file = ctx.out.join("reference-forwarder.log");
+    let _ = std::fs::remove_file(&stats_file);
+    command.arg(&stats_file);
+    let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
+    let mut server = Server {
+        pid: child.id(),
+        child,
+        log,
+        log_file: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = server.log.lock().map(|l| l.clone()).unwrap_or_default();
+        if text.contains("listening on udp") {
+            return Ok(server);
+        }
+        if !server.alive() {
+            return Err(format!(
+                "reference forwarder exited at start:\n{}",
+                indent(&server.log_tail(8))
+            ));
+        }
+        if Instant::now() > deadline || lab::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "reference forwarder not ready within 10 s:\n{}",
                 indent(&server.log_tail(8))
             ));
         }
@@ -377,19 +445,7 @@ pub fn peer_socket(lab: &Lab) -> anyhow::Result<Arc<UdpSocket>> {
 /// `n` allocations, each with channel 0x4000 bound to the peer socket, through the server's
 /// TURN control plane (Allocate with REST long-term credentials, then ChannelBind).
 pub fn allocate(lab: &Lab, ctx: &Ctx, n: usize) -> anyhow::Result<Vec<Allocation>> {
-    let sockets = in_ns(&lab.client, move || {
-        (0..n)
-            .map(|i| {
-                let s = UdpSocket::bind((lab::client_ip(i), 0))?;
-                // The first client receives the latency probe and the 1-flow return traffic;
-                // the others stay near the default so 1000 full queues cannot pin gigabytes.
-                if i == 0 {
-                    measure::big_rcvbuf(&s, 16 << 20)?;
-                }
-                Ok(s)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-    })?;
+    let sockets = client_sockets(lab, n)?;
     let server = SocketAddr::from((LISTEN_IP, LISTEN_PORT));
     let peer = SocketAddr::from((PEER_IP, PEER_PORT));
     let started = Instant::now();
@@ -408,6 +464,38 @@ pub fn allocate(lab: &Lab, ctx: &Ctx, n: usize) -> anyhow::Result<Vec<Allocation
         );
     }
     Ok(out)
+}
+
+/// The reference forwarder's "allocations": the same client sockets as `allocate`, channel
+/// 0x4000, relayed address the forwarder's; no control plane (it has none), so the generator's
+/// frames are the same as for the TURN servers.
+pub fn reference_allocations(lab: &Lab, n: usize) -> anyhow::Result<Vec<Allocation>> {
+    let relayed = SocketAddr::from((RELAY_IP, REFERENCE_PORT));
+    Ok(client_sockets(lab, n)?
+        .into_iter()
+        .map(|socket| Allocation {
+            socket: Arc::new(socket),
+            relayed,
+            channel: FIRST_CHANNEL,
+        })
+        .collect())
+}
+
+/// `n` client sockets in the client namespace, one per client address.
+fn client_sockets(lab: &Lab, n: usize) -> anyhow::Result<Vec<UdpSocket>> {
+    in_ns(&lab.client, move || {
+        (0..n)
+            .map(|i| {
+                let s = UdpSocket::bind((lab::client_ip(i), 0))?;
+                // The first client receives the latency probe and the 1-flow return traffic;
+                // the others stay near the default so 1000 full queues cannot pin gigabytes.
+                if i == 0 {
+                    measure::big_rcvbuf(&s, 16 << 20)?;
+                }
+                Ok(s)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })
 }
 
 struct Snapshot {
