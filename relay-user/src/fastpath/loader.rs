@@ -284,12 +284,7 @@ impl FastPath {
         {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => {
-                return Err(FastPathError::Map {
-                    name: ALLOCATION_COUNTERS_MAP,
-                    source,
-                })
-            }
+            Err(source) => return Err(map_error(ALLOCATION_COUNTERS_MAP)(source)),
         }
 
         // The kernel reads client ChannelData only on listener ports; listeners never change
@@ -299,25 +294,16 @@ impl FastPath {
             typed_map(&mut self.ebpf, LISTENER_PORTS_MAP)?;
         listener_ports
             .insert(port, 1, 0)
-            .map_err(|source| FastPathError::Map {
-                name: LISTENER_PORTS_MAP,
-                source,
-            })?;
+            .map_err(map_error(LISTENER_PORTS_MAP))?;
 
         // Peer → client first: a client's ChannelData is then never forwarded to a peer whose
         // answers the kernel could not bring back.
         self.peer_map()?
             .insert(peer_key, to_client, 0)
-            .map_err(|source| FastPathError::Map {
-                name: PEERS_MAP,
-                source,
-            })?;
+            .map_err(map_error(PEERS_MAP))?;
         self.channel_map()?
             .insert(channel_key, to_peer, 0)
-            .map_err(|source| FastPathError::Map {
-                name: CHANNELS_MAP,
-                source,
-            })
+            .map_err(map_error(CHANNELS_MAP))
     }
 
     /// Removes both directions of a channel binding. Entries that are already gone are not an
@@ -325,15 +311,9 @@ impl FastPath {
     pub fn remove_channel(&mut self, binding: &ChannelBinding) -> Result<(), FastPathError> {
         let (channel_key, _, peer_key, _) = binding::entries(binding)?;
         let removed = self.channel_map()?.remove(&channel_key);
-        ignore_missing(removed).map_err(|source| FastPathError::Map {
-            name: CHANNELS_MAP,
-            source,
-        })?;
+        ignore_missing(removed).map_err(map_error(CHANNELS_MAP))?;
         let removed = self.peer_map()?.remove(&peer_key);
-        ignore_missing(removed).map_err(|source| FastPathError::Map {
-            name: PEERS_MAP,
-            source,
-        })
+        ignore_missing(removed).map_err(map_error(PEERS_MAP))
     }
 
     /// Packets and bytes the kernel forwarded for `allocation`, summed over CPUs (zero if the
@@ -346,22 +326,12 @@ impl FastPath {
             .ebpf
             .map(ALLOCATION_COUNTERS_MAP)
             .ok_or(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP))?;
-        let counters =
-            PerCpuHashMap::<_, u64, AllocationCounters>::try_from(map).map_err(|source| {
-                FastPathError::Map {
-                    name: ALLOCATION_COUNTERS_MAP,
-                    source,
-                }
-            })?;
+        let counters = PerCpuHashMap::<_, u64, AllocationCounters>::try_from(map)
+            .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
         let per_cpu = match counters.get(&allocation, 0) {
             Ok(values) => values,
             Err(MapError::KeyNotFound) => return Ok(AllocationCounters::default()),
-            Err(source) => {
-                return Err(FastPathError::Map {
-                    name: ALLOCATION_COUNTERS_MAP,
-                    source,
-                })
-            }
+            Err(source) => return Err(map_error(ALLOCATION_COUNTERS_MAP)(source)),
         };
         Ok(per_cpu
             .iter()
@@ -379,10 +349,7 @@ impl FastPath {
     /// were read for the last time). Missing counters are not an error.
     pub fn remove_allocation_counters(&mut self, allocation: u64) -> Result<(), FastPathError> {
         let removed = self.allocation_counter_map()?.remove(&allocation);
-        ignore_missing(removed).map_err(|source| FastPathError::Map {
-            name: ALLOCATION_COUNTERS_MAP,
-            source,
-        })
+        ignore_missing(removed).map_err(map_error(ALLOCATION_COUNTERS_MAP))
     }
 
     /// Verdict counters summed over all CPUs, in [`Reason`] order.
@@ -392,20 +359,13 @@ impl FastPath {
             .map(VERDICT_COUNTERS_MAP)
             .ok_or(FastPathError::MissingMap(VERDICT_COUNTERS_MAP))?;
         let counters =
-            PerCpuArray::<_, u64>::try_from(map).map_err(|source| FastPathError::Map {
-                name: VERDICT_COUNTERS_MAP,
-                source,
-            })?;
+            PerCpuArray::<_, u64>::try_from(map).map_err(map_error(VERDICT_COUNTERS_MAP))?;
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let per_cpu =
-                    counters
-                        .get(&reason.index(), 0)
-                        .map_err(|source| FastPathError::Map {
-                            name: VERDICT_COUNTERS_MAP,
-                            source,
-                        })?;
+                let per_cpu = counters
+                    .get(&reason.index(), 0)
+                    .map_err(map_error(VERDICT_COUNTERS_MAP))?;
                 Ok((reason, per_cpu.iter().sum()))
             })
             .collect()
@@ -518,7 +478,12 @@ where
     M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.map_mut(name).ok_or(FastPathError::MissingMap(name))?;
-    M::try_from(map).map_err(|source| FastPathError::Map { name, source })
+    M::try_from(map).map_err(map_error(name))
+}
+
+/// Names the map a map operation failed on.
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> FastPathError {
+    move |source| FastPathError::Map { name, source }
 }
 
 /// `Ok` for a successful delete and for a key that was not there.

@@ -658,3 +658,14 @@ fn reexec_release(root: &Path, relay_bin: Option<&Path>) -> anyhow::Result<()> {
     }
     Err(command.exec()).context("re-running xtask in release")
 }
+
+/// An error with its whole source chain on one line (aya puts the useful part in sources).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}

@@ -274,36 +274,23 @@ fn start_relay(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
         command.args(["--interface", &lab.r_c, "--interface", &lab.r_p]);
     }
     let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
-    let mut server = Server {
+    let server = Server {
         pid: child.id(),
         child,
         log,
         log_file: None,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
     let attached_needed = if path.is_kernel() { 2 } else { 0 };
-    loop {
-        let text = server.log.lock().map(|l| l.clone()).unwrap_or_default();
-        let listening = text.contains("listening on udp");
-        let attached = text.matches("fast path attached").count();
-        if listening && attached >= attached_needed {
-            return Ok(server);
-        }
-        if !server.alive() {
-            return Err(format!(
-                "relay exited at start:\n{}",
-                indent(&server.log_tail(8))
-            ));
-        }
-        if Instant::now() > deadline || lab::STOP.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(format!(
-                "relay not ready within 20 s (listening: {listening}, fast path attached on \
-                 {attached}/{attached_needed} interfaces):\n{}",
-                indent(&server.log_tail(8))
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(server, "relay", Duration::from_secs(20), |log| {
+        let listening = log.contains("listening on udp");
+        let attached = log.matches("fast path attached").count();
+        (!listening || attached < attached_needed).then(|| {
+            format!(
+                "listening: {listening}, fast path attached on {attached}/{attached_needed} \
+                 interfaces"
+            )
+        })
+    })
 }
 
 /// The reference forwarder: this same xtask binary's hidden `bench-forwarder` subcommand, in
@@ -328,27 +315,44 @@ fn start_reference(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
     let _ = std::fs::remove_file(&stats_file);
     command.arg(&stats_file);
     let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
-    let mut server = Server {
+    let server = Server {
         pid: child.id(),
         child,
         log,
         log_file: None,
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_ready(
+        server,
+        "reference forwarder",
+        Duration::from_secs(10),
+        |log| (!log.contains("listening on udp")).then(|| "not listening yet".to_owned()),
+    )
+}
+
+/// Polls `server`'s log until `pending` says nothing is missing (`None`); fails when the
+/// server exits, `limit` passes or the bench is stopped, naming what was still missing.
+fn wait_ready(
+    mut server: Server,
+    what: &str,
+    limit: Duration,
+    pending: impl Fn(&str) -> Option<String>,
+) -> Result<Server, String> {
+    let deadline = Instant::now() + limit;
     loop {
         let text = server.log.lock().map(|l| l.clone()).unwrap_or_default();
-        if text.contains("listening on udp") {
+        let Some(missing) = pending(&text) else {
             return Ok(server);
-        }
+        };
         if !server.alive() {
             return Err(format!(
-                "reference forwarder exited at start:\n{}",
+                "{what} exited at start:\n{}",
                 indent(&server.log_tail(8))
             ));
         }
         if Instant::now() > deadline || lab::STOP.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(format!(
-                "reference forwarder not ready within 10 s:\n{}",
+                "{what} not ready within {} s ({missing}):\n{}",
+                limit.as_secs(),
                 indent(&server.log_tail(8))
             ));
         }

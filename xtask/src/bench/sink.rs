@@ -14,6 +14,7 @@
 //! (the attachment is a bpf_link owned by the loaded object; deleting the namespace also
 //! removes it).
 
+use crate::bench::error_chain;
 use std::{net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
 
 use anyhow::Context;
@@ -220,16 +221,6 @@ impl DeliveryCount {
             p2c: d(self.p2c, before.p2c),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! Each flood loads its own copy (its own maps), so the two directions of a both-ways flood run
 //! side by side without sharing templates.
 
+use crate::bench::error_chain;
 use std::{
     ffi::CString,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -105,16 +106,6 @@ impl LiveFramesGenerator {
         )?;
         Ok(Injector { ebpf, cfg, frames })
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 /// One loaded copy of the program and its maps.
