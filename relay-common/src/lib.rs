@@ -10,7 +10,8 @@
 //! packet order, read as a native integer ([`ip_field`], [`port_field`] convert). Addresses are
 //! four such words for both families (`in6_u.u6_addr32`): an IPv4 address is the first word and
 //! the other three are zero; `family` in the key says which one it is. Word-sized fields let the
-//! kernel program load and checksum them a word at a time.
+//! kernel program load and checksum them a word at a time, and one layout for both families
+//! leaves room for translating between them.
 #![no_std]
 
 /// Name of the XDP entry point that forwards ChannelData in the kernel.
@@ -27,7 +28,7 @@ pub const VERDICT_COUNTERS_MAP: &str = "VERDICT_COUNTERS";
 pub const CHANNELS_MAP: &str = "CHANNELS";
 /// Name of the hash map peer → client: [`PeerKey`] → [`ToClient`].
 pub const PEERS_MAP: &str = "PEERS";
-/// Name of the per-CPU hash of per-allocation counters: allocation id (`u64`) →
+/// Name of the per-CPU hash of per-allocation counters: allocation id (`u32`) →
 /// [`AllocationCounters`].
 pub const ALLOCATION_COUNTERS_MAP: &str = "ALLOCATION_COUNTERS";
 /// Name of the DEVMAP_HASH (ifindex → ifindex) of interfaces the fast path may send out of.
@@ -36,16 +37,32 @@ pub const EGRESS_DEVICES_MAP: &str = "EGRESS_DEVICES";
 /// these ports are read as client ChannelData, so a peer's payload that happens to start with
 /// bits 0b01 is never taken for (or counted as malformed) ChannelData.
 pub const LISTENER_PORTS_MAP: &str = "LISTENER_PORTS";
+/// Name of the array of next hops (`u32` index → [`NextHop`]): where a frame for one destination
+/// address leaves (interface, MACs, MTU). Userspace resolves them from the kernel's routing and
+/// neighbour tables and keeps them current; the program does no FIB lookup.
+pub const NEXT_HOPS_MAP: &str = "NEXT_HOPS";
+/// Name of the LPM trie of the peer policy ([`PolicyKey`] → `u32`, [`POLICY_ALLOW`] or
+/// [`POLICY_DENY`]): the kernel checks every peer it forwards to, so no map entry can send to an
+/// address userspace's policy denies.
+pub const PEER_POLICY_MAP: &str = "PEER_POLICY";
 
-/// Channel bindings the kernel can hold (each takes one entry in both [`CHANNELS_MAP`] and
-/// [`PEERS_MAP`]).
+/// Default capacity of [`CHANNELS_MAP`] and [`PEERS_MAP`] (each binding takes one entry in
+/// both). Userspace sizes them at load time (`--kernel-bindings`).
 pub const MAX_CHANNEL_BINDINGS: u32 = 16_384;
-/// Allocations with kernel counters.
+/// Default capacity of [`ALLOCATION_COUNTERS_MAP`].
 pub const MAX_ALLOCATIONS: u32 = 16_384;
+/// Default capacity of [`NEXT_HOPS_MAP`]: one next hop per destination address in use (each
+/// binding has a client and a peer address).
+pub const MAX_NEXT_HOPS: u32 = 2 * MAX_CHANNEL_BINDINGS;
+/// Highest capacity of [`NEXT_HOPS_MAP`]: next hop indices are `u16` in the entries.
+pub const NEXT_HOPS_LIMIT: u32 = 1 << 16;
 /// Interfaces in [`EGRESS_DEVICES_MAP`].
 pub const MAX_EGRESS_DEVICES: u32 = 64;
 /// Ports in [`LISTENER_PORTS_MAP`].
 pub const MAX_LISTENER_PORTS: u32 = 64;
+/// Prefixes in [`PEER_POLICY_MAP`]: the default-denied ranges, the operator's allow and deny
+/// lists and every address of the host.
+pub const MAX_POLICY_PREFIXES: u32 = 4_096;
 
 /// `family` value of an IPv4 key.
 pub const FAMILY_IPV4: u8 = 4;
@@ -54,7 +71,22 @@ pub const FAMILY_IPV6: u8 = 6;
 
 /// Entry flag: the kernel may forward with this entry. Without it the entry only documents a
 /// binding and the kernel passes the datagram to the socket path (per-allocation "fast path off").
-pub const FLAG_ENABLED: u32 = 1;
+pub const FLAG_ENABLED: u16 = 1;
+/// [`ToPeer`] flag: the peer is another allocation's relayed transport address on this relay
+/// (client-to-client through the relay). The kernel never sends such a datagram out: it
+/// delivers it to that allocation's client as ChannelData when that allocation has a channel
+/// for the sender's relayed address, and passes it to the socket path otherwise.
+pub const FLAG_HAIRPIN: u16 = 2;
+
+/// [`NextHop::flags`]: the next hop is resolved (route, link up, neighbour MAC known, egress
+/// attached). Without it the program passes the frame to the socket path, whose own traffic
+/// resolves the neighbour.
+pub const NEXT_HOP_VALID: u16 = 1;
+
+/// [`PEER_POLICY_MAP`] value: forwarding to addresses under this prefix is allowed.
+pub const POLICY_ALLOW: u32 = 1;
+/// [`PEER_POLICY_MAP`] value: forwarding to addresses under this prefix is denied.
+pub const POLICY_DENY: u32 = 0;
 
 /// Lowest channel number (RFC 8656 §12).
 pub const CHANNEL_MIN: u16 = 0x4000;
@@ -66,13 +98,18 @@ pub const CHANNEL_MAX: u16 = 0x7fff;
 /// Size of the ChannelData header: channel number and length (RFC 8656 §12.4).
 pub const CHANNEL_DATA_HEADER_LEN: usize = 4;
 
+/// TTL / hop limit of everything the kernel path sends: the relay originates these datagrams
+/// (RFC 8656 §14.3 alternate behaviour), exactly as its sockets do (Linux's default 64).
+pub const FORWARD_TTL: u8 = 64;
+
 /// Key of [`CHANNELS_MAP`]: one ChannelData flow from a client to a listener.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ChannelKey {
     /// Client transport address (network order).
     pub client_ip: [u32; 4],
-    /// Listener (server) address the client sends to.
+    /// Local address the client sent to: the listener's address, or for a wildcard listener
+    /// the address the client actually contacted (RFC 8656 §2 5-tuple).
     pub listener_ip: [u32; 4],
     pub client_port: u16,
     pub listener_port: u16,
@@ -88,8 +125,12 @@ pub struct ChannelKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ToPeer {
-    /// Allocation id, the key of [`ALLOCATION_COUNTERS_MAP`] (host order).
-    pub allocation: u64,
+    /// Allocation id, the key of [`ALLOCATION_COUNTERS_MAP`].
+    pub allocation: u32,
+    /// [`FLAG_ENABLED`], [`FLAG_HAIRPIN`].
+    pub flags: u16,
+    /// Index of the peer's [`NextHop`] in [`NEXT_HOPS_MAP`].
+    pub next_hop: u16,
     /// CLOCK_MONOTONIC deadline in ns (`bpf_ktime_get_ns`): no forwarding at or after it.
     pub expires_at_ns: u64,
     /// Relayed transport address the datagram leaves from (same family as the key).
@@ -98,8 +139,8 @@ pub struct ToPeer {
     pub peer_ip: [u32; 4],
     pub relayed_port: u16,
     pub peer_port: u16,
-    /// [`FLAG_ENABLED`] and nothing else yet.
-    pub flags: u32,
+    /// Always zero.
+    pub reserved: u32,
 }
 
 /// Key of [`PEERS_MAP`]: datagrams from one peer to one relayed transport address.
@@ -120,11 +161,15 @@ pub struct PeerKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ToClient {
-    /// Allocation id, the key of [`ALLOCATION_COUNTERS_MAP`] (host order).
-    pub allocation: u64,
+    /// Allocation id, the key of [`ALLOCATION_COUNTERS_MAP`].
+    pub allocation: u32,
+    /// [`FLAG_ENABLED`].
+    pub flags: u16,
+    /// Index of the client's [`NextHop`] in [`NEXT_HOPS_MAP`].
+    pub next_hop: u16,
     /// CLOCK_MONOTONIC deadline in ns (`bpf_ktime_get_ns`): no forwarding at or after it.
     pub expires_at_ns: u64,
-    /// Listener address the datagram leaves from.
+    /// Local address the datagram leaves from: the one the client contacted.
     pub listener_ip: [u32; 4],
     /// Client transport address the datagram goes to.
     pub client_ip: [u32; 4],
@@ -132,8 +177,53 @@ pub struct ToClient {
     pub client_port: u16,
     /// Channel number written into the ChannelData header, network order.
     pub channel: u16,
-    /// [`FLAG_ENABLED`] and nothing else yet (u16 to keep the struct padding-free).
+    /// Always zero.
+    pub reserved: u16,
+}
+
+/// Value of [`NEXT_HOPS_MAP`]: how a frame reaches one destination address, resolved by
+/// userspace from the kernel's routing, neighbour and link tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Largest IP datagram (header included) the egress route carries; longer frames go to
+    /// the socket path, which fragments or reports as the stack does.
+    pub mtu: u16,
+    /// [`NEXT_HOP_VALID`] or 0.
     pub flags: u16,
+    /// Destination MAC: the neighbour's (gateway's, or the destination's own when on-link).
+    pub dmac: [u8; 6],
+    /// Source MAC: the egress interface's.
+    pub smac: [u8; 6],
+}
+
+/// Key of [`PEER_POLICY_MAP`] (an LPM trie key: the first `prefix_len` bits of `data` count).
+/// `data[0]` is the family word (its first byte [`FAMILY_IPV4`] / [`FAMILY_IPV6`], the rest
+/// zero), then the address as a map field ([`ip_field`] / [`ipv4_field`]); `prefix_len` is 32
+/// plus the address prefix length. The family word keeps IPv4 addresses apart from IPv6 ones
+/// that embed them, and whole words let the program build the key with four word copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub prefix_len: u32,
+    pub data: [u32; 5],
+}
+
+impl PolicyKey {
+    /// The key of the address field `ip` of `family` under `prefix_len` bits of address.
+    pub const fn new(family: u8, ip: [u32; 4], prefix_len: u32) -> Self {
+        Self {
+            prefix_len: 32 + prefix_len,
+            data: [family_word(family), ip[0], ip[1], ip[2], ip[3]],
+        }
+    }
+}
+
+/// The first word of a [`PolicyKey`]'s data: the family byte, then three zero bytes.
+pub const fn family_word(family: u8) -> u32 {
+    u32::from_ne_bytes([family, 0, 0, 0])
 }
 
 /// Value of [`ALLOCATION_COUNTERS_MAP`] on one CPU. Bytes are application data: the ChannelData
@@ -191,15 +281,20 @@ const _: () = assert!(core::mem::size_of::<ChannelKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ToPeer>() == 56);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ToClient>() == 56);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
 // Padding-free: each size equals the sum of its fields' sizes.
 const _: () = {
     use core::mem::size_of;
     const IP: usize = size_of::<[u32; 4]>();
     assert!(size_of::<ChannelKey>() == 2 * IP + 3 * size_of::<u16>() + 2 * size_of::<u8>());
-    assert!(size_of::<ToPeer>() == 2 * size_of::<u64>() + 2 * IP + 2 * size_of::<u16>() + 4);
+    assert!(size_of::<ToPeer>() == 4 + 2 + 2 + 8 + 2 * IP + 2 * size_of::<u16>() + 4);
     assert!(size_of::<PeerKey>() == 2 * IP + 2 * size_of::<u16>() + size_of::<u8>() + 3);
-    assert!(size_of::<ToClient>() == 2 * size_of::<u64>() + 2 * IP + 4 * size_of::<u16>());
+    assert!(size_of::<ToClient>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
+    assert!(size_of::<NextHop>() == 4 + 2 + 2 + 6 + 6);
+    assert!(size_of::<PolicyKey>() == 4 + 5 * size_of::<u32>());
     assert!(size_of::<AllocationCounters>() == 4 * size_of::<u64>());
 };
 
@@ -220,10 +315,13 @@ pub const CHANNEL_BINDING_BYTES: usize = hash_entry_bytes(
     core::mem::size_of::<ToClient>(),
 );
 
+/// Kernel memory of one [`NEXT_HOPS_MAP`] slot (array elements are rounded up to 8 bytes).
+pub const NEXT_HOP_BYTES: usize = core::mem::size_of::<NextHop>().next_multiple_of(8);
+
 /// Kernel memory of one allocation's counters on a machine with `cpus` possible CPUs: the
 /// element (with its per-CPU pointer) plus one [`AllocationCounters`] per CPU.
 pub const fn allocation_counter_bytes(cpus: usize) -> usize {
-    hash_entry_bytes(8, 8) + cpus * core::mem::size_of::<AllocationCounters>()
+    hash_entry_bytes(4, 8) + cpus * core::mem::size_of::<AllocationCounters>()
 }
 
 /// Why the kernel program did what it did with one frame.
@@ -264,16 +362,22 @@ pub enum Reason {
     PassDisabled = 13,
     /// IPv6 UDP with checksum 0 (not allowed, RFC 8200 §8.1): the stack decides.
     PassIpv6ZeroChecksum = 14,
-    /// `bpf_fib_lookup`: forwarding is disabled on the ingress interface (sysctl).
-    PassFibForwardingDisabled = 15,
-    /// `bpf_fib_lookup`: no neighbour entry yet; the socket path resolves it.
-    PassFibNoNeighbour = 16,
-    /// `bpf_fib_lookup`: the rewritten datagram exceeds the egress MTU.
-    PassFibFragNeeded = 17,
-    /// `bpf_fib_lookup`: no route (unreachable, blackhole, prohibit, not forwarded).
-    PassFibNoRoute = 18,
-    /// `bpf_fib_lookup` failed otherwise (unsupported encapsulation, bad arguments).
-    PassFibError = 19,
+    /// The destination's next hop is not resolved (neighbour unknown, no route, link down,
+    /// or the egress is not an attached interface): the socket path sends it, which also
+    /// resolves the neighbour.
+    PassNoNextHop = 15,
+    /// The rewritten datagram exceeds the egress MTU: the socket path fragments it or reports
+    /// it as the stack does.
+    PassFragNeeded = 16,
+    /// The peer is denied by the kernel copy of the peer policy. Userspace never installs such
+    /// an entry; this counts only if it errs (defence in depth).
+    PassPolicyDenied = 17,
+    /// Client-to-client through this relay: ChannelData from one client delivered straight to
+    /// the client of the allocation whose relayed address it was sent to.
+    ForwardHairpin = 18,
+    /// ChannelData to another allocation of this relay that has no channel for the sender:
+    /// the socket path delivers it (as a Data indication).
+    PassHairpinNoChannel = 19,
     /// The route leaves through an interface the fast path is not attached to.
     PassEgressNotAttached = 20,
     /// Growing/shrinking the frame failed before anything was rewritten.
@@ -306,11 +410,11 @@ impl Reason {
         Reason::PassExpired,
         Reason::PassDisabled,
         Reason::PassIpv6ZeroChecksum,
-        Reason::PassFibForwardingDisabled,
-        Reason::PassFibNoNeighbour,
-        Reason::PassFibFragNeeded,
-        Reason::PassFibNoRoute,
-        Reason::PassFibError,
+        Reason::PassNoNextHop,
+        Reason::PassFragNeeded,
+        Reason::PassPolicyDenied,
+        Reason::ForwardHairpin,
+        Reason::PassHairpinNoChannel,
         Reason::PassEgressNotAttached,
         Reason::PassAdjustFailed,
         Reason::DropRewriteFailed,
@@ -340,11 +444,11 @@ impl Reason {
             Reason::PassExpired => "pass_expired",
             Reason::PassDisabled => "pass_disabled",
             Reason::PassIpv6ZeroChecksum => "pass_ipv6_zero_checksum",
-            Reason::PassFibForwardingDisabled => "pass_fib_forwarding_disabled",
-            Reason::PassFibNoNeighbour => "pass_fib_no_neighbour",
-            Reason::PassFibFragNeeded => "pass_fib_frag_needed",
-            Reason::PassFibNoRoute => "pass_fib_no_route",
-            Reason::PassFibError => "pass_fib_error",
+            Reason::PassNoNextHop => "pass_no_next_hop",
+            Reason::PassFragNeeded => "pass_frag_needed",
+            Reason::PassPolicyDenied => "pass_policy_denied",
+            Reason::ForwardHairpin => "forward_hairpin",
+            Reason::PassHairpinNoChannel => "pass_hairpin_no_channel",
             Reason::PassEgressNotAttached => "pass_egress_not_attached",
             Reason::PassAdjustFailed => "pass_adjust_failed",
             Reason::DropRewriteFailed => "drop_rewrite_failed",
@@ -354,7 +458,10 @@ impl Reason {
 
     /// Whether frames counted under this reason were forwarded by the kernel.
     pub const fn is_forward(self) -> bool {
-        matches!(self, Reason::ForwardToPeer | Reason::ForwardToClient)
+        matches!(
+            self,
+            Reason::ForwardToPeer | Reason::ForwardToClient | Reason::ForwardHairpin
+        )
     }
 
     /// The reason stored at counter `index`, if any.
@@ -379,9 +486,9 @@ const _: () = {
 /// `aya::Pod` for the map types, so userspace can read and write them.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{AllocationCounters, ChannelKey, PeerKey, ToClient, ToPeer};
+    use super::{AllocationCounters, ChannelKey, NextHop, PeerKey, PolicyKey, ToClient, ToPeer};
 
-    // SAFETY: all five are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
+    // SAFETY: all seven are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
     // integers and byte arrays only, so every bit pattern is a valid value.
     unsafe impl aya::Pod for ChannelKey {}
     // SAFETY: as above.
@@ -390,6 +497,10 @@ mod pod {
     unsafe impl aya::Pod for PeerKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ToClient {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AllocationCounters {}
 }
@@ -419,14 +530,32 @@ mod tests {
     }
 
     #[test]
+    fn policy_keys_put_the_family_first() {
+        let key = PolicyKey::new(FAMILY_IPV4, ipv4_field([198, 18, 0, 0]), 15);
+        assert_eq!(key.prefix_len, 47);
+        assert_eq!(key.data[0].to_ne_bytes(), [FAMILY_IPV4, 0, 0, 0]);
+        assert_eq!(key.data[1].to_ne_bytes(), [198, 18, 0, 0]);
+        let key = PolicyKey::new(FAMILY_IPV6, ip_field([0x20; 16]), 128);
+        assert_eq!(key.prefix_len, 160);
+        assert_eq!(key.data[0].to_ne_bytes(), [FAMILY_IPV6, 0, 0, 0]);
+        assert_eq!(key.data[4].to_ne_bytes(), [0x20; 4]);
+    }
+
+    #[test]
     fn preallocated_map_memory_stays_within_budget() {
-        // 2 × (48 + 40 + 56 + 16) bytes per binding.
+        // 2 × (48 + 40 + 56 + 16) bytes per binding, plus up to two next hops (24 bytes each)
+        // shared by every binding to the same address.
         assert_eq!(CHANNEL_BINDING_BYTES, 320);
+        assert_eq!(NEXT_HOP_BYTES, 24);
         // 48 + 8-byte key + 8-byte per-CPU pointer + 16 bucket, then 32 bytes per CPU.
         assert_eq!(allocation_counter_bytes(2), 80 + 64);
-        // Hash maps preallocate every entry: the channel maps must fit in 8 MiB, and the
-        // counters of every allocation in 64 MiB even on a 64-CPU machine.
-        assert!(MAX_CHANNEL_BINDINGS as usize * CHANNEL_BINDING_BYTES <= 8 << 20);
+        // Hash maps preallocate every entry: the default channel maps and next hops must fit
+        // in 8 MiB, and the counters of every allocation in 64 MiB even on a 64-CPU machine.
+        assert!(
+            MAX_CHANNEL_BINDINGS as usize * CHANNEL_BINDING_BYTES
+                + MAX_NEXT_HOPS as usize * NEXT_HOP_BYTES
+                <= 8 << 20
+        );
         assert!(MAX_ALLOCATIONS as usize * allocation_counter_bytes(64) <= 64 << 20);
     }
 }

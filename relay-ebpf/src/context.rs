@@ -6,10 +6,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_fib_lookup, xdp_md},
+    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, xdp_md},
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup_helper, bpf_skb_adjust_room, bpf_skb_change_tail,
-        bpf_skb_load_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
 };
 
@@ -35,8 +35,6 @@ pub trait Packet {
     fn trim_tail(&mut self, len: usize) -> bool;
     /// Copies four bytes at `offset` (not necessarily bounds-checked by the verifier) into `buf`.
     fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool;
-    /// `bpf_fib_lookup` for this context; returns the helper's result.
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64;
     /// Whether the program may send the frame out of `ifindex`, another interface than the
     /// one it arrived on: only interfaces in `EGRESS_DEVICES` qualify. XDP also makes
     /// `ifindex` the redirect target right away (`bpf_redirect_map` only records it; the
@@ -45,8 +43,6 @@ pub trait Packet {
     /// Changes nothing in the frame.
     fn select_egress(&mut self, ifindex: u32) -> bool;
 }
-
-const FIB_PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
 
 /// An XDP context.
 pub struct Xdp {
@@ -108,12 +104,6 @@ impl Packet for Xdp {
         // SAFETY: the helper bounds-checks `offset + 4` against the frame and writes exactly
         // four bytes into `buf`.
         unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, buf.as_mut_ptr().cast(), 4) == 0 }
-    }
-
-    #[inline(always)]
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
-        // SAFETY: `params` is a whole `bpf_fib_lookup` on our stack, and its size is passed.
-        unsafe { fib_lookup_helper(self.ctx.cast::<c_void>(), params, FIB_PARAMS_LEN, 0) }
     }
 
     #[inline(always)]
@@ -226,12 +216,6 @@ impl Packet for Tc {
                 4,
             ) == 0
         }
-    }
-
-    #[inline(always)]
-    fn fib_lookup(&self, params: &mut bpf_fib_lookup) -> i64 {
-        // SAFETY: `params` is a whole `bpf_fib_lookup` on our stack, and its size is passed.
-        unsafe { fib_lookup_helper(self.skb.cast::<c_void>(), params, FIB_PARAMS_LEN, 0) }
     }
 
     #[inline(always)]

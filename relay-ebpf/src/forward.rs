@@ -1,29 +1,36 @@
-//! Classification of one UDP datagram and the rewrite shared by both directions.
+//! Classification of one UDP datagram and the rewrite shared by every direction.
 //!
 //! Order of work, chosen so that nothing is modified until forwarding is certain:
-//! parse → map lookup → expiry → `bpf_fib_lookup` → egress check → compute new headers and
-//! checksums → shrink/grow the frame → reload pointers, bounds-check, write headers.
+//! parse → map lookup → flags and expiry → peer policy → next hop (resolved by userspace, no
+//! FIB lookup) → MTU and egress checks → compute new headers and checksums → shrink/grow the
+//! frame → reload pointers, bounds-check, write headers.
+//!
+//! IP header fields of what the kernel path sends (RFC 8656 §14 "alternate behaviour", the same
+//! as the socket path's sockets produce): DSCP and ECN 0, TTL / hop limit 64, IPv4 DF set with
+//! IP ID 0 (the datagram fits the egress MTU, checked here; RFC 6864 atomic datagrams), IPv6
+//! flow label 0.
 
-use core::mem::MaybeUninit;
-
-use aya_ebpf::{bindings::bpf_fib_lookup, helpers::bpf_ktime_get_ns};
-use relay_common::{ip_octets, Reason, ToClient, ToPeer, CHANNEL_DATA_HEADER_LEN, FLAG_ENABLED};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use relay_common::{
+    ip_octets, NextHop, Reason, ToClient, ToPeer, CHANNEL_DATA_HEADER_LEN, FLAG_ENABLED,
+    FLAG_HAIRPIN, FORWARD_TTL, NEXT_HOP_VALID,
+};
 
 use crate::{
     channel::{self, ChannelData, Classified},
     checksum::{word, Delta},
     context::Packet,
     headers::{
-        EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN, IPPROTO_UDP,
+        peer_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN,
         IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    maps::{count_allocation, CHANNELS, LISTENER_PORTS, PEERS},
+    maps::{count_allocation, next_hop, peer_allowed, CHANNELS, LISTENER_PORTS, PEERS},
 };
 
-/// TTL / hop limit of forwarded datagrams: the relay originates them, as its sockets would.
-const TTL: u8 = 64;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+/// IPv4 flags/fragment offset of every datagram the kernel sends: DF, not a fragment.
+const IPV4_DONT_FRAGMENT: u16 = 0x4000;
+/// First word of every IPv6 header the kernel sends: version 6, traffic class 0, flow label 0.
+const IPV6_FIRST_WORD: [u8; 4] = [0x60, 0, 0, 0];
 
 /// A frame rewritten and ready to leave through `egress`.
 pub struct Forward {
@@ -62,7 +69,13 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
                 if let Some(entry) = CHANNELS.get_ptr(key) {
                     // SAFETY: a successful lookup returns a valid, aligned value pointer; the
                     // element stays allocated (preallocated map) while the program runs.
-                    return to_peer(ctx, &udp, &message, unsafe { &*entry });
+                    let entry = unsafe { &*entry };
+                    // Called from here, not from `to_peer`: each direction is one subprogram
+                    // deep, which keeps the combined stack within the verifier's 512 bytes.
+                    if entry.flags & FLAG_HAIRPIN != 0 {
+                        return hairpin(ctx, &udp, &message, entry);
+                    }
+                    return to_peer(ctx, &udp, &message, entry);
                 }
                 miss = Reason::PassNoBinding;
             }
@@ -74,14 +87,21 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
     let key = udp.peer_key();
     if let Some(entry) = PEERS.get_ptr(key) {
         // SAFETY: as above.
-        return to_client(ctx, &udp, unsafe { &*entry });
+        let entry = unsafe { &*entry };
+        // A hairpin entry's "peer" is one of this relay's own relayed addresses: only the
+        // program itself delivers such traffic (see `hairpin`). From the wire it is a spoofed
+        // local source, which the stack drops as martian; let it.
+        if entry.flags & FLAG_HAIRPIN != 0 {
+            return Err(miss);
+        }
+        return to_client(ctx, &udp, entry);
     }
     Err(miss)
 }
 
 /// Checks an entry's flags and deadline.
 #[inline(always)]
-fn usable(flags: u32, expires_at_ns: u64) -> Result<(), Reason> {
+fn usable(flags: u16, expires_at_ns: u64) -> Result<(), Reason> {
     if flags & FLAG_ENABLED == 0 {
         return Err(Reason::PassDisabled);
     }
@@ -104,6 +124,12 @@ fn to_peer<C: Packet>(
     entry: &ToPeer,
 ) -> Result<Forward, Reason> {
     usable(entry.flags, entry.expires_at_ns)?;
+    // Defence in depth: XDP and TC bypass netfilter, so the program applies the peer policy
+    // itself, whatever userspace installed.
+    if !peer_allowed(udp.family(), &entry.peer_ip) {
+        return Err(Reason::PassPolicyDenied);
+    }
+    let hop = next_hop(entry.next_hop).ok_or(Reason::PassNoNextHop)?;
     let frame_len = ctx.data_end() - ctx.data();
     let data_end = udp.payload_offset + CHANNEL_DATA_HEADER_LEN + message.data_len;
 
@@ -111,22 +137,7 @@ fn to_peer<C: Packet>(
     let mut data = Delta::new();
     data.remove(message.channel);
     data.remove(word(message.data_len as u16));
-    if message.padding > 0 {
-        // The last four bytes of the UDP payload end with the padding; offsets inside the UDP
-        // datagram decide which half of its checksum word a byte is.
-        let mut tail = [0u8; 4];
-        let tail_offset = udp.payload_offset + udp.payload_len - 4;
-        if !ctx.load4(tail_offset, &mut tail) {
-            return Err(Reason::PassMalformedUdp);
-        }
-        let first_pad = 4 - message.padding;
-        for (i, byte) in tail.iter().enumerate() {
-            if i >= first_pad {
-                let udp_offset = UDP_HDR_LEN + udp.payload_len - 4 + i;
-                data.remove_byte(*byte, udp_offset.is_multiple_of(2));
-            }
-        }
-    }
+    remove_padding(ctx, udp, message, &mut data)?;
 
     let plan = Plan {
         src_ip: &entry.relayed_ip,
@@ -136,12 +147,67 @@ fn to_peer<C: Packet>(
         new_udp_len: UDP_HDR_LEN + message.data_len,
         data,
         trim: frame_len - data_end,
-        strip_header: true,
+        resize: Resize::Strip4,
     };
-    let egress = rewrite(ctx, udp, &plan)?;
+    let egress = rewrite(ctx, udp, &plan, hop)?;
     count_allocation(entry.allocation, true, message.data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardToPeer,
+        egress,
+    })
+}
+
+/// Client-to-client through this relay: the peer of `entry` is another allocation's relayed
+/// address. When that allocation has a channel for this allocation's relayed address, the
+/// ChannelData goes straight to its client with that channel number, exactly what the socket
+/// path would produce after a trip through both relay sockets; otherwise the socket path
+/// delivers it (as a Data indication).
+#[inline(never)]
+fn hairpin<C: Packet>(
+    ctx: &mut C,
+    udp: &UdpDatagram,
+    message: &ChannelData,
+    entry: &ToPeer,
+) -> Result<Forward, Reason> {
+    usable(entry.flags, entry.expires_at_ns)?;
+    // The other allocation sees this allocation's relayed address as its peer.
+    let key = peer_key(
+        entry.relayed_ip,
+        entry.peer_ip,
+        entry.relayed_port,
+        entry.peer_port,
+        udp.family(),
+    );
+    let Some(target) = PEERS.get_ptr(key) else {
+        return Err(Reason::PassHairpinNoChannel);
+    };
+    // SAFETY: a successful lookup returns a valid, aligned value pointer (preallocated map).
+    let target = unsafe { &*target };
+    usable(target.flags, target.expires_at_ns)?;
+    let hop = next_hop(target.next_hop).ok_or(Reason::PassNoNextHop)?;
+    let frame_len = ctx.data_end() - ctx.data();
+    let data_end = udp.payload_offset + CHANNEL_DATA_HEADER_LEN + message.data_len;
+
+    // Same length, the receiving allocation's channel number, no padding (optional over UDP).
+    let mut data = Delta::new();
+    data.replace(message.channel, target.channel);
+    remove_padding(ctx, udp, message, &mut data)?;
+    let plan = Plan {
+        src_ip: &target.listener_ip,
+        dst_ip: &target.client_ip,
+        src_port: target.listener_port,
+        dst_port: target.client_port,
+        new_udp_len: UDP_HDR_LEN + CHANNEL_DATA_HEADER_LEN + message.data_len,
+        data,
+        trim: frame_len - data_end,
+        resize: Resize::Keep,
+    };
+    let egress = rewrite(ctx, udp, &plan, hop)?;
+    write_channel_header(ctx, udp, target.channel, message.data_len)?;
+    count_allocation(entry.allocation, true, message.data_len as u64);
+    count_allocation(target.allocation, false, message.data_len as u64);
+    Ok(Forward {
+        reason: Reason::ForwardHairpin,
         egress,
     })
 }
@@ -153,18 +219,18 @@ fn to_client<C: Packet>(
     udp: &UdpDatagram,
     entry: &ToClient,
 ) -> Result<Forward, Reason> {
-    usable(entry.flags as u32, entry.expires_at_ns)?;
+    usable(entry.flags, entry.expires_at_ns)?;
+    let hop = next_hop(entry.next_hop).ok_or(Reason::PassNoNextHop)?;
     let frame_len = ctx.data_end() - ctx.data();
     let data_len = udp.payload_len;
     let new_udp_len = UDP_HDR_LEN + CHANNEL_DATA_HEADER_LEN + data_len;
     if new_udp_len > 0xffff {
-        return Err(Reason::PassFibFragNeeded);
+        return Err(Reason::PassFragNeeded);
     }
     // No padding over UDP (RFC 8656 §12.5 makes it optional there).
-    let length = word(data_len as u16);
     let mut data = Delta::new();
     data.add(entry.channel);
-    data.add(length);
+    data.add(word(data_len as u16));
     let plan = Plan {
         src_ip: &entry.listener_ip,
         dst_ip: &entry.client_ip,
@@ -173,20 +239,71 @@ fn to_client<C: Packet>(
         new_udp_len,
         data,
         trim: frame_len - (udp.payload_offset + data_len),
-        strip_header: false,
+        resize: Resize::Insert4,
     };
-    let egress = rewrite(ctx, udp, &plan)?;
-    let frame = Frame::new(ctx.data(), ctx.data_end());
-    let slot = frame
-        .ptr_at::<[u16; 2]>(udp.payload_offset)
-        .ok_or(Reason::DropRewriteFailed)?;
-    // SAFETY: `ptr_at` checked the four bytes lie inside the (reloaded) frame.
-    unsafe { slot.write_unaligned([entry.channel, length]) };
+    let egress = rewrite(ctx, udp, &plan, hop)?;
+    write_channel_header(ctx, udp, entry.channel, data_len)?;
     count_allocation(entry.allocation, false, data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardToClient,
         egress,
     })
+}
+
+/// Accounts for the padding bytes after a ChannelData message leaving the UDP data.
+#[inline(always)]
+fn remove_padding<C: Packet>(
+    ctx: &C,
+    udp: &UdpDatagram,
+    message: &ChannelData,
+    data: &mut Delta,
+) -> Result<(), Reason> {
+    if message.padding == 0 {
+        return Ok(());
+    }
+    // The last four bytes of the UDP payload end with the padding; offsets inside the UDP
+    // datagram decide which half of its checksum word a byte is.
+    let mut tail = [0u8; 4];
+    let tail_offset = udp.payload_offset + udp.payload_len - 4;
+    if !ctx.load4(tail_offset, &mut tail) {
+        return Err(Reason::PassMalformedUdp);
+    }
+    let first_pad = 4 - message.padding;
+    for (i, byte) in tail.iter().enumerate() {
+        if i >= first_pad {
+            let udp_offset = UDP_HDR_LEN + udp.payload_len - 4 + i;
+            data.remove_byte(*byte, udp_offset.is_multiple_of(2));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a ChannelData header at the start of the (rewritten) UDP payload.
+#[inline(always)]
+fn write_channel_header<C: Packet>(
+    ctx: &C,
+    udp: &UdpDatagram,
+    channel: u16,
+    data_len: usize,
+) -> Result<(), Reason> {
+    let frame = Frame::new(ctx.data(), ctx.data_end());
+    let slot = frame
+        .ptr_at::<[u16; 2]>(udp.payload_offset)
+        .ok_or(Reason::DropRewriteFailed)?;
+    // SAFETY: `ptr_at` checked the four bytes lie inside the (reloaded) frame.
+    unsafe { slot.write_unaligned([channel, word(data_len as u16)]) };
+    Ok(())
+}
+
+/// How the frame's length changes right after the UDP header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resize {
+    /// Remove the four ChannelData header bytes (client → peer).
+    Strip4,
+    /// Insert four bytes for a ChannelData header (peer → client).
+    Insert4,
+    /// Keep the ChannelData header where it is (hairpin).
+    Keep,
 }
 
 /// The new addressing of one datagram and how its data changes. Fields are network-order
@@ -203,13 +320,17 @@ struct Plan<'a> {
     data: Delta,
     /// Bytes to cut at the end: padding and any link-layer trailer.
     trim: usize,
-    /// Remove four bytes after the UDP header (client → peer) rather than insert them.
-    strip_header: bool,
+    resize: Resize,
 }
 
-/// Finds the next hop, then rewrites Ethernet, IP and UDP headers. Returns the egress ifindex.
+/// Checks the next hop, then rewrites Ethernet, IP and UDP headers. Returns the egress ifindex.
 #[inline(always)]
-fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32, Reason> {
+fn rewrite<C: Packet>(
+    ctx: &mut C,
+    udp: &UdpDatagram,
+    plan: &Plan,
+    hop: &NextHop,
+) -> Result<u32, Reason> {
     let ingress = ctx.ingress_ifindex();
     let old_udp_len = word((UDP_HDR_LEN + udp.payload_len) as u16);
     let new_udp_len = word(plan.new_udp_len as u16);
@@ -220,9 +341,14 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
         return Err(Reason::PassIpv6ZeroChecksum);
     }
 
-    let mut room = FibRoom(MaybeUninit::uninit());
-    let fib = fib_params(&mut room, ingress, plan, v6);
-    let egress = next_hop(ctx, fib)?;
+    if hop.flags & NEXT_HOP_VALID == 0 {
+        return Err(Reason::PassNoNextHop);
+    }
+    let ip_len = if v6 { IPV6_HDR_LEN } else { IPV4_HDR_LEN } + plan.new_udp_len;
+    if ip_len > hop.mtu as usize {
+        return Err(Reason::PassFragNeeded);
+    }
+    let egress = hop.ifindex;
     if egress != ingress && !ctx.select_egress(egress) {
         return Err(Reason::PassEgressNotAttached);
     }
@@ -253,10 +379,10 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
     if plan.trim > 0 && !ctx.trim_tail(plan.trim) {
         return Err(Reason::PassAdjustFailed);
     }
-    let moved = if plan.strip_header {
-        ctx.strip4(udp.l4_offset)
-    } else {
-        ctx.insert4(udp.l4_offset)
+    let moved = match plan.resize {
+        Resize::Strip4 => ctx.strip4(udp.l4_offset),
+        Resize::Insert4 => ctx.insert4(udp.l4_offset),
+        Resize::Keep => true,
     };
     if !moved {
         return Err(if plan.trim > 0 {
@@ -270,10 +396,10 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
     // their content; the UDP header slot is garbage until written.
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let eth = frame.ptr_at::<EthHdr>(0).ok_or(Reason::DropRewriteFailed)?;
-    // SAFETY: `ptr_at` checked the header lies inside the reloaded frame; `fib` is ours.
+    // SAFETY: `ptr_at` checked the header lies inside the reloaded frame; `hop` is a map value.
     unsafe {
-        copy_bytes::<6>((*eth).dst.as_mut_ptr(), fib.dmac.as_ptr());
-        copy_bytes::<6>((*eth).src.as_mut_ptr(), fib.smac.as_ptr());
+        copy_bytes::<6>((*eth).dst.as_mut_ptr(), hop.dmac.as_ptr());
+        copy_bytes::<6>((*eth).src.as_mut_ptr(), hop.smac.as_ptr());
     }
     let l4_offset = if v6 {
         let ip = frame
@@ -281,8 +407,9 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
             .ok_or(Reason::DropRewriteFailed)?;
         // SAFETY: as above.
         unsafe {
+            (*ip).version_class_flow = IPV6_FIRST_WORD;
             (*ip).payload_len = new_udp_len.to_ne_bytes();
-            (*ip).hop_limit = TTL;
+            (*ip).hop_limit = FORWARD_TTL;
             (*ip).src = ip_octets(*plan.src_ip);
             (*ip).dst = ip_octets(*plan.dst_ip);
         }
@@ -307,19 +434,27 @@ fn rewrite<C: Packet>(ctx: &mut C, udp: &UdpDatagram, plan: &Plan) -> Result<u32
 #[inline(always)]
 fn rewrite_ipv4(ip: &mut Ipv4Hdr, plan: &Plan) {
     let total_len = word((IPV4_HDR_LEN + plan.new_udp_len) as u16);
+    let version_tos = u16::from_ne_bytes([ip.version_ihl, 0]);
+    let dont_fragment = word(IPV4_DONT_FRAGMENT);
     let mut delta = Delta::new();
+    delta.replace(u16::from_ne_bytes([ip.version_ihl, ip.tos]), version_tos);
+    delta.replace(u16::from_ne_bytes(ip.id), 0);
+    delta.replace(u16::from_ne_bytes(ip.frag_off), dont_fragment);
     delta.replace32(u32::from_ne_bytes(ip.src), plan.src_ip[0]);
     delta.replace32(u32::from_ne_bytes(ip.dst), plan.dst_ip[0]);
     delta.replace(u16::from_ne_bytes(ip.total_len), total_len);
     delta.replace(
         u16::from_ne_bytes([ip.ttl, ip.protocol]),
-        u16::from_ne_bytes([TTL, ip.protocol]),
+        u16::from_ne_bytes([FORWARD_TTL, ip.protocol]),
     );
     ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+    ip.tos = 0;
+    ip.id = [0, 0];
+    ip.frag_off = dont_fragment.to_ne_bytes();
     ip.src = plan.src_ip[0].to_ne_bytes();
     ip.dst = plan.dst_ip[0].to_ne_bytes();
     ip.total_len = total_len.to_ne_bytes();
-    ip.ttl = TTL;
+    ip.ttl = FORWARD_TTL;
 }
 
 /// Copies `N` bytes one by one. Volatile keeps LLVM from turning the copy into a `memcpy` /
@@ -335,65 +470,5 @@ unsafe fn copy_bytes<const N: usize>(dst: *mut u8, src: *const u8) {
         // SAFETY: `i < N`, and the caller vouches for `N` bytes at both ends.
         unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
         i += 1;
-    }
-}
-
-/// Stack room for the `bpf_fib_lookup` arguments, 8-byte aligned so that [`fib_params`] can
-/// zero it a word at a time.
-#[repr(C, align(8))]
-struct FibRoom(MaybeUninit<bpf_fib_lookup>);
-
-const FIB_WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 8;
-const _: () = assert!(FIB_WORDS * 8 == core::mem::size_of::<bpf_fib_lookup>());
-
-/// Fills `room` with the `bpf_fib_lookup` arguments for the rewritten datagram.
-#[inline(always)]
-fn fib_params<'a>(
-    room: &'a mut FibRoom,
-    ingress: u32,
-    plan: &Plan,
-    v6: bool,
-) -> &'a mut bpf_fib_lookup {
-    // All-zero is a valid `bpf_fib_lookup` (plain integers and unions of integers) and is what
-    // the helper expects in the fields we do not set. Eight word stores, volatile so that LLVM
-    // does not fuse them into a `memset` call: the BPF target implements that as a byte loop
-    // in a subprogram, over 200 instructions for these 64 bytes.
-    let words = room.0.as_mut_ptr().cast::<u64>();
-    for i in 0..FIB_WORDS {
-        // SAFETY: `i < FIB_WORDS` keeps the store inside `room`, which `repr(align(8))`
-        // aligns for u64 stores.
-        unsafe { words.add(i).write_volatile(0) };
-    }
-    // SAFETY: every byte was just zeroed, which is a valid `bpf_fib_lookup`.
-    let fib = unsafe { room.0.assume_init_mut() };
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = plan.src_port;
-    fib.dport = plan.dst_port;
-    fib.ifindex = ingress;
-    // Network-order words, as the kernel's __be32 fields expect; for IPv4 the first word
-    // overlays `ipv4_src`/`ipv4_dst`.
-    fib.__bindgen_anon_3.ipv6_src = *plan.src_ip;
-    fib.__bindgen_anon_4.ipv6_dst = *plan.dst_ip;
-    if v6 {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_1.tot_len = (IPV6_HDR_LEN + plan.new_udp_len) as u16;
-    } else {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_1.tot_len = (IPV4_HDR_LEN + plan.new_udp_len) as u16;
-    }
-    fib
-}
-
-/// Runs the FIB lookup and maps its result to an egress ifindex or a pass reason.
-#[inline(always)]
-fn next_hop<C: Packet>(ctx: &C, fib: &mut bpf_fib_lookup) -> Result<u32, Reason> {
-    // Return codes from include/uapi/linux/bpf.h (BPF_FIB_LKUP_RET_*).
-    match ctx.fib_lookup(fib) {
-        0 => Ok(fib.ifindex),
-        1..=4 => Err(Reason::PassFibNoRoute),
-        5 => Err(Reason::PassFibForwardingDisabled),
-        7 => Err(Reason::PassFibNoNeighbour),
-        8 => Err(Reason::PassFibFragNeeded),
-        _ => Err(Reason::PassFibError),
     }
 }

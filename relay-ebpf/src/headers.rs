@@ -105,28 +105,13 @@ impl UdpDatagram {
     #[inline(always)]
     pub fn peer_key(&self) -> PeerKey {
         let (peer_ip, relayed_ip) = self.addresses();
-        let mut key = PeerKey {
+        peer_key(
             peer_ip,
             relayed_ip,
-            peer_port: u16::from_ne_bytes(self.udp.src_port),
-            relayed_port: u16::from_ne_bytes(self.udp.dst_port),
-            family: 0,
-            reserved: [0; 3],
-        };
-        // `family` and the three zero bytes after it form one aligned word; one store writes
-        // them all. Left to itself LLVM zeroes `reserved` with a `memset` call, which the BPF
-        // target implements as a byte loop in a subprogram.
-        const _: () = assert!(
-            core::mem::offset_of!(PeerKey, reserved) == core::mem::offset_of!(PeerKey, family) + 1
-                && core::mem::offset_of!(PeerKey, family) % 4 == 0
-                && core::mem::size_of::<PeerKey>() == core::mem::offset_of!(PeerKey, family) + 4
-        );
-        let tail = core::ptr::addr_of_mut!(key.family).cast::<u32>();
-        // SAFETY: the word lies inside `key` and is 4-byte aligned (asserted above; `PeerKey`
-        // is `repr(C)` with `u32` fields, so aligned to 4); any bit pattern is valid for the
-        // `u8` fields it covers. Volatile keeps it from being merged back into a `memset`.
-        unsafe { tail.write_volatile(u32::from_ne_bytes([self.family(), 0, 0, 0])) };
-        key
+            u16::from_ne_bytes(self.udp.src_port),
+            u16::from_ne_bytes(self.udp.dst_port),
+            self.family(),
+        )
     }
 
     /// Source and destination address as map fields (IPv4: first word, the rest zero).
@@ -150,6 +135,39 @@ impl UdpDatagram {
             IpHeader::V6(_) => relay_common::FAMILY_IPV6,
         }
     }
+}
+
+/// A [`PeerKey`] with its reserved bytes zeroed, built without a `memset` call.
+#[inline(always)]
+pub fn peer_key(
+    peer_ip: [u32; 4],
+    relayed_ip: [u32; 4],
+    peer_port: u16,
+    relayed_port: u16,
+    family: u8,
+) -> PeerKey {
+    let mut key = PeerKey {
+        peer_ip,
+        relayed_ip,
+        peer_port,
+        relayed_port,
+        family: 0,
+        reserved: [0; 3],
+    };
+    // `family` and the three zero bytes after it form one aligned word; one store writes
+    // them all. Left to itself LLVM zeroes `reserved` with a `memset` call, which the BPF
+    // target implements as a byte loop in a subprogram.
+    const _: () = assert!(
+        core::mem::offset_of!(PeerKey, reserved) == core::mem::offset_of!(PeerKey, family) + 1
+            && core::mem::offset_of!(PeerKey, family) % 4 == 0
+            && core::mem::size_of::<PeerKey>() == core::mem::offset_of!(PeerKey, family) + 4
+    );
+    let tail = core::ptr::addr_of_mut!(key.family).cast::<u32>();
+    // SAFETY: the word lies inside `key` and is 4-byte aligned (asserted above; `PeerKey` is
+    // `repr(C)` with `u32` fields, so aligned to 4); any bit pattern is valid for the `u8`
+    // fields it covers. Volatile keeps it from being merged back into a `memset`.
+    unsafe { tail.write_volatile(u32::from_ne_bytes([family, 0, 0, 0])) };
+    key
 }
 
 /// A frame between `start` and `end` (the XDP `data` / `data_end` pointers).

@@ -2,9 +2,10 @@
 //!
 //! `relay_xdp` (and `relay_tc`, the same logic at TC ingress) forwards TURN ChannelData in the
 //! kernel: client → peer strips the ChannelData header, peer → client prepends it, both rewrite
-//! addresses, fix checksums incrementally and send through the FIB's next hop. Everything it
-//! does not forward goes to the socket path (XDP_PASS / TC_ACT_OK), counted under one
-//! [`Reason`]. Pure helpers build on the host too, so they can be unit-tested there.
+//! addresses, fix checksums incrementally and send through the next hop userspace resolved
+//! (no FIB lookup, so the host needs no forwarding sysctl). Client-to-client traffic through
+//! this relay is delivered from one client to the other directly. Everything it does not
+//! forward goes to the socket path (XDP_PASS / TC_ACT_OK), counted under one [`Reason`]. Pure helpers build on the host too, so they can be unit-tested there.
 //!
 //! Checksums: the program updates the checksums it finds, so it relies on senders producing
 //! complete ones, as frames from real NICs have them. A local sender on a veth offloads them
@@ -108,7 +109,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// GPL-compatible licence, required for helpers such as `bpf_fib_lookup`.
+/// GPL-compatible licence, required for GPL-only helpers.
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -1,13 +1,18 @@
 //! Map definitions. Names and layouts come from `relay_common`; the `#[map]` macro needs the
 //! name as a literal, so each one repeats the constant it matches.
 
+//!
+//! Capacities are defaults: userspace resizes the binding, counter and next-hop maps before
+//! it loads the object (`--kernel-bindings`).
+
 use aya_ebpf::{
     macros::map,
-    maps::{DevMapHash, HashMap, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuHashMap},
 };
 use relay_common::{
-    AllocationCounters, ChannelKey, PeerKey, ToClient, ToPeer, MAX_ALLOCATIONS,
-    MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_LISTENER_PORTS,
+    family_word, AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer,
+    MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_LISTENER_PORTS, MAX_NEXT_HOPS,
+    MAX_POLICY_PREFIXES, POLICY_ALLOW,
 };
 
 /// Client → peer: which peer a client's channel goes to (`relay_common::CHANNELS_MAP`).
@@ -23,7 +28,7 @@ pub static PEERS: HashMap<PeerKey, ToClient> = HashMap::with_max_entries(MAX_CHA
 /// Per-allocation packets and bytes per direction, per CPU so no atomics are needed
 /// (`relay_common::ALLOCATION_COUNTERS_MAP`).
 #[map(name = "ALLOCATION_COUNTERS")]
-pub static ALLOCATION_COUNTERS: PerCpuHashMap<u64, AllocationCounters> =
+pub static ALLOCATION_COUNTERS: PerCpuHashMap<u32, AllocationCounters> =
     PerCpuHashMap::with_max_entries(MAX_ALLOCATIONS, 0);
 
 /// Listener ports (network order): datagrams to them may be client ChannelData
@@ -36,13 +41,37 @@ pub static LISTENER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_LIST
 #[map(name = "EGRESS_DEVICES")]
 pub static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_DEVICES, 0);
 
+/// Next hops by index: egress interface, MACs and MTU per destination address, resolved and
+/// kept current by userspace (`relay_common::NEXT_HOPS_MAP`).
+#[map(name = "NEXT_HOPS")]
+pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_NEXT_HOPS, 0);
+
+/// The peer policy as prefixes (`relay_common::PEER_POLICY_MAP`): the longest match decides.
+#[map(name = "PEER_POLICY")]
+pub static PEER_POLICY: LpmTrie<[u32; 5], u32> = LpmTrie::with_max_entries(MAX_POLICY_PREFIXES, 0);
+
+/// Whether the kernel copy of the peer policy allows sending to `ip` (a map field of
+/// `family`). No matching prefix means denied: userspace installs `/0` entries for both
+/// families, so an empty trie (or one being rebuilt) fails closed.
+#[inline(always)]
+pub fn peer_allowed(family: u8, ip: &[u32; 4]) -> bool {
+    let key = Key::new(32 + 128, [family_word(family), ip[0], ip[1], ip[2], ip[3]]);
+    matches!(PEER_POLICY.get(&key), Some(&POLICY_ALLOW))
+}
+
+/// The next hop at `index`, if the index is inside the map.
+#[inline(always)]
+pub fn next_hop(index: u16) -> Option<&'static NextHop> {
+    NEXT_HOPS.get(u32::from(index))
+}
+
 /// Adds one datagram of `bytes` application bytes to `allocation`'s counters on this CPU.
 ///
 /// Userspace creates the entry when it installs a binding and deletes it after the
 /// allocation's bindings are gone; the kernel never creates one, so a packet racing with the
 /// deletion cannot leave an entry behind for an allocation that no longer exists.
 #[inline(always)]
-pub fn count_allocation(allocation: u64, to_peer: bool, bytes: u64) {
+pub fn count_allocation(allocation: u32, to_peer: bool, bytes: u64) {
     if let Some(counters) = ALLOCATION_COUNTERS.get_ptr_mut(allocation) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU hash: it points at
         // this CPU's copy, which nothing else writes while this program runs (no preemption).

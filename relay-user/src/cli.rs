@@ -113,6 +113,11 @@ pub struct ServeArgs {
     /// Worker threads (default: one per core), each with its own SO_REUSEPORT listener.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Channel bindings the kernel fast path holds (default: sized from the allocation and
+    /// channel quotas within a 16 MiB kernel-memory budget; the size is logged at start).
+    /// Bindings beyond it stay on the socket path.
+    #[arg(long, value_name = "N")]
+    pub kernel_bindings: Option<u32>,
     /// Permission lifetime in seconds instead of RFC 8656's 300 (for tests only).
     #[arg(long, value_name = "SECS", hide = true)]
     pub permission_lifetime: Option<u64>,

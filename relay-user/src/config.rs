@@ -38,6 +38,7 @@ pub struct ConfigFile {
     pub admin: Option<SocketAddr>,
     pub legacy_channels: Option<bool>,
     pub workers: Option<usize>,
+    pub kernel_bindings: Option<u32>,
 }
 
 impl ConfigFile {
@@ -74,6 +75,7 @@ impl ConfigFile {
         put(&mut self.admin, upper.admin);
         put(&mut self.legacy_channels, upper.legacy_channels);
         put(&mut self.workers, upper.workers);
+        put(&mut self.kernel_bindings, upper.kernel_bindings);
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -96,6 +98,7 @@ impl ConfigFile {
             admin: args.admin,
             legacy_channels: args.legacy_channels.then_some(true),
             workers: args.workers,
+            kernel_bindings: args.kernel_bindings,
         }
     }
 }
@@ -133,6 +136,9 @@ pub struct Config {
     pub legacy_channels: bool,
     /// Worker threads, each with its own SO_REUSEPORT listener sockets.
     pub workers: usize,
+    /// Channel bindings the kernel maps hold; `None` sizes them from the quotas within a
+    /// memory budget.
+    pub kernel_bindings: Option<u32>,
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
@@ -196,6 +202,10 @@ impl Config {
                 Some(0) => bail!("--workers must be at least 1"),
                 Some(n) => n,
                 None => std::thread::available_parallelism().map_or(1, usize::from),
+            },
+            kernel_bindings: match file.kernel_bindings {
+                Some(0) => bail!("--kernel-bindings must be at least 1"),
+                other => other,
             },
             permission_lifetime: None,
             channel_lifetime: None,

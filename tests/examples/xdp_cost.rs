@@ -7,14 +7,14 @@
 //!     [--baseline OBJECT] [--object LABEL=OBJECT]... [--samples N] [--rounds R] [--repeat N]
 //! ```
 //!
-//! Builds the fixture lab (three namespaces, static neighbours, forwarding on), loads the
+//! Builds the fixture lab (three namespaces, static neighbours, forwarding off), loads the
 //! embedded eBPF object (and any other build of it given with `--baseline` / `--object`, each
 //! in a lab of its own), installs the fixture bindings and times each case in the relay
-//! namespace, so `bpf_fib_lookup` and the redirect checks do their real work. Cases: 120-byte
+//! namespace, so the next-hop, policy and redirect checks do their real work. Cases: 120-byte
 //! ChannelData data both ways and both families, a padded client message, two frames the
 //! program passes, and the cheapest possible frame.
 //!
-//! A baseline object for a before/after comparison: copy
+//! A baseline object (with the same map ABI) for a before/after comparison: copy
 //! `target/ebpf/bpfel-unknown-none/release/relay-ebpf` (what `cargo xtask build-ebpf` builds)
 //! aside before changing `relay-ebpf`, then rebuild this example, which embeds the new one.
 //!
@@ -37,6 +37,7 @@ use std::{net::SocketAddr, time::Instant};
 
 use relay::fastpath::{AttachMode, ChannelBinding, FastPath, TestProgram};
 use relay_tests::{
+    fastpath::{lab_policy, Installer},
     lab::{ThreeHosts, CLIENT_MAC, PEER_MAC, RELAY_CLIENT_SIDE_MAC, RELAY_PEER_SIDE_MAC},
     packet::{channel_data, UdpFrame},
     require_root,
@@ -243,7 +244,7 @@ fn main() {
     let mut workers = Vec::new();
     for (label, bytes) in objects {
         let lab = ThreeHosts::new();
-        lab.enable_fast_path_forwarding();
+        lab.force_forwarding_off();
         lab.add_static_neighbours();
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let relay_ns = format!("/run/netns/{}", lab.relay.name());
@@ -262,10 +263,12 @@ fn main() {
                     .attach(dev, AttachMode::XdpNative)
                     .unwrap_or_else(|e| panic!("attach {dev}: {e}"));
             }
+            fastpath
+                .set_peer_policy(&lab_policy())
+                .unwrap_or_else(|e| panic!("policy: {e}"));
+            let mut installer = Installer::new(&fastpath);
             for binding in bindings() {
-                fastpath
-                    .install_channel(&binding)
-                    .unwrap_or_else(|e| panic!("install {binding:?}: {e}"));
+                installer.install(&mut fastpath, &binding, false);
             }
             let indices = (ifindex(&client_if), ifindex(&peer_if));
             ready_tx.send(indices).expect("main thread waits");

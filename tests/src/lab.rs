@@ -86,9 +86,10 @@ pub const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x02, 0x02];
 /// - TX checksum offload is off on `client_if` and `peer_if`: a local sender on a veth
 ///   otherwise puts partial checksums on frames, which the kernel fast path (incremental
 ///   checksum updates) cannot repair; real NICs deliver complete ones.
-/// - [`ThreeHosts::enable_fast_path_forwarding`] and [`ThreeHosts::add_static_neighbours`] are
-///   what the kernel fast path needs on top (its `bpf_fib_lookup` refuses interfaces without
-///   forwarding, and passes frames to the stack while a neighbour is unresolved).
+/// - IP forwarding stays off in every namespace ([`ThreeHosts::force_forwarding_off`] makes it
+///   explicit): the kernel fast path resolves next hops in userspace and needs no router
+///   sysctl. [`ThreeHosts::add_static_neighbours`] lets it forward from the first frame (it
+///   passes frames to the stack while a neighbour is unresolved).
 ///
 /// Dropping it deletes the namespaces and with them every device.
 pub struct ThreeHosts {
@@ -163,19 +164,29 @@ impl ThreeHosts {
         lab
     }
 
-    /// Turns IPv4 and IPv6 forwarding on for the relay's two interfaces (only): the kernel fast
-    /// path's `bpf_fib_lookup` answers "forwarding disabled" otherwise. Client and peer still
-    /// have no route to each other, so nothing crosses the relay except what it relays.
-    pub fn enable_fast_path_forwarding(&self) {
+    /// Sets IP forwarding explicitly off in the relay namespace, for both families, globally
+    /// and on every interface, and checks it stuck: the kernel fast path must work on a host
+    /// that is not a router.
+    pub fn force_forwarding_off(&self) {
+        let mut keys = vec![
+            "net.ipv4.ip_forward".to_owned(),
+            "net.ipv4.conf.all.forwarding".to_owned(),
+            "net.ipv6.conf.all.forwarding".to_owned(),
+        ];
         for dev in [&self.relay_client_if, &self.relay_peer_if] {
-            self.relay.exec(
-                "sysctl",
-                &["-qw", &format!("net.ipv4.conf.{dev}.forwarding=1")],
-            );
-            self.relay.exec(
-                "sysctl",
-                &["-qw", &format!("net.ipv6.conf.{dev}.forwarding=1")],
-            );
+            keys.push(format!("net.ipv4.conf.{dev}.forwarding"));
+            keys.push(format!("net.ipv6.conf.{dev}.forwarding"));
+        }
+        for key in &keys {
+            self.relay.exec("sysctl", &["-qw", &format!("{key}=0")]);
+            let out = self
+                .relay
+                .command("sysctl")
+                .args(["-n", key])
+                .output()
+                .expect("sysctl -n");
+            let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert_eq!(value, "0", "{key} is {value} in the relay namespace");
         }
     }
 

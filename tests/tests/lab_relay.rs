@@ -196,7 +196,7 @@ fn uclient_across_the_lab_on_the_socket_path_ipv6() {
 fn kernel_path_carries_uclient(mode: &str, v6: bool) {
     require_root();
     let lab = ThreeHosts::new();
-    lab.enable_fast_path_forwarding();
+    lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
     let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
@@ -337,7 +337,7 @@ fn round_trips(client: &Client, channel: u16, count: usize, tag: &str) -> usize 
 fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
     require_root();
     let lab = ThreeHosts::new();
-    lab.enable_fast_path_forwarding();
+    lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
     let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
@@ -431,7 +431,7 @@ fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
 fn expired_permissions_and_channels_stop_kernel_forwarding() {
     require_root();
     let lab = ThreeHosts::new();
-    lab.enable_fast_path_forwarding();
+    lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
     let echo = Echo::start(&lab);

@@ -1,10 +1,11 @@
 //! Packet fixtures through BPF_PROG_TEST_RUN: input frame → expected verdict (and counter) →
 //! exact expected output frame, for the XDP and the TC entry point.
 //!
-//! The runs happen inside the relay namespace of a three-namespace lab, so `bpf_fib_lookup`
-//! sees real interfaces, routes and (permanent) neighbour entries: the expected MAC addresses
-//! are the lab's fixed ones. Expected frames are built from scratch with complete checksums,
-//! so every incremental checksum update is checked against full recomputation.
+//! The runs happen inside the relay namespace of a three-namespace lab with IP forwarding off:
+//! next hops are resolved by the relay's own resolver (rtnetlink) from real interfaces, routes
+//! and (permanent) neighbour entries, so the expected MAC addresses are the lab's fixed ones.
+//! Expected frames are built from scratch with complete checksums, so every incremental
+//! checksum update is checked against full recomputation.
 
 use std::{
     net::SocketAddr,
@@ -14,6 +15,7 @@ use std::{
 use relay::fastpath::{AttachMode, ChannelBinding, FastPath, TestProgram};
 use relay_common::Reason;
 use relay_tests::{
+    fastpath::{lab_policy, Installer},
     lab::{
         mac_string, ThreeHosts, CLIENT_MAC, PEER_MAC, RELAY_CLIENT_SIDE_MAC, RELAY_PEER_SIDE_MAC,
     },
@@ -76,6 +78,8 @@ const V6: fn() -> Family = || Family {
 };
 
 const CHANNEL_V4: u16 = 0x4001;
+/// A peer address the fixtures' policy denies (`--deny-peer`), on the peer-side link.
+const DENIED_PEER: &str = "198.18.2.66:9000";
 const CHANNEL_V6: u16 = 0x4002;
 
 fn client_frame(f: &Family, payload: &[u8]) -> UdpFrame {
@@ -92,24 +96,35 @@ fn peer_frame(f: &Family, payload: &[u8]) -> UdpFrame {
     UdpFrame::new(PEER_MAC, RELAY_PEER_SIDE_MAC, f.peer, f.relayed, payload)
 }
 
-/// What the peer should receive for `data`: from the relayed address, TTL 64, same IP id.
-fn to_peer_frame(f: &Family, data: &[u8]) -> UdpFrame {
-    let mut frame = UdpFrame::new(RELAY_PEER_SIDE_MAC, PEER_MAC, f.relayed, f.peer, data);
+/// The IP header fields of everything the kernel path sends (as the socket path's sockets
+/// send): TTL 64, DSCP/ECN 0, IPv4 DF with id 0.
+fn relay_sent(mut frame: UdpFrame) -> UdpFrame {
     frame.ttl = 64;
+    frame.ip_id = 0;
+    frame.tos = 0;
     frame
+}
+
+/// What the peer should receive for `data`: from the relayed address.
+fn to_peer_frame(f: &Family, data: &[u8]) -> UdpFrame {
+    relay_sent(UdpFrame::new(
+        RELAY_PEER_SIDE_MAC,
+        PEER_MAC,
+        f.relayed,
+        f.peer,
+        data,
+    ))
 }
 
 /// What the client should receive for a peer's `data` on `channel`.
 fn to_client_frame(f: &Family, channel: u16, data: &[u8]) -> UdpFrame {
-    let mut frame = UdpFrame::new(
+    relay_sent(UdpFrame::new(
         RELAY_CLIENT_SIDE_MAC,
         CLIENT_MAC,
         f.listener,
         f.client,
         &channel_data(channel, data, 0),
-    );
-    frame.ttl = 64;
-    frame
+    ))
 }
 
 fn forward(frame: UdpFrame, reason: Reason) -> Expect {
@@ -204,7 +219,8 @@ fn fixtures() -> Vec<Fixture> {
     }
 
     // Checksum corner cases: an IPv4 datagram without UDP checksum stays without one; TOS and
-    // IP id survive; IPv6 with a zero checksum goes to the stack.
+    // IP id are the relay's (0), as from its sockets; IPv6 with a zero checksum goes to the
+    // stack.
     let data = b"no checksum";
     let mut input = client_frame(&v4, &channel_data(CHANNEL_V4, data, 1));
     input.zero_checksum = true;
@@ -212,8 +228,6 @@ fn fixtures() -> Vec<Fixture> {
     input.ip_id = 0xfffe;
     let mut output = to_peer_frame(&v4, data);
     output.zero_checksum = true;
-    output.tos = 0xb8;
-    output.ip_id = 0xfffe;
     add(
         "client->peer v4, UDP checksum 0 stays 0",
         input.build(),
@@ -246,23 +260,90 @@ fn fixtures() -> Vec<Fixture> {
         relayed: addr("198.18.1.1:50004"),
         peer: addr("198.18.1.3:9000"),
     };
-    let mut output = UdpFrame::new(
+    let output = relay_sent(UdpFrame::new(
         RELAY_CLIENT_SIDE_MAC,
         NEAR_PEER_MAC,
         near.relayed,
         near.peer,
-        b"hairpin",
-    );
-    output.ttl = 64;
+        b"one nic",
+    ));
     add(
         "client->peer v4, egress = ingress",
-        client_frame(&near, &channel_data(0x4004, b"hairpin", 1)).build(),
+        client_frame(&near, &channel_data(0x4004, b"one nic", 1)).build(),
         false,
         Expect::Forward {
             frame: output.build(),
             same_interface: true,
             reason: Reason::ForwardToPeer,
         },
+    );
+
+    // Client-to-client through the relay: allocation 5's peer is allocation 6's relayed
+    // address and the other way round; ChannelData goes from client 5 straight to client 6 on
+    // 6's channel, unpadded, and leaves where it came in.
+    let a = Family {
+        client: addr("198.18.1.2:40005"),
+        listener: v4.listener,
+        relayed: addr("198.18.2.1:50005"),
+        peer: addr("198.18.2.1:50006"),
+    };
+    let b = Family {
+        client: addr("198.18.1.2:40006"),
+        listener: v4.listener,
+        relayed: addr("198.18.2.1:50006"),
+        peer: addr("198.18.2.1:50005"),
+    };
+    for (name, padding) in [("hairpin v4", 0), ("hairpin v4, 2 padding bytes", 2)] {
+        add(
+            name,
+            client_frame(&a, &channel_data(0x4005, b"to client b", padding)).build(),
+            false,
+            Expect::Forward {
+                frame: to_client_frame(&b, 0x4006, b"to client b").build(),
+                same_interface: true,
+                reason: Reason::ForwardHairpin,
+            },
+        );
+    }
+    let lonely = Family {
+        client: addr("198.18.1.2:40007"),
+        listener: v4.listener,
+        relayed: addr("198.18.2.1:50007"),
+        peer: addr("198.18.2.1:50099"),
+    };
+    add(
+        "hairpin to an allocation without a channel back",
+        client_frame(&lonely, &channel_data(0x4007, b"data indication", 0)).build(),
+        false,
+        Expect::Pass(Reason::PassHairpinNoChannel),
+    );
+    // From the wire, a relayed address as source is spoofed (the stack drops it as martian):
+    // the hairpin entry never forwards it.
+    add(
+        "spoofed relayed source from the wire",
+        UdpFrame::new(
+            PEER_MAC,
+            RELAY_PEER_SIDE_MAC,
+            a.relayed,
+            b.relayed,
+            b"spoof",
+        )
+        .build(),
+        true,
+        Expect::Pass(Reason::PassUdpNoMatch),
+    );
+    // Defence in depth: an entry whose peer the policy denies is never used.
+    let denied = Family {
+        client: addr("198.18.1.2:40008"),
+        listener: v4.listener,
+        relayed: addr("198.18.2.1:50008"),
+        peer: addr(DENIED_PEER),
+    };
+    add(
+        "entry towards a denied peer",
+        client_frame(&denied, &channel_data(0x4008, b"nope", 0)).build(),
+        false,
+        Expect::Pass(Reason::PassPolicyDenied),
     );
 
     // Everything the socket path handles.
@@ -385,7 +466,41 @@ fn bindings() -> Vec<ChannelBinding> {
             channel: 0x4004,
             expires_at: in_a_minute,
         },
+        ChannelBinding {
+            allocation: 8,
+            client: addr("198.18.1.2:40008"),
+            listener: v4.listener,
+            relayed: addr("198.18.2.1:50008"),
+            peer: addr(DENIED_PEER),
+            channel: 0x4008,
+            expires_at: in_a_minute,
+        },
     ]
+}
+
+/// Allocations 5 and 6 peer with each other's relayed address; 7's peer is a relayed address
+/// of no allocation. All three are hairpin bindings.
+fn hairpin_bindings() -> Vec<ChannelBinding> {
+    let in_a_minute = Instant::now() + Duration::from_secs(60);
+    let listener = V4().listener;
+    [
+        (5, 40005, 50005, 50006, 0x4005),
+        (6, 40006, 50006, 50005, 0x4006),
+        (7, 40007, 50007, 50099, 0x4007),
+    ]
+    .into_iter()
+    .map(
+        |(allocation, client, relayed, peer, channel)| ChannelBinding {
+            allocation,
+            client: addr(&format!("198.18.1.2:{client}")),
+            listener,
+            relayed: addr(&format!("198.18.2.1:{relayed}")),
+            peer: addr(&format!("198.18.2.1:{peer}")),
+            channel,
+            expires_at: in_a_minute,
+        },
+    )
+    .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -412,8 +527,18 @@ fn ifindex(name: &str) -> u32 {
 fn run_fixtures(program: TestProgram) {
     require_root();
     let lab = ThreeHosts::new();
-    lab.enable_fast_path_forwarding();
     lab.add_static_neighbours();
+    lab.relay.ip(&[
+        "neigh",
+        "replace",
+        "198.18.2.66",
+        "lladdr",
+        &mac_string(PEER_MAC),
+        "dev",
+        &lab.relay_peer_if,
+        "nud",
+        "permanent",
+    ]);
     lab.relay.ip(&[
         "neigh",
         "replace",
@@ -436,10 +561,15 @@ fn run_fixtures(program: TestProgram) {
                 .attach(dev, AttachMode::XdpNative)
                 .unwrap_or_else(|e| panic!("attach {dev}: {e}"));
         }
+        let mut policy = lab_policy();
+        policy.deny(DENIED_PEER.parse::<SocketAddr>().expect("addr").ip().into());
+        fastpath.set_peer_policy(&policy).expect("kernel policy");
+        let mut installer = Installer::new(&fastpath);
         for binding in bindings() {
-            fastpath
-                .install_channel(&binding)
-                .unwrap_or_else(|e| panic!("install {binding:?}: {e}"));
+            installer.install(&mut fastpath, &binding, false);
+        }
+        for binding in hairpin_bindings() {
+            installer.install(&mut fastpath, &binding, true);
         }
         let client_index = ifindex(&client_side);
         let peer_index = ifindex(&peer_side);
@@ -513,6 +643,11 @@ fn run_fixtures(program: TestProgram) {
             .allocation_counters(2)
             .expect("counters of allocation 2");
         assert_eq!((v6.to_peer_packets, v6.to_client_packets), (3, 2), "{v6:?}");
+        // A hairpinned datagram counts as sent by one allocation and received by the other.
+        let a = fastpath.allocation_counters(5).expect("counters of 5");
+        let b = fastpath.allocation_counters(6).expect("counters of 6");
+        assert_eq!((a.to_peer_packets, a.to_peer_bytes), (2, 22), "{a:?}");
+        assert_eq!((b.to_client_packets, b.to_client_bytes), (2, 22), "{b:?}");
 
         // Removal: the same frames now go to the socket path; removing twice is fine.
         let v4_binding = bindings().remove(0);

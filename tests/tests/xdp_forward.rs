@@ -14,7 +14,13 @@ use std::{
 
 use relay::fastpath::{AttachMode, ChannelBinding, FastPath};
 use relay_common::Reason;
-use relay_tests::{enter_netns, lab::ThreeHosts, packet::channel_data, require_root};
+use relay_tests::{
+    enter_netns,
+    fastpath::{lab_policy, Installer},
+    lab::ThreeHosts,
+    packet::channel_data,
+    require_root,
+};
 
 const DATAGRAMS: u64 = 300;
 const AFTER_REMOVAL: usize = 5;
@@ -55,7 +61,8 @@ fn recv(socket: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
 fn forward_both_ways(addresses: Addresses, mode: AttachMode) {
     require_root();
     let lab = ThreeHosts::new();
-    lab.enable_fast_path_forwarding();
+    // No host reconfiguration: the relay is not a router, and the fast path must not need one.
+    lab.force_forwarding_off();
     lab.add_static_neighbours();
     assert!(
         !lab.client_reaches_peer(),
@@ -100,7 +107,10 @@ fn forward_both_ways(addresses: Addresses, mode: AttachMode) {
             channel: CHANNEL,
             expires_at: Instant::now() + Duration::from_secs(120),
         };
-        fastpath.install_channel(&binding).expect("install");
+        fastpath
+            .set_peer_policy(&lab_policy())
+            .expect("kernel peer policy");
+        Installer::new(&fastpath).install(&mut fastpath, &binding, false);
 
         // Client → peer: ChannelData with 0..=3 padding bytes; the peer gets the bare data.
         let mut to_peer_bytes = 0;

@@ -1,22 +1,45 @@
-//! Keeps the kernel fast path's maps in step with the protocol core, and applies the
-//! per-allocation on/off switch.
+//! Keeps the kernel fast path's maps in step with the protocol core, the host's routes and
+//! addresses, and applies the per-allocation on/off switch.
 //!
 //! The core's `CreateChannelBinding`/`DeleteChannelBinding` commands are the only source of
-//! truth. This module remembers every live binding (whether or not it is in the kernel right
-//! now), so an allocation can be moved to the socket path and back without losing anything:
-//! off removes its entries from the maps (the socket path then sees its ChannelData, because
-//! the relay socket was never closed), on installs them again. It runs inside the core task,
-//! so map updates happen in exactly the order the core decided them.
+//! truth for bindings. This module remembers every live binding (whether or not it is in the
+//! kernel right now), so an allocation can be moved to the socket path and back without losing
+//! anything: off removes its entries from the maps (the socket path then sees its ChannelData,
+//! because the relay socket was never closed), on installs them again. Map updates happen
+//! under one lock, in exactly the order the cores decided them.
+//!
+//! Next hops: each installed binding holds the next hop of its client address and of its peer
+//! address (one per destination address, shared between bindings). They are resolved from the
+//! kernel's routing and neighbour tables when first used and rewritten when netlink reports a
+//! change ([`KernelSync::on_netlink`]); bindings are never rewritten for that.
+//!
+//! Peer policy: the kernel holds a longest-prefix-match copy of the peer policy, including
+//! every address of the host, and refuses to forward to a denied peer whatever a binding says.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
-use tracing::{debug, warn};
+use relay_common::NextHop;
+use tracing::{debug, info, warn};
 
 use crate::{
     control::PathCounters,
-    fastpath::{ChannelBinding, FastPath},
-    proto::server::{AllocationId, Command},
+    fastpath::{
+        netlink::{Event, Rtnl},
+        nexthop::{NextHopId, NextHopValue, NextHops},
+        BindingHops, ChannelBinding, FastPath, FastPathError,
+    },
+    proto::{
+        policy::PeerPolicy,
+        server::{AllocationId, Command},
+    },
 };
+
+/// How often "kernel maps are full" is said while bindings keep being refused.
+const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct KernelSync {
     fastpath: Option<FastPath>,
@@ -25,20 +48,56 @@ pub struct KernelSync {
     overrides: HashMap<AllocationId, bool>,
     /// Live channel bindings per allocation, by channel number.
     bindings: HashMap<AllocationId, HashMap<u16, ChannelBinding>>,
+    /// Bindings in the kernel now, with the next hops they hold.
+    installed: HashMap<(AllocationId, u16), BindingHops>,
+    next_hops: Option<NextHops<Rtnl>>,
+    /// The relay's relayed-address IPs: a binding whose peer is one of them is client-to-client
+    /// through this relay (hairpin).
+    relay_ips: Vec<IpAddr>,
+    /// The peer policy the kernel copy is compiled from (shares the host-address set).
+    policy: PeerPolicy,
     /// Kernel counters of allocations that are gone (for metrics totals).
     retired: PathCounters,
+    /// When "maps full" was last said, and how many bindings stayed off since.
+    full_warned: Option<Instant>,
+    refused_since_warning: u64,
 }
 
 impl KernelSync {
-    /// With `None` every allocation stays on the socket path.
-    pub fn new(fastpath: Option<FastPath>) -> Self {
-        Self {
+    /// With `None` every allocation stays on the socket path. With a fast path, next hops are
+    /// resolved over rtnetlink and the kernel policy is installed from `policy` at once.
+    pub fn new(
+        fastpath: Option<FastPath>,
+        policy: PeerPolicy,
+        relay_ips: Vec<IpAddr>,
+    ) -> anyhow::Result<Self> {
+        let next_hops = match &fastpath {
+            Some(fastpath) => {
+                let rtnl = Rtnl::open().map_err(|e| {
+                    anyhow::anyhow!("the fast path resolves next hops over rtnetlink: {e}")
+                })?;
+                let capacity = u16::try_from(fastpath.capacity().next_hops).unwrap_or(u16::MAX);
+                let mut table = NextHops::new(rtnl, capacity);
+                table.set_attached(fastpath.attached_ifindexes());
+                Some(table)
+            }
+            None => None,
+        };
+        let mut sync = Self {
             default_on: fastpath.is_some(),
             fastpath,
             overrides: HashMap::new(),
             bindings: HashMap::new(),
+            installed: HashMap::new(),
+            next_hops,
+            relay_ips: relay_ips.iter().map(|ip| ip.to_canonical()).collect(),
+            policy,
             retired: PathCounters::default(),
-        }
+            full_warned: None,
+            refused_since_warning: 0,
+        };
+        sync.sync_policy()?;
+        Ok(sync)
     }
 
     pub fn attached(&self) -> bool {
@@ -80,7 +139,7 @@ impl KernelSync {
                     expires_at: *expires_at,
                 };
                 if self.enabled(*id) {
-                    self.install(&binding);
+                    self.install(*id, &binding);
                 }
                 self.bindings
                     .entry(*id)
@@ -93,7 +152,7 @@ impl KernelSync {
                     .get_mut(id)
                     .and_then(|channels| channels.remove(channel));
                 if let Some(binding) = removed {
-                    self.remove(&binding);
+                    self.remove(*id, &binding);
                 }
             }
             Command::DeleteAllocation { id, .. } => self.forget_allocation(*id),
@@ -127,6 +186,30 @@ impl KernelSync {
             self.sync_allocation(id);
         }
         Ok(())
+    }
+
+    /// Routes, neighbours, links or addresses changed: rewrites the next hops that changed, and
+    /// the kernel policy when the host's addresses did (`addresses_changed`; the caller has
+    /// already updated the shared host-address set).
+    pub fn on_netlink(&mut self, events: &[Event], addresses_changed: bool) {
+        if let Some(table) = &mut self.next_hops {
+            let changed = table.handle(events);
+            self.write_next_hops(changed);
+        }
+        if addresses_changed {
+            if let Err(error) = self.sync_policy() {
+                warn!("cannot update the kernel peer policy: {error:#}");
+            }
+        }
+    }
+
+    /// Re-confirms the neighbours in use (XDP-forwarded traffic never touches the stack's
+    /// neighbour entries, which would otherwise go stale and be garbage-collected).
+    pub fn refresh_neighbours(&mut self) {
+        if let Some(table) = &mut self.next_hops {
+            let changed = table.refresh_neighbours();
+            self.write_next_hops(changed);
+        }
     }
 
     /// What the kernel relayed for `id` so far.
@@ -166,6 +249,34 @@ impl KernelSync {
         self.fastpath.take()
     }
 
+    /// Installs the policy's current prefixes (with the host's current addresses).
+    fn sync_policy(&mut self) -> Result<(), FastPathError> {
+        let Some(fastpath) = &mut self.fastpath else {
+            return Ok(());
+        };
+        let prefixes = fastpath.set_peer_policy(&self.policy)?;
+        debug!(prefixes, "kernel peer policy installed");
+        Ok(())
+    }
+
+    fn write_next_hops(&mut self, changed: Vec<(NextHopId, NextHopValue)>) {
+        let Some(fastpath) = &mut self.fastpath else {
+            return;
+        };
+        for (id, value) in changed {
+            if let Err(error) = fastpath.set_next_hop(id.0, &kernel_next_hop(&value)) {
+                warn!(next_hop = id.0, %error, "cannot update a kernel next hop");
+            } else {
+                debug!(
+                    next_hop = id.0,
+                    valid = value.is_valid(),
+                    ifindex = value.ifindex,
+                    "next hop updated"
+                );
+            }
+        }
+    }
+
     fn sync_allocation(&mut self, id: AllocationId) {
         let on = self.enabled(id);
         let Some(channels) = self.bindings.get(&id) else {
@@ -174,9 +285,9 @@ impl KernelSync {
         let channels: Vec<ChannelBinding> = channels.values().cloned().collect();
         for binding in &channels {
             if on {
-                self.install(binding);
+                self.install(id, binding);
             } else {
-                self.remove(binding);
+                self.remove(id, binding);
             }
         }
     }
@@ -185,7 +296,7 @@ impl KernelSync {
         // Bindings out first, so the counters read next are final (up to packets in flight).
         if let Some(channels) = self.bindings.remove(&id) {
             for binding in channels.values() {
-                self.remove(binding);
+                self.remove(id, binding);
             }
         }
         let counters = self.counters(id);
@@ -198,27 +309,54 @@ impl KernelSync {
         }
     }
 
-    fn install(&mut self, binding: &ChannelBinding) {
-        if let Some(fastpath) = &mut self.fastpath {
-            match fastpath.install_channel(binding) {
-                Ok(()) => debug!(
+    /// Installs (or refreshes) `binding`, taking next hops for its addresses the first time.
+    fn install(&mut self, id: AllocationId, binding: &ChannelBinding) {
+        let key = (id, binding.channel);
+        let hops = match self.installed.get(&key) {
+            Some(hops) => *hops,
+            None => match self.acquire_hops(binding) {
+                Some(hops) => hops,
+                None => return self.refused(binding, "next-hop map full"),
+            },
+        };
+        let Some(fastpath) = &mut self.fastpath else {
+            return;
+        };
+        match fastpath.install_channel(binding, hops) {
+            Ok(()) => {
+                debug!(
                     allocation = binding.allocation,
                     channel = binding.channel,
                     peer = %binding.peer,
+                    hairpin = hops.hairpin,
                     "channel installed in the kernel"
-                ),
-                // The socket path still carries the channel; only speed is lost.
-                Err(error) => warn!(
-                    allocation = binding.allocation,
-                    channel = binding.channel,
-                    %error,
-                    "cannot install channel in the kernel; it stays on the socket path"
-                ),
+                );
+                self.installed.insert(key, hops);
+            }
+            Err(error) => {
+                let full = error.is_map_full();
+                if !self.installed.contains_key(&key) {
+                    self.release_hops(hops);
+                }
+                if full {
+                    self.refused(binding, "channel maps full");
+                } else {
+                    // The socket path still carries the channel; only speed is lost.
+                    warn!(
+                        allocation = binding.allocation,
+                        channel = binding.channel,
+                        %error,
+                        "cannot install channel in the kernel; it stays on the socket path"
+                    );
+                }
             }
         }
     }
 
-    fn remove(&mut self, binding: &ChannelBinding) {
+    fn remove(&mut self, id: AllocationId, binding: &ChannelBinding) {
+        let Some(hops) = self.installed.remove(&(id, binding.channel)) else {
+            return;
+        };
         if let Some(fastpath) = &mut self.fastpath {
             if let Err(error) = fastpath.remove_channel(binding) {
                 warn!(
@@ -229,9 +367,109 @@ impl KernelSync {
                 );
             }
         }
+        self.release_hops(hops);
+    }
+
+    /// Next hops for the client and (unless it is one of this relay's addresses) the peer,
+    /// written to the kernel before any binding refers to them.
+    fn acquire_hops(&mut self, binding: &ChannelBinding) -> Option<BindingHops> {
+        let hairpin = self.relay_ips.contains(&binding.peer.ip().to_canonical());
+        let table = self.next_hops.as_mut()?;
+        let client = table.acquire(binding.client.ip())?;
+        let peer = if hairpin {
+            // Unused: the kernel delivers to the other allocation's client through that
+            // client's next hop.
+            client
+        } else {
+            match table.acquire(binding.peer.ip()) {
+                Some(peer) => peer,
+                None => {
+                    table.release(client);
+                    return None;
+                }
+            }
+        };
+        let mut written = vec![client];
+        if !hairpin {
+            written.push(peer);
+        }
+        let values: Vec<(NextHopId, NextHopValue)> = written
+            .into_iter()
+            .filter_map(|id| table.value(id).map(|v| (id, v)))
+            .collect();
+        self.write_next_hops(values);
+        Some(BindingHops {
+            client: client.0,
+            peer: peer.0,
+            hairpin,
+        })
+    }
+
+    fn release_hops(&mut self, hops: BindingHops) {
+        let Some(table) = &mut self.next_hops else {
+            return;
+        };
+        let mut freed = Vec::new();
+        if table.release(NextHopId(hops.client)) {
+            freed.push(hops.client);
+        }
+        if !hops.hairpin && table.release(NextHopId(hops.peer)) {
+            freed.push(hops.peer);
+        }
+        // A freed slot stays invalid until it is handed out again.
+        if let Some(fastpath) = &mut self.fastpath {
+            for id in freed {
+                let _ = fastpath.set_next_hop(id, &NextHop::default());
+            }
+        }
+    }
+
+    /// A binding stays on the socket path because a kernel map is full: said once a minute at
+    /// most, with how many bindings it concerned.
+    fn refused(&mut self, binding: &ChannelBinding, why: &str) {
+        self.refused_since_warning += 1;
+        let now = Instant::now();
+        if self
+            .full_warned
+            .is_none_or(|at| now.duration_since(at) >= FULL_WARNING_INTERVAL)
+        {
+            warn!(
+                allocation = binding.allocation,
+                bindings = self.refused_since_warning,
+                "kernel {why}: bindings stay on the socket path (raise --kernel-bindings); \
+                 said at most once a minute"
+            );
+            self.full_warned = Some(now);
+            self.refused_since_warning = 0;
+        }
+    }
+}
+
+/// The kernel map value of a next hop.
+fn kernel_next_hop(value: &NextHopValue) -> NextHop {
+    NextHop {
+        ifindex: value.ifindex,
+        mtu: value.mtu,
+        flags: value.flags,
+        dmac: value.dmac,
+        smac: value.smac,
     }
 }
 
 fn not_attached() -> String {
     "the kernel fast path is not running (relay serve --fastpath off)".to_owned()
+}
+
+/// Logs the kernel memory the fast path's maps hold.
+pub fn log_capacity(fastpath: &FastPath) {
+    let capacity = fastpath.capacity();
+    let cpus = aya::util::nr_cpus().unwrap_or(1);
+    info!(
+        bindings = capacity.bindings,
+        next_hops = capacity.next_hops,
+        allocations = capacity.allocations,
+        kernel_bytes = capacity.bytes(cpus),
+        bytes_per_binding = relay_common::CHANNEL_BINDING_BYTES,
+        "kernel maps sized (--kernel-bindings); preallocated kernel memory"
+    );
 }

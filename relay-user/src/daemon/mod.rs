@@ -1,6 +1,7 @@
 //! The `relay serve` daemon: wires config, sockets, protocol core and fast path together.
 
 mod admin;
+mod host_addresses;
 mod interfaces;
 mod kernel_sync;
 mod worker;
@@ -21,13 +22,13 @@ use crate::{
     cli::{FastPathMode, ServeArgs},
     config::{Config, StaticUser},
     control,
-    fastpath::{AttachMode, FastPath},
+    fastpath::{AttachMode, FastPath, MapCapacity},
     net,
     proto::{
         auth::Credentials,
         channel_data::LEGACY_CHANNEL_RANGE,
         policy::PeerPolicy,
-        server::{QuotaLedger, Server, ServerConfig},
+        server::{LiveRelayed, QuotaLedger, Server, ServerConfig},
     },
 };
 
@@ -114,14 +115,32 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         .map(|(a, _)| a.ip())
         .collect();
 
-    let kernel = Arc::new(Mutex::new(KernelSync::new(fastpath)));
-    let quota = Arc::new(QuotaLedger::default());
+    // One policy for every worker: its set of host addresses is shared and kept current from
+    // netlink, so a secondary or SLAAC address added at runtime is denied at once.
+    let policy = peer_policy(&config, &own_addresses);
+    host_addresses::refresh(policy.host_addresses());
+    if let Some(fastpath) = &fastpath {
+        kernel_sync::log_capacity(fastpath);
+    }
+    let kernel = Arc::new(Mutex::new(KernelSync::new(
+        fastpath,
+        policy.clone(),
+        config.relay_ips.clone(),
+    )?));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let monitor = host_addresses::spawn_monitor(
+        Arc::clone(&kernel),
+        policy.host_addresses().clone(),
+        stop_rx.clone(),
+    );
+    let quota = Arc::new(QuotaLedger::default());
+    let live_relayed = Arc::new(LiveRelayed::default());
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();
     for (index, listeners) in sockets.into_iter().enumerate() {
-        let mut server_config = server_config(&config, &own_addresses);
+        let mut server_config = server_config(&config, policy.clone());
         server_config.quota = Arc::clone(&quota);
+        server_config.live_relayed = Arc::clone(&live_relayed);
         server_config.first_allocation_id = index as u64 + 1;
         server_config.allocation_id_stride = workers as u64;
         server_config.port_range = worker_ports(&config.port_range, index, workers);
@@ -160,6 +179,9 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         }
     }
     info!(released, "relay sockets released");
+    if let Some(monitor) = monitor {
+        let _ = monitor.join();
+    }
     let fastpath = worker::lock(&kernel).shutdown();
     if let Some(fastpath) = fastpath {
         report_verdicts(&fastpath);
@@ -236,14 +258,10 @@ fn report_verdicts(fastpath: &FastPath) {
     }
 }
 
-fn server_config(config: &Config, listeners: &[IpAddr]) -> ServerConfig {
-    let mut credentials = Credentials::new(&config.realm);
-    for user in &config.users {
-        credentials.add_user(&user.name, &user.password);
-    }
-    for secret in &config.auth_secrets {
-        credentials.add_rest_secret(secret);
-    }
+/// The configured peer policy. The relay's own addresses are denied as peers (clients could
+/// loop traffic through it or reach services on the host); the server makes the one exception
+/// of live relayed transport addresses (client-to-client).
+fn peer_policy(config: &Config, listeners: &[IpAddr]) -> PeerPolicy {
     let mut policy = PeerPolicy::safe_default();
     for net in &config.allow_peer {
         policy.allow(*net);
@@ -251,7 +269,6 @@ fn server_config(config: &Config, listeners: &[IpAddr]) -> ServerConfig {
     for net in &config.deny_peer {
         policy.deny(*net);
     }
-    // Peers must never be the relay itself: that would let clients loop traffic through it.
     let own: Vec<_> = listeners
         .iter()
         .copied()
@@ -259,6 +276,17 @@ fn server_config(config: &Config, listeners: &[IpAddr]) -> ServerConfig {
         .filter(|ip| !ip.is_unspecified())
         .collect();
     policy.set_relay_addresses(&own);
+    policy
+}
+
+fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
+    let mut credentials = Credentials::new(&config.realm);
+    for user in &config.users {
+        credentials.add_user(&user.name, &user.password);
+    }
+    for secret in &config.auth_secrets {
+        credentials.add_rest_secret(secret);
+    }
     let mut server = ServerConfig::new(
         config.realm.clone(),
         config.relay_ips.clone(),
@@ -306,12 +334,33 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<FastPath>> {
         "--fastpath needs an interface: pass --interface IFACE (no listener or relay address \
          lives on a non-loopback interface)"
     );
-    let mut fastpath = FastPath::load()?;
+    let capacity = kernel_capacity(config);
+    let mut fastpath = FastPath::load_with(crate::fastpath::EBPF_OBJECT, capacity)?;
     for interface in &interfaces {
         fastpath.attach(interface, mode)?;
         info!(%interface, %mode, "fast path attached");
     }
     Ok(Some(fastpath))
+}
+
+/// Kernel memory the fast path's maps may preallocate by default.
+const DEFAULT_KERNEL_MAP_BUDGET: usize = 16 << 20;
+
+/// `--kernel-bindings`, or enough bindings for every allocation the quotas allow to bind every
+/// channel it may, within [`DEFAULT_KERNEL_MAP_BUDGET`].
+fn kernel_capacity(config: &Config) -> MapCapacity {
+    if let Some(bindings) = config.kernel_bindings {
+        return MapCapacity::for_bindings(bindings);
+    }
+    let defaults = ServerConfig::new("", Vec::new(), Credentials::new(""), PeerPolicy::default());
+    let wanted = defaults
+        .max_allocations
+        .saturating_mul(defaults.max_channels_per_allocation);
+    let cpus = aya::util::nr_cpus().unwrap_or(1);
+    let per_binding = MapCapacity::for_bindings(1).bytes(cpus);
+    let affordable = DEFAULT_KERNEL_MAP_BUDGET / per_binding.max(1);
+    let bindings = wanted.min(affordable).clamp(1, u32::MAX as usize);
+    MapCapacity::for_bindings(u32::try_from(bindings).unwrap_or(u32::MAX))
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

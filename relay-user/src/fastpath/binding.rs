@@ -7,7 +7,7 @@ use std::{
 
 use relay_common::{
     ip_field, ipv4_field, port_field, ChannelKey, PeerKey, ToClient, ToPeer, CHANNEL_MAX,
-    CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6,
+    CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED, FLAG_HAIRPIN,
 };
 
 use super::FastPathError;
@@ -33,10 +33,29 @@ pub struct ChannelBinding {
     pub expires_at: Instant,
 }
 
-/// The two map entries of `binding`, with expiry and flags left zero.
+/// How a binding's datagrams leave: the next hops of its client and peer addresses, and
+/// whether its peer is another allocation of this relay (then the peer next hop is unused:
+/// the kernel delivers to that allocation's client through that client's next hop).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindingHops {
+    pub client: u16,
+    pub peer: u16,
+    pub hairpin: bool,
+}
+
+/// The two map entries of `binding`, enabled, with expiry left zero.
 pub(crate) fn entries(
     binding: &ChannelBinding,
+    hops: BindingHops,
 ) -> Result<(ChannelKey, ToPeer, PeerKey, ToClient), FastPathError> {
+    let allocation = u32::try_from(binding.allocation).map_err(|_| {
+        FastPathError::Unsupported("allocation ids above 2^32 stay on the socket path")
+    })?;
+    let flags = if hops.hairpin {
+        FLAG_ENABLED | FLAG_HAIRPIN
+    } else {
+        FLAG_ENABLED
+    };
     if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&binding.channel) {
         return Err(FastPathError::Unsupported(
             "channel number outside 0x4000..=0x7fff",
@@ -61,13 +80,15 @@ pub(crate) fn entries(
         reserved: 0,
     };
     let to_peer = ToPeer {
-        allocation: binding.allocation,
+        allocation,
+        flags,
+        next_hop: hops.peer,
         expires_at_ns: 0,
         relayed_ip: field(binding.relayed.ip()),
         peer_ip: field(binding.peer.ip()),
         relayed_port: port_field(binding.relayed.port()),
         peer_port: port_field(binding.peer.port()),
-        flags: 0,
+        reserved: 0,
     };
     let peer_key = PeerKey {
         peer_ip: field(binding.peer.ip()),
@@ -78,26 +99,28 @@ pub(crate) fn entries(
         reserved: [0; 3],
     };
     let to_client = ToClient {
-        allocation: binding.allocation,
+        allocation,
+        flags,
+        next_hop: hops.client,
         expires_at_ns: 0,
         listener_ip: field(binding.listener.ip()),
         client_ip: field(binding.client.ip()),
         listener_port: port_field(binding.listener.port()),
         client_port: port_field(binding.client.port()),
         channel: port_field(binding.channel),
-        flags: 0,
+        reserved: 0,
     };
     Ok((channel_key, to_peer, peer_key, to_client))
 }
 
-fn family(ip: IpAddr) -> u8 {
+pub(crate) fn family(ip: IpAddr) -> u8 {
     match ip {
         IpAddr::V4(_) => FAMILY_IPV4,
         IpAddr::V6(_) => FAMILY_IPV6,
     }
 }
 
-fn field(ip: IpAddr) -> [u32; 4] {
+pub(crate) fn field(ip: IpAddr) -> [u32; 4] {
     match ip {
         IpAddr::V4(v4) => ipv4_field(v4.octets()),
         IpAddr::V6(v6) => ip_field(v6.octets()),
@@ -135,8 +158,11 @@ mod tests {
 
     #[test]
     fn keys_hold_packet_order_bytes() {
-        let (key, to_peer, peer_key, to_client) =
-            entries(&binding("198.18.1.2:40000", "198.18.2.2:9")).unwrap();
+        let (key, to_peer, peer_key, to_client) = entries(
+            &binding("198.18.1.2:40000", "198.18.2.2:9"),
+            BindingHops::default(),
+        )
+        .unwrap();
         assert_eq!(key.client_ip[0].to_ne_bytes(), [198, 18, 1, 2]);
         assert_eq!(key.client_ip[1..], [0, 0, 0]);
         assert_eq!(key.client_port.to_ne_bytes(), 40000u16.to_be_bytes());
@@ -150,15 +176,23 @@ mod tests {
 
     #[test]
     fn mixed_families_and_bad_channels_are_refused() {
-        assert!(entries(&binding("198.18.1.2:40000", "[2001:2:0:2::2]:9")).is_err());
+        assert!(entries(
+            &binding("198.18.1.2:40000", "[2001:2:0:2::2]:9"),
+            BindingHops::default()
+        )
+        .is_err());
         let mut bad = binding("198.18.1.2:40000", "198.18.2.2:9");
         bad.channel = 0x8000;
-        assert!(entries(&bad).is_err());
+        assert!(entries(&bad, BindingHops::default()).is_err());
         bad.channel = 0x3fff;
-        assert!(entries(&bad).is_err());
+        assert!(entries(&bad, BindingHops::default()).is_err());
         // RFC 5766 numbers are accepted: the protocol core decides which ones are bound.
         bad.channel = 0x7fff;
-        assert!(entries(&bad).is_ok());
-        assert!(entries(&binding("[2001:2:0:1::2]:40000", "[2001:2:0:2::2]:9")).is_ok());
+        assert!(entries(&bad, BindingHops::default()).is_ok());
+        assert!(entries(
+            &binding("[2001:2:0:1::2]:40000", "[2001:2:0:2::2]:9"),
+            BindingHops::default()
+        )
+        .is_ok());
     }
 }

@@ -3,22 +3,65 @@
 use std::{fmt, io, time::Instant};
 
 use aya::{
-    maps::{DevMapHash, HashMap, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, DevMapHash, HashMap, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
     programs::{
         tc, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
 };
 use relay_common::{
-    ChannelKey, PeerKey, Reason, ToClient, ToPeer, ALLOCATION_COUNTERS_MAP, CHANNELS_MAP,
-    EGRESS_DEVICES_MAP, FLAG_ENABLED, LISTENER_PORTS_MAP, PEERS_MAP, TC_PROGRAM,
-    VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
+    allocation_counter_bytes, ChannelKey, NextHop, PeerKey, PolicyKey, Reason, ToClient, ToPeer,
+    ALLOCATION_COUNTERS_MAP, CHANNELS_MAP, CHANNEL_BINDING_BYTES, EGRESS_DEVICES_MAP,
+    LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES,
+    PEERS_MAP, PEER_POLICY_MAP, TC_PROGRAM, VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
 };
 
 use super::{
-    binding::{self, ChannelBinding},
+    binding::{self, BindingHops, ChannelBinding},
     EBPF_OBJECT,
 };
+
+/// How many bindings, allocations and next hops the kernel maps hold. Hash maps preallocate
+/// every entry, so this is kernel memory spent at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacity {
+    /// Channel bindings ([`CHANNELS_MAP`] and [`PEERS_MAP`] entries each).
+    pub bindings: u32,
+    /// Allocations with kernel counters.
+    pub allocations: u32,
+    /// Destination addresses with a next hop (two per binding at most, shared between
+    /// bindings to the same address).
+    pub next_hops: u32,
+}
+
+impl Default for MapCapacity {
+    fn default() -> Self {
+        Self::for_bindings(MAX_CHANNEL_BINDINGS)
+    }
+}
+
+impl MapCapacity {
+    /// Capacity for `bindings` channel bindings: as many allocations (each kernel allocation
+    /// has at least one binding) and two next hops per binding, within the `u16` index space.
+    pub fn for_bindings(bindings: u32) -> Self {
+        let bindings = bindings.max(1);
+        Self {
+            bindings,
+            allocations: bindings,
+            next_hops: bindings.saturating_mul(2).min(NEXT_HOPS_LIMIT),
+        }
+    }
+
+    /// Kernel memory the maps of this capacity preallocate on a machine with `cpus` CPUs.
+    pub fn bytes(&self, cpus: usize) -> usize {
+        self.bindings as usize * CHANNEL_BINDING_BYTES
+            + self.allocations as usize * allocation_counter_bytes(cpus)
+            + self.next_hops as usize * NEXT_HOP_BYTES
+    }
+}
 
 /// How the kernel program is attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,27 +176,47 @@ pub struct TestRunOutput {
 /// Dropping it detaches every program and frees every map: nothing is pinned, so a restart
 /// starts clean.
 ///
-/// Forwarding needs, besides the entries installed here: the interfaces of both legs attached
-/// (the program redirects only into attached interfaces), IP forwarding enabled on them
-/// (`bpf_fib_lookup` refuses otherwise: `net.ipv4.conf.IFACE.forwarding=1`,
-/// `net.ipv6.conf.IFACE.forwarding=1`), and senders that put complete UDP checksums on the wire
-/// (the program updates checksums incrementally; see `relay-ebpf`).
+/// Forwarding needs, besides the binding entries installed here: the next hops of their
+/// client and peer addresses ([`FastPath::set_next_hop`], resolved by userspace from the
+/// kernel's routing and neighbour tables: no forwarding sysctl, no per-packet FIB lookup), the
+/// peer policy ([`FastPath::set_policy`]: the program refuses peers it denies), the interfaces
+/// of both legs attached (the program redirects only into attached interfaces), and senders
+/// that put complete UDP checksums on the wire (the program updates checksums incrementally;
+/// see `relay-ebpf`).
 pub struct FastPath {
     ebpf: Ebpf,
     attached: Vec<(String, AttachMode)>,
+    /// Interface indices of `attached`, in the same order.
+    attached_ifindexes: Vec<u32>,
+    capacity: MapCapacity,
+    /// The policy prefixes in the kernel now, so [`FastPath::set_policy`] changes only what
+    /// differs.
+    policy: std::collections::HashMap<PolicyKey, u32>,
 }
 
 impl FastPath {
-    /// Parses the embedded object and loads its programs into the kernel (not attached yet).
+    /// Parses the embedded object and loads its programs into the kernel (not attached yet),
+    /// with the default map capacity.
     pub fn load() -> Result<Self, FastPathError> {
-        Self::load_object(EBPF_OBJECT)
+        Self::load_with(EBPF_OBJECT, MapCapacity::default())
     }
 
     /// Like [`FastPath::load`], from another build of the eBPF object (e.g. a baseline that a
     /// benchmark compares against). The object must define the same programs and maps.
     pub fn load_object(object: &[u8]) -> Result<Self, FastPathError> {
+        Self::load_with(object, MapCapacity::default())
+    }
+
+    /// Loads `object` with maps sized for `capacity`.
+    pub fn load_with(object: &[u8], capacity: MapCapacity) -> Result<Self, FastPathError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(object).map_err(FastPathError::Object)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(CHANNELS_MAP, capacity.bindings)
+            .map_max_entries(PEERS_MAP, capacity.bindings)
+            .map_max_entries(ALLOCATION_COUNTERS_MAP, capacity.allocations)
+            .map_max_entries(NEXT_HOPS_MAP, capacity.next_hops)
+            .load(object)
+            .map_err(FastPathError::Object)?;
         for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
             let result = xdp_program(&mut ebpf, name)?.load();
             result.map_err(|source| load_error(name, source))?;
@@ -163,7 +226,85 @@ impl FastPath {
         Ok(Self {
             ebpf,
             attached: Vec::new(),
+            attached_ifindexes: Vec::new(),
+            capacity,
+            policy: std::collections::HashMap::new(),
         })
+    }
+
+    /// What the maps were sized for.
+    pub fn capacity(&self) -> MapCapacity {
+        self.capacity
+    }
+
+    /// Writes next hop `index` (an index below [`MapCapacity::next_hops`]).
+    pub fn set_next_hop(&mut self, index: u16, hop: &NextHop) -> Result<(), FastPathError> {
+        let mut hops: Array<&mut aya::maps::MapData, NextHop> =
+            typed_map(&mut self.ebpf, NEXT_HOPS_MAP)?;
+        hops.set(u32::from(index), *hop, 0)
+            .map_err(map_error(NEXT_HOPS_MAP))
+    }
+
+    /// Makes the kernel copy of the peer policy that of `policy` (with the host addresses it
+    /// holds now).
+    pub fn set_peer_policy(
+        &mut self,
+        policy: &crate::proto::policy::PeerPolicy,
+    ) -> Result<usize, FastPathError> {
+        use relay_common::{
+            ip_field, ipv4_field, FAMILY_IPV4, FAMILY_IPV6, POLICY_ALLOW, POLICY_DENY,
+        };
+        let prefixes: Vec<(PolicyKey, u32)> = policy
+            .kernel_prefixes()
+            .into_iter()
+            .map(|(net, allow)| {
+                let len = u32::from(net.prefix_len());
+                let key = match net.addr() {
+                    std::net::IpAddr::V4(v4) => {
+                        PolicyKey::new(FAMILY_IPV4, ipv4_field(v4.octets()), len)
+                    }
+                    std::net::IpAddr::V6(v6) => {
+                        PolicyKey::new(FAMILY_IPV6, ip_field(v6.octets()), len)
+                    }
+                };
+                (key, if allow { POLICY_ALLOW } else { POLICY_DENY })
+            })
+            .collect();
+        self.set_policy(&prefixes)?;
+        Ok(prefixes.len())
+    }
+
+    /// Makes the kernel copy of the peer policy exactly `prefixes`. Changes are applied so that
+    /// no address is allowed on the way that neither the old nor the new policy allows: new and
+    /// changed deny prefixes first, then allow prefixes, then removals.
+    pub fn set_policy(&mut self, prefixes: &[(PolicyKey, u32)]) -> Result<(), FastPathError> {
+        let wanted: std::collections::HashMap<PolicyKey, u32> = prefixes.iter().copied().collect();
+        let mut trie: LpmTrie<&mut aya::maps::MapData, [u32; 5], u32> =
+            typed_map(&mut self.ebpf, PEER_POLICY_MAP)?;
+        let mut changed: Vec<(PolicyKey, u32)> = wanted
+            .iter()
+            .filter(|(key, value)| self.policy.get(key) != Some(value))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        // Denies (0) before allows (1).
+        changed.sort_by_key(|(_, value)| *value);
+        for (key, value) in &changed {
+            trie.insert(&LpmKey::new(key.prefix_len, key.data), value, 0)
+                .map_err(map_error(PEER_POLICY_MAP))?;
+            self.policy.insert(*key, *value);
+        }
+        let stale: Vec<PolicyKey> = self
+            .policy
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
+        for key in stale {
+            let removed = trie.remove(&LpmKey::new(key.prefix_len, key.data));
+            ignore_missing(removed).map_err(map_error(PEER_POLICY_MAP))?;
+            self.policy.remove(&key);
+        }
+        Ok(())
     }
 
     /// Attaches the forwarding program to `interface` in `mode` and registers the interface as
@@ -219,7 +360,6 @@ impl FastPath {
                     .map_err(attach_error)?;
             }
         }
-        warn_if_not_forwarding(interface);
         let mut devices = self.egress_devices()?;
         devices
             .insert(ifindex, ifindex, None, 0)
@@ -228,6 +368,7 @@ impl FastPath {
                 source,
             })?;
         self.attached.push((interface.to_owned(), mode));
+        self.attached_ifindexes.push(ifindex);
         Ok(())
     }
 
@@ -254,22 +395,31 @@ impl FastPath {
         &self.attached
     }
 
+    /// Interface indices of [`FastPath::attached`]: the only interfaces the program sends out of.
+    pub fn attached_ifindexes(&self) -> &[u32] {
+        &self.attached_ifindexes
+    }
+
     /// Installs both directions of a channel binding (or refreshes them: same key, new value),
-    /// and creates the allocation's counters if they do not exist yet.
+    /// and creates the allocation's counters if they do not exist yet. `hops` names the next
+    /// hops of its client and peer addresses (written with [`FastPath::set_next_hop`] first)
+    /// and whether the peer is another allocation of this relay.
     ///
     /// Client, listener, relayed and peer address must be of one family: the kernel does not
     /// translate between IPv4 and IPv6 (such bindings stay on the socket path).
-    pub fn install_channel(&mut self, binding: &ChannelBinding) -> Result<(), FastPathError> {
-        let (channel_key, to_peer, peer_key, to_client) = binding::entries(binding)?;
+    pub fn install_channel(
+        &mut self,
+        binding: &ChannelBinding,
+        hops: BindingHops,
+    ) -> Result<(), FastPathError> {
+        let (channel_key, to_peer, peer_key, to_client) = binding::entries(binding, hops)?;
         let expires_at_ns = monotonic_ns(binding.expires_at);
         let to_peer = ToPeer {
             expires_at_ns,
-            flags: FLAG_ENABLED,
             ..to_peer
         };
         let to_client = ToClient {
             expires_at_ns,
-            flags: FLAG_ENABLED as u16,
             ..to_client
         };
 
@@ -280,7 +430,7 @@ impl FastPath {
         const BPF_NOEXIST: u64 = 1;
         match self
             .allocation_counter_map()?
-            .insert(binding.allocation, zero, BPF_NOEXIST)
+            .insert(to_peer.allocation, zero, BPF_NOEXIST)
         {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -309,7 +459,7 @@ impl FastPath {
     /// Removes both directions of a channel binding. Entries that are already gone are not an
     /// error. The allocation's counters stay (see [`FastPath::remove_allocation_counters`]).
     pub fn remove_channel(&mut self, binding: &ChannelBinding) -> Result<(), FastPathError> {
-        let (channel_key, _, peer_key, _) = binding::entries(binding)?;
+        let (channel_key, _, peer_key, _) = binding::entries(binding, BindingHops::default())?;
         let removed = self.channel_map()?.remove(&channel_key);
         ignore_missing(removed).map_err(map_error(CHANNELS_MAP))?;
         let removed = self.peer_map()?.remove(&peer_key);
@@ -322,11 +472,15 @@ impl FastPath {
         &self,
         allocation: u64,
     ) -> Result<AllocationCounters, FastPathError> {
+        let Ok(allocation) = u32::try_from(allocation) else {
+            // Never installed: the kernel only knows allocations with 32-bit ids.
+            return Ok(AllocationCounters::default());
+        };
         let map = self
             .ebpf
             .map(ALLOCATION_COUNTERS_MAP)
             .ok_or(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP))?;
-        let counters = PerCpuHashMap::<_, u64, AllocationCounters>::try_from(map)
+        let counters = PerCpuHashMap::<_, u32, AllocationCounters>::try_from(map)
             .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
         let per_cpu = match counters.get(&allocation, 0) {
             Ok(values) => values,
@@ -348,6 +502,9 @@ impl FastPath {
     /// Forgets `allocation`'s counters (after its last binding is removed and the counters
     /// were read for the last time). Missing counters are not an error.
     pub fn remove_allocation_counters(&mut self, allocation: u64) -> Result<(), FastPathError> {
+        let Ok(allocation) = u32::try_from(allocation) else {
+            return Ok(());
+        };
         let removed = self.allocation_counter_map()?.remove(&allocation);
         ignore_missing(removed).map_err(map_error(ALLOCATION_COUNTERS_MAP))
     }
@@ -372,8 +529,7 @@ impl FastPath {
     }
 
     /// Runs one frame through the forwarding program with `BPF_PROG_TEST_RUN`, as if it had
-    /// arrived on `ingress_ifindex` (an interface in the calling thread's namespace: the FIB
-    /// lookup runs there). Maps and counters are the live ones. For packet fixtures and
+    /// arrived on `ingress_ifindex` (an interface in the calling thread's namespace). Maps and counters are the live ones. For packet fixtures and
     /// start-up self-tests; nothing is sent.
     pub fn test_run(
         &mut self,
@@ -462,13 +618,26 @@ impl FastPath {
 
     fn allocation_counter_map(
         &mut self,
-    ) -> Result<PerCpuHashMap<&mut aya::maps::MapData, u64, AllocationCounters>, FastPathError>
+    ) -> Result<PerCpuHashMap<&mut aya::maps::MapData, u32, AllocationCounters>, FastPathError>
     {
         typed_map(&mut self.ebpf, ALLOCATION_COUNTERS_MAP)
     }
 
     fn egress_devices(&mut self) -> Result<DevMapHash<&mut aya::maps::MapData>, FastPathError> {
         typed_map(&mut self.ebpf, EGRESS_DEVICES_MAP)
+    }
+}
+
+impl FastPathError {
+    /// Whether a map refused an insert because it is full (E2BIG).
+    pub fn is_map_full(&self) -> bool {
+        matches!(
+            self,
+            FastPathError::Map {
+                source: MapError::SyscallError(e),
+                ..
+            } if e.io_error.raw_os_error() == Some(libc::E2BIG)
+        )
     }
 }
 
@@ -536,20 +705,6 @@ fn ifindex(interface: &str) -> Result<u32, FastPathError> {
         return Err(FastPathError::UnknownInterface(interface.to_owned()));
     }
     Ok(index)
-}
-
-/// `bpf_fib_lookup` answers "forwarding disabled" for interfaces without IP forwarding, and the
-/// fast path then passes everything (counted as `pass_fib_forwarding_disabled`). Say so once.
-fn warn_if_not_forwarding(interface: &str) {
-    for family in ["ipv4", "ipv6"] {
-        let path = format!("/proc/sys/net/{family}/conf/{interface}/forwarding");
-        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
-            tracing::warn!(
-                "{family} forwarding is off on {interface}: the kernel fast path will pass \
-                 {family} traffic to the socket path (sysctl -w net.{family}.conf.{interface}.forwarding=1)"
-            );
-        }
-    }
 }
 
 /// `deadline` on the kernel's clock: CLOCK_MONOTONIC nanoseconds, as `bpf_ktime_get_ns` reads.

@@ -14,10 +14,13 @@
 
 mod binding;
 mod loader;
+pub mod netlink;
+pub mod nexthop;
 
-pub use binding::ChannelBinding;
+pub use binding::{BindingHops, ChannelBinding};
 pub use loader::{
-    AllocationCounters, AttachMode, FastPath, FastPathError, TestProgram, TestRunOutput,
+    AllocationCounters, AttachMode, FastPath, FastPathError, MapCapacity, TestProgram,
+    TestRunOutput,
 };
 
 /// The eBPF object built from `relay-ebpf` by the build script, embedded so `relay` is one file.

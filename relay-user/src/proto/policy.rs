@@ -3,8 +3,11 @@
 //!
 //! Evaluation order for a peer address `p` (first match decides):
 //!
-//! 1. `p` is one of the relay's own addresses (compared after IPv4-mapped canonicalisation)
-//!    → denied ([`DenyReason::RelayAddress`]), even if allowed.
+//! 1. `p` is one of the host's own addresses (the configured listener and relay addresses and
+//!    every address on every interface, kept current from netlink; compared after IPv4-mapped
+//!    canonicalisation) → denied ([`DenyReason::RelayAddress`]), even if allowed. The server
+//!    lets the relayed-address IPs through for client-to-client relaying and checks their
+//!    ports itself.
 //! 2. `p` is in a configured deny CIDR → denied ([`DenyReason::ExplicitDeny`]). Deny always
 //!    wins over allow.
 //! 3. `p` is in a configured allow CIDR → allowed, **except** that if `p` is an IPv6 encoding of
@@ -30,8 +33,10 @@
 //! RFC 6052 prefix lengths on operator-chosen NAT64 prefixes. Deny those prefixes explicitly if
 //! the network has them.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, RwLock};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -229,12 +234,47 @@ fn embedded_ipv4(ip: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
     }
 }
 
+/// Every address of the host, shared by every copy of a [`PeerPolicy`] (one per worker) and
+/// replaced as interfaces gain and lose addresses.
+#[derive(Clone, Debug, Default)]
+pub struct HostAddresses(Arc<RwLock<BTreeSet<IpAddr>>>);
+
+impl HostAddresses {
+    /// Replaces the set (IPv4-mapped IPv6 forms canonicalised; unspecified addresses ignored).
+    pub fn replace(&self, ips: impl IntoIterator<Item = IpAddr>) {
+        let set: BTreeSet<IpAddr> = ips
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = set;
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ip.to_canonical())
+    }
+
+    /// The current addresses.
+    pub fn snapshot(&self) -> Vec<IpAddr> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
 /// Peer address policy; see the module documentation for the evaluation order.
 #[derive(Clone, Debug)]
 pub struct PeerPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     relay_addresses: Vec<IpAddr>,
+    host: HostAddresses,
 }
 
 impl Default for PeerPolicy {
@@ -250,7 +290,81 @@ impl PeerPolicy {
             allow: Vec::new(),
             deny: Vec::new(),
             relay_addresses: Vec::new(),
+            host: HostAddresses::default(),
         }
+    }
+
+    /// The shared set of host addresses this policy denies (see [`HostAddresses`]).
+    pub fn host_addresses(&self) -> &HostAddresses {
+        &self.host
+    }
+
+    /// Whether `ip` is in a configured deny CIDR (which no exception overrides).
+    pub fn explicitly_denied(&self, ip: IpAddr) -> bool {
+        let canonical = ip.to_canonical();
+        self.deny
+            .iter()
+            .any(|n| n.contains(&ip) || n.contains(&canonical))
+    }
+
+    /// The policy as prefixes with a verdict, for the kernel's longest-prefix-match copy: for
+    /// every address, the verdict of the longest listed prefix containing it never allows what
+    /// [`PeerPolicy::check`] denies. It is conservative where the rules do not depend on
+    /// prefixes alone: allowed IPv6 encodings of IPv4 addresses are denied (the kernel then
+    /// passes them to the socket path, which applies the full rules). `::/0` and `0.0.0.0/0`
+    /// are always present, so every address matches something.
+    pub fn kernel_prefixes(&self) -> Vec<(IpNet, bool)> {
+        let host = |ip: IpAddr| IpNet::from(ip);
+        let mut prefixes: Vec<IpNet> = vec![
+            IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0)),
+            IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 0)),
+        ];
+        prefixes.extend(DEFAULT_DENIED.iter().map(|(net, _)| *net));
+        prefixes.extend(self.allow.iter().copied());
+        prefixes.extend(self.deny.iter().copied());
+        let own: BTreeSet<IpAddr> = self
+            .relay_addresses
+            .iter()
+            .copied()
+            .chain(self.host.snapshot())
+            .collect();
+        prefixes.extend(own.iter().map(|ip| host(*ip)));
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        prefixes
+            .into_iter()
+            .map(|net| {
+                let is_own = match net {
+                    IpNet::V4(n) => n.prefix_len() == 32 && own.contains(&net.addr()),
+                    IpNet::V6(n) => n.prefix_len() == 128 && own.contains(&net.addr()),
+                };
+                (net, !is_own && self.prefix_allowed(net))
+            })
+            .collect()
+    }
+
+    /// The verdict for addresses whose longest listed prefix is `net`: it depends only on
+    /// which listed prefixes contain `net`.
+    fn prefix_allowed(&self, net: IpNet) -> bool {
+        if self.deny.iter().any(|d| d.contains(&net)) {
+            return false;
+        }
+        let embedding = DEFAULT_DENIED.iter().any(|(range, reason)| {
+            range.contains(&net)
+                && matches!(
+                    reason,
+                    DenyReason::Ipv4Mapped
+                        | DenyReason::Ipv4Compatible
+                        | DenyReason::Ipv4Translated
+                        | DenyReason::Nat64
+                        | DenyReason::SixToFour
+                        | DenyReason::Teredo
+                )
+        });
+        if self.allow.iter().any(|a| a.contains(&net)) {
+            return !embedding;
+        }
+        !DEFAULT_DENIED.iter().any(|(range, _)| range.contains(&net))
     }
 
     /// Explicitly allows `net`, overriding the default deny (e.g. 198.18.0.0/15 in the test lab).
@@ -284,7 +398,7 @@ impl PeerPolicy {
 
     pub fn check(&self, peer: IpAddr) -> Result<(), DenyReason> {
         let canonical = peer.to_canonical();
-        if self.relay_addresses.contains(&canonical) {
+        if self.relay_addresses.contains(&canonical) || self.host.contains(canonical) {
             return Err(DenyReason::RelayAddress(canonical));
         }
         if let Some(net) = self.deny.iter().find(|n| n.contains(&peer)) {

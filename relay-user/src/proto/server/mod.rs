@@ -6,6 +6,7 @@
 
 mod allocation;
 mod quota;
+mod relayed;
 #[cfg(test)]
 mod tests;
 
@@ -30,6 +31,7 @@ use crate::proto::stun::{
 
 use allocation::{AllocState, Allocation, Channel, Pending};
 pub use quota::{QuotaError, QuotaLedger};
+pub use relayed::LiveRelayed;
 
 /// IANA protocol number of UDP, the only REQUESTED-TRANSPORT supported (RFC 8656 §7.2).
 const PROTOCOL_UDP: u8 = 17;
@@ -87,6 +89,9 @@ pub struct ServerConfig {
     /// Channel numbers ChannelBind accepts: RFC 8656's 0x4000-0x4FFF by default, or RFC 5766's
     /// 0x4000-0x7FFF for older clients.
     pub channel_range: RangeInclusive<u16>,
+    /// Relayed addresses of every live allocation, shared with the other workers' servers:
+    /// the only ports of a relay address a client may send to (client-to-client).
+    pub live_relayed: Arc<LiveRelayed>,
 }
 
 impl ServerConfig {
@@ -118,6 +123,7 @@ impl ServerConfig {
             quota: Arc::new(QuotaLedger::default()),
             first_allocation_id: 1,
             allocation_id_stride: 1,
+            live_relayed: Arc::new(LiveRelayed::default()),
         }
     }
 }
@@ -405,9 +411,13 @@ impl Server {
         {
             return;
         }
+        let (relayed, peer) = (alloc.relayed, channel.peer);
+        if !self.peer_reachable(peer) {
+            return;
+        }
         self.commands.push_back(Command::SendToPeer {
-            relayed: alloc.relayed,
-            peer: channel.peer,
+            relayed,
+            peer,
             payload: cd.data.to_vec(),
         });
     }
@@ -479,6 +489,7 @@ impl Server {
         let lifetime = alloc.lifetime;
         alloc.expires = now + lifetime;
         let ctx = pending.ctx;
+        self.config.live_relayed.insert(relayed);
         let mut attrs = vec![
             Attribute::XorRelayedAddress(relayed),
             Attribute::Lifetime(lifetime.as_secs().try_into().unwrap_or(u32::MAX)),
@@ -556,14 +567,34 @@ impl Server {
             .filter(|a| matches!(a.state, AllocState::Active))
     }
 
+    /// Whether a permission for `ip` may exist (RFC 8656 §9: permissions are per IP address).
+    /// The relay's own relayed-address IPs are allowed, for client-to-client through the relay,
+    /// unless the operator denies them; which of their ports are reachable is checked when a
+    /// datagram is sent ([`Server::peer_reachable`]). Every other address of the host is denied
+    /// by the policy.
     fn peer_allowed(&self, ip: IpAddr) -> bool {
-        let canonical = ip.to_canonical();
-        self.config.policy.is_allowed(ip) && !self.config.relay_ips.contains(&canonical)
+        if self.is_relay_ip(ip) {
+            return !self.config.policy.explicitly_denied(ip);
+        }
+        self.config.policy.is_allowed(ip)
+    }
+
+    fn is_relay_ip(&self, ip: IpAddr) -> bool {
+        self.config.relay_ips.contains(&ip.to_canonical())
+    }
+
+    /// Whether a datagram may go to `peer`: on a relay IP only the relayed port of a live
+    /// allocation (of any worker) is a destination; any other port could be a host service.
+    fn peer_reachable(&self, peer: SocketAddr) -> bool {
+        !self.is_relay_ip(peer.ip()) || self.config.live_relayed.contains(peer)
     }
 
     /// Removes an allocation from every index without emitting anything.
     fn forget_allocation(&mut self, id: AllocationId) -> Option<Allocation> {
         let alloc = self.allocations.remove(&id)?;
+        if matches!(alloc.state, AllocState::Active) {
+            self.config.live_relayed.remove(alloc.relayed);
+        }
         self.by_five_tuple.remove(&(alloc.client, alloc.listener));
         if self.by_relayed.get(&alloc.relayed) == Some(&id) {
             self.by_relayed.remove(&alloc.relayed);
@@ -1086,6 +1117,11 @@ impl Server {
         if peer.port() == 0 {
             return self.respond_error(ctx, 400, &[]);
         }
+        // A channel names a transport address: on a relay IP only a live allocation's relayed
+        // port is one (client-to-client); any other port would be a service on the host.
+        if !self.peer_reachable(peer) {
+            return self.respond_error(ctx, 403, &[]);
+        }
         let cap = self.config.max_permissions_per_allocation;
         let channel_cap = self.config.max_channels_per_allocation;
         let channel_lifetime = self.config.channel_lifetime;
@@ -1149,8 +1185,12 @@ impl Server {
         {
             return;
         }
+        let relayed = alloc.relayed;
+        if !self.peer_reachable(peer) {
+            return;
+        }
         self.commands.push_back(Command::SendToPeer {
-            relayed: alloc.relayed,
+            relayed,
             peer,
             payload: data.to_vec(),
         });

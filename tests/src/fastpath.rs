@@ -1,0 +1,75 @@
+//! Driving the kernel fast path directly, as the daemon does: bindings with next hops that the
+//! real resolver found (rtnetlink, in the calling thread's namespace) and the lab's peer policy.
+
+use relay::{
+    fastpath::{netlink::Rtnl, nexthop::NextHops, BindingHops, ChannelBinding, FastPath},
+    proto::policy::PeerPolicy,
+};
+use relay_common::NextHop;
+
+/// The lab's peer policy: its benchmark ranges (which the safe default denies) allowed.
+pub fn lab_policy() -> PeerPolicy {
+    let mut policy = PeerPolicy::safe_default();
+    for net in ["198.18.0.0/15", "2001:2::/48"] {
+        policy.allow(net.parse().expect("CIDR literal"));
+    }
+    policy
+}
+
+/// Installs bindings the way the daemon does: each address's next hop resolved over
+/// rtnetlink and written before the binding refers to it.
+pub struct Installer {
+    table: NextHops<Rtnl>,
+}
+
+impl Installer {
+    /// For `fastpath`, already attached, in the calling thread's namespace.
+    pub fn new(fastpath: &FastPath) -> Self {
+        let rtnl = Rtnl::open().expect("rtnetlink socket");
+        let capacity = u16::try_from(fastpath.capacity().next_hops).unwrap_or(u16::MAX);
+        let mut table = NextHops::new(rtnl, capacity);
+        table.set_attached(fastpath.attached_ifindexes());
+        Self { table }
+    }
+
+    /// Installs `binding`; `hairpin` when its peer is another allocation's relayed address.
+    /// Panics when the next-hop table is full or the kernel refuses the entries.
+    pub fn install(
+        &mut self,
+        fastpath: &mut FastPath,
+        binding: &ChannelBinding,
+        hairpin: bool,
+    ) -> BindingHops {
+        let client = self
+            .table
+            .acquire(binding.client.ip())
+            .expect("next hop for the client");
+        let peer = if hairpin {
+            client
+        } else {
+            self.table
+                .acquire(binding.peer.ip())
+                .expect("next hop for the peer")
+        };
+        for id in [client, peer] {
+            let value = self.table.value(id).expect("acquired next hop");
+            let hop = NextHop {
+                ifindex: value.ifindex,
+                mtu: value.mtu,
+                flags: value.flags,
+                dmac: value.dmac,
+                smac: value.smac,
+            };
+            fastpath.set_next_hop(id.0, &hop).expect("write next hop");
+        }
+        let hops = BindingHops {
+            client: client.0,
+            peer: peer.0,
+            hairpin,
+        };
+        fastpath
+            .install_channel(binding, hops)
+            .unwrap_or_else(|e| panic!("install {binding:?}: {e}"));
+        hops
+    }
+}
