@@ -142,13 +142,16 @@ fn bound() -> Bound {
 fn queue(server: &mut Server, outbox: &mut Vec<Transmit>) {
     while let Some(command) = server.next_command() {
         match command {
-            Command::SendToPeer { peer, payload, .. } => {
-                outbox.push(Transmit { to: peer, payload })
-            }
+            Command::SendToPeer { peer, payload, .. } => outbox.push(Transmit {
+                to: peer,
+                src: None,
+                payload,
+            }),
             Command::SendToClient {
                 client, payload, ..
             } => outbox.push(Transmit {
                 to: client,
+                src: None,
                 payload,
             }),
             _ => {}

@@ -81,8 +81,11 @@ pub fn render(list: &AllocationList) -> String {
         "KERNEL PKTS",
         "KERNEL BYTES",
         "EXPIRES",
+        // Last, so scripts that count columns keep working: the address the client contacted
+        // (RFC 8656 §2 5-tuple), which tells apart the addresses a wildcard listener serves.
+        "LISTENER",
     ];
-    let rows: Vec<[String; 12]> = list.allocations.iter().map(row).collect();
+    let rows: Vec<[String; 13]> = list.allocations.iter().map(row).collect();
     let mut widths = header.map(str::len);
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r.iter()) {
@@ -110,7 +113,7 @@ pub fn render(list: &AllocationList) -> String {
     out
 }
 
-fn row(a: &AllocationView) -> [String; 12] {
+fn row(a: &AllocationView) -> [String; 13] {
     let channels = a
         .channels
         .iter()
@@ -138,6 +141,7 @@ fn row(a: &AllocationView) -> [String; 12] {
         a.kernel.packets().to_string(),
         a.kernel.bytes().to_string(),
         format!("{}s", a.expires_in_secs),
+        a.listener.clone(),
     ]
 }
 

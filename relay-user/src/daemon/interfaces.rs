@@ -1,6 +1,10 @@
 //! Finds the network interfaces that carry given IP addresses (for attaching the fast path).
 
-use std::{ffi::CStr, io, net::IpAddr};
+use std::{
+    ffi::CStr,
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
 /// Names of the non-loopback interfaces holding any of `addresses`, without duplicates.
 /// Unspecified addresses (0.0.0.0, ::) match every non-loopback interface.
@@ -18,6 +22,29 @@ pub fn for_addresses(addresses: &[IpAddr]) -> io::Result<Vec<String>> {
         }
     }
     Ok(found)
+}
+
+/// The host addresses the listeners answer on, which peers must never be. A wildcard listener
+/// is not an address: it stands for every address of its family on this host (as configured at
+/// start-up; addresses added later are not covered).
+pub fn listener_ips(listen: &[SocketAddr]) -> io::Result<Vec<IpAddr>> {
+    let mut ips: Vec<IpAddr> = listen
+        .iter()
+        .map(SocketAddr::ip)
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    let wildcards: Vec<bool> = listen
+        .iter()
+        .filter(|a| a.ip().is_unspecified())
+        .map(SocketAddr::is_ipv4)
+        .collect();
+    if !wildcards.is_empty() {
+        let host = interface_addresses()?.into_iter().map(|(_, ip)| ip);
+        ips.extend(host.filter(|ip| wildcards.contains(&ip.is_ipv4())));
+    }
+    ips.sort_unstable();
+    ips.dedup();
+    Ok(ips)
 }
 
 /// Every (interface name, address) pair from getifaddrs(3).
@@ -65,6 +92,21 @@ fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcard_listeners_stand_for_the_host_addresses_of_their_family() {
+        let ips = listener_ips(&["0.0.0.0:3478".parse().unwrap()]).unwrap();
+        assert!(ips.contains(&"127.0.0.1".parse().unwrap()), "{ips:?}");
+        assert!(ips.iter().all(|ip| ip.is_ipv4() && !ip.is_unspecified()));
+        let ips = listener_ips(&[
+            "198.51.100.7:3478".parse().unwrap(),
+            "[::]:3478".parse().unwrap(),
+        ])
+        .unwrap();
+        assert!(ips.contains(&"198.51.100.7".parse().unwrap()), "{ips:?}");
+        assert!(!ips.iter().any(|ip| ip.is_unspecified()), "{ips:?}");
+        assert!(ips.iter().filter(|ip| ip.is_ipv4()).count() == 1, "{ips:?}");
+    }
 
     #[test]
     fn loopback_is_never_chosen() {

@@ -106,14 +106,18 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             bound = socket.local_addr().context("listener address")?;
             worker.push((bound, socket));
         }
-        info!("listening on udp {bound}");
+        if bound.ip().is_unspecified() {
+            let family = if bound.is_ipv4() { "IPv4" } else { "IPv6" };
+            info!(
+                "listening on udp {bound} (all {family} addresses; replies leave from the \
+                 address each client contacted)"
+            );
+        } else {
+            info!("listening on udp {bound}");
+        }
     }
-    let own_addresses: Vec<IpAddr> = sockets
-        .first()
-        .into_iter()
-        .flatten()
-        .map(|(a, _)| a.ip())
-        .collect();
+    let own_addresses = interfaces::listener_ips(&config.listen)
+        .context("listing the host addresses a wildcard listener serves")?;
 
     // One policy for every worker: its set of host addresses is shared and kept current from
     // netlink, so a secondary or SLAAC address added at runtime is denied at once.

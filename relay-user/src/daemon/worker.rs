@@ -10,7 +10,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     io,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -40,6 +40,8 @@ const MAX_EVENTS_PER_WAKE: usize = 256;
 pub enum Event {
     /// From clients, on a listener socket.
     Client {
+        /// The address the listener socket is bound to (a wildcard one says nothing about
+        /// which local address each datagram was sent to; the datagrams do).
         listener: SocketAddr,
         datagrams: Datagrams,
     },
@@ -50,7 +52,8 @@ pub enum Event {
     },
 }
 
-/// The local socket a transmit leaves from.
+/// The local socket a transmit leaves from. A listener is named by the address the client
+/// contacted (never a wildcard); [`listener_socket`] finds the socket serving it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Local {
     Listener(SocketAddr),
@@ -209,9 +212,19 @@ impl Worker {
                 listener,
                 datagrams,
             } => {
-                for (client, data) in datagrams.iter() {
-                    self.server
-                        .handle_client_datagram(client, listener, data, now);
+                let wildcard = listener.ip().is_unspecified();
+                for (client, to, data) in datagrams.iter_with_destination() {
+                    // RFC 8656 §2: the 5-tuple holds the server address the client contacted,
+                    // which on a wildcard listener only the datagram itself knows.
+                    let local = match to {
+                        _ if !wildcard => listener,
+                        Some(ip) => SocketAddr::new(ip, listener.port()),
+                        None => {
+                            debug!(%client, %listener, "no destination address; datagram dropped");
+                            continue;
+                        }
+                    };
+                    self.server.handle_client_datagram(client, local, data, now);
                     self.collect(None);
                 }
             }
@@ -264,6 +277,7 @@ impl Worker {
                     .or_default()
                     .push(Transmit {
                         to: client,
+                        src: None,
                         payload,
                     }),
                 Command::SendToPeer {
@@ -274,7 +288,11 @@ impl Worker {
                     .outbox
                     .entry(Local::Relay(relayed))
                     .or_default()
-                    .push(Transmit { to: peer, payload }),
+                    .push(Transmit {
+                        to: peer,
+                        src: None,
+                        payload,
+                    }),
                 Command::CreateAllocation { id, relayed } => {
                     self.open_relay(id, relayed);
                     self.collect(None);
@@ -298,7 +316,15 @@ impl Worker {
                 continue;
             }
             let socket = match local {
-                Local::Listener(addr) => self.listeners.get(addr),
+                Local::Listener(addr) => {
+                    listener_socket(&self.listeners, *addr).map(|(socket, src)| {
+                        // A wildcard socket must be told the source, or the route picks one.
+                        if src.is_some() {
+                            queue.iter_mut().for_each(|t| t.src = src);
+                        }
+                        socket
+                    })
+                }
                 Local::Relay(addr) => self.relays.get(addr).map(|r| &r.socket),
             };
             match socket {
@@ -316,7 +342,7 @@ impl Worker {
         // Keep the queues of live sockets (their capacity is reused), forget closed ones.
         let (listeners, relays) = (&self.listeners, &self.relays);
         self.outbox.retain(|local, _| match local {
-            Local::Listener(addr) => listeners.contains_key(addr),
+            Local::Listener(addr) => listener_socket(listeners, *addr).is_some(),
             Local::Relay(addr) => relays.contains_key(addr),
         });
     }
@@ -445,6 +471,26 @@ impl Worker {
         }
         open
     }
+}
+
+/// The listener socket that serves local address `addr` and the source address its transmits
+/// must name: the socket bound on exactly `addr` (no source needed), else the wildcard socket
+/// of that family and port (source `addr`'s IP). The kernel delivers in the same order: a
+/// socket bound to the specific address wins over the wildcard one.
+fn listener_socket(
+    listeners: &HashMap<SocketAddr, Arc<UdpSocket>>,
+    addr: SocketAddr,
+) -> Option<(&Arc<UdpSocket>, Option<IpAddr>)> {
+    if let Some(socket) = listeners.get(&addr) {
+        return Some((socket, None));
+    }
+    let any = match addr.ip() {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    listeners
+        .get(&SocketAddr::new(any, addr.port()))
+        .map(|socket| (socket, Some(addr.ip())))
 }
 
 /// Errors a UDP receive can report for an earlier send (ICMP); the socket itself is fine.

@@ -5,11 +5,17 @@
 //! be shorter) into one GSO super-datagram; everything else goes out as plain messages of the
 //! same `sendmmsg` call. GSO support is probed once; an EIO/EINVAL from a GSO send turns it off
 //! for good with one log line (drivers without checksum offload refuse it).
+//!
+//! Listeners bound to a wildcard address (0.0.0.0, ::) receive with IP_PKTINFO /
+//! IPV6_RECVPKTINFO: the receiver reports the address each datagram was sent to, and a transmit
+//! may name the source address it must leave from (RFC 8656 §2: the 5-tuple includes the server
+//! address the client contacted, so answers must come from it, not from whatever address the
+//! route picks on a multi-homed host).
 
 use std::{
     io,
     mem::{size_of, zeroed},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::AsRawFd,
     sync::atomic::{AtomicBool, Ordering},
 };
@@ -41,11 +47,53 @@ pub fn enable_gro(socket: &impl AsRawFd) -> bool {
     set_udp_option(socket, UDP_GRO, 1)
 }
 
-/// Room for the one control message a receive can carry (the UDP_GRO segment size).
-fn gro_cmsg_space() -> usize {
-    // SAFETY: CMSG_SPACE only computes a size.
-    unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize }
+/// Asks the kernel for the destination address of every datagram on `socket` (IP_PKTINFO for
+/// IPv4, IPV6_RECVPKTINFO for IPv6), which [`Receiver`] then reports per datagram. Needed on
+/// sockets bound to a wildcard address, where the bound address says nothing about which local
+/// address a client contacted.
+pub fn enable_pktinfo(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
+    let (level, option) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int through a valid pointer with the matching length;
+    // the fd is open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
+
+/// CMSG_SPACE for `len` data bytes.
+const fn cmsg_space(len: usize) -> usize {
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    unsafe { libc::CMSG_SPACE(len as libc::c_uint) as usize }
+}
+
+/// Control buffers are arrays of u64 so every control message header in them is aligned.
+const CONTROL_WORD: usize = size_of::<u64>();
+
+/// Words of control buffer a receive needs: the UDP_GRO segment size and the destination
+/// address (an IPv6 pktinfo is the larger of the two families), both on one message.
+const RECV_CONTROL_WORDS: usize = (cmsg_space(size_of::<libc::c_int>())
+    + cmsg_space(size_of::<libc::in6_pktinfo>()))
+.div_ceil(CONTROL_WORD);
+
+/// Words of control buffer one sent message needs: the UDP_SEGMENT size and the source address.
+const SEND_CONTROL_WORDS: usize = (cmsg_space(size_of::<u16>())
+    + cmsg_space(size_of::<libc::in6_pktinfo>()))
+.div_ceil(CONTROL_WORD);
 
 static GSO_ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -80,18 +128,42 @@ fn disable_gso(error: &io::Error) {
     }
 }
 
-/// Received datagrams: one contiguous buffer plus (source, range) per datagram.
+/// Where one received datagram came from, where it was sent to and where it lies in
+/// [`Datagrams::data`].
+#[derive(Clone, Debug)]
+pub struct DatagramMeta {
+    pub from: SocketAddr,
+    /// The local address the datagram was sent to, when the socket reports it (wildcard
+    /// listeners, see [`enable_pktinfo`]).
+    pub to: Option<IpAddr>,
+    pub range: std::ops::Range<usize>,
+}
+
+/// Received datagrams: one contiguous buffer plus metadata per datagram.
 #[derive(Debug, Default)]
 pub struct Datagrams {
     pub data: Vec<u8>,
-    pub items: Vec<(SocketAddr, std::ops::Range<usize>)>,
+    pub items: Vec<DatagramMeta>,
 }
 
 impl Datagrams {
+    /// (source, payload) of each datagram.
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
-        self.items
-            .iter()
-            .map(|(from, range)| (*from, self.data.get(range.clone()).unwrap_or_default()))
+        self.iter_with_destination()
+            .map(|(from, _, payload)| (from, payload))
+    }
+
+    /// (source, local destination address if known, payload) of each datagram.
+    pub fn iter_with_destination(
+        &self,
+    ) -> impl Iterator<Item = (SocketAddr, Option<IpAddr>, &[u8])> {
+        self.items.iter().map(|m| {
+            (
+                m.from,
+                m.to,
+                self.data.get(m.range.clone()).unwrap_or_default(),
+            )
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -110,8 +182,9 @@ pub struct Receiver {
     addrs: Vec<libc::sockaddr_storage>,
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
-    /// One control buffer per slot, for the UDP_GRO segment size.
-    control: Vec<u8>,
+    /// One control buffer per slot (RECV_CONTROL_WORDS each), for the UDP_GRO segment size and
+    /// the destination address.
+    control: Vec<u64>,
 }
 
 // SAFETY: the raw pointers inside `iovecs`/`headers` only ever point into this struct's own
@@ -138,7 +211,7 @@ impl Receiver {
             addrs: vec![addr; batch],
             iovecs: vec![iov; batch],
             headers: vec![hdr; batch],
-            control: vec![0; batch * gro_cmsg_space()],
+            control: vec![0; batch * RECV_CONTROL_WORDS],
         }
     }
 
@@ -181,9 +254,8 @@ impl Receiver {
             hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_iov = &mut self.iovecs[i];
             hdr.msg_iovlen = 1;
-            let space = gro_cmsg_space();
-            hdr.msg_control = self.control[i * space..].as_mut_ptr().cast();
-            hdr.msg_controllen = space;
+            hdr.msg_control = self.control[i * RECV_CONTROL_WORDS..].as_mut_ptr().cast();
+            hdr.msg_controllen = RECV_CONTROL_WORDS * CONTROL_WORD;
             hdr.msg_flags = 0;
             self.headers[i].msg_len = 0;
         }
@@ -218,6 +290,22 @@ impl Receiver {
             let Some(from) = to_socket_addr(&self.addrs[i]) else {
                 continue;
             };
+            if header.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+                // Cannot happen with the buffer sized above; if it did, the destination may be
+                // missing and a wildcard listener drops the datagram rather than guess.
+                debug!("control data of a received datagram truncated");
+            }
+            let control = parse_control(&header.msg_hdr);
+            if control.to == Destination::NotUnicast {
+                // A broadcast or multicast datagram reached a wildcard listener: no answer can
+                // come from the address it was sent to, and TURN is unicast only.
+                debug!(%from, "dropped a datagram not sent to a unicast address");
+                continue;
+            }
+            let to = match control.to {
+                Destination::Unicast(ip) => Some(ip),
+                _ => None,
+            };
             let len = (header.msg_len as usize).min(self.slot);
             let start = out.data.len();
             out.data.extend_from_slice(
@@ -226,43 +314,101 @@ impl Receiver {
                     .unwrap_or_default(),
             );
             // A GRO buffer holds datagrams of `segment` bytes (the last may be shorter).
-            let segment = gro_segment(&header.msg_hdr)
-                .filter(|s| *s > 0)
-                .unwrap_or(len);
+            let segment = control.segment.filter(|s| *s > 0).unwrap_or(len);
             let mut at = start;
             while at < start + len {
                 let end = (at + segment).min(start + len);
-                out.items.push((from, at..end));
+                out.items.push(DatagramMeta {
+                    from,
+                    to,
+                    range: at..end,
+                });
                 at = end;
             }
             if len == 0 {
-                out.items.push((from, start..start));
+                out.items.push(DatagramMeta {
+                    from,
+                    to,
+                    range: start..start,
+                });
             }
         }
     }
 }
 
-/// The UDP_GRO segment size of a received message, if the kernel coalesced datagrams.
-fn gro_segment(hdr: &libc::msghdr) -> Option<usize> {
+/// The destination of a received datagram, from its pktinfo control message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Destination {
+    /// No pktinfo (the socket did not ask for it).
+    Unknown,
+    /// A unicast address of this host.
+    Unicast(IpAddr),
+    /// A broadcast or multicast address.
+    NotUnicast,
+}
+
+/// What the control messages of one received message say.
+struct Control {
+    /// UDP_GRO segment size, if the kernel coalesced datagrams.
+    segment: Option<usize>,
+    to: Destination,
+}
+
+/// Reads the UDP_GRO segment size and the pktinfo destination of a received message.
+fn parse_control(hdr: &libc::msghdr) -> Control {
+    let mut control = Control {
+        segment: None,
+        to: Destination::Unknown,
+    };
     if hdr.msg_control.is_null() || hdr.msg_controllen < size_of::<libc::cmsghdr>() {
-        return None;
+        return control;
     }
     // SAFETY: `hdr` is a message header the kernel just filled: msg_control points at our
-    // control buffer of msg_controllen valid bytes, which the CMSG_* macros stay within.
+    // control buffer of msg_controllen valid bytes, which the CMSG_* macros stay within; each
+    // payload is read unaligned with the type its level/type pair says the kernel wrote.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
-                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
-                return usize::try_from(size).ok();
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::SOL_UDP, UDP_GRO) => {
+                    let size = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                    control.segment = usize::try_from(size).ok();
+                }
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                    control.to = ipv4_destination(&info);
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                    let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                    control.to = if ip.is_multicast() {
+                        Destination::NotUnicast
+                    } else {
+                        Destination::Unicast(IpAddr::V6(ip))
+                    };
+                }
+                _ => {}
             }
             cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
         }
     }
-    None
+    control
 }
 
-impl Receiver {}
+/// `ipi_addr` is the header's destination. For a datagram routed as local unicast the kernel
+/// sets `ipi_spec_dst` to the same address; for a broadcast (including a subnet's directed
+/// broadcast, which the address alone cannot tell) or multicast it is the receiving
+/// interface's address instead. It is 0 when the kernel had no route to compute it from.
+fn ipv4_destination(info: &libc::in_pktinfo) -> Destination {
+    let to = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+    let spec = Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr));
+    if to.is_multicast() || to.is_broadcast() || (!spec.is_unspecified() && spec != to) {
+        Destination::NotUnicast
+    } else {
+        Destination::Unicast(IpAddr::V4(to))
+    }
+}
 
 fn to_socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match libc::c_int::from(storage.ss_family) {
@@ -339,12 +485,17 @@ fn to_storage(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 #[derive(Debug)]
 pub struct Transmit {
     pub to: SocketAddr,
+    /// The source address it must leave from, on a socket bound to a wildcard address; `None`
+    /// lets the socket's own address (or, on a wildcard socket, the route) decide.
+    pub src: Option<IpAddr>,
     pub payload: Vec<u8>,
 }
 
 /// A message as `sendmmsg` will see it: a plain datagram, or a GSO run.
 struct Planned {
     to: SocketAddr,
+    /// One source for the whole message: a GSO run is one sendmsg, with one pktinfo.
+    src: Option<IpAddr>,
     /// Index range into the transmit queue.
     first: usize,
     count: usize,
@@ -352,8 +503,8 @@ struct Planned {
     segment: usize,
 }
 
-/// Splits the queue into messages: runs of same-destination, same-size datagrams become one
-/// GSO message (the last of a run may be shorter), the rest stay single.
+/// Splits the queue into messages: runs of same-destination, same-source, same-size datagrams
+/// become one GSO message (the last of a run may be shorter), the rest stay single.
 fn plan(queue: &[Transmit], gso: bool) -> Vec<Planned> {
     let mut plan: Vec<Planned> = Vec::new();
     for (i, t) in queue.iter().enumerate() {
@@ -363,6 +514,7 @@ fn plan(queue: &[Transmit], gso: bool) -> Vec<Planned> {
                 let total = last.segment * last.count + t.payload.len();
                 // A shorter datagram ends the run; equal sizes continue it.
                 if last.to == t.to
+                    && last.src == t.src
                     && last.segment <= MAX_GSO_SEGMENT
                     && prev.payload.len() == last.segment
                     && t.payload.len() <= last.segment
@@ -377,6 +529,7 @@ fn plan(queue: &[Transmit], gso: bool) -> Vec<Planned> {
         }
         plan.push(Planned {
             to: t.to,
+            src: t.src,
             first: i,
             count: 1,
             segment: t.payload.len(),
@@ -442,6 +595,72 @@ pub async fn send_all(socket: &UdpSocket, queue: &mut Vec<Transmit>) -> usize {
     dropped
 }
 
+/// Appends a control message carrying `value` at byte `offset` of `buf`; returns the offset
+/// after it. Control buffers are sized for everything a message carries (a unit test checks
+/// the sizes), so one that does not fit is a bug: it is left out and logged, never written
+/// past the buffer.
+fn put_cmsg<T: Copy>(
+    buf: &mut [u64],
+    offset: usize,
+    level: libc::c_int,
+    kind: libc::c_int,
+    value: T,
+) -> usize {
+    let space = cmsg_space(size_of::<T>());
+    // Offsets are sums of CMSG_SPACE values, which keep headers aligned; check it anyway.
+    if !offset.is_multiple_of(std::mem::align_of::<libc::cmsghdr>())
+        || offset + space > buf.len() * CONTROL_WORD
+    {
+        warn!(
+            level,
+            kind, offset, "control buffer too small; control message left out"
+        );
+        return offset;
+    }
+    // SAFETY: [offset, offset + space) lies inside `buf` (checked above), `buf` is zeroed
+    // u64s so the header at `offset` is aligned, and CMSG_DATA of a header points inside its
+    // CMSG_SPACE; the payload is written unaligned.
+    unsafe {
+        let cmsg = buf
+            .as_mut_ptr()
+            .cast::<u8>()
+            .add(offset)
+            .cast::<libc::cmsghdr>();
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<T>() as libc::c_uint) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<T>(), value);
+    }
+    offset + space
+}
+
+/// Appends the pktinfo control message that makes a datagram leave from `src`. The interface
+/// index stays 0: the route to the destination picks the interface, the pktinfo only fixes the
+/// source address (which must be one of this host's).
+fn put_source(buf: &mut [u64], offset: usize, src: IpAddr) -> usize {
+    match src {
+        IpAddr::V4(ip) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            put_cmsg(buf, offset, libc::IPPROTO_IP, libc::IP_PKTINFO, info)
+        }
+        IpAddr::V6(ip) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            put_cmsg(buf, offset, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info)
+        }
+    }
+}
+
 /// One `sendmmsg` call of the `planned` messages over the head of `queue`; returns how many
 /// transmits were sent.
 fn send_now(fd: libc::c_int, queue: &[Transmit], planned: &[Planned]) -> io::Result<usize> {
@@ -469,32 +688,30 @@ fn send_now(fd: libc::c_int, queue: &[Transmit], planned: &[Planned]) -> io::Res
     }
     let addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
         planned.iter().map(|p| to_storage(p.to)).collect();
-    // SAFETY: CMSG_SPACE only computes a size.
-    let cmsg_space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-    let mut control = vec![0u8; cmsg_space * planned.len()];
+    let mut control = vec![0u64; SEND_CONTROL_WORDS * planned.len()];
     // SAFETY: all-zero bytes are a valid mmsghdr.
     let mut headers: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; planned.len()];
-    for (i, p) in planned.iter().enumerate() {
-        let hdr = &mut headers[i].msg_hdr;
-        hdr.msg_name = (&addrs[i].0 as *const libc::sockaddr_storage)
-            .cast_mut()
-            .cast();
-        hdr.msg_namelen = addrs[i].1;
-        hdr.msg_iov = &mut iovecs[i];
+    let messages = planned
+        .iter()
+        .zip(&addrs)
+        .zip(iovecs.iter_mut())
+        .zip(control.chunks_exact_mut(SEND_CONTROL_WORDS));
+    for (header, (((p, (name, name_len)), iov), space)) in headers.iter_mut().zip(messages) {
+        let hdr = &mut header.msg_hdr;
+        hdr.msg_name = (name as *const libc::sockaddr_storage).cast_mut().cast();
+        hdr.msg_namelen = *name_len;
+        hdr.msg_iov = iov;
         hdr.msg_iovlen = 1;
+        let mut used = 0;
+        if let Some(src) = p.src {
+            used = put_source(space, used, src);
+        }
         if p.count > 1 {
-            let space = &mut control[i * cmsg_space..(i + 1) * cmsg_space];
+            used = put_cmsg(space, used, libc::SOL_UDP, UDP_SEGMENT, p.segment as u16);
+        }
+        if used > 0 {
             hdr.msg_control = space.as_mut_ptr().cast();
-            hdr.msg_controllen = cmsg_space;
-            // SAFETY: msg_control points at `cmsg_space` zeroed bytes, room for exactly one
-            // cmsg carrying a u16, so CMSG_FIRSTHDR is non-null and CMSG_DATA is in bounds.
-            unsafe {
-                let cmsg = libc::CMSG_FIRSTHDR(hdr);
-                (*cmsg).cmsg_level = libc::SOL_UDP;
-                (*cmsg).cmsg_type = UDP_SEGMENT;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), p.segment as u16);
-            }
+            hdr.msg_controllen = used;
         }
     }
     // SAFETY: every header points at live iovecs (into `queue` or `joined`), addresses and
@@ -517,9 +734,140 @@ fn send_now(fd: libc::c_int, queue: &[Transmit], planned: &[Planned]) -> io::Res
 mod tests {
     use super::*;
 
+    /// Tests that switch GSO on and off take turns, so a pass "with GSO" really has it.
+    static GSO_SWITCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    /// Receives until `want` datagrams arrived on `socket`: (source, destination, payload).
+    async fn receive(
+        rx: &mut Receiver,
+        socket: &UdpSocket,
+        want: usize,
+    ) -> Vec<(SocketAddr, Option<IpAddr>, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut out = Datagrams::default();
+        while got.len() < want {
+            tokio::time::timeout(WAIT, rx.recv(socket, &mut out))
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {want} datagrams arrived", got.len()))
+                .expect("recv");
+            got.extend(
+                out.iter_with_destination()
+                    .map(|(from, to, d)| (from, to, d.to_vec())),
+            );
+        }
+        got
+    }
+
+    /// Sources of the next `want` datagrams on a plain client socket.
+    async fn sources(socket: &UdpSocket, want: usize) -> Vec<SocketAddr> {
+        let mut buf = vec![0u8; 2048];
+        let mut from = Vec::new();
+        while from.len() < want {
+            let (_, source) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {want} replies arrived", from.len()))
+                .expect("recv_from");
+            from.push(source);
+        }
+        from
+    }
+
+    /// A client socket without GRO, so every datagram is read (and its source seen) alone.
+    fn client(at: &str) -> UdpSocket {
+        let socket = std::net::UdpSocket::bind(addr(at)).expect("bind client");
+        socket.set_nonblocking(true).expect("nonblocking");
+        UdpSocket::from_std(socket).expect("tokio socket")
+    }
+
+    fn burst(to: SocketAddr, src: Option<IpAddr>, count: usize, len: usize) -> Vec<Transmit> {
+        (0..count)
+            .map(|_| Transmit {
+                to,
+                src,
+                payload: vec![9; len],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plan_never_joins_datagrams_from_different_sources() {
+        let mut q = vec![t("198.18.0.1:1", 100), t("198.18.0.1:1", 100)];
+        q.extend(burst(addr("198.18.0.1:1"), Some(ip("198.18.0.9")), 2, 100));
+        q.extend(burst(addr("198.18.0.1:1"), Some(ip("198.18.0.8")), 1, 100));
+        let p = plan(&q, true);
+        let shape: Vec<(usize, Option<IpAddr>)> = p.iter().map(|p| (p.count, p.src)).collect();
+        assert_eq!(
+            shape,
+            vec![
+                (2, None),
+                (2, Some(ip("198.18.0.9"))),
+                (1, Some(ip("198.18.0.8")))
+            ]
+        );
+    }
+
+    #[test]
+    fn only_unicast_ipv4_destinations_are_reported() {
+        // (header destination, specific destination the kernel computed)
+        let info = |to: &str, spec: &str| {
+            let raw = |a: &str| libc::in_addr {
+                s_addr: u32::from(a.parse::<Ipv4Addr>().expect("ip")).to_be(),
+            };
+            libc::in_pktinfo {
+                ipi_ifindex: 1,
+                ipi_spec_dst: raw(spec),
+                ipi_addr: raw(to),
+            }
+        };
+        let unicast = Destination::Unicast(ip("192.0.2.1"));
+        assert_eq!(ipv4_destination(&info("192.0.2.1", "192.0.2.1")), unicast);
+        // No route to compute the specific destination from: the header address stands.
+        assert_eq!(ipv4_destination(&info("192.0.2.1", "0.0.0.0")), unicast);
+        // Broadcast (directed or limited) and multicast: the kernel answers for them with the
+        // receiving interface's address, and no reply may come from them.
+        for to in ["192.0.2.255", "255.255.255.255", "239.1.2.3"] {
+            assert_eq!(
+                ipv4_destination(&info(to, "192.0.2.1")),
+                Destination::NotUnicast,
+                "{to}"
+            );
+        }
+    }
+
+    #[test]
+    fn control_buffers_have_room_for_everything_a_message_carries() {
+        // What the kernel would write on receive / what we write on send, in libc's own sizes.
+        // SAFETY: CMSG_SPACE only computes sizes.
+        let (gro, gso, v4, v6) = unsafe {
+            (
+                libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize,
+                libc::CMSG_SPACE(size_of::<u16>() as u32) as usize,
+                libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as usize,
+                libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as usize,
+            )
+        };
+        assert!(RECV_CONTROL_WORDS * CONTROL_WORD >= gro + v4.max(v6));
+        assert!(SEND_CONTROL_WORDS * CONTROL_WORD >= gso + v4.max(v6));
+        let mut buf = [0u64; SEND_CONTROL_WORDS];
+        let used = put_source(&mut buf, 0, ip("::1"));
+        let used = put_cmsg(&mut buf, used, libc::SOL_UDP, UDP_SEGMENT, 1200u16);
+        assert_eq!(used, v6 + gso);
+    }
+
     fn t(to: &str, len: usize) -> Transmit {
         Transmit {
             to: to.parse().expect("addr"),
+            src: None,
             payload: vec![7; len],
         }
     }
@@ -555,6 +903,7 @@ mod tests {
 
     #[tokio::test]
     async fn batch_round_trip_with_and_without_gso() {
+        let _switch = GSO_SWITCH.lock().await;
         let receiver = crate::net::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let sender = crate::net::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let to = receiver.local_addr().expect("addr");
@@ -564,6 +913,7 @@ mod tests {
             let mut queue: Vec<Transmit> = (0..10u8)
                 .map(|i| Transmit {
                     to,
+                    src: None,
                     payload: vec![i; if i == 9 { 50 } else { 200 }],
                 })
                 .collect();
@@ -579,6 +929,8 @@ mod tests {
                 .await
                 .expect("datagrams arrive")
                 .expect("recv");
+                // A socket bound to one address has no pktinfo to report.
+                assert!(out.iter_with_destination().all(|(_, to, _)| to.is_none()));
                 got.extend(out.iter().map(|(_, d)| d.to_vec()));
             }
             for (i, d) in got.iter().enumerate() {
@@ -593,10 +945,12 @@ mod tests {
             let nowhere: SocketAddr = "127.0.0.1:0".parse().expect("addr");
             let mut queue = vec![Transmit {
                 to: nowhere,
+                src: None,
                 payload: vec![1; 100],
             }];
             queue.extend((0..3).map(|_| Transmit {
                 to,
+                src: None,
                 payload: vec![2; 100],
             }));
             assert_eq!(send_all(&sender, &mut queue).await, 1);
@@ -615,5 +969,109 @@ mod tests {
             }
             assert_eq!(got, 3);
         }
+    }
+
+    /// Two clients contact a 0.0.0.0 listener through 127.0.0.2 and 127.0.0.3 (all of 127/8
+    /// is local): each datagram reports the address it was sent to, and replies sent with that
+    /// source arrive from it, both as GSO runs and one by one.
+    #[tokio::test]
+    async fn wildcard_ipv4_listener_reports_and_answers_from_the_contacted_address() {
+        let _switch = GSO_SWITCH.lock().await;
+        let server = crate::net::bind_udp(addr("0.0.0.0:0")).expect("bind 0.0.0.0");
+        let port = server.local_addr().expect("addr").port();
+        let (a, b) = (client("127.0.0.1:0"), client("127.0.0.1:0"));
+        let (via_a, via_b) = (
+            SocketAddr::new(ip("127.0.0.2"), port),
+            SocketAddr::new(ip("127.0.0.3"), port),
+        );
+        let mut rx = Receiver::new(RECV_BATCH, 2048);
+        let gso_works = probe_gso();
+
+        if gso_works {
+            // A GSO burst reaches the GRO-enabled listener as one buffer: the receive carries
+            // the UDP_GRO size and the pktinfo together, and both must fit.
+            GSO_ENABLED.store(true, Ordering::Relaxed);
+            let mut queue = burst(via_a, None, 4, 100);
+            send_all(&a, &mut queue).await;
+            tokio::time::timeout(WAIT, server.readable())
+                .await
+                .expect("burst arrives")
+                .expect("readable");
+            let n = rx.recv_now(server.as_raw_fd()).expect("recvmmsg");
+            assert_eq!(n, 1, "one GRO buffer");
+            assert_eq!(rx.headers[0].msg_len, 400);
+            assert_eq!(rx.headers[0].msg_hdr.msg_flags & libc::MSG_CTRUNC, 0);
+            let control = parse_control(&rx.headers[0].msg_hdr);
+            assert_eq!(control.segment, Some(100));
+            assert_eq!(control.to, Destination::Unicast(ip("127.0.0.2")));
+        }
+
+        for gso in [gso_works, false] {
+            GSO_ENABLED.store(gso, Ordering::Relaxed);
+            let mut queue = burst(via_a, None, 3, 120);
+            send_all(&a, &mut queue).await;
+            let mut queue = burst(via_b, None, 3, 120);
+            send_all(&b, &mut queue).await;
+            let got = receive(&mut rx, &server, 6).await;
+            let (a_addr, b_addr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+            for (from, to, _) in &got {
+                let expected = if *from == a_addr {
+                    ip("127.0.0.2")
+                } else {
+                    assert_eq!(*from, b_addr);
+                    ip("127.0.0.3")
+                };
+                assert_eq!(*to, Some(expected), "gso={gso}");
+            }
+
+            // Answer each datagram from where it went (runs of three per client), then two
+            // more to client a from the other address: a run must not cross sources.
+            let mut replies: Vec<Transmit> = got
+                .iter()
+                .map(|(from, to, d)| Transmit {
+                    to: *from,
+                    src: *to,
+                    payload: d.clone(),
+                })
+                .collect();
+            replies.extend(burst(a_addr, Some(ip("127.0.0.3")), 2, 120));
+            assert_eq!(send_all(&server, &mut replies).await, 0, "gso={gso}");
+            assert_eq!(
+                sources(&a, 5).await,
+                vec![via_a, via_a, via_a, via_b, via_b],
+                "gso={gso}"
+            );
+            assert_eq!(sources(&b, 3).await, vec![via_b; 3], "gso={gso}");
+        }
+        GSO_ENABLED.store(gso_works, Ordering::Relaxed);
+    }
+
+    /// The same over IPv6 on [::] (v6-only): ::1 is the only loopback address, so this checks
+    /// that it is reported and used as the source.
+    #[tokio::test]
+    async fn wildcard_ipv6_listener_reports_and_answers_from_the_contacted_address() {
+        let _switch = GSO_SWITCH.lock().await;
+        let server = crate::net::bind_udp(addr("[::]:0")).expect("bind [::]");
+        let port = server.local_addr().expect("addr").port();
+        let client = client("[::1]:0");
+        let client_addr = client.local_addr().expect("addr");
+        let via = SocketAddr::new(ip("::1"), port);
+        let mut rx = Receiver::new(RECV_BATCH, 2048);
+        let gso_works = probe_gso();
+        for gso in [gso_works, false] {
+            GSO_ENABLED.store(gso, Ordering::Relaxed);
+            let mut queue = burst(via, None, 3, 150);
+            send_all(&client, &mut queue).await;
+            let got = receive(&mut rx, &server, 3).await;
+            assert!(
+                got.iter()
+                    .all(|(from, to, _)| *from == client_addr && *to == Some(ip("::1"))),
+                "gso={gso}: {got:?}"
+            );
+            let mut replies = burst(client_addr, Some(ip("::1")), 3, 150);
+            assert_eq!(send_all(&server, &mut replies).await, 0, "gso={gso}");
+            assert_eq!(sources(&client, 3).await, vec![via; 3], "gso={gso}");
+        }
+        GSO_ENABLED.store(gso_works, Ordering::Relaxed);
     }
 }

@@ -35,6 +35,9 @@ pub fn set_gro(on: bool) {
 /// IPv6 sockets are v6-only so an IPv4 listener on the same port can coexist. With
 /// `reuse_port`, several sockets (one per worker) share the address and the kernel spreads
 /// clients over them by their address hash, so one client always reaches the same worker.
+/// A wildcard `addr` (0.0.0.0, ::) gets pktinfo on receive (see [`batch::enable_pktinfo`]),
+/// so each datagram says which local address it was sent to; failing that is an error, since
+/// the relay could not answer from the address the client contacted.
 pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -47,6 +50,9 @@ pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
+    if addr.ip().is_unspecified() {
+        batch::enable_pktinfo(&socket, addr.is_ipv6())?;
+    }
     socket.bind(&addr.into())?;
     // Bursts from one flow arrive as one buffer; the receiver splits them.
     if GRO.load(Ordering::Relaxed) {

@@ -49,9 +49,14 @@ impl Client {
 
     /// The next datagram from the server, if one comes within the timeout.
     pub fn recv(&self) -> Option<Vec<u8>> {
+        self.recv_from().map(|(datagram, _)| datagram)
+    }
+
+    /// The next datagram and the address it came from, if one comes within the timeout.
+    pub fn recv_from(&self) -> Option<(Vec<u8>, SocketAddr)> {
         let mut buf = vec![0u8; 65_536];
         match self.socket.recv_from(&mut buf) {
-            Ok((n, _)) => Some(buf[..n].to_vec()),
+            Ok((n, from)) => Some((buf[..n].to_vec(), from)),
             Err(_) => None,
         }
     }
@@ -59,6 +64,15 @@ impl Client {
     /// Sends a request (signed once logged in) and returns the answer with its transaction id,
     /// skipping anything else that arrives meanwhile (ChannelData, Data indications).
     pub fn request(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Vec<u8> {
+        self.request_from(method, attrs).0
+    }
+
+    /// [`Client::request`], also returning the address the answer came from.
+    pub fn request_from(
+        &mut self,
+        method: Method,
+        attrs: &[Attribute<'_>],
+    ) -> (Vec<u8>, SocketAddr) {
         self.next_tid = self.next_tid.wrapping_add(1);
         let tid = TransactionId([self.next_tid; 12]);
         let mut b = MessageBuilder::new(Class::Request, method, tid);
@@ -76,9 +90,9 @@ impl Client {
         };
         self.send_raw(&bytes);
         for _ in 0..1000 {
-            let answer = self.recv().expect("a response");
+            let (answer, from) = self.recv_from().expect("a response");
             if Message::decode(&answer).is_ok_and(|m| m.transaction_id() == tid) {
-                return answer;
+                return (answer, from);
             }
         }
         panic!("no response to {method:?}");
