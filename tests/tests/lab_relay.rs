@@ -78,23 +78,27 @@ impl Drop for FarEnds {
 }
 
 fn start_relay(lab: &ThreeHosts, v6: bool, extra: &[&str]) -> Relay {
-    let relay_ns = lab.relay.name().to_owned();
-    let (listen, relay_ip, peers) = if v6 {
-        (
-            format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}"),
-            RELAY_PEER_SIDE_IP6,
-            "2001:2:0:2::/64",
-        )
+    let listen = if v6 {
+        format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}")
     } else {
-        (
-            format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"),
-            RELAY_PEER_SIDE_IP,
-            "198.18.2.0/24",
-        )
+        format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
     };
-    let mut args = vec![
-        "--listen",
-        &listen,
+    start_relay_on(lab, v6, &[listen.as_str()], extra)
+}
+
+/// The relay listening on every address of `listen`.
+fn start_relay_on(lab: &ThreeHosts, v6: bool, listen: &[&str], extra: &[&str]) -> Relay {
+    let relay_ns = lab.relay.name().to_owned();
+    let (relay_ip, peers) = if v6 {
+        (RELAY_PEER_SIDE_IP6, "2001:2:0:2::/64")
+    } else {
+        (RELAY_PEER_SIDE_IP, "198.18.2.0/24")
+    };
+    let mut args = Vec::new();
+    for addr in listen {
+        args.extend_from_slice(&["--listen", addr]);
+    }
+    args.extend_from_slice(&[
         "--relay-ip",
         relay_ip,
         "--realm",
@@ -104,7 +108,7 @@ fn start_relay(lab: &ThreeHosts, v6: bool, extra: &[&str]) -> Relay {
         "--allow-peer",
         peers,
         "--legacy-channels",
-    ];
+    ]);
     args.extend_from_slice(extra);
     Relay::start_with(&["ip", "netns", "exec", &relay_ns], &args, 1)
 }
@@ -124,12 +128,17 @@ fn kernel_programs_in(ns: &relay_tests::Netns) -> String {
 
 /// coturn's client and echo peer through the relay; returns the stopped relay's log.
 fn uclient_through(lab: &ThreeHosts, relay: &Relay, v6: bool) -> support::UclientReport {
-    let peer_ip = if v6 { PEER_IP6 } else { PEER_IP };
     let server = if v6 {
         RELAY_CLIENT_SIDE_IP6
     } else {
         RELAY_CLIENT_SIDE_IP
     };
+    uclient_to(lab, relay, v6, server)
+}
+
+/// [`uclient_through`], contacting the relay at `server`.
+fn uclient_to(lab: &ThreeHosts, relay: &Relay, v6: bool, server: &str) -> support::UclientReport {
+    let peer_ip = if v6 { PEER_IP6 } else { PEER_IP };
     let peer_ns = lab.peer.name().to_owned();
     let _peer = echo_peer(&["ip", "netns", "exec", &peer_ns], peer_ip, 3480);
     let client_ns = lab.client.name().to_owned();
@@ -254,6 +263,106 @@ fn xdp_fast_path_carries_uclient_traffic_ipv6() {
 #[test]
 fn tc_fast_path_carries_uclient_traffic() {
     kernel_path_carries_uclient("tc", false);
+}
+
+/// A second address on the relay's client-side interface, for a second specific listener.
+const SECOND_LISTENER_IP: &str = "198.18.1.10";
+
+/// How the relay listens in [`kernel_path_behind_listener`].
+#[derive(Clone, Copy, Debug)]
+enum Listen {
+    /// `0.0.0.0:3478` or `[::]:3478`.
+    Wildcard,
+    /// `198.18.1.1:3478` and `198.18.1.10:3478`; the client contacts the second.
+    TwoSpecific,
+}
+
+/// uclient through the kernel fast path behind a wildcard or a second specific listener, with
+/// IP forwarding off everywhere and neighbours learnt the ordinary way (no static entries):
+/// zero loss both ways, the kernel carries (almost) everything, with the address the client
+/// contacted as the source of everything it receives.
+fn kernel_path_behind_listener(mode: &str, v6: bool, listen: Listen) {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    let _far = FarEnds::attach(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let (listeners, server): (Vec<String>, &str) = match (listen, v6) {
+        (Listen::Wildcard, false) => (vec![format!("0.0.0.0:{PORT}")], RELAY_CLIENT_SIDE_IP),
+        (Listen::Wildcard, true) => (vec![format!("[::]:{PORT}")], RELAY_CLIENT_SIDE_IP6),
+        (Listen::TwoSpecific, _) => {
+            lab.relay.ip(&[
+                "addr",
+                "add",
+                &format!("{SECOND_LISTENER_IP}/24"),
+                "dev",
+                &rc,
+            ]);
+            (
+                vec![
+                    format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"),
+                    format!("{SECOND_LISTENER_IP}:{PORT}"),
+                ],
+                SECOND_LISTENER_IP,
+            )
+        }
+    };
+    let listeners: Vec<&str> = listeners.iter().map(String::as_str).collect();
+    let relay = start_relay_on(
+        &lab,
+        v6,
+        &listeners,
+        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
+    );
+    uclient_to(&lab, &relay, v6, server);
+    let metric = |path: &str, direction: &str| {
+        relay.metric(&format!(
+            "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}}"
+        ))
+    };
+    let (kernel_up, kernel_down) = (metric("kernel", "to_peer"), metric("kernel", "to_client"));
+    let (socket_up, socket_down) = (metric("socket", "to_peer"), metric("socket", "to_client"));
+    assert_eq!(kernel_up + socket_up, 1000, "{}", relay.log());
+    assert_eq!(kernel_down + socket_down, 1000, "{}", relay.log());
+    // Almost none on the sockets: at most the first datagrams while a neighbour resolves.
+    assert!(
+        socket_up <= 10 && socket_down <= 10,
+        "{listen:?}: socket path carried {socket_up} up, {socket_down} down\n{}",
+        relay.log()
+    );
+    // Every allocation is keyed by the address the client contacted, never a wildcard.
+    let (ok, allocations, err) = relay.ctl(&["allocations", "--json"]);
+    assert!(ok, "relay ctl allocations: {err}");
+    assert!(
+        !allocations.contains("0.0.0.0") && !allocations.contains("[::]"),
+        "{allocations}"
+    );
+    assert!(allocations.contains(server), "{allocations}");
+}
+
+#[test]
+fn xdp_fast_path_behind_a_wildcard_listener() {
+    kernel_path_behind_listener("xdp", false, Listen::Wildcard);
+}
+
+#[test]
+fn xdp_fast_path_behind_a_wildcard_listener_ipv6() {
+    kernel_path_behind_listener("xdp", true, Listen::Wildcard);
+}
+
+#[test]
+fn tc_fast_path_behind_a_wildcard_listener() {
+    kernel_path_behind_listener("tc", false, Listen::Wildcard);
+}
+
+#[test]
+fn tc_fast_path_behind_a_wildcard_listener_ipv6() {
+    kernel_path_behind_listener("tc", true, Listen::Wildcard);
+}
+
+#[test]
+fn xdp_fast_path_behind_two_specific_listeners() {
+    kernel_path_behind_listener("xdp", false, Listen::TwoSpecific);
 }
 
 /// A UDP echo server in the peer namespace that counts what it received.
