@@ -14,6 +14,8 @@
 
 mod binding;
 mod loader;
+pub mod netlink;
+pub mod nexthop;
 
 pub use binding::ChannelBinding;
 pub use loader::{
