@@ -12,7 +12,7 @@ use std::{
 };
 
 use relay::fastpath::{
-    netlink::{Event, Link, Monitor, Route, Rtnl},
+    netlink::{Event, Link, Monitor, Route, Rtnl, NUD_REACHABLE, NUD_STALE},
     nexthop::{NextHopId, NextHopValue, NextHops, NEXT_HOP_VALID},
 };
 use relay_tests::{
@@ -51,9 +51,38 @@ struct Harness {
     table: NextHops<Rtnl>,
     monitor: Monitor,
     events: Vec<Event>,
+    /// Neighbour states read right after each neighbour event: (ip, NUD state or None).
+    states: Vec<(IpAddr, Option<u16>)>,
 }
 
 impl Harness {
+    /// Reads one batch of events (up to 100 ms), feeds it to the table, records it.
+    fn pump(&mut self) {
+        let events = self
+            .monitor
+            .next_events(Duration::from_millis(100))
+            .expect("monitor");
+        self.table.handle(&events);
+        for event in &events {
+            if let Event::Neighbour { ifindex, ip } = *event {
+                let entry = self.table.source_mut().neighbour(ifindex, ip).unwrap();
+                self.states.push((ip, entry.map(|n| n.state)));
+            }
+        }
+        self.events.extend(events);
+    }
+
+    /// States recorded for `ip`, consecutive repeats folded.
+    fn states_of(&self, ip: IpAddr) -> Vec<Option<u16>> {
+        let mut states: Vec<Option<u16>> = Vec::new();
+        for (seen, state) in &self.states {
+            if *seen == ip && states.last() != Some(state) {
+                states.push(*state);
+            }
+        }
+        states
+    }
+
     /// Feeds monitor events to the table until `done` holds for the value of `id`, calling
     /// `nudge` about every 1.5 s meanwhile; panics with `what` after [`WAIT`].
     fn wait_for(
@@ -80,12 +109,7 @@ impl Harness {
                 nudge();
                 nudged = Instant::now();
             }
-            let events = self
-                .monitor
-                .next_events(Duration::from_millis(100))
-                .expect("monitor");
-            self.table.handle(&events);
-            self.events.extend(events);
+            self.pump();
         }
     }
 
@@ -98,12 +122,7 @@ impl Harness {
                 "{what}: no such event; got {:?}",
                 self.events
             );
-            let events = self
-                .monitor
-                .next_events(Duration::from_millis(100))
-                .expect("monitor");
-            self.table.handle(&events);
-            self.events.extend(events);
+            self.pump();
         }
     }
 }
@@ -227,6 +246,7 @@ fn resolver_follows_the_kernel() {
             table: NextHops::new(rtnl, 64),
             monitor,
             events: Vec::new(),
+            states: Vec::new(),
         };
         assert!(h.table.set_attached(&[rc, rp]).is_empty());
 
@@ -265,6 +285,10 @@ fn resolver_follows_the_kernel() {
             .unwrap()
             .expect("entry");
         eprintln!("client neighbour after the kick: {state:?}");
+        eprintln!(
+            "client NUD states seen while resolving: {:?}",
+            h.states_of(ip(CLIENT_IP))
+        );
 
         let client6 = h.table.acquire(ip(CLIENT_IP6)).expect("free id");
         let v6 = h.wait_for(client6, "client resolved over ND", || {}, |v| v.is_valid());
@@ -385,7 +409,59 @@ fn resolver_follows_the_kernel() {
         });
 
         // --- Periodic re-confirmation -------------------------------------------------------
-        assert!(h.table.refresh_neighbours().is_empty());
+        // A STALE entry (what traffic that bypasses the stack leaves behind) is re-confirmed
+        // by refresh_neighbours: STALE -> DELAY -> PROBE -> REACHABLE. The first probe waits
+        // delay_first_probe_time (5 s by default; 1 s here to keep the test short).
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &relay_ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.neigh.{rc_name}.delay_first_probe_time=1"),
+            ],
+        );
+        ip_in(
+            &relay_ns,
+            &[
+                "neigh",
+                "change",
+                CLIENT_IP,
+                "lladdr",
+                &mac_string(new_mac),
+                "nud",
+                "stale",
+                "dev",
+                &rc_name,
+            ],
+        );
+        let stale = h.table.source_mut().neighbour(rc, ip(CLIENT_IP)).unwrap();
+        assert_eq!(stale.map(|n| n.state), Some(NUD_STALE));
+        h.states.clear();
+        assert!(
+            h.table.refresh_neighbours().is_empty(),
+            "STALE is still usable"
+        );
+        let start = Instant::now();
+        loop {
+            let entry = h.table.source_mut().neighbour(rc, ip(CLIENT_IP)).unwrap();
+            if entry.map(|n| n.state) == Some(NUD_REACHABLE) {
+                break;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "not re-confirmed: {entry:?}, states {:?}",
+                h.states_of(ip(CLIENT_IP))
+            );
+            h.pump();
+        }
+        eprintln!(
+            "client NUD states after refresh_neighbours on STALE: {:?}",
+            h.states_of(ip(CLIENT_IP))
+        );
+        assert_eq!(h.table.value(client).map(|v| v.dmac), Some(new_mac));
 
         // Nothing above needed IP forwarding.
         let out = run(
