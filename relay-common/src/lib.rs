@@ -199,6 +199,13 @@ pub struct NextHop {
     pub smac: [u8; 6],
 }
 
+impl NextHop {
+    /// Whether the program may forward through this next hop ([`NEXT_HOP_VALID`]).
+    pub const fn is_valid(&self) -> bool {
+        self.flags & NEXT_HOP_VALID != 0
+    }
+}
+
 /// Key of [`PEER_POLICY_MAP`] (an LPM trie key: the first `prefix_len` bits of `data` count).
 /// `data[0]` is the family word (its first byte [`FAMILY_IPV4`] / [`FAMILY_IPV6`], the rest
 /// zero), then the address as a map field ([`ip_field`] / [`ipv4_field`]); `prefix_len` is 32

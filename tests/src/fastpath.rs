@@ -5,7 +5,6 @@ use relay::{
     fastpath::{netlink::Rtnl, nexthop::NextHops, BindingHops, ChannelBinding, FastPath},
     proto::policy::PeerPolicy,
 };
-use relay_common::NextHop;
 
 /// The lab's peer policy: its benchmark ranges (which the safe default denies) allowed.
 pub fn lab_policy() -> PeerPolicy {
@@ -52,14 +51,7 @@ impl Installer {
                 .expect("next hop for the peer")
         };
         for id in [client, peer] {
-            let value = self.table.value(id).expect("acquired next hop");
-            let hop = NextHop {
-                ifindex: value.ifindex,
-                mtu: value.mtu,
-                flags: value.flags,
-                dmac: value.dmac,
-                smac: value.smac,
-            };
+            let hop = self.table.value(id).expect("acquired next hop");
             fastpath.set_next_hop(id.0, &hop).expect("write next hop");
         }
         let hops = BindingHops {

@@ -264,7 +264,7 @@ impl KernelSync {
             return;
         };
         for (id, value) in changed {
-            if let Err(error) = fastpath.set_next_hop(id.0, &kernel_next_hop(&value)) {
+            if let Err(error) = fastpath.set_next_hop(id.0, &value) {
                 warn!(next_hop = id.0, %error, "cannot update a kernel next hop");
             } else {
                 debug!(
@@ -442,17 +442,6 @@ impl KernelSync {
             self.full_warned = Some(now);
             self.refused_since_warning = 0;
         }
-    }
-}
-
-/// The kernel map value of a next hop.
-fn kernel_next_hop(value: &NextHopValue) -> NextHop {
-    NextHop {
-        ifindex: value.ifindex,
-        mtu: value.mtu,
-        flags: value.flags,
-        dmac: value.dmac,
-        smac: value.smac,
     }
 }
 

@@ -1106,8 +1106,27 @@ mod tests {
             }
         }
         assert!(Messages::new(&[0xff; 3]).next().unwrap().is_err());
+        assert!(Attributes::after(&[8, 0, 1, 0, 1, 2], 0).next().is_none());
+        assert!(Attributes::after(&[2, 0, 1, 0], 0).next().is_none());
         let mut huge = datagram.clone();
         put(&mut huge, 0, &u32::MAX.to_ne_bytes());
         assert!(Messages::new(&huge).next().unwrap().is_err());
+    }
+
+    proptest::proptest! {
+        /// Arbitrary datagrams never panic the parsers.
+        #[test]
+        fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            for message in Messages::new(&bytes).flatten() {
+                for ty in [RTM_NEWROUTE, RTM_NEWLINK, RTM_DELNEIGH, RTM_DELADDR, RTM_NEWRULE] {
+                    let _ = parse_event(ty, message.payload);
+                }
+                let _ = parse_route(message.payload);
+                let _ = parse_link(message.payload);
+            }
+            let _ = parse_route(&bytes);
+            let _ = parse_neighbour(&bytes);
+            let _ = parse_address(&bytes);
+        }
     }
 }

@@ -19,28 +19,8 @@ use std::{
 
 use super::netlink::{Event, Link, Neighbour, Route, Rtnl};
 
-/// Flag in [`NextHopValue::flags`]: the entry may be used to forward.
-pub const NEXT_HOP_VALID: u16 = 1;
-
-/// The kernel map value of one next hop.
-// TODO(lead): replaced by the relay-common ABI type with the same fields in the same order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NextHopValue {
-    pub ifindex: u32,
-    pub mtu: u16,
-    pub flags: u16,
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
-}
-
-const _: () = assert!(std::mem::size_of::<NextHopValue>() == 20);
-
-impl NextHopValue {
-    pub fn is_valid(&self) -> bool {
-        self.flags & NEXT_HOP_VALID != 0
-    }
-}
+/// The kernel map value of one next hop (the map ABI's type).
+pub use relay_common::{NextHop as NextHopValue, NEXT_HOP_VALID};
 
 /// Index of a next-hop entry in the kernel map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
