@@ -602,3 +602,182 @@ fn expired_permissions_and_channels_stop_kernel_forwarding() {
         drop(relay);
     }
 }
+
+/// coturn's client-to-client mode (`-y`): pairs of clients of this relay, each sending to the
+/// other's relayed address over channels, as WebRTC endpoints forced through one TURN server
+/// do. Zero loss; with the kernel fast path the hairpin stays in the kernel.
+fn client_to_client(mode: &str) {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    let _far = (mode != "off").then(|| FarEnds::attach(&lab));
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        false,
+        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
+    );
+    let client_ns = lab.client.name().to_owned();
+    let report = uclient(
+        &["ip", "netns", "exec", &client_ns],
+        &[
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-y",
+            "-n",
+            "200",
+            "-m",
+            "4",
+            "-l",
+            "160",
+            "-c",
+            "-p",
+            PORT,
+            RELAY_CLIENT_SIDE_IP,
+        ],
+    );
+    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
+    assert!(report.sent >= 800, "{}", report.output);
+    assert_eq!(report.sent, report.received, "{}", report.output);
+    let metric = |path: &str, direction: &str| {
+        relay.metric(&format!(
+            "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}}"
+        ))
+    };
+    let (kernel, socket) = (metric("kernel", "to_peer"), metric("socket", "to_peer"));
+    if mode == "off" {
+        assert_eq!((kernel, socket), (0, report.sent), "{}", relay.log());
+    } else {
+        // Each datagram leaves one allocation and reaches the other inside the kernel.
+        assert!(
+            kernel + 10 >= report.sent && socket <= 10,
+            "kernel {kernel}, socket {socket} of {}\n{}",
+            report.sent,
+            relay.log()
+        );
+        assert_eq!(metric("kernel", "to_client"), kernel);
+        let log = relay.stop();
+        assert!(log.contains("forward_hairpin="), "{log}");
+    }
+}
+
+#[test]
+fn client_to_client_on_the_socket_path() {
+    client_to_client("off");
+}
+
+#[test]
+fn client_to_client_through_the_xdp_fast_path() {
+    client_to_client("xdp");
+}
+
+#[test]
+fn client_to_client_through_the_tc_fast_path() {
+    client_to_client("tc");
+}
+
+/// Permissions for the relay's own relayed-address IP are allowed (client-to-client), but only
+/// live relayed ports are destinations: every other port of every host address, and addresses
+/// the host gains at runtime, stay out of reach.
+#[test]
+fn only_live_relayed_ports_of_the_host_are_peers() {
+    require_root();
+    let lab = ThreeHosts::new();
+    let relay = start_relay(&lab, false, &["--fastpath", "off"]);
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+    let client = |lab: &ThreeHosts| {
+        let socket = lab
+            .client
+            .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+        let mut client = Client::with_socket(socket, server, REALM);
+        client.login("alice", "wonderland");
+        client
+    };
+    let (mut a, mut b) = (client(&lab), client(&lab));
+    let relayed_a = a.allocate();
+    let relayed_b = b.allocate();
+    // A service on the relay host, on the relay address: never reachable through the relay.
+    let service = lab.relay.run_inside(|| {
+        let socket = UdpSocket::bind((RELAY_PEER_SIDE_IP, 0)).expect("service socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        socket
+    });
+    let service_addr = service.local_addr().expect("service address");
+    use relay::proto::stun::{Attribute, Method};
+    let permit = |c: &mut Client, ip: &str| {
+        let peer: SocketAddr = format!("{ip}:9").parse().expect("addr");
+        c.request_error(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(peer)],
+        )
+    };
+    // The relayed-address IP: a permission is fine (per IP, RFC 8656 §9).
+    assert_eq!(permit(&mut a, RELAY_PEER_SIDE_IP), None);
+    assert_eq!(permit(&mut b, RELAY_PEER_SIDE_IP), None);
+    // A channel to the other allocation's relayed address works, to any other port: 403.
+    a.bind_channel(0x4001, relayed_b);
+    let bind = |c: &mut Client, channel: u16, peer: SocketAddr| {
+        c.request_error(
+            Method::CHANNEL_BIND,
+            &[
+                Attribute::ChannelNumber(channel),
+                Attribute::XorPeerAddress(peer),
+            ],
+        )
+    };
+    assert_eq!(bind(&mut a, 0x4002, service_addr), Some(403));
+    let admin: SocketAddr = format!("{RELAY_PEER_SIDE_IP}:3479").parse().expect("addr");
+    assert_eq!(bind(&mut a, 0x4003, admin), Some(403));
+    // Send indications: to the live relayed address they arrive (as a Data indication at B),
+    // to the service they never do.
+    a.send_indication(service_addr, b"knock knock");
+    let mut buf = [0u8; 2048];
+    assert!(
+        service.recv_from(&mut buf).is_err(),
+        "a datagram reached a service on the relay host"
+    );
+    b.request_error(
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(relayed_a)],
+    );
+    a.send_indication(relayed_b, b"hello b");
+    let got = b.recv().expect("B hears from A");
+    assert!(
+        got.windows(7).any(|w| w == b"hello b"),
+        "B got {got:?} instead of A's data"
+    );
+    // Any other address of the host: 403, including the listener's, and one added at runtime
+    // inside a range --allow-peer allows.
+    assert_eq!(permit(&mut a, RELAY_CLIENT_SIDE_IP), Some(403));
+    assert_eq!(
+        permit(&mut a, "198.18.2.77"),
+        None,
+        "not a host address yet"
+    );
+    lab.relay
+        .ip(&["addr", "add", "198.18.2.78/24", "dev", &lab.relay_peer_if]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match permit(&mut a, "198.18.2.78") {
+            Some(403) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "a runtime address is still a peer: {other:?}\n{}",
+                relay.log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // When B's allocation ends, its relayed address is just another port of the host.
+    assert_eq!(
+        b.request_error(Method::REFRESH, &[Attribute::Lifetime(0)]),
+        None
+    );
+    assert_eq!(bind(&mut a, 0x4004, relayed_b), Some(403));
+}

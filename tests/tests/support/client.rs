@@ -117,6 +117,29 @@ impl Client {
             .unwrap_or_else(|| panic!("Allocate failed: {:?}", Message::decode(&response)))
     }
 
+    /// The error code of a request's answer (`None` for a success).
+    pub fn request_error(&mut self, method: Method, attrs: &[Attribute<'_>]) -> Option<u16> {
+        let response = self.request(method, attrs);
+        let msg = Message::decode(&response).expect("valid response");
+        match msg.class() {
+            Class::Success => None,
+            _ => Some(msg.error_code().expect("error response carries a code")),
+        }
+    }
+
+    /// Sends a Send indication (RFC 8656 §11.1) of `data` to `peer`; nothing is answered.
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        self.next_tid = self.next_tid.wrapping_add(1);
+        let mut b = MessageBuilder::new(
+            Class::Indication,
+            Method::SEND,
+            TransactionId([self.next_tid; 12]),
+        );
+        b.add(&Attribute::XorPeerAddress(peer))
+            .add(&Attribute::Data(data));
+        self.send_raw(&b.finish(None, true));
+    }
+
     /// ChannelBind `channel` to `peer`; panics unless it succeeds.
     pub fn bind_channel(&mut self, channel: u16, peer: SocketAddr) {
         let response = self.request(
