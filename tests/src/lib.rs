@@ -12,6 +12,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+pub mod capture;
 pub mod fastpath;
 pub mod lab;
 pub mod packet;

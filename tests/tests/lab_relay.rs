@@ -19,6 +19,7 @@ use std::{
 };
 
 use relay::fastpath::FastPath;
+use relay_tests::capture::{ip_fields, Capture, IpFields};
 use relay_tests::{
     enter_netns,
     lab::{
@@ -375,9 +376,13 @@ struct Echo {
 
 impl Echo {
     fn start(lab: &ThreeHosts) -> Self {
+        Self::start_on(lab, PEER_IP)
+    }
+
+    fn start_on(lab: &ThreeHosts, ip: &'static str) -> Self {
         let socket = lab
             .peer
-            .run_inside(|| UdpSocket::bind((PEER_IP, 0)).expect("echo socket"));
+            .run_inside(move || UdpSocket::bind((ip, 0)).expect("echo socket"));
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
@@ -780,4 +785,140 @@ fn only_live_relayed_ports_of_the_host_are_peers() {
         None
     );
     assert_eq!(bind(&mut a, 0x4004, relayed_b), Some(403));
+}
+
+/// What the kernel path and the socket path put in the IP header are the same (README "IP
+/// header fields"): TTL / hop limit 64, DSCP and ECN 0 whatever the client sent, IPv4 DF,
+/// IPv6 flow label 0. Checked on the wire at both far ends, for one allocation moved between
+/// the paths.
+fn both_paths_write_the_same_ip_header(v6: bool) {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        v6,
+        &["--fastpath", "xdp", "--interface", &rc, "--interface", &rp],
+    );
+    let echo = Echo::start_on(&lab, if v6 { PEER_IP6 } else { PEER_IP });
+    let (server, client_ip): (SocketAddr, &'static str) = if v6 {
+        (
+            format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}")
+                .parse()
+                .expect("addr"),
+            relay_tests::lab::CLIENT_IP6,
+        )
+    } else {
+        (
+            format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+                .parse()
+                .expect("addr"),
+            CLIENT_IP,
+        )
+    };
+    let socket = lab.client.run_inside(move || {
+        let socket = UdpSocket::bind((client_ip, 0)).expect("client socket");
+        // Expedited forwarding + ECT(0) on everything the client sends: neither path copies it.
+        let tos: libc::c_int = 0xba;
+        let (level, option) = if v6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_TOS)
+        };
+        // SAFETY: setsockopt reads one c_int of the length passed; the fd is open.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                level,
+                option,
+                (&tos as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "set TOS");
+        socket
+    });
+    let client_port = socket.local_addr().expect("client address").port();
+    let mut client = Client::with_socket(socket, server, REALM);
+    client.login("alice", "wonderland");
+    if v6 {
+        client.allocate_ipv6();
+    } else {
+        client.allocate();
+    }
+    client.bind_channel(0x4000, echo.addr);
+    let id = relay.allocations().allocations[0].id.to_string();
+
+    let (client_if, peer_if) = (lab.client_if.clone(), lab.peer_if.clone());
+    let capture_client = lab
+        .client
+        .run_inside(move || Capture::open(&client_if).expect("capture on the client"));
+    let capture_peer = lab
+        .peer
+        .run_inside(move || Capture::open(&peer_if).expect("capture on the peer"));
+    let seen = |tag: &str| {
+        assert_eq!(round_trips(&client, 0x4000, 20, tag), 20, "{tag}");
+        let quiet = Duration::from_millis(400);
+        let to_peer: Vec<IpFields> = capture_peer
+            .frames(quiet, 1000)
+            .iter()
+            .filter_map(|f| ip_fields(f))
+            .filter(|f| f.dst_port == echo.addr.port())
+            .collect();
+        let to_client: Vec<IpFields> = capture_client
+            .frames(quiet, 1000)
+            .iter()
+            .filter_map(|f| ip_fields(f))
+            .filter(|f| f.dst_port == client_port)
+            .collect();
+        assert!(
+            to_peer.len() >= 20 && to_client.len() >= 20,
+            "{tag}: captured {} / {}",
+            to_peer.len(),
+            to_client.len()
+        );
+        (to_peer, to_client)
+    };
+    let kernel = seen("kernel");
+    let (ok, _, stderr) = relay.ctl(&["fastpath", "off", &id]);
+    assert!(ok, "{stderr}");
+    let socket = seen("socket");
+    let a = &relay.allocations().allocations[0];
+    assert!(
+        a.kernel.packets() >= 40 && a.socket.packets() >= 40,
+        "{a:?}"
+    );
+
+    let expected = |dst_port| IpFields {
+        ttl: 64,
+        tos: 0,
+        dont_fragment: !v6,
+        flow_label: 0,
+        dst_port,
+    };
+    for (path, (to_peer, to_client)) in [("kernel", kernel), ("socket", socket)] {
+        for fields in to_peer {
+            assert_eq!(
+                fields,
+                expected(echo.addr.port()),
+                "{path} path, to the peer"
+            );
+        }
+        for fields in to_client {
+            assert_eq!(fields, expected(client_port), "{path} path, to the client");
+        }
+    }
+}
+
+#[test]
+fn both_paths_write_the_same_ipv4_header() {
+    both_paths_write_the_same_ip_header(false);
+}
+
+#[test]
+fn both_paths_write_the_same_ipv6_header() {
+    both_paths_write_the_same_ip_header(true);
 }

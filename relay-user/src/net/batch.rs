@@ -57,22 +57,7 @@ pub fn enable_pktinfo(socket: &impl AsRawFd, ipv6: bool) -> io::Result<()> {
     } else {
         (libc::IPPROTO_IP, libc::IP_PKTINFO)
     };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads one c_int through a valid pointer with the matching length;
-    // the fd is open for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            option,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int_option(socket, level, option, 1)
 }
 
 /// CMSG_SPACE for `len` data bytes.
@@ -99,18 +84,31 @@ static GSO_ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Sets a SOL_UDP option to an int value; whether the kernel took it.
 fn set_udp_option(socket: &impl AsRawFd, option: libc::c_int, value: libc::c_int) -> bool {
+    set_int_option(socket, libc::SOL_UDP, option, value).is_ok()
+}
+
+/// Sets an int-valued socket option.
+pub fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt reads one c_int through a valid pointer with the matching length;
     // the fd is open for the call.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_UDP,
+            level,
             option,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    rc == 0
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Probes UDP GSO once at start; returns whether it is used.

@@ -30,6 +30,30 @@ pub fn set_gro(on: bool) {
     GRO.store(on, Ordering::Relaxed);
 }
 
+/// Makes the IP header fields of what this socket sends those the kernel fast path writes, so
+/// both paths look the same on the wire whatever the host's sysctls say (RFC 8656 §14
+/// "alternate behaviour"): TTL / hop limit [`relay_common::FORWARD_TTL`], DSCP/ECN 0 (the
+/// socket default), IPv4 DF on every datagram that fits the path MTU (IP_PMTUDISC_WANT: larger
+/// ones are fragmented, as the kernel path passes them to this path), IPv6 flow label 0.
+/// Best effort: a kernel that refuses one of them keeps its default.
+fn set_header_fields(socket: &Socket, ipv6: bool) {
+    let ttl = u32::from(relay_common::FORWARD_TTL);
+    if ipv6 {
+        let _ = socket.set_unicast_hops_v6(ttl);
+        // IPV6_AUTOFLOWLABEL (linux/in6.h): off, so the flow label is 0 as on the kernel path.
+        const IPV6_AUTOFLOWLABEL: libc::c_int = 70;
+        let _ = batch::set_int_option(socket, libc::IPPROTO_IPV6, IPV6_AUTOFLOWLABEL, 0);
+    } else {
+        let _ = socket.set_ttl(ttl);
+        let _ = batch::set_int_option(
+            socket,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_WANT,
+        );
+    }
+}
+
 /// Binds a non-blocking std UDP socket on exactly `addr` (port 0 picks a free port).
 ///
 /// IPv6 sockets are v6-only so an IPv4 listener on the same port can coexist. With
@@ -50,6 +74,7 @@ pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
+    set_header_fields(&socket, addr.is_ipv6());
     if addr.ip().is_unspecified() {
         batch::enable_pktinfo(&socket, addr.is_ipv6())?;
     }

@@ -8,7 +8,7 @@ use std::{
 
 use relay::proto::{
     auth::LongTermKey,
-    stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId},
+    stun::{AddressFamily, Attribute, Class, Message, MessageBuilder, Method, TransactionId},
 };
 
 pub struct Client {
@@ -110,7 +110,19 @@ impl Client {
 
     /// Allocate (after `login`); returns the relayed address.
     pub fn allocate(&mut self) -> SocketAddr {
-        let response = self.request(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]);
+        self.allocate_with(&[Attribute::RequestedTransport(17)])
+    }
+
+    /// Allocate an IPv6 relayed address (RFC 8656 §7.1 REQUESTED-ADDRESS-FAMILY).
+    pub fn allocate_ipv6(&mut self) -> SocketAddr {
+        self.allocate_with(&[
+            Attribute::RequestedTransport(17),
+            Attribute::RequestedAddressFamily(AddressFamily::V6),
+        ])
+    }
+
+    fn allocate_with(&mut self, attrs: &[Attribute<'_>]) -> SocketAddr {
+        let response = self.request(Method::ALLOCATE, attrs);
         Message::decode(&response)
             .ok()
             .and_then(|m| m.xor_relayed_address())
