@@ -922,3 +922,66 @@ fn both_paths_write_the_same_ipv4_header() {
 fn both_paths_write_the_same_ipv6_header() {
     both_paths_write_the_same_ip_header(true);
 }
+
+/// `--kernel-bindings 2`: the first two channels go to the kernel, the others stay on the
+/// socket path and still work; the operator hears about it once, not on every refresh.
+#[test]
+fn a_full_kernel_map_keeps_bindings_on_the_socket_path() {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        false,
+        &[
+            "--fastpath",
+            "xdp",
+            "--interface",
+            &rc,
+            "--interface",
+            &rp,
+            "--kernel-bindings",
+            "2",
+        ],
+    );
+    let echoes: Vec<Echo> = (0..4).map(|_| Echo::start(&lab)).collect();
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut client = Client::with_socket(socket, server, REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    for round in 0..2 {
+        // The second round refreshes every binding (RFC 8656 §12.2).
+        for (i, echo) in echoes.iter().enumerate() {
+            client.bind_channel(0x4000 + i as u16, echo.addr);
+        }
+        for i in 0..echoes.len() {
+            let tag = format!("round {round} channel {i}");
+            assert_eq!(
+                round_trips(&client, 0x4000 + i as u16, 10, &tag),
+                10,
+                "{tag}"
+            );
+        }
+    }
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(
+        (a.kernel.to_peer_packets, a.socket.to_peer_packets),
+        (40, 40),
+        "two channels in the kernel, two on the socket path: {a:?}"
+    );
+    let log = relay.stop();
+    assert_eq!(
+        log.matches("kernel channel maps full").count(),
+        1,
+        "one warning for the full maps:\n{log}"
+    );
+    assert!(log.contains("kernel maps sized"), "{log}");
+}

@@ -335,9 +335,11 @@ impl KernelSync {
             }
             Err(error) => {
                 let full = error.is_map_full();
-                if !self.installed.contains_key(&key) {
-                    self.release_hops(hops);
+                // Not in the kernel any more (a failed refresh may have left half of it).
+                if self.installed.remove(&key).is_some() {
+                    let _ = fastpath.remove_channel(binding);
                 }
+                self.release_hops(hops);
                 if full {
                     self.refused(binding, "channel maps full");
                 } else {

@@ -451,9 +451,13 @@ impl FastPath {
         self.peer_map()?
             .insert(peer_key, to_client, 0)
             .map_err(map_error(PEERS_MAP))?;
-        self.channel_map()?
-            .insert(channel_key, to_peer, 0)
-            .map_err(map_error(CHANNELS_MAP))
+        let inserted = self.channel_map()?.insert(channel_key, to_peer, 0);
+        if let Err(source) = inserted {
+            // Never leave half a binding behind (e.g. CHANNELS full while PEERS had room).
+            let _ = self.peer_map()?.remove(&peer_key);
+            return Err(map_error(CHANNELS_MAP)(source));
+        }
+        Ok(())
     }
 
     /// Removes both directions of a channel binding. Entries that are already gone are not an

@@ -700,4 +700,105 @@ mod tests {
             Err(DenyReason::Loopback)
         );
     }
+
+    /// The longest listed prefix containing `addr`, as the kernel's LPM trie finds it.
+    fn lpm(prefixes: &[(IpNet, bool)], addr: IpAddr) -> Option<bool> {
+        prefixes
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, allow)| *allow)
+    }
+
+    /// Addresses at and around the edges of every listed prefix, plus a spread of others.
+    fn probes(prefixes: &[(IpNet, bool)]) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (net, _) in prefixes {
+            match net {
+                IpNet::V4(n) => {
+                    for base in [u32::from(n.network()), u32::from(n.broadcast())] {
+                        for d in [0u32, 1, 2] {
+                            out.push(IpAddr::V4(Ipv4Addr::from(base.wrapping_add(d))));
+                            out.push(IpAddr::V4(Ipv4Addr::from(base.wrapping_sub(d))));
+                        }
+                    }
+                }
+                IpNet::V6(n) => {
+                    for base in [u128::from(n.network()), u128::from(n.broadcast())] {
+                        for d in [0u128, 1, 2] {
+                            out.push(IpAddr::V6(Ipv6Addr::from(base.wrapping_add(d))));
+                            out.push(IpAddr::V6(Ipv6Addr::from(base.wrapping_sub(d))));
+                        }
+                    }
+                }
+            }
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.push(IpAddr::V4(Ipv4Addr::from(x as u32)));
+            out.push(IpAddr::V6(Ipv6Addr::from(
+                (u128::from(x) << 64) | u128::from(x.rotate_left(29)),
+            )));
+        }
+        out
+    }
+
+    #[test]
+    fn kernel_prefixes_never_allow_what_the_policy_denies() {
+        let mut p = PeerPolicy::safe_default();
+        for n in [
+            "198.18.0.0/15",
+            "10.1.0.0/16",
+            "2001:2::/48",
+            "::/0",
+            "64:ff9b::/96",
+        ] {
+            p.allow(net(n));
+        }
+        for n in ["198.18.7.0/24", "10.1.2.3/32", "2001:2:0:9::/64"] {
+            p.deny(net(n));
+        }
+        p.set_relay_addresses(&[ip("198.18.2.1"), ip("2001:2:0:2::1")]);
+        p.host_addresses()
+            .replace([ip("198.18.1.1"), ip("203.0.113.9"), ip("2001:2:0:1::1")]);
+        let prefixes = p.kernel_prefixes();
+        let mut allowed = 0;
+        for addr in probes(&prefixes) {
+            let kernel = lpm(&prefixes, addr).expect("/0 entries match every address");
+            if kernel {
+                allowed += 1;
+                assert!(p.is_allowed(addr), "kernel allows {addr}, policy denies it");
+            }
+        }
+        assert!(
+            allowed > 1000,
+            "the kernel copy allows almost nothing: {allowed}"
+        );
+        // Exact answers where the rules depend on prefixes alone.
+        for (addr, want) in [
+            ("198.18.2.2", true),
+            ("198.18.2.1", false),
+            ("198.18.1.1", false),
+            ("198.18.7.9", false),
+            ("10.1.2.3", false),
+            ("10.1.2.4", true),
+            ("10.2.0.1", false),
+            ("8.8.8.8", true),
+            ("127.0.0.1", false),
+            ("2001:2:0:2::2", true),
+            ("2001:2:0:2::1", false),
+            ("2001:2:0:9::1", false),
+            ("fd00::1", true),
+        ] {
+            assert_eq!(lpm(&prefixes, ip(addr)), Some(want), "{addr}");
+            assert_eq!(p.is_allowed(ip(addr)), want, "{addr}");
+        }
+        // Conservative where the policy looks inside addresses: an allowed NAT64 form of an
+        // allowed IPv4 address takes the socket path.
+        assert!(p.is_allowed(ip("64:ff9b::808:808")));
+        assert_eq!(lpm(&prefixes, ip("64:ff9b::808:808")), Some(false));
+    }
 }
