@@ -78,6 +78,8 @@ const V6: fn() -> Family = || Family {
 };
 
 const CHANNEL_V4: u16 = 0x4001;
+/// A peer behind a route with MTU 100 (20 B IPv4 + 8 B UDP + 72 B of data fit).
+const SMALL_MTU_PEER: &str = "198.18.2.50:9000";
 /// A peer address the fixtures' policy denies (`--deny-peer`), on the peer-side link.
 const DENIED_PEER: &str = "198.18.2.66:9000";
 const CHANNEL_V6: u16 = 0x4002;
@@ -346,6 +348,38 @@ fn fixtures() -> Vec<Fixture> {
         Expect::Pass(Reason::PassPolicyDenied),
     );
 
+    // A datagram that would not fit the egress MTU (a 100-byte route to this peer) goes to
+    // the socket path, which fragments it as the stack does; one that fits is forwarded.
+    let small_mtu = Family {
+        client: addr("198.18.1.2:40009"),
+        listener: v4.listener,
+        relayed: addr("198.18.2.1:50009"),
+        peer: addr(SMALL_MTU_PEER),
+    };
+    add(
+        "client->peer over the egress MTU",
+        client_frame(&small_mtu, &channel_data(0x4009, &[7u8; 80], 0)).build(),
+        false,
+        Expect::Pass(Reason::PassFragNeeded),
+    );
+    add(
+        "client->peer at the egress MTU",
+        client_frame(&small_mtu, &channel_data(0x4009, &[7u8; 72], 0)).build(),
+        false,
+        Expect::Forward {
+            frame: relay_sent(UdpFrame::new(
+                RELAY_PEER_SIDE_MAC,
+                PEER_MAC,
+                small_mtu.relayed,
+                small_mtu.peer,
+                &[7u8; 72],
+            ))
+            .build(),
+            same_interface: false,
+            reason: Reason::ForwardToPeer,
+        },
+    );
+
     // Everything the socket path handles.
     add(
         "ChannelData on an unbound channel",
@@ -467,6 +501,15 @@ fn bindings() -> Vec<ChannelBinding> {
             expires_at: in_a_minute,
         },
         ChannelBinding {
+            allocation: 9,
+            client: addr("198.18.1.2:40009"),
+            listener: v4.listener,
+            relayed: addr("198.18.2.1:50009"),
+            peer: addr(SMALL_MTU_PEER),
+            channel: 0x4009,
+            expires_at: in_a_minute,
+        },
+        ChannelBinding {
             allocation: 8,
             client: addr("198.18.1.2:40008"),
             listener: v4.listener,
@@ -528,6 +571,26 @@ fn run_fixtures(program: TestProgram) {
     require_root();
     let lab = ThreeHosts::new();
     lab.add_static_neighbours();
+    lab.relay.ip(&[
+        "route",
+        "add",
+        "198.18.2.50/32",
+        "dev",
+        &lab.relay_peer_if,
+        "mtu",
+        "100",
+    ]);
+    lab.relay.ip(&[
+        "neigh",
+        "replace",
+        "198.18.2.50",
+        "lladdr",
+        &mac_string(PEER_MAC),
+        "dev",
+        &lab.relay_peer_if,
+        "nud",
+        "permanent",
+    ]);
     lab.relay.ip(&[
         "neigh",
         "replace",
