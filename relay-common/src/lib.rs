@@ -41,10 +41,14 @@ pub const LISTENER_PORTS_MAP: &str = "LISTENER_PORTS";
 /// address leaves (interface, MACs, MTU). Userspace resolves them from the kernel's routing and
 /// neighbour tables and keeps them current; the program does no FIB lookup.
 pub const NEXT_HOPS_MAP: &str = "NEXT_HOPS";
-/// Name of the LPM trie of the peer policy ([`PolicyKey`] → `u32`, [`POLICY_ALLOW`] or
-/// [`POLICY_DENY`]): the kernel checks every peer it forwards to, so no map entry can send to an
-/// address userspace's policy denies.
-pub const PEER_POLICY_MAP: &str = "PEER_POLICY";
+/// Name of the LPM trie of the IPv4 peer policy (key: prefix length, then the address as a
+/// network-order `u32`; value `u32`, [`POLICY_ALLOW`] or [`POLICY_DENY`]): the kernel checks
+/// every peer it forwards to, so no map entry can send to an address userspace's policy denies.
+/// One trie per family keeps IPv4 keys short (a lookup compares 32 bits, not 160).
+pub const PEER_POLICY_V4_MAP: &str = "PEER_POLICY_V4";
+/// Name of the LPM trie of the IPv6 peer policy (key: prefix length, then the address as a
+/// map field, [`ip_field`]); values as in [`PEER_POLICY_V4_MAP`].
+pub const PEER_POLICY_V6_MAP: &str = "PEER_POLICY_V6";
 
 /// Default capacity of [`CHANNELS_MAP`] and [`PEERS_MAP`] (each binding takes one entry in
 /// both). Userspace sizes them at load time (`--kernel-bindings`).
@@ -60,7 +64,7 @@ pub const NEXT_HOPS_LIMIT: u32 = 1 << 16;
 pub const MAX_EGRESS_DEVICES: u32 = 64;
 /// Ports in [`LISTENER_PORTS_MAP`].
 pub const MAX_LISTENER_PORTS: u32 = 64;
-/// Prefixes in [`PEER_POLICY_MAP`]: the default-denied ranges, the operator's allow and deny
+/// Prefixes in each of [`PEER_POLICY_V4_MAP`] and [`PEER_POLICY_V6_MAP`]: the default-denied ranges, the operator's allow and deny
 /// lists and every address of the host.
 pub const MAX_POLICY_PREFIXES: u32 = 4_096;
 
@@ -206,33 +210,6 @@ impl NextHop {
     }
 }
 
-/// Key of [`PEER_POLICY_MAP`] (an LPM trie key: the first `prefix_len` bits of `data` count).
-/// `data[0]` is the family word (its first byte [`FAMILY_IPV4`] / [`FAMILY_IPV6`], the rest
-/// zero), then the address as a map field ([`ip_field`] / [`ipv4_field`]); `prefix_len` is 32
-/// plus the address prefix length. The family word keeps IPv4 addresses apart from IPv6 ones
-/// that embed them, and whole words let the program build the key with four word copies.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PolicyKey {
-    pub prefix_len: u32,
-    pub data: [u32; 5],
-}
-
-impl PolicyKey {
-    /// The key of the address field `ip` of `family` under `prefix_len` bits of address.
-    pub const fn new(family: u8, ip: [u32; 4], prefix_len: u32) -> Self {
-        Self {
-            prefix_len: 32 + prefix_len,
-            data: [family_word(family), ip[0], ip[1], ip[2], ip[3]],
-        }
-    }
-}
-
-/// The first word of a [`PolicyKey`]'s data: the family byte, then three zero bytes.
-pub const fn family_word(family: u8) -> u32 {
-    u32::from_ne_bytes([family, 0, 0, 0])
-}
-
 /// Value of [`ALLOCATION_COUNTERS_MAP`] on one CPU. Bytes are application data: the ChannelData
 /// payload without its header and padding, i.e. what the peer sends or receives.
 #[repr(C)]
@@ -290,7 +267,6 @@ const _: () = assert!(core::mem::size_of::<PeerKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ToClient>() == 56);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
-const _: () = assert!(core::mem::size_of::<PolicyKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
 // Padding-free: each size equals the sum of its fields' sizes.
 const _: () = {
@@ -301,7 +277,6 @@ const _: () = {
     assert!(size_of::<PeerKey>() == 2 * IP + 2 * size_of::<u16>() + size_of::<u8>() + 3);
     assert!(size_of::<ToClient>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
     assert!(size_of::<NextHop>() == 4 + 2 + 2 + 6 + 6);
-    assert!(size_of::<PolicyKey>() == 4 + 5 * size_of::<u32>());
     assert!(size_of::<AllocationCounters>() == 4 * size_of::<u64>());
 };
 
@@ -493,9 +468,9 @@ const _: () = {
 /// `aya::Pod` for the map types, so userspace can read and write them.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{AllocationCounters, ChannelKey, NextHop, PeerKey, PolicyKey, ToClient, ToPeer};
+    use super::{AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer};
 
-    // SAFETY: all seven are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
+    // SAFETY: all six are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
     // integers and byte arrays only, so every bit pattern is a valid value.
     unsafe impl aya::Pod for ChannelKey {}
     // SAFETY: as above.
@@ -506,8 +481,6 @@ mod pod {
     unsafe impl aya::Pod for ToClient {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHop {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for PolicyKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AllocationCounters {}
 }
@@ -534,18 +507,6 @@ mod tests {
         assert_eq!(ip_octets(ipv4_field([198, 18, 1, 2]))[..4], [198, 18, 1, 2]);
         assert_eq!(port_field(3478).to_ne_bytes(), 3478u16.to_be_bytes());
         assert_eq!(port_value(port_field(0x4001)), 0x4001);
-    }
-
-    #[test]
-    fn policy_keys_put_the_family_first() {
-        let key = PolicyKey::new(FAMILY_IPV4, ipv4_field([198, 18, 0, 0]), 15);
-        assert_eq!(key.prefix_len, 47);
-        assert_eq!(key.data[0].to_ne_bytes(), [FAMILY_IPV4, 0, 0, 0]);
-        assert_eq!(key.data[1].to_ne_bytes(), [198, 18, 0, 0]);
-        let key = PolicyKey::new(FAMILY_IPV6, ip_field([0x20; 16]), 128);
-        assert_eq!(key.prefix_len, 160);
-        assert_eq!(key.data[0].to_ne_bytes(), [FAMILY_IPV6, 0, 0, 0]);
-        assert_eq!(key.data[4].to_ne_bytes(), [0x20; 4]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuHashMap},
 };
 use relay_common::{
-    family_word, AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer,
+    AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer, FAMILY_IPV4,
     MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_LISTENER_PORTS, MAX_NEXT_HOPS,
     MAX_POLICY_PREFIXES, POLICY_ALLOW,
 };
@@ -46,17 +46,27 @@ pub static EGRESS_DEVICES: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_
 #[map(name = "NEXT_HOPS")]
 pub static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_NEXT_HOPS, 0);
 
-/// The peer policy as prefixes (`relay_common::PEER_POLICY_MAP`): the longest match decides.
-#[map(name = "PEER_POLICY")]
-pub static PEER_POLICY: LpmTrie<[u32; 5], u32> = LpmTrie::with_max_entries(MAX_POLICY_PREFIXES, 0);
+/// The IPv4 peer policy as prefixes (`relay_common::PEER_POLICY_V4_MAP`): the longest match
+/// decides.
+#[map(name = "PEER_POLICY_V4")]
+pub static PEER_POLICY_V4: LpmTrie<u32, u32> = LpmTrie::with_max_entries(MAX_POLICY_PREFIXES, 0);
+
+/// The IPv6 peer policy (`relay_common::PEER_POLICY_V6_MAP`).
+#[map(name = "PEER_POLICY_V6")]
+pub static PEER_POLICY_V6: LpmTrie<[u32; 4], u32> =
+    LpmTrie::with_max_entries(MAX_POLICY_PREFIXES, 0);
 
 /// Whether the kernel copy of the peer policy allows sending to `ip` (a map field of
 /// `family`). No matching prefix means denied: userspace installs `/0` entries for both
 /// families, so an empty trie (or one being rebuilt) fails closed.
 #[inline(always)]
 pub fn peer_allowed(family: u8, ip: &[u32; 4]) -> bool {
-    let key = Key::new(32 + 128, [family_word(family), ip[0], ip[1], ip[2], ip[3]]);
-    matches!(PEER_POLICY.get(&key), Some(&POLICY_ALLOW))
+    let verdict = if family == FAMILY_IPV4 {
+        PEER_POLICY_V4.get(&Key::new(32, ip[0]))
+    } else {
+        PEER_POLICY_V6.get(&Key::new(128, *ip))
+    };
+    matches!(verdict, Some(&POLICY_ALLOW))
 }
 
 /// The next hop at `index`, if the index is inside the map.

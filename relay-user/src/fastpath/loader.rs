@@ -13,10 +13,11 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use relay_common::{
-    allocation_counter_bytes, ChannelKey, NextHop, PeerKey, PolicyKey, Reason, ToClient, ToPeer,
+    allocation_counter_bytes, ChannelKey, NextHop, PeerKey, Reason, ToClient, ToPeer,
     ALLOCATION_COUNTERS_MAP, CHANNELS_MAP, CHANNEL_BINDING_BYTES, EGRESS_DEVICES_MAP,
     LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES,
-    PEERS_MAP, PEER_POLICY_MAP, TC_PROGRAM, VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
+    PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, POLICY_ALLOW, POLICY_DENY, TC_PROGRAM,
+    VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
 };
 
 use super::{
@@ -191,7 +192,7 @@ pub struct FastPath {
     capacity: MapCapacity,
     /// The policy prefixes in the kernel now, so [`FastPath::set_policy`] changes only what
     /// differs.
-    policy: std::collections::HashMap<PolicyKey, u32>,
+    policy: std::collections::HashMap<ipnet::IpNet, u32>,
 }
 
 impl FastPath {
@@ -246,29 +247,15 @@ impl FastPath {
     }
 
     /// Makes the kernel copy of the peer policy that of `policy` (with the host addresses it
-    /// holds now).
+    /// holds now); returns how many prefixes it has.
     pub fn set_peer_policy(
         &mut self,
         policy: &crate::proto::policy::PeerPolicy,
     ) -> Result<usize, FastPathError> {
-        use relay_common::{
-            ip_field, ipv4_field, FAMILY_IPV4, FAMILY_IPV6, POLICY_ALLOW, POLICY_DENY,
-        };
-        let prefixes: Vec<(PolicyKey, u32)> = policy
+        let prefixes: Vec<(ipnet::IpNet, u32)> = policy
             .kernel_prefixes()
             .into_iter()
-            .map(|(net, allow)| {
-                let len = u32::from(net.prefix_len());
-                let key = match net.addr() {
-                    std::net::IpAddr::V4(v4) => {
-                        PolicyKey::new(FAMILY_IPV4, ipv4_field(v4.octets()), len)
-                    }
-                    std::net::IpAddr::V6(v6) => {
-                        PolicyKey::new(FAMILY_IPV6, ip_field(v6.octets()), len)
-                    }
-                };
-                (key, if allow { POLICY_ALLOW } else { POLICY_DENY })
-            })
+            .map(|(net, allow)| (net, if allow { POLICY_ALLOW } else { POLICY_DENY }))
             .collect();
         self.set_policy(&prefixes)?;
         Ok(prefixes.len())
@@ -277,34 +264,62 @@ impl FastPath {
     /// Makes the kernel copy of the peer policy exactly `prefixes`. Changes are applied so that
     /// no address is allowed on the way that neither the old nor the new policy allows: new and
     /// changed deny prefixes first, then allow prefixes, then removals.
-    pub fn set_policy(&mut self, prefixes: &[(PolicyKey, u32)]) -> Result<(), FastPathError> {
-        let wanted: std::collections::HashMap<PolicyKey, u32> = prefixes.iter().copied().collect();
-        let mut trie: LpmTrie<&mut aya::maps::MapData, [u32; 5], u32> =
-            typed_map(&mut self.ebpf, PEER_POLICY_MAP)?;
-        let mut changed: Vec<(PolicyKey, u32)> = wanted
+    pub fn set_policy(&mut self, prefixes: &[(ipnet::IpNet, u32)]) -> Result<(), FastPathError> {
+        let wanted: std::collections::HashMap<ipnet::IpNet, u32> =
+            prefixes.iter().map(|(net, v)| (net.trunc(), *v)).collect();
+        let mut changed: Vec<(ipnet::IpNet, u32)> = wanted
             .iter()
-            .filter(|(key, value)| self.policy.get(key) != Some(value))
+            .filter(|(net, value)| self.policy.get(net) != Some(value))
             .map(|(k, v)| (*k, *v))
             .collect();
         // Denies (0) before allows (1).
         changed.sort_by_key(|(_, value)| *value);
-        for (key, value) in &changed {
-            trie.insert(&LpmKey::new(key.prefix_len, key.data), value, 0)
-                .map_err(map_error(PEER_POLICY_MAP))?;
-            self.policy.insert(*key, *value);
+        for (net, value) in &changed {
+            self.policy_trie_update(*net, Some(*value))?;
+            self.policy.insert(*net, *value);
         }
-        let stale: Vec<PolicyKey> = self
+        let stale: Vec<ipnet::IpNet> = self
             .policy
             .keys()
-            .filter(|key| !wanted.contains_key(key))
+            .filter(|net| !wanted.contains_key(net))
             .copied()
             .collect();
-        for key in stale {
-            let removed = trie.remove(&LpmKey::new(key.prefix_len, key.data));
-            ignore_missing(removed).map_err(map_error(PEER_POLICY_MAP))?;
-            self.policy.remove(&key);
+        for net in stale {
+            self.policy_trie_update(net, None)?;
+            self.policy.remove(&net);
         }
         Ok(())
+    }
+
+    /// Inserts (`Some`) or removes one prefix of the family's policy trie.
+    fn policy_trie_update(
+        &mut self,
+        net: ipnet::IpNet,
+        value: Option<u32>,
+    ) -> Result<(), FastPathError> {
+        let len = u32::from(net.prefix_len());
+        match net.addr() {
+            std::net::IpAddr::V4(v4) => {
+                let mut trie: LpmTrie<&mut aya::maps::MapData, u32, u32> =
+                    typed_map(&mut self.ebpf, PEER_POLICY_V4_MAP)?;
+                let key = LpmKey::new(len, u32::from_ne_bytes(v4.octets()));
+                let result = match value {
+                    Some(value) => trie.insert(&key, value, 0),
+                    None => ignore_missing(trie.remove(&key)),
+                };
+                result.map_err(map_error(PEER_POLICY_V4_MAP))
+            }
+            std::net::IpAddr::V6(v6) => {
+                let mut trie: LpmTrie<&mut aya::maps::MapData, [u32; 4], u32> =
+                    typed_map(&mut self.ebpf, PEER_POLICY_V6_MAP)?;
+                let key = LpmKey::new(len, relay_common::ip_field(v6.octets()));
+                let result = match value {
+                    Some(value) => trie.insert(&key, value, 0),
+                    None => ignore_missing(trie.remove(&key)),
+                };
+                result.map_err(map_error(PEER_POLICY_V6_MAP))
+            }
+        }
     }
 
     /// Attaches the forwarding program to `interface` in `mode` and registers the interface as
