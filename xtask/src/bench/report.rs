@@ -489,7 +489,8 @@ pub fn svg(results: &Results) -> String {
         .map(|(p, _)| *p)
         .filter(|p| sums.iter().any(|s| s.path == *p))
         .collect();
-    let w = 160.0 + 120.0 * variants.len().max(1) as f64;
+    // Wide enough for the title line whatever the number of variants.
+    let w = (160.0 + 120.0 * variants.len().max(1) as f64).max(780.0);
     // The legend wraps: as many 110-pixel entries per row as the width holds.
     let per_row = (((w - 90.0) / 110.0) as usize).max(1);
     let legend_rows = paths.len().div_ceil(per_row).max(1);
