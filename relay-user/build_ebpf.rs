@@ -1,6 +1,7 @@
-//! Builds the `relay-ebpf` object for `bpfel-unknown-none`.
+//! Builds the `relay-ebpf` object (and, for `cargo xtask`, the benchmark's `relay-bench-ebpf`)
+//! for `bpfel-unknown-none`.
 //!
-//! Shared by `relay-user/build.rs` (which embeds the object into the `relay` binary) and
+//! Shared by `relay-user/build.rs` (which embeds the relay's object into the `relay` binary) and
 //! `cargo xtask build-ebpf` through `#[path]`, so both use one recipe.
 //!
 //! Toolchain switch: `RELAY_EBPF_TOOLCHAIN` unset or `debian` uses Debian's `/usr/bin/rustc`
@@ -18,8 +19,19 @@ pub const TOOLCHAIN_ENV: &str = "RELAY_EBPF_TOOLCHAIN";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const TARGET: &str = "bpfel-unknown-none";
 
-/// Builds the eBPF crate in `workspace_root` into `target_dir` and returns the object path.
+/// Builds the relay's eBPF crate in `workspace_root` into `target_dir` and returns the object
+/// path.
 pub fn build_ebpf(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, String> {
+    build_ebpf_package(workspace_root, target_dir, "relay-ebpf")
+}
+
+/// Builds the eBPF crate `package` (its binary has the package's name) in `workspace_root` into
+/// `target_dir` and returns the object path.
+pub fn build_ebpf_package(
+    workspace_root: &Path,
+    target_dir: &Path,
+    package: &str,
+) -> Result<PathBuf, String> {
     let toolchain = std::env::var(TOOLCHAIN_ENV).unwrap_or_else(|_| "debian".to_owned());
     let mut cmd = if toolchain == "debian" {
         if !Path::new(DEBIAN_RUSTC).exists() {
@@ -61,9 +73,9 @@ pub fn build_ebpf(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, S
     cmd.current_dir(workspace_root).args([
         "build",
         "--package",
-        "relay-ebpf",
+        package,
         "--bin",
-        "relay-ebpf",
+        package,
         "--release",
         "--locked",
         "-Zbuild-std=core",
@@ -81,7 +93,7 @@ pub fn build_ebpf(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, S
             "eBPF build failed ({status}); is bpf-linker on PATH? `cargo xtask setup` installs it"
         ));
     }
-    let object = target_dir.join(TARGET).join("release").join("relay-ebpf");
+    let object = target_dir.join(TARGET).join("release").join(package);
     if !object.exists() {
         return Err(format!(
             "eBPF build succeeded but {} is missing",

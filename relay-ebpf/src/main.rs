@@ -13,8 +13,6 @@
 //! checksum offload off on the sending veths (`ethtool -K DEV tx off`).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
-mod bench_gen;
-mod bench_sink;
 mod channel;
 mod checksum;
 mod context;

@@ -54,11 +54,14 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     let relay_bin = root.join("target/release/relay");
     let relay_bin = relay_bin.to_str().context("utf-8 path")?;
 
+    // Frames the fast path redirects into a veth are only delivered if its far end runs XDP:
+    // the lab puts the benchmark's XDP_PASS program there.
+    let bench_object = std::fs::read(crate::build_bench_object()?)
+        .context("reading the benchmark's eBPF object")?;
     let mut lab = Lab::up(0, 1)?;
     let out = root.join("target/demo");
     std::fs::create_dir_all(&out)?;
-    // Frames the fast path redirects into a veth are only delivered if its far end runs XDP.
-    lab.attach_far_end_pass(&out)?;
+    lab.attach_far_end_pass(&std::sync::Arc::new(bench_object))?;
     println!(
         "demo: lab up: {} (198.18.1.2) <-> {} (198.18.1.1 | 198.18.2.1) <-> {} (198.18.2.2)",
         lab.client, lab.relay, lab.peer

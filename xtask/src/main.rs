@@ -27,8 +27,9 @@ struct Cli {
 enum Task {
     /// Install what a fresh Debian 12 machine lacks (idempotent; a warm run takes seconds).
     Setup,
-    /// Build the eBPF object for bpfel-unknown-none (set RELAY_EBPF_TOOLCHAIN=nightly to use a
-    /// rustup nightly with rust-src instead of Debian's rustc).
+    /// Build the eBPF objects for bpfel-unknown-none: the relay's (relay-ebpf) and the
+    /// benchmark's (relay-bench-ebpf). Set RELAY_EBPF_TOOLCHAIN=nightly to use a rustup nightly
+    /// with rust-src instead of Debian's rustc.
     BuildEbpf,
     /// Set up, then run formatting and lint checks and the whole test suite.
     Test {
@@ -39,12 +40,16 @@ enum Task {
     /// Set up, build, and run the relay in a namespace lab with the kernel fast path attached,
     /// showing what the kernel program saw.
     Demo,
-    /// Benchmark the socket path, the kernel fast path and coturn side by side in a namespace
-    /// lab (root): table on the terminal, JSON + SVG in bench-results/.
+    /// Benchmark the socket path, the kernel fast path, coturn and the raw XDP and reference
+    /// socket forwarders side by side in a namespace lab (root): table on the terminal, JSON +
+    /// SVG in bench-results/.
     Bench(bench::BenchArgs),
     /// The bench's reference forwarder (started by `cargo xtask bench` in its lab).
     #[command(hide = true)]
     BenchForwarder(bench::forwarder::ForwarderArgs),
+    /// The bench's raw XDP forwarder (started by `cargo xtask bench` in its lab).
+    #[command(hide = true)]
+    BenchRawXdp(bench::raw_xdp::RawXdpArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +59,8 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => {
             let object = build_ebpf_object()?;
             println!("eBPF object: {}", object.display());
+            let bench = build_bench_object()?;
+            println!("benchmark eBPF object: {}", bench.display());
             Ok(())
         }
         Task::Test { args } => test(&args),
@@ -63,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench(args) => bench::run(&workspace_root(), args),
         Task::BenchForwarder(args) => bench::forwarder::run(&args),
+        Task::BenchRawXdp(args) => bench::raw_xdp::run(&args),
     }
 }
 
@@ -76,6 +84,17 @@ fn workspace_root() -> PathBuf {
 fn build_ebpf_object() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     build_ebpf::build_ebpf(&root, &root.join("target").join("ebpf")).map_err(anyhow::Error::msg)
+}
+
+/// The eBPF crate of the benchmark's own programs (generator, sinks, raw XDP forwarder): never
+/// part of the relay binary, so no build script embeds it; xtask builds it before each use
+/// (cargo makes that a no-op when nothing changed), next to the relay's object.
+const BENCH_EBPF_PACKAGE: &str = "relay-bench-ebpf";
+
+pub(crate) fn build_bench_object() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    build_ebpf::build_ebpf_package(&root, &root.join("target").join("ebpf"), BENCH_EBPF_PACKAGE)
+        .map_err(anyhow::Error::msg)
 }
 
 /// Runs `cargo ARGS` in the workspace root, timing it.
@@ -100,6 +119,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let object = build_ebpf_object()?;
     println!("==> eBPF object {}", object.display());
+    // Built up front, so the bench smoke test finds it fresh (it builds it itself otherwise).
+    let bench = build_bench_object()?;
+    println!("==> benchmark eBPF object {}", bench.display());
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&[
         "clippy",

@@ -9,8 +9,9 @@
 //!      clients)
 //! ```
 //!
-//! IP forwarding stays off in the relay namespace, so client and peer reach each other only
-//! through the relay. Every veth end gets GRO on (veth then runs NAPI, whose thread can be
+//! IP forwarding stays off in the relay namespace (a new namespace's default; the lab sets no
+//! forwarding sysctl, and neither does the relay's fast path need one), so client and peer reach
+//! each other only through the relay (`runner::check_isolation` proves it). Every veth end gets GRO on (veth then runs NAPI, whose thread can be
 //! pinned, instead of charging the receive to whichever CPU sent) and a threaded NAPI poller:
 //! the relay-side pollers run on the relay core, the far-end ones on the generator core, so the
 //! relay's core carries exactly the relay's work. The far-end pollers run SCHED_FIFO: they share
@@ -23,9 +24,12 @@ use std::{
     fs::File,
     net::Ipv4Addr,
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
 };
 
 use anyhow::{bail, Context};
@@ -80,7 +84,8 @@ pub struct Lab {
     pub p0: String,
     /// What could not be set up exactly as intended (NAPI pinning etc.), for the report.
     pub notes: Vec<String>,
-    far_end_xdp: bool,
+    /// The far ends' XDP_PASS hooks while attached (see `attach_far_end_pass`).
+    far_end_pass: Vec<aya::Ebpf>,
 }
 
 const PREFIX: &str = "rbench-";
@@ -102,7 +107,7 @@ impl Lab {
             r_p: format!("rbrp{dev}"),
             p0: format!("rbp{dev}"),
             notes: Vec::new(),
-            far_end_xdp: false,
+            far_end_pass: Vec::new(),
         };
         let mut lab = lab;
         for ns in [&lab.client, &lab.relay, &lab.peer] {
@@ -146,19 +151,6 @@ impl Lab {
         ])?;
         for (ns, dev) in lab.devices() {
             ip(&["-n", &ns, "link", "set", &dev, "up"])?;
-        }
-        exec(&lab.relay, "sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
-        // The kernel fast path's `bpf_fib_lookup` refuses interfaces without forwarding, so
-        // the relay's two interfaces (only) forward; client and peer still have no route to
-        // each other, so nothing crosses except what the relay relays.
-        for dev in [&lab.r_c, &lab.r_p] {
-            for family in ["ipv4", "ipv6"] {
-                exec(
-                    &lab.relay,
-                    "sysctl",
-                    &["-qw", &format!("net.{family}.conf.{dev}.forwarding=1")],
-                )?;
-            }
         }
         // Frames a local socket sends over veth carry partial checksums; once an XDP program
         // rewrites and redirects them that state is lost (ebpf-toolchain.md), so the senders
@@ -220,32 +212,23 @@ impl Lab {
     }
 
     /// Hook for the kernel paths: frames that XDP redirects into a veth are delivered only if
-    /// the far end runs an XDP program too (XDP_PASS is enough; ebpf-toolchain.md). Attaches a
-    /// tiny XDP_PASS program (built with clang into `out`) to c0 and p0. The benchmark needs it
+    /// the far end runs an XDP program too (XDP_PASS is enough; ebpf-toolchain.md). Attaches
+    /// the benchmark's `relay_bench_pass` from `object` to c0 and p0. The benchmark needs it
     /// only when its far-end sinks (sink.rs, XDP programs themselves) are unavailable.
-    pub fn attach_far_end_pass(&mut self, out: &Path) -> anyhow::Result<()> {
-        if self.far_end_xdp {
+    pub fn attach_far_end_pass(&mut self, object: &Arc<Vec<u8>>) -> anyhow::Result<()> {
+        if !self.far_end_pass.is_empty() {
             return Ok(());
         }
-        let object = build_xdp_pass(out)?;
-        let object = object.to_str().context("utf-8 path")?;
         for (ns, dev) in [(&self.client, &self.c0), (&self.peer, &self.p0)] {
-            ip(&[
-                "-n", ns, "link", "set", "dev", dev, "xdpdrv", "obj", object, "sec", "xdp",
-            ])?;
+            let hook = super::sink::pass_hook(object, ns, dev)?;
+            self.far_end_pass.push(hook);
         }
-        self.far_end_xdp = true;
         Ok(())
     }
 
+    /// Detaches the XDP_PASS hooks (each link goes with its loaded object).
     pub fn detach_far_end_pass(&mut self) {
-        if !self.far_end_xdp {
-            return;
-        }
-        for (ns, dev) in [(&self.client, &self.c0), (&self.peer, &self.p0)] {
-            let _ = ip(&["-n", ns, "link", "set", "dev", dev, "xdpdrv", "off"]);
-        }
-        self.far_end_xdp = false;
+        self.far_end_pass.clear();
     }
 
     /// Frames the veth `dev` in `ns` refused to hand to its peer: XDP redirects that found the
@@ -431,30 +414,6 @@ fn set_fifo(pid: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn build_xdp_pass(out: &Path) -> anyhow::Result<PathBuf> {
-    let source = out.join("xdp_pass.c");
-    let object = out.join("xdp_pass.o");
-    std::fs::write(
-        &source,
-        "__attribute__((section(\"xdp\"), used)) int xdp_pass(void *ctx) { return 2; }\n\
-         char _license[] __attribute__((section(\"license\"), used)) = \"GPL\";\n",
-    )?;
-    run(
-        "clang",
-        &[
-            "-O2",
-            "-target",
-            "bpf",
-            "-c",
-            source.to_str().context("utf-8 path")?,
-            "-o",
-            object.to_str().context("utf-8 path")?,
-        ],
-    )
-    .context("building the XDP_PASS program for the far veth ends (needs clang)")?;
-    Ok(object)
 }
 
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {

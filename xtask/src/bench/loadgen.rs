@@ -18,7 +18,7 @@ use anyhow::bail;
 use super::lab::{check_stop, pin_current_thread, STOP};
 
 mod live;
-pub use live::{origin, LiveFramesGenerator};
+pub use live::{mac_of, origin, LiveFramesGenerator};
 
 /// Datagrams from one socket: either one destination (a TURN client's ChannelData to the
 /// server, `prefix` = the 4-byte ChannelData header) or many (the peer answering every

@@ -1,14 +1,22 @@
 //! `cargo xtask bench`: socket path vs kernel fast path (XDP, TC) vs coturn, side by side, in a
-//! namespace lab of its own, with the load generator's own ceiling measured in the same run.
+//! namespace lab of its own, next to two minimal forwarders without TURN (a raw XDP program and
+//! a recvmmsg/sendmmsg socket forwarder), with the load generator's own ceiling measured in the
+//! same run.
 //!
 //! Modules: `lab` (namespaces, veth, NAPI pinning, cleanup), `turn` (the client's control
 //! plane), `loadgen` (generators), `measure` (counters, CPU, latency), `runner` (servers and
-//! floods per path), `report` (table, JSON, SVG).
+//! floods per path), `report` (table, JSON, SVG), `forwarder` and `raw_xdp` (the minimal
+//! forwarders' processes), `sink` (the far ends).
+//!
+//! The kernel programs of the benchmark (generator, sinks, raw forwarder) come from their own
+//! eBPF object, relay-bench-ebpf, which this builds before it starts (`build_bench_object`):
+//! the relay's object holds none of them.
 
 pub(crate) mod forwarder;
 pub(crate) mod lab;
 mod loadgen;
 mod measure;
+pub(crate) mod raw_xdp;
 mod report;
 mod runner;
 mod sink;
@@ -42,8 +50,10 @@ pub struct BenchArgs {
     /// Output directory for JSON, SVG and server logs (default: bench-results/ in the workspace).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Paths to run, comma-separated (default: all of generator,socket,xdp,tc,coturn,reference;
-    /// reference is a minimal recvmmsg+GSO forwarder without TURN logic, client→peer only).
+    /// Paths to run, comma-separated (default: all of
+    /// generator,socket,xdp,tc,coturn,reference,raw-xdp; reference is a minimal recvmmsg+GSO
+    /// forwarder and raw-xdp a minimal XDP forwarder, both without TURN logic and client→peer
+    /// only).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     paths: Option<Vec<String>>,
     /// Rounds (each runs every path once, in rotating order).
@@ -56,14 +66,15 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     relay_bin: Option<PathBuf>,
     /// Load generator for every path: live-frames (BPF_PROG_TEST_RUN with
-    /// BPF_F_TEST_XDP_LIVE_FRAMES, needs the eBPF object), socket (sendmmsg), or auto
-    /// (live-frames when it loads, else socket).
+    /// BPF_F_TEST_XDP_LIVE_FRAMES, needs the benchmark's eBPF object), socket (sendmmsg), or
+    /// auto (live-frames when it loads, else socket).
     #[arg(long, default_value = "auto")]
     generator: String,
-    /// The eBPF object holding the live-frames program (default: $RELAY_EBPF_OBJECT, else
-    /// target/ebpf/bpfel-unknown-none/release/relay-ebpf, built with the relay).
+    /// The benchmark's eBPF object (generator, sinks, raw XDP forwarder). Default:
+    /// $RELAY_BENCH_OBJECT, else relay-bench-ebpf built now (`cargo xtask build-ebpf` builds it
+    /// too), target/ebpf/bpfel-unknown-none/release/relay-bench-ebpf.
     #[arg(long, value_name = "PATH")]
-    ebpf_object: Option<PathBuf>,
+    bench_object: Option<PathBuf>,
     /// Core for the generator, sinks and the far veth ends' NAPI threads.
     #[arg(long, default_value_t = 0)]
     gen_cpu: usize,
@@ -178,14 +189,18 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             PathKind::Tc,
             PathKind::Coturn,
             PathKind::Reference,
+            PathKind::RawXdp,
         ],
     };
-    let ebpf_object = args
-        .ebpf_object
+    let bench_object = match args
+        .bench_object
         .clone()
-        .or_else(|| std::env::var_os("RELAY_EBPF_OBJECT").map(PathBuf::from))
-        .unwrap_or_else(|| root.join("target/ebpf/bpfel-unknown-none/release/relay-ebpf"));
-    let (generator, generator_note) = loadgen::by_name(&args.generator, &ebpf_object)?;
+        .or_else(|| std::env::var_os("RELAY_BENCH_OBJECT").map(PathBuf::from))
+    {
+        Some(path) => path,
+        None => crate::build_bench_object()?,
+    };
+    let (generator, generator_note) = loadgen::by_name(&args.generator, &bench_object)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if args.gen_cpu >= cpus || args.relay_cpu >= cpus || args.gen_cpu == args.relay_cpu {
         bail!(
@@ -209,6 +224,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         server_bound: Duration::from_secs(30)
             + (plan.duration + Duration::from_secs(2)) * plan.variants.len() as u32
             + plan.latency_duration,
+        bench_object: bench_object.clone(),
     };
 
     lab::install_signal_handlers();
@@ -226,7 +242,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     );
     let _bpf_stats = paths
         .iter()
-        .any(|p| matches!(p, PathKind::Xdp | PathKind::Tc))
+        .any(|p| p.is_kernel())
         .then(measure::BpfStatsGuard::enable);
     let mut lab = lab::Lab::up(ctx.gen_cpu, ctx.relay_cpu)?;
     lab.notes.extend(generator_note);
@@ -238,10 +254,10 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     // The far ends count in XDP (sink.rs); without them (an eBPF object lacking the program, a
     // kernel refusing it) the receiving namespaces' UDP stacks count, as before, and cap
     // what can be measured.
-    let sink_object = std::fs::read(&ebpf_object).map(std::sync::Arc::new);
+    let sink_object = std::fs::read(&bench_object).map(std::sync::Arc::new);
     let mut far = match &sink_object {
         Ok(object) => sink::FarEnds::attach(&lab, object, runner::PEER_PORT),
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", ebpf_object.display())),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", bench_object.display())),
     };
     if let Err(e) = &far {
         let note = format!(
@@ -252,6 +268,8 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         println!("bench: note: {note}");
         lab.notes.push(note);
     }
+    // The XDP_PASS fallback for the far ends comes from the same object.
+    let pass_object = sink_object.as_ref().ok().cloned();
     let sink_object = sink_object.ok().filter(|_| far.is_ok());
 
     let mut results = Results::new(&plan, &ctx, generator.name(), &lab.notes);
@@ -364,12 +382,15 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 );
                 continue;
             }
-            let kernel = matches!(path, PathKind::Xdp | PathKind::Tc);
-            // The sinks are XDP programs, which is all veth needs to deliver what the fast
-            // path transmits into the far ends; without them, attach a bare XDP_PASS.
-            let pass_hook = kernel && far.is_err();
+            // The sinks are XDP programs, which is all veth needs to deliver what the kernel
+            // paths transmit into the far ends; without them, attach a bare XDP_PASS.
+            let pass_hook = path.is_kernel() && far.is_err();
             if pass_hook {
-                if let Err(e) = lab.attach_far_end_pass(&out) {
+                let attached = match &pass_object {
+                    Some(object) => lab.attach_far_end_pass(object),
+                    None => Err(anyhow::anyhow!("no benchmark eBPF object")),
+                };
+                if let Err(e) = attached {
                     println!("bench: note: far-end XDP_PASS hook failed: {e:#}");
                 }
             }
@@ -460,10 +481,10 @@ fn run_server_path(
         Ok(s) => s,
         Err(reason) => return Ok(Err(reason)),
     };
-    let kernel = matches!(path, PathKind::Xdp | PathKind::Tc);
+    let kernel = path.is_kernel();
     let setup = Instant::now();
-    let allocations = match if path == PathKind::Reference {
-        runner::reference_allocations(lab, max_flows)
+    let allocations = match if path.is_bare_forwarder() {
+        runner::bare_allocations(lab, max_flows)
     } else {
         runner::allocate(lab, ctx, max_flows)
     } {

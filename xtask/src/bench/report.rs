@@ -23,7 +23,7 @@ pub struct Results {
     pub latency: Vec<(usize, PathKind, LatencyStats)>,
     /// None: available; Some(reason): unavailable.
     pub availability: BTreeMap<PathKind, Option<String>>,
-    /// Variants a path does not run (the reference forwarder's both-directions ones).
+    /// Variants a path does not run (the minimal forwarders' both-directions ones).
     pub not_applicable: Vec<(PathKind, Variant)>,
     pub elapsed_s: f64,
 }
@@ -220,6 +220,12 @@ fn ratios(sums: &[Summary]) -> BTreeMap<&'static str, f64> {
             PathKind::Xdp,
             PathKind::Generator,
         ),
+        ("xdp_over_raw_xdp", PathKind::Xdp, PathKind::RawXdp),
+        (
+            "raw_xdp_over_generator_ceiling",
+            PathKind::RawXdp,
+            PathKind::Generator,
+        ),
     ];
     for (name, a, b) in pairs {
         if let (Some(a), Some(b)) = (at(a), at(b)) {
@@ -227,6 +233,20 @@ fn ratios(sums: &[Summary]) -> BTreeMap<&'static str, f64> {
         }
     }
     out
+}
+
+/// Relay XDP / raw XDP (median delivered rates) for every variant both ran: how much of the
+/// bare frame work's rate the relay's XDP path keeps with its TURN state and checks.
+fn xdp_over_raw(sums: &[Summary]) -> Vec<(Variant, f64)> {
+    sums.iter()
+        .filter(|s| s.path == PathKind::Xdp)
+        .filter_map(|xdp| {
+            let raw = sums
+                .iter()
+                .find(|r| r.path == PathKind::RawXdp && r.variant == xdp.variant)?;
+            (raw.median_pps > 0.0).then(|| (xdp.variant, xdp.median_pps / raw.median_pps))
+        })
+        .collect()
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -329,6 +349,14 @@ pub fn table(results: &Results) -> String {
         let line: Vec<String> = r.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
         let _ = writeln!(t, "ratios (120B x1 c>p medians): {}", line.join(", "));
     }
+    let raw = xdp_over_raw(&sums);
+    if !raw.is_empty() {
+        let line: Vec<String> = raw
+            .iter()
+            .map(|(v, r)| format!("{} {r:.2}", v.label()))
+            .collect();
+        let _ = writeln!(t, "relay XDP / raw XDP (medians): {}", line.join(", "));
+    }
     for (path, reason) in &results.availability {
         if reason.is_some() {
             let _ = writeln!(t, "{}: unavailable (reason below)", path.name());
@@ -414,8 +442,12 @@ pub fn json(results: &Results) -> Value {
         .iter()
         .map(|(path, variant)| {
             json!({"path": path.name(), "variant": variant.label(),
-                   "reason": "the reference forwarder forwards client->peer only"})
+                   "reason": format!("the {} path forwards client->peer only", path.name())})
         })
+        .collect();
+    let xdp_over_raw_xdp: Vec<Value> = xdp_over_raw(&sums)
+        .iter()
+        .map(|(v, r)| json!({"variant": v.label(), "ratio": r}))
         .collect();
     json!({
         "conditions": results.conditions,
@@ -424,18 +456,20 @@ pub fn json(results: &Results) -> Value {
         "summary": summary,
         "not_applicable": not_applicable,
         "ratios": ratios,
+        "xdp_over_raw_xdp": xdp_over_raw_xdp,
         "latency": latency,
         "runs": runs,
     })
 }
 
-const COLORS: [(PathKind, &str); 6] = [
+const COLORS: [(PathKind, &str); 7] = [
     (PathKind::Generator, "#9e9e9e"),
     (PathKind::Socket, "#1f77b4"),
     (PathKind::Xdp, "#d62728"),
     (PathKind::Tc, "#ff7f0e"),
     (PathKind::Coturn, "#2ca02c"),
     (PathKind::Reference, "#9467bd"),
+    (PathKind::RawXdp, "#8c564b"),
 ];
 
 fn escape(s: &str) -> String {
@@ -455,8 +489,14 @@ pub fn svg(results: &Results) -> String {
         .map(|(p, _)| *p)
         .filter(|p| sums.iter().any(|s| s.path == *p))
         .collect();
-    let (w, h) = (160.0 + 120.0 * variants.len().max(1) as f64, 420.0_f64);
-    let (left, top, bottom) = (70.0, 50.0, 80.0);
+    // Wide enough for the title line whatever the number of variants.
+    let w = (160.0 + 120.0 * variants.len().max(1) as f64).max(780.0);
+    // The legend wraps: as many 110-pixel entries per row as the width holds.
+    let per_row = (((w - 90.0) / 110.0) as usize).max(1);
+    let legend_rows = paths.len().div_ceil(per_row).max(1);
+    let (left, top, bottom) = (70.0, 50.0, 80.0 + 20.0 * legend_rows as f64);
+    let h = 420.0 + 20.0 * legend_rows as f64;
+    let raw = xdp_over_raw(&sums);
     let plot_h = h - top - bottom;
     let max = sums.iter().map(|s| s.max_pps).fold(0.0, f64::max) / 1e6;
     let scale_max = nice_ceiling(max.max(0.001));
@@ -525,14 +565,22 @@ pub fn svg(results: &Results) -> String {
             h - bottom + 18.0,
             escape(&variant.label())
         );
+        if let Some((_, ratio)) = raw.iter().find(|(v, _)| v == variant) {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">xdp/raw {ratio:.2}</text>"#,
+                gx + (group_w - 20.0) / 2.0,
+                h - bottom + 34.0,
+            );
+        }
     }
     for (i, path) in paths.iter().enumerate() {
         let color = COLORS
             .iter()
             .find(|(p, _)| p == path)
             .map_or("#000", |c| c.1);
-        let x = left + 110.0 * i as f64;
-        let yy = h - 30.0;
+        let x = left + 110.0 * (i % per_row) as f64;
+        let yy = h - 10.0 - 20.0 * (legend_rows - 1 - i / per_row) as f64;
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{yy}">{}</text>"#,

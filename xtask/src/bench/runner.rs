@@ -44,6 +44,9 @@ pub enum PathKind {
     /// A minimal recvmmsg+GSO forwarder with no TURN logic (`cargo xtask bench-forwarder`),
     /// client→peer only: the floor of what the socket path's I/O costs.
     Reference,
+    /// A minimal XDP forwarder with no TURN logic (`cargo xtask bench-raw-xdp`), client→peer
+    /// only: the floor of what the XDP fast path's frame work costs.
+    RawXdp,
 }
 
 impl PathKind {
@@ -55,6 +58,7 @@ impl PathKind {
             Self::Tc => "tc",
             Self::Coturn => "coturn",
             Self::Reference => "reference",
+            Self::RawXdp => "raw-xdp",
         }
     }
 
@@ -66,19 +70,31 @@ impl PathKind {
             "tc" => Self::Tc,
             "coturn" => Self::Coturn,
             "reference" => Self::Reference,
+            "raw-xdp" => Self::RawXdp,
             other => {
-                bail!("unknown path {other:?} (generator, socket, xdp, tc, coturn, reference)")
+                bail!(
+                    "unknown path {other:?} (generator, socket, xdp, tc, coturn, reference, \
+                     raw-xdp)"
+                )
             }
         })
     }
 
-    fn is_kernel(self) -> bool {
-        matches!(self, Self::Xdp | Self::Tc)
+    /// Whether the path forwards in kernel programs (whose run time bpftool reports, and
+    /// whose transmits need an XDP program on the far veth ends).
+    pub fn is_kernel(self) -> bool {
+        matches!(self, Self::Xdp | Self::Tc | Self::RawXdp)
     }
 
-    /// Whether the path forwards peer→client too (the reference forwarder does not).
+    /// Whether the path forwards peer→client too (the minimal forwarders do not).
     pub fn both_directions(self) -> bool {
-        !matches!(self, Self::Reference)
+        !matches!(self, Self::Reference | Self::RawXdp)
+    }
+
+    /// Whether the path is one of the minimal forwarders without TURN (and without a control
+    /// plane: their "allocations" are bare client sockets).
+    pub fn is_bare_forwarder(self) -> bool {
+        matches!(self, Self::Reference | Self::RawXdp)
     }
 }
 
@@ -112,9 +128,11 @@ pub struct Ctx {
     pub latency_rate: u32,
     pub latency_duration: Duration,
     pub secret: String,
-    /// How long a server that needs a bound (the reference forwarder) may run: one path's
-    /// floods, settles and latency probe, with room to spare.
+    /// How long a server that needs a bound (the reference and raw XDP forwarders) may run:
+    /// one path's floods, settles and latency probe, with room to spare.
     pub server_bound: Duration,
+    /// The benchmark's eBPF object (relay-bench-ebpf): the raw XDP forwarder's program.
+    pub bench_object: PathBuf,
 }
 
 /// What one flood measured. Delivered counts come from the far-end sinks (XDP counters on the
@@ -233,6 +251,7 @@ pub fn start(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
         PathKind::Generator => Err("not a server".to_owned()),
         PathKind::Coturn => start_coturn(lab, ctx),
         PathKind::Reference => start_reference(lab, ctx),
+        PathKind::RawXdp => start_raw_xdp(lab, ctx),
         _ => start_relay(path, lab, ctx),
     }
 }
@@ -326,6 +345,59 @@ fn start_reference(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
         "reference forwarder",
         Duration::from_secs(10),
         |log| (!log.contains("listening on udp")).then(|| "not listening yet".to_owned()),
+    )
+}
+
+/// The raw XDP forwarder: this same xtask binary's hidden `bench-raw-xdp` subcommand, which
+/// attaches `relay_bench_fwd` to the listener's interface in the relay namespace, sending out of
+/// the peer-facing one to the peer (from the reference forwarder's relayed address, so both
+/// minimal forwarders produce the same datagrams), and detaches after `ctx.server_bound`.
+fn start_raw_xdp(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating xtask: {e}"))?;
+    let exe = exe.to_str().ok_or("non-utf-8 xtask path")?;
+    let object = ctx.bench_object.to_str().ok_or("non-utf-8 object path")?;
+    let peer_mac = loadgen::mac_of(&lab.peer, &lab.p0).map_err(|e| format!("{e:#}"))?;
+    let peer_mac = peer_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut command = pinned(&lab.relay, ctx.relay_cpu, exe);
+    command.args([
+        "bench-raw-xdp",
+        "--object",
+        object,
+        "--interface",
+        &lab.r_c,
+        "--egress",
+        &lab.r_p,
+        "--listen-port",
+        &LISTEN_PORT.to_string(),
+        "--relayed",
+        &format!("{RELAY_IP}:{REFERENCE_PORT}"),
+        "--peer",
+        &format!("{PEER_IP}:{PEER_PORT}"),
+        "--peer-mac",
+        &peer_mac,
+        "--seconds",
+        &ctx.server_bound.as_secs().max(1).to_string(),
+        "--stats-file",
+    ]);
+    let stats_file = ctx.out.join("raw-xdp-forwarder.log");
+    let _ = std::fs::remove_file(&stats_file);
+    command.arg(&stats_file);
+    let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
+    let server = Server {
+        pid: child.id(),
+        child,
+        log,
+        log_file: None,
+    };
+    wait_ready(
+        server,
+        "raw XDP forwarder",
+        Duration::from_secs(10),
+        |log| (!log.contains("raw XDP forwarder attached")).then(|| "not attached yet".to_owned()),
     )
 }
 
@@ -470,10 +542,10 @@ pub fn allocate(lab: &Lab, ctx: &Ctx, n: usize) -> anyhow::Result<Vec<Allocation
     Ok(out)
 }
 
-/// The reference forwarder's "allocations": the same client sockets as `allocate`, channel
-/// 0x4000, relayed address the forwarder's; no control plane (it has none), so the generator's
-/// frames are the same as for the TURN servers.
-pub fn reference_allocations(lab: &Lab, n: usize) -> anyhow::Result<Vec<Allocation>> {
+/// The minimal forwarders' "allocations" (reference and raw XDP): the same client sockets as
+/// `allocate`, channel 0x4000, relayed address the forwarders'; no control plane (they have
+/// none), so the generator's frames are the same as for the TURN servers.
+pub fn bare_allocations(lab: &Lab, n: usize) -> anyhow::Result<Vec<Allocation>> {
     let relayed = SocketAddr::from((RELAY_IP, REFERENCE_PORT));
     Ok(client_sockets(lab, n)?
         .into_iter()

@@ -1,4 +1,4 @@
-//! The benchmark's far ends: `relay_bench_sink` (relay-ebpf/src/bench_sink.rs) attached
+//! The benchmark's far ends: `relay_bench_sink` (relay-bench-ebpf/src/sink.rs) attached
 //! natively to the veth ends where the benchmark's traffic ends, counting and dropping it in
 //! XDP. Before it, the peer's and the clients' kernel UDP stacks received every frame on the
 //! generator's core and capped every path near 0.4 Mpps (the relay's redirects failed with
@@ -23,9 +23,10 @@ use aya::{
     programs::{Xdp, XdpMode},
     Ebpf,
 };
-use relay_common::{
-    BenchSinkConfig, BenchSinkCounters, BenchSinkRule, BENCH_SINK_CFG_MAP, BENCH_SINK_CHANNEL_DATA,
-    BENCH_SINK_COUNTERS_MAP, BENCH_SINK_DROP, BENCH_SINK_MAX_RULES, BENCH_SINK_PROGRAM,
+use relay_bench_common::{
+    BenchSinkConfig, BenchSinkCounters, BenchSinkRule, BENCH_PASS_PROGRAM, BENCH_SINK_CFG_MAP,
+    BENCH_SINK_CHANNEL_DATA, BENCH_SINK_COUNTERS_MAP, BENCH_SINK_DROP, BENCH_SINK_MAX_RULES,
+    BENCH_SINK_PROGRAM,
 };
 
 use super::lab::{in_ns, Lab, LISTEN_IP, PEER_IP};
@@ -149,6 +150,29 @@ impl Sink {
                 bytes: sum.bytes + c.bytes,
             }))
     }
+}
+
+/// `relay_bench_pass` from `object`, attached in driver mode to `dev` in namespace `ns` until
+/// the returned object is dropped.
+pub fn pass_hook(object: &Arc<Vec<u8>>, ns: &str, dev: &str) -> anyhow::Result<Ebpf> {
+    let object = Arc::clone(object);
+    let dev_name = dev.to_owned();
+    // The ifindex lookup and the link creation happen in the calling thread's namespace.
+    in_ns(ns, move || {
+        let mut ebpf = Ebpf::load(&object).context("loading the benchmark's eBPF object")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(BENCH_PASS_PROGRAM)
+            .with_context(|| format!("no program {BENCH_PASS_PROGRAM}"))?
+            .try_into()?;
+        program
+            .load()
+            .map_err(|e| anyhow::anyhow!("loading {BENCH_PASS_PROGRAM}: {}", error_chain(&e)))?;
+        program
+            .attach(&dev_name, XdpMode::Driver)
+            .map_err(|e| anyhow::anyhow!("attaching to {dev_name}: {}", error_chain(&e)))?;
+        Ok(ebpf)
+    })
+    .with_context(|| format!("far-end XDP_PASS on {dev}"))
 }
 
 /// The far ends of the relay paths: the peer's veth end (client → peer traffic) and the

@@ -1,10 +1,10 @@
 //! The live-frames generator: BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES (kernel >= 5.18)
-//! runs relay-ebpf's `relay_bench_gen` over frames the kernel allocates from a page pool and
+//! runs relay-bench-ebpf's `relay_bench_gen` over frames the kernel allocates from a page pool and
 //! sends every frame it returns XDP_REDIRECT for: out of the generator's veth, straight into the
 //! server's veth end, without a socket, a syscall or an skb per frame.
 //!
-//! Per flood: load the program from the built eBPF object (`cargo xtask build-ebpf`; xtask does
-//! not depend on relay-user, whose build script builds the eBPF crate), write one template per
+//! Per flood: load the program from the benchmark's eBPF object (relay-bench-ebpf, which xtask
+//! builds before the benchmark starts), write one template per
 //! flow (Ethernet + IPv4 + UDP (+ ChannelData header) + first payload bytes, checksums over the
 //! whole frame), then, from a thread that entered the origin namespace and is pinned to the
 //! generator core, call BPF_PROG_TEST_RUN with `repeat` = frames per call until the duration or
@@ -30,7 +30,7 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp},
     Ebpf,
 };
-use relay_common::{
+use relay_bench_common::{
     BenchGenConfig, BenchGenFrame, BENCH_GEN_CFG_MAP, BENCH_GEN_FRAMES_MAP, BENCH_GEN_MAX_FRAMES,
     BENCH_GEN_PROGRAM, BENCH_GEN_TEMPLATE_LEN,
 };
@@ -68,7 +68,7 @@ impl LiveFramesGenerator {
     pub fn new(object: &Path) -> anyhow::Result<Self> {
         let bytes = std::fs::read(object).with_context(|| {
             format!(
-                "reading the eBPF object {} (built by `cargo xtask build-ebpf` or a relay build)",
+                "reading the benchmark's eBPF object {} (built by `cargo xtask build-ebpf`)",
                 object.display()
             )
         })?;
@@ -284,7 +284,7 @@ fn is_einval(e: &ProgramError) -> bool {
 }
 
 /// The MAC address of `dev` in `netns`.
-fn mac_of(netns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
+pub fn mac_of(netns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
     let out = Command::new("ip")
         .args(["-n", netns, "-o", "link", "show", "dev", dev])
         .output()
@@ -295,12 +295,7 @@ fn mac_of(netns: &str, dev: &str) -> anyhow::Result<[u8; 6]> {
         .skip_while(|w| *w != "link/ether")
         .nth(1)
         .with_context(|| format!("no MAC address for {dev} in {netns}: {text}"))?;
-    let mut bytes = [0u8; 6];
-    let mut parts = mac.split(':');
-    for b in &mut bytes {
-        *b = u8::from_str_radix(parts.next().context("short MAC address")?, 16)?;
-    }
-    Ok(bytes)
+    crate::bench::raw_xdp::parse_mac(mac)
 }
 
 /// One full frame per (group, destination), interleaved group by group so that consecutive

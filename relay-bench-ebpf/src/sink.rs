@@ -19,17 +19,17 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use relay_common::{
+use relay_bench_common::{
     BenchSinkConfig, BenchSinkCounters, BENCH_SINK_CHANNEL_DATA, BENCH_SINK_CLASSES,
     BENCH_SINK_DROP, BENCH_SINK_OTHER,
 };
 
-/// Rules and mode (`relay_common::BENCH_SINK_CFG_MAP`); written by the benchmark.
+/// Rules and mode (`relay_bench_common::BENCH_SINK_CFG_MAP`); written by the benchmark.
 #[map(name = "BENCH_SINK_CFG")]
 static BENCH_SINK_CFG: Array<BenchSinkConfig> = Array::with_max_entries(1, 0);
 
 /// Frames and bytes per class, per CPU so no atomics are needed
-/// (`relay_common::BENCH_SINK_COUNTERS_MAP`).
+/// (`relay_bench_common::BENCH_SINK_COUNTERS_MAP`).
 #[map(name = "BENCH_SINK_COUNTERS")]
 static BENCH_SINK_COUNTERS: PerCpuArray<BenchSinkCounters> =
     PerCpuArray::with_max_entries(BENCH_SINK_CLASSES, 0);
@@ -136,7 +136,7 @@ fn class_of(cfg: &BenchSinkConfig, dst: u32, port: u16, first_byte: Option<u8>) 
 
 #[cfg(all(test, not(target_arch = "bpf")))]
 mod tests {
-    use relay_common::{BenchSinkRule, BENCH_SINK_MAX_RULES};
+    use relay_bench_common::{BenchSinkRule, BENCH_SINK_MAX_RULES};
 
     use super::*;
 

@@ -6,8 +6,8 @@
 //! frame and redirects it out of the generator's veth, towards the server under test.
 //!
 //! The stamp is required on every frame, not only the first: live-frame pages are recycled with
-//! whatever downstream programs (the relay's XDP, which strips the ChannelData header and
-//! rewrites the headers in place) wrote into them. Only the first
+//! whatever downstream programs (the relay's XDP, the raw forwarder: both strip the ChannelData
+//! header and rewrite the headers in place) wrote into them. Only the first
 //! [`BENCH_GEN_TEMPLATE_LEN`] bytes are ever rewritten downstream, so the payload after them
 //! (the test run's `data_in`, shared by all flows) stays valid, and so do the checksums that
 //! userspace computed over the whole frame.
@@ -19,17 +19,19 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use relay_common::{BenchGenConfig, BenchGenFrame, BENCH_GEN_MAX_FRAMES, BENCH_GEN_TEMPLATE_LEN};
+use relay_bench_common::{
+    BenchGenConfig, BenchGenFrame, BENCH_GEN_MAX_FRAMES, BENCH_GEN_TEMPLATE_LEN,
+};
 
-/// Where to send and how many templates are in use (`relay_common::BENCH_GEN_CFG_MAP`).
+/// Where to send and how many templates are in use (`relay_bench_common::BENCH_GEN_CFG_MAP`).
 #[map(name = "BENCH_GEN_CFG")]
 static BENCH_GEN_CFG: Array<BenchGenConfig> = Array::with_max_entries(1, 0);
 
-/// One template per flow (`relay_common::BENCH_GEN_FRAMES_MAP`).
+/// One template per flow (`relay_bench_common::BENCH_GEN_FRAMES_MAP`).
 #[map(name = "BENCH_GEN_FRAMES")]
 static BENCH_GEN_FRAMES: Array<BenchGenFrame> = Array::with_max_entries(BENCH_GEN_MAX_FRAMES, 0);
 
-/// The next template on this CPU (`relay_common::BENCH_GEN_NEXT_MAP`); per CPU, so no atomics.
+/// The next template on this CPU (`relay_bench_common::BENCH_GEN_NEXT_MAP`); per CPU, so no atomics.
 #[map(name = "BENCH_GEN_NEXT")]
 static BENCH_GEN_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
