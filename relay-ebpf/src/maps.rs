@@ -62,9 +62,9 @@ pub static PEER_POLICY_V6: LpmTrie<[u32; 4], u32> =
 #[inline(always)]
 pub fn peer_allowed(family: u8, ip: &[u32; 4]) -> bool {
     let verdict = if family == FAMILY_IPV4 {
-        PEER_POLICY_V4.get(&Key::new(32, ip[0]))
+        PEER_POLICY_V4.get(Key::new(32, ip[0]))
     } else {
-        PEER_POLICY_V6.get(&Key::new(128, *ip))
+        PEER_POLICY_V6.get(Key::new(128, *ip))
     };
     matches!(verdict, Some(&POLICY_ALLOW))
 }
