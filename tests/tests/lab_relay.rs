@@ -983,5 +983,5 @@ fn a_full_kernel_map_keeps_bindings_on_the_socket_path() {
         1,
         "one warning for the full maps:\n{log}"
     );
-    assert!(log.contains("kernel maps sized"), "{log}");
+    assert!(log.contains("kernel maps: 2 bindings"), "{log}");
 }

@@ -456,11 +456,14 @@ pub fn log_capacity(fastpath: &FastPath) {
     let capacity = fastpath.capacity();
     let cpus = aya::util::nr_cpus().unwrap_or(1);
     info!(
-        bindings = capacity.bindings,
-        next_hops = capacity.next_hops,
-        allocations = capacity.allocations,
-        kernel_bytes = capacity.bytes(cpus),
-        bytes_per_binding = relay_common::CHANNEL_BINDING_BYTES,
-        "kernel maps sized (--kernel-bindings); preallocated kernel memory"
+        "kernel maps: {} bindings, {} next hops, {} allocations, {:.1} MiB preallocated \
+         ({} B per binding, {} B per next hop, {} B per allocation); --kernel-bindings sets it",
+        capacity.bindings,
+        capacity.next_hops,
+        capacity.allocations,
+        capacity.bytes(cpus) as f64 / f64::from(1 << 20),
+        relay_common::CHANNEL_BINDING_BYTES,
+        relay_common::NEXT_HOP_BYTES,
+        relay_common::allocation_counter_bytes(cpus),
     );
 }
