@@ -389,6 +389,14 @@ impl OneNic {
             ),
             (&lab.peer, &lab.peer_if, ONE_NIC_PEER_IP, ONE_NIC_PEER_IP6),
         ] {
+            // No DAD for the link-local address either: while it is tentative the kernel sends
+            // no neighbour solicitation the relay asks for (ndisc_send_ns needs a source), and
+            // the first seconds of IPv6 traffic would take the socket path. An operator's
+            // interface is long past DAD.
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
+            );
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
             ns.ip(&[
                 "-6",

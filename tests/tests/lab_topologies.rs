@@ -553,6 +553,9 @@ fn peer_mac_changes_mid_flow() {
          {afterwards:?}\n{}",
         relay.log()
     );
+    eprintln!(
+        "sent {sent}, echoed {echoed}; during the change {during:?}; afterwards {afterwards:?}"
+    );
     // Only the datagrams the kernel sent to the old MAC between the change and the
     // gratuitous ARP can be lost: one round trip at a time is in flight.
     assert!(sent - echoed <= 1, "{context}");
@@ -651,6 +654,9 @@ fn peer_route_moves_off_and_back_onto_the_fast_path_mid_flow() {
         "sent {sent}, echoed {echoed}\nattached {phase1:?}\nmoved {phase2:?}\nback \
          {phase3:?}\nsecond link sent {alt_sent}\n{}",
         relay.log()
+    );
+    eprintln!(
+        "sent {sent}, echoed {echoed}\nattached {phase1:?}\nmoved {phase2:?}\nback {phase3:?}"
     );
     assert_eq!(sent, echoed, "{context}");
     // 1: everything on the kernel path.
