@@ -168,26 +168,7 @@ impl ThreeHosts {
     /// and on every interface, and checks it stuck: the kernel fast path must work on a host
     /// that is not a router.
     pub fn force_forwarding_off(&self) {
-        let mut keys = vec![
-            "net.ipv4.ip_forward".to_owned(),
-            "net.ipv4.conf.all.forwarding".to_owned(),
-            "net.ipv6.conf.all.forwarding".to_owned(),
-        ];
-        for dev in [&self.relay_client_if, &self.relay_peer_if] {
-            keys.push(format!("net.ipv4.conf.{dev}.forwarding"));
-            keys.push(format!("net.ipv6.conf.{dev}.forwarding"));
-        }
-        for key in &keys {
-            self.relay.exec("sysctl", &["-qw", &format!("{key}=0")]);
-            let out = self
-                .relay
-                .command("sysctl")
-                .args(["-n", key])
-                .output()
-                .expect("sysctl -n");
-            let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            assert_eq!(value, "0", "{key} is {value} in the relay namespace");
-        }
+        force_forwarding_off(&self.relay, &[&self.relay_client_if, &self.relay_peer_if]);
     }
 
     /// Permanent neighbour entries on every link, both families: no ARP/ND before the first
@@ -253,6 +234,205 @@ impl ThreeHosts {
 }
 
 impl Default for ThreeHosts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sets IP forwarding off in `ns`, for both families, globally and on each of `devs`, and
+/// checks it stuck.
+pub fn force_forwarding_off(ns: &Netns, devs: &[&str]) {
+    let mut keys = vec![
+        "net.ipv4.ip_forward".to_owned(),
+        "net.ipv4.conf.all.forwarding".to_owned(),
+        "net.ipv6.conf.all.forwarding".to_owned(),
+    ];
+    for dev in devs {
+        keys.push(format!("net.ipv4.conf.{dev}.forwarding"));
+        keys.push(format!("net.ipv6.conf.{dev}.forwarding"));
+    }
+    for key in &keys {
+        ns.exec("sysctl", &["-qw", &format!("{key}=0")]);
+        let out = ns
+            .command("sysctl")
+            .args(["-n", key])
+            .output()
+            .expect("sysctl -n");
+        let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(value, "0", "{key} is {value} in {}", ns.name());
+    }
+}
+
+/// The one-NIC lab: the relay has a single interface, as most bare-metal and cloud TURN hosts
+/// do, and sends relayed traffic back out of the interface it came in on (XDP_TX).
+///
+/// ```text
+///  client ns  client_if 198.18.1.2/24  2001:2:0:1::2/64 ─┐
+///                                                        │   switch ns: bridge with the
+///  relay ns   relay_if  198.18.1.1/24  2001:2:0:1::1/64 ─┼── three far veth ends as ports
+///                       198.18.3.1/24  2001:2:0:3::1/64  │
+///  peer ns    peer_if   198.18.3.2/24  2001:2:0:3::2/64 ─┘
+/// ```
+///
+/// - Client and peer share the L2 segment but not a subnet, and have no routes beyond their
+///   own: they can only reach each other through the relay, whose forwarding is off
+///   ([`OneNic::client_reaches_peer`] proves it).
+/// - The relay listens on its client-subnet address and relays from its peer-subnet address
+///   ([`ONE_NIC_RELAY_IP`]), both on `relay_if`.
+/// - Neighbours are learnt dynamically (ARP/ND), as on an operator's host.
+/// - `switch_relay_if` is the far end of the relay's veth: frames the relay's XDP transmits
+///   back (XDP_TX) are only delivered if it runs an XDP program (tests attach XDP_PASS).
+/// - TX checksum offload is off on `client_if` and `peer_if`, as in [`ThreeHosts`].
+///
+/// Dropping it deletes the namespaces and with them every device.
+pub struct OneNic {
+    pub switch: Netns,
+    pub client: Netns,
+    pub relay: Netns,
+    pub peer: Netns,
+    pub bridge: String,
+    pub client_if: String,
+    pub relay_if: String,
+    pub peer_if: String,
+    pub switch_client_if: String,
+    pub switch_relay_if: String,
+    pub switch_peer_if: String,
+}
+
+/// The relay's address in the peer subnet of [`OneNic`] (relayed transport addresses).
+pub const ONE_NIC_RELAY_IP: &str = "198.18.3.1";
+pub const ONE_NIC_RELAY_IP6: &str = "2001:2:0:3::1";
+/// The peer of [`OneNic`].
+pub const ONE_NIC_PEER_IP: &str = "198.18.3.2";
+pub const ONE_NIC_PEER_IP6: &str = "2001:2:0:3::2";
+/// The peer subnet of [`OneNic`].
+pub const ONE_NIC_PEER_NET: &str = "198.18.3.0/24";
+pub const ONE_NIC_PEER_NET6: &str = "2001:2:0:3::/64";
+
+impl OneNic {
+    pub fn new() -> Self {
+        let switch = Netns::new("l1s");
+        let client = Netns::new("l1c");
+        let relay = Netns::new("l1r");
+        let peer = Netns::new("l1p");
+        let suffix = unique_suffix();
+        let lab = Self {
+            bridge: format!("br{suffix}"),
+            client_if: format!("c{suffix}"),
+            relay_if: format!("r{suffix}"),
+            peer_if: format!("p{suffix}"),
+            switch_client_if: format!("sc{suffix}"),
+            switch_relay_if: format!("sr{suffix}"),
+            switch_peer_if: format!("sp{suffix}"),
+            switch,
+            client,
+            relay,
+            peer,
+        };
+        assert!(
+            lab.switch_relay_if.len() <= 15,
+            "interface name too long: {}",
+            lab.switch_relay_if
+        );
+        // No multicast snooping: IPv6 neighbour discovery (solicited-node multicast) is
+        // flooded like on a dumb switch, without waiting for MLD state.
+        lab.switch.ip(&[
+            "link",
+            "add",
+            &lab.bridge,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        lab.switch.ip(&["link", "set", &lab.bridge, "up"]);
+        for (ns, dev, mac, port, port_mac) in [
+            (
+                &lab.client,
+                &lab.client_if,
+                CLIENT_MAC,
+                &lab.switch_client_if,
+                [0x02, 0, 0, 0, 0x0b, 0x02],
+            ),
+            (
+                &lab.relay,
+                &lab.relay_if,
+                RELAY_CLIENT_SIDE_MAC,
+                &lab.switch_relay_if,
+                [0x02, 0, 0, 0, 0x0b, 0x01],
+            ),
+            (
+                &lab.peer,
+                &lab.peer_if,
+                PEER_MAC,
+                &lab.switch_peer_if,
+                [0x02, 0, 0, 0, 0x0b, 0x03],
+            ),
+        ] {
+            veth((ns, dev, mac), (&lab.switch, port, port_mac));
+            lab.switch.ip(&["link", "set", port, "master", &lab.bridge]);
+            lab.switch.ip(&["link", "set", port, "up"]);
+        }
+        for (ns, dev, v4, v6) in [
+            (&lab.client, &lab.client_if, CLIENT_IP, CLIENT_IP6),
+            (
+                &lab.relay,
+                &lab.relay_if,
+                RELAY_CLIENT_SIDE_IP,
+                RELAY_CLIENT_SIDE_IP6,
+            ),
+            (
+                &lab.relay,
+                &lab.relay_if,
+                ONE_NIC_RELAY_IP,
+                ONE_NIC_RELAY_IP6,
+            ),
+            (&lab.peer, &lab.peer_if, ONE_NIC_PEER_IP, ONE_NIC_PEER_IP6),
+        ] {
+            // No DAD for the link-local address either: while it is tentative the kernel sends
+            // no neighbour solicitation the relay asks for (ndisc_send_ns needs a source), and
+            // the first seconds of IPv6 traffic would take the socket path. An operator's
+            // interface is long past DAD.
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
+            );
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        for (ns, dev) in [(&lab.client, &lab.client_if), (&lab.peer, &lab.peer_if)] {
+            ns.exec("ethtool", &["-K", dev, "tx", "off"]);
+        }
+        lab
+    }
+
+    /// [`force_forwarding_off`] in the relay namespace, on its one interface.
+    pub fn force_forwarding_off(&self) {
+        force_forwarding_off(&self.relay, &[&self.relay_if]);
+    }
+
+    /// Whether the client can ping the peer (it must not: different subnets, no routes, and
+    /// the relay does not route).
+    pub fn client_reaches_peer(&self) -> bool {
+        self.client
+            .command("ping")
+            .args(["-c", "1", "-W", "1", ONE_NIC_PEER_IP])
+            .output()
+            .map(|out| out.status.success())
+            .expect("run ping (iputils-ping; `cargo xtask setup` installs it)")
+    }
+}
+
+impl Default for OneNic {
     fn default() -> Self {
         Self::new()
     }
