@@ -146,6 +146,12 @@ impl ThreeHosts {
             ),
             (&lab.peer, &lab.peer_if, PEER_IP, PEER_IP6),
         ] {
+            // No DAD for the link-local address either (see `OneNic::new`): a tentative one
+            // keeps the relay from soliciting neighbours for the first seconds.
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
+            );
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
             ns.ip(&[
                 "-6",
