@@ -28,14 +28,17 @@ pub const VERDICT_COUNTERS_MAP: &str = "VERDICT_COUNTERS";
 pub const CHANNELS_MAP: &str = "CHANNELS";
 /// Name of the hash map peer → client: [`PeerKey`] → [`ToClient`].
 pub const PEERS_MAP: &str = "PEERS";
-/// Name of the per-CPU hash of per-allocation counters: allocation id (`u32`) →
-/// [`AllocationCounters`].
+/// Name of the per-CPU array of per-allocation counters: counter slot (`u32`, assigned by
+/// userspace to each allocation with kernel bindings) → [`AllocationCounters`]. An array, not a
+/// hash: the program indexes it on every forwarded packet.
 pub const ALLOCATION_COUNTERS_MAP: &str = "ALLOCATION_COUNTERS";
 /// Name of the DEVMAP_HASH (ifindex → ifindex) of interfaces the fast path may send out of.
 pub const EGRESS_DEVICES_MAP: &str = "EGRESS_DEVICES";
-/// Name of the hash set of listener UDP ports (network order `u16` → `u8`): only datagrams to
-/// these ports are read as client ChannelData, so a peer's payload that happens to start with
-/// bits 0b01 is never taken for (or counted as malformed) ChannelData.
+/// Name of the bitmap of listener UDP ports: an array of [`LISTENER_PORT_WORDS`] `u64` words,
+/// port `p` (host order) is bit `p % 64` of word `p / 64`. Only datagrams to these ports are
+/// read as client ChannelData, so a peer's payload that happens to start with bits 0b01 is
+/// never taken for (or counted as malformed) ChannelData. A bitmap costs one array load per
+/// datagram where a hash set costs a hash.
 pub const LISTENER_PORTS_MAP: &str = "LISTENER_PORTS";
 /// Name of the array of next hops (`u32` index → [`NextHop`]): where a frame for one destination
 /// address leaves (interface, MACs, MTU). Userspace resolves them from the kernel's routing and
@@ -53,7 +56,7 @@ pub const PEER_POLICY_V6_MAP: &str = "PEER_POLICY_V6";
 /// Default capacity of [`CHANNELS_MAP`] and [`PEERS_MAP`] (each binding takes one entry in
 /// both). Userspace sizes them at load time (`--kernel-bindings`).
 pub const MAX_CHANNEL_BINDINGS: u32 = 16_384;
-/// Default capacity of [`ALLOCATION_COUNTERS_MAP`].
+/// Default capacity of [`ALLOCATION_COUNTERS_MAP`] (counter slots).
 pub const MAX_ALLOCATIONS: u32 = 16_384;
 /// Default capacity of [`NEXT_HOPS_MAP`]: one next hop per destination address in use (each
 /// binding has a client and a peer address).
@@ -62,8 +65,8 @@ pub const MAX_NEXT_HOPS: u32 = 2 * MAX_CHANNEL_BINDINGS;
 pub const NEXT_HOPS_LIMIT: u32 = 1 << 16;
 /// Interfaces in [`EGRESS_DEVICES_MAP`].
 pub const MAX_EGRESS_DEVICES: u32 = 64;
-/// Ports in [`LISTENER_PORTS_MAP`].
-pub const MAX_LISTENER_PORTS: u32 = 64;
+/// Words in [`LISTENER_PORTS_MAP`]: one bit per UDP port.
+pub const LISTENER_PORT_WORDS: u32 = 65_536 / 64;
 /// Prefixes in each of [`PEER_POLICY_V4_MAP`] and [`PEER_POLICY_V6_MAP`]: the default-denied ranges, the operator's allow and deny
 /// lists and every address of the host.
 pub const MAX_POLICY_PREFIXES: u32 = 4_096;
@@ -129,8 +132,8 @@ pub struct ChannelKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ToPeer {
-    /// Allocation id, the key of [`ALLOCATION_COUNTERS_MAP`].
-    pub allocation: u32,
+    /// The allocation's counter slot in [`ALLOCATION_COUNTERS_MAP`].
+    pub counters: u32,
     /// [`FLAG_ENABLED`], [`FLAG_HAIRPIN`].
     pub flags: u16,
     /// Index of the peer's [`NextHop`] in [`NEXT_HOPS_MAP`].
@@ -165,8 +168,8 @@ pub struct PeerKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ToClient {
-    /// Allocation id, the key of [`ALLOCATION_COUNTERS_MAP`].
-    pub allocation: u32,
+    /// The allocation's counter slot in [`ALLOCATION_COUNTERS_MAP`].
+    pub counters: u32,
     /// [`FLAG_ENABLED`].
     pub flags: u16,
     /// Index of the client's [`NextHop`] in [`NEXT_HOPS_MAP`].
@@ -300,10 +303,10 @@ pub const CHANNEL_BINDING_BYTES: usize = hash_entry_bytes(
 /// Kernel memory of one [`NEXT_HOPS_MAP`] slot (array elements are rounded up to 8 bytes).
 pub const NEXT_HOP_BYTES: usize = core::mem::size_of::<NextHop>().next_multiple_of(8);
 
-/// Kernel memory of one allocation's counters on a machine with `cpus` possible CPUs: the
-/// element (with its per-CPU pointer) plus one [`AllocationCounters`] per CPU.
+/// Kernel memory of one allocation's counter slot on a machine with `cpus` possible CPUs: its
+/// per-CPU pointer plus one [`AllocationCounters`] per CPU.
 pub const fn allocation_counter_bytes(cpus: usize) -> usize {
-    hash_entry_bytes(4, 8) + cpus * core::mem::size_of::<AllocationCounters>()
+    8 + cpus * core::mem::size_of::<AllocationCounters>()
 }
 
 /// Why the kernel program did what it did with one frame.
@@ -515,8 +518,8 @@ mod tests {
         // shared by every binding to the same address.
         assert_eq!(CHANNEL_BINDING_BYTES, 320);
         assert_eq!(NEXT_HOP_BYTES, 24);
-        // 48 + 8-byte key + 8-byte per-CPU pointer + 16 bucket, then 32 bytes per CPU.
-        assert_eq!(allocation_counter_bytes(2), 80 + 64);
+        // An 8-byte per-CPU pointer, then 32 bytes per CPU.
+        assert_eq!(allocation_counter_bytes(2), 8 + 64);
         // Hash maps preallocate every entry: the default channel maps and next hops must fit
         // in 8 MiB, and the counters of every allocation in 64 MiB even on a 64-CPU machine.
         assert!(

@@ -23,14 +23,14 @@ pub trait Packet {
     fn data_end(&self) -> usize;
     /// Interface the frame arrived on.
     fn ingress_ifindex(&self) -> u32;
-    /// Removes four bytes right after the UDP header at `l4_offset` (34 for IPv4, 54 for
-    /// IPv6). Ethernet and IP headers keep their content and offsets; the eight bytes at
-    /// `l4_offset` are garbage afterwards (the caller writes a new UDP header there).
-    /// Data pointers must be reloaded afterwards.
-    fn strip4(&mut self, l4_offset: usize) -> bool;
-    /// Inserts four bytes right after the UDP header at `l4_offset`, with the same guarantees
-    /// as [`Packet::strip4`]: afterwards the twelve bytes at `l4_offset` are garbage.
-    fn insert4(&mut self, l4_offset: usize) -> bool;
+    /// Removes four bytes right after the UDP header (the ChannelData header): everything
+    /// behind them keeps its place relative to the end of the headers, and every header byte
+    /// (Ethernet, IP, UDP) is garbage afterwards: the caller writes all of them anew. Data
+    /// pointers must be reloaded afterwards.
+    fn strip4(&mut self) -> bool;
+    /// Inserts four bytes right after the UDP header, with the same guarantees as
+    /// [`Packet::strip4`]: afterwards every header byte and the four new ones are garbage.
+    fn insert4(&mut self) -> bool;
     /// Removes `len` bytes at the end. Data pointers must be reloaded afterwards.
     fn trim_tail(&mut self, len: usize) -> bool;
     /// Copies four bytes at `offset` (not necessarily bounds-checked by the verifier) into `buf`.
@@ -69,28 +69,18 @@ impl Packet for Xdp {
     }
 
     #[inline(always)]
-    fn strip4(&mut self, l4_offset: usize) -> bool {
-        // Move Ethernet + IP four bytes towards the payload, then drop the first four bytes.
-        let moved = match l4_offset {
-            34 => self.move_headers_back::<34>(),
-            54 => self.move_headers_back::<54>(),
-            _ => false,
-        };
+    fn strip4(&mut self) -> bool {
+        // The first four bytes leave; the headers that now start the frame are rewritten
+        // whole by the caller, so nothing has to move.
         // SAFETY: the helper checks the new head against the frame itself.
-        moved && unsafe { bpf_xdp_adjust_head(self.ctx, 4) == 0 }
+        unsafe { bpf_xdp_adjust_head(self.ctx, 4) == 0 }
     }
 
     #[inline(always)]
-    fn insert4(&mut self, l4_offset: usize) -> bool {
+    fn insert4(&mut self) -> bool {
+        // Four bytes of headroom join the frame; the caller rewrites the headers whole.
         // SAFETY: the helper checks there is enough headroom.
-        if unsafe { bpf_xdp_adjust_head(self.ctx, -4) } != 0 {
-            return false;
-        }
-        match l4_offset {
-            34 => self.move_headers_front::<34>(),
-            54 => self.move_headers_front::<54>(),
-            _ => false,
-        }
+        unsafe { bpf_xdp_adjust_head(self.ctx, -4) == 0 }
     }
 
     #[inline(always)]
@@ -110,49 +100,6 @@ impl Packet for Xdp {
     fn select_egress(&mut self, ifindex: u32) -> bool {
         // Flags 0: a missing entry answers XDP_ABORTED (as `Err`) and records no target.
         EGRESS_DEVICES.redirect(ifindex, 0).is_ok()
-    }
-}
-
-impl Xdp {
-    /// Copies bytes `0..L4` to `4..L4 + 4` (back to front, the ranges overlap).
-    #[inline(always)]
-    fn move_headers_back<const L4: usize>(&mut self) -> bool {
-        let start = self.data();
-        if start + L4 + 4 > self.data_end() {
-            return false;
-        }
-        let mut i = L4;
-        while i > 0 {
-            i -= 1;
-            // Volatile keeps each load next to its store: otherwise LLVM batches all loads
-            // first and spills them, far beyond the 512-byte BPF stack.
-            // SAFETY: `i + 4 < L4 + 4` and the frame holds `L4 + 4` bytes (checked above).
-            unsafe {
-                let byte = core::ptr::read_volatile((start + i) as *const u8);
-                core::ptr::write_volatile((start + i + 4) as *mut u8, byte);
-            }
-        }
-        true
-    }
-
-    /// Copies bytes `4..L4 + 4` to `0..L4` (front to back, the ranges overlap).
-    #[inline(always)]
-    fn move_headers_front<const L4: usize>(&mut self) -> bool {
-        let start = self.data();
-        if start + L4 + 4 > self.data_end() {
-            return false;
-        }
-        let mut i = 0;
-        while i < L4 {
-            // Volatile: see `move_headers_back`.
-            // SAFETY: `i + 4 < L4 + 4` and the frame holds `L4 + 4` bytes (checked above).
-            unsafe {
-                let byte = core::ptr::read_volatile((start + i + 4) as *const u8);
-                core::ptr::write_volatile((start + i) as *mut u8, byte);
-            }
-            i += 1;
-        }
-        true
     }
 }
 
@@ -181,16 +128,16 @@ impl Packet for Tc {
     }
 
     #[inline(always)]
-    fn strip4(&mut self, _l4_offset: usize) -> bool {
+    fn strip4(&mut self) -> bool {
         // BPF_ADJ_ROOM_NET removes the four bytes right after the IP header (the first half of
-        // the UDP header, which the caller rewrites whole). It also resets the skb's checksum
+        // the UDP header; the caller rewrites every header whole). It also resets the skb's checksum
         // state to CHECKSUM_NONE, which is right: our checksums are complete.
         // SAFETY: the helper validates the skb and the length itself.
         unsafe { bpf_skb_adjust_room(self.skb, -4, BPF_ADJ_ROOM_NET, 0) == 0 }
     }
 
     #[inline(always)]
-    fn insert4(&mut self, _l4_offset: usize) -> bool {
+    fn insert4(&mut self) -> bool {
         // Inserts four bytes between IP and UDP header; the caller rewrites UDP + ChannelData.
         // SAFETY: as above.
         unsafe { bpf_skb_adjust_room(self.skb, 4, BPF_ADJ_ROOM_NET, 0) == 0 }

@@ -18,13 +18,13 @@ use relay_common::{
 
 use crate::{
     channel::{self, ChannelData, Classified},
-    checksum::{word, Delta},
+    checksum::{ipv4_header_checksum, word, Delta},
     context::Packet,
     headers::{
-        peer_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN,
-        IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
+        peer_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN, ETH_P_IPV4,
+        ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    maps::{count_allocation, next_hop, peer_allowed, CHANNELS, LISTENER_PORTS, PEERS},
+    maps::{count_allocation, is_listener_port, next_hop, peer_allowed, CHANNELS, PEERS},
 };
 
 /// IPv4 flags/fragment offset of every datagram the kernel sends: DF, not a fragment.
@@ -57,9 +57,7 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
         None => Classified::NotChannelData,
     };
     let to_listener = !matches!(classified, Classified::NotChannelData)
-        && LISTENER_PORTS
-            .get_ptr(u16::from_ne_bytes(udp.udp.dst_port))
-            .is_some();
+        && is_listener_port(u16::from_ne_bytes(udp.udp.dst_port));
     if to_listener {
         match classified {
             Classified::NotChannelData => {}
@@ -150,7 +148,7 @@ fn to_peer<C: Packet>(
         resize: Resize::Strip4,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
-    count_allocation(entry.allocation, true, message.data_len as u64);
+    count_allocation(entry.counters, true, message.data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardToPeer,
         egress,
@@ -204,8 +202,8 @@ fn hairpin<C: Packet>(
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
     write_channel_header(ctx, udp, target.channel, message.data_len)?;
-    count_allocation(entry.allocation, true, message.data_len as u64);
-    count_allocation(target.allocation, false, message.data_len as u64);
+    count_allocation(entry.counters, true, message.data_len as u64);
+    count_allocation(target.counters, false, message.data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardHairpin,
         egress,
@@ -243,7 +241,7 @@ fn to_client<C: Packet>(
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
     write_channel_header(ctx, udp, entry.channel, data_len)?;
-    count_allocation(entry.allocation, false, data_len as u64);
+    count_allocation(entry.counters, false, data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardToClient,
         egress,
@@ -380,8 +378,8 @@ fn rewrite<C: Packet>(
         return Err(Reason::PassAdjustFailed);
     }
     let moved = match plan.resize {
-        Resize::Strip4 => ctx.strip4(udp.l4_offset),
-        Resize::Insert4 => ctx.insert4(udp.l4_offset),
+        Resize::Strip4 => ctx.strip4(),
+        Resize::Insert4 => ctx.insert4(),
         Resize::Keep => true,
     };
     if !moved {
@@ -392,14 +390,15 @@ fn rewrite<C: Packet>(
         });
     }
 
-    // Reload: the helpers above invalidated every packet pointer. Ethernet and IP headers kept
-    // their content; the UDP header slot is garbage until written.
+    // Reload: the helpers above invalidated every packet pointer, and every header byte is
+    // written anew: all their fields are known, so nothing had to be moved.
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let eth = frame.ptr_at::<EthHdr>(0).ok_or(Reason::DropRewriteFailed)?;
     // SAFETY: `ptr_at` checked the header lies inside the reloaded frame; `hop` is a map value.
     unsafe {
         copy_bytes::<6>((*eth).dst.as_mut_ptr(), hop.dmac.as_ptr());
         copy_bytes::<6>((*eth).src.as_mut_ptr(), hop.smac.as_ptr());
+        (*eth).ether_type = if v6 { ETH_P_IPV6 } else { ETH_P_IPV4 }.to_be_bytes();
     }
     let l4_offset = if v6 {
         let ip = frame
@@ -409,6 +408,7 @@ fn rewrite<C: Packet>(
         unsafe {
             (*ip).version_class_flow = IPV6_FIRST_WORD;
             (*ip).payload_len = new_udp_len.to_ne_bytes();
+            (*ip).next_header = IPPROTO_UDP;
             (*ip).hop_limit = FORWARD_TTL;
             (*ip).src = ip_octets(*plan.src_ip);
             (*ip).dst = ip_octets(*plan.dst_ip);
@@ -419,7 +419,7 @@ fn rewrite<C: Packet>(
             .ptr_at::<Ipv4Hdr>(ETH_HDR_LEN)
             .ok_or(Reason::DropRewriteFailed)?;
         // SAFETY: as above.
-        unsafe { rewrite_ipv4(&mut *ip, plan) };
+        unsafe { write_ipv4(&mut *ip, plan) };
         ETH_HDR_LEN + IPV4_HDR_LEN
     };
     let slot = frame
@@ -430,31 +430,21 @@ fn rewrite<C: Packet>(
     Ok(egress)
 }
 
-/// Rewrites an IPv4 header in place and updates its checksum incrementally.
+/// Writes a whole IPv4 header (no options) with the relay's fields and a fresh checksum.
 #[inline(always)]
-fn rewrite_ipv4(ip: &mut Ipv4Hdr, plan: &Plan) {
+fn write_ipv4(ip: &mut Ipv4Hdr, plan: &Plan) {
     let total_len = word((IPV4_HDR_LEN + plan.new_udp_len) as u16);
-    let version_tos = u16::from_ne_bytes([ip.version_ihl, 0]);
-    let dont_fragment = word(IPV4_DONT_FRAGMENT);
-    let mut delta = Delta::new();
-    delta.replace(u16::from_ne_bytes([ip.version_ihl, ip.tos]), version_tos);
-    delta.replace(u16::from_ne_bytes(ip.id), 0);
-    delta.replace(u16::from_ne_bytes(ip.frag_off), dont_fragment);
-    delta.replace32(u32::from_ne_bytes(ip.src), plan.src_ip[0]);
-    delta.replace32(u32::from_ne_bytes(ip.dst), plan.dst_ip[0]);
-    delta.replace(u16::from_ne_bytes(ip.total_len), total_len);
-    delta.replace(
-        u16::from_ne_bytes([ip.ttl, ip.protocol]),
-        u16::from_ne_bytes([FORWARD_TTL, ip.protocol]),
-    );
-    ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+    ip.version_ihl = 0x45;
     ip.tos = 0;
+    ip.total_len = total_len.to_ne_bytes();
     ip.id = [0, 0];
-    ip.frag_off = dont_fragment.to_ne_bytes();
+    ip.frag_off = word(IPV4_DONT_FRAGMENT).to_ne_bytes();
+    ip.ttl = FORWARD_TTL;
+    ip.protocol = IPPROTO_UDP;
+    ip.check =
+        ipv4_header_checksum(total_len, FORWARD_TTL, plan.src_ip[0], plan.dst_ip[0]).to_ne_bytes();
     ip.src = plan.src_ip[0].to_ne_bytes();
     ip.dst = plan.dst_ip[0].to_ne_bytes();
-    ip.total_len = total_len.to_ne_bytes();
-    ip.ttl = FORWARD_TTL;
 }
 
 /// Copies `N` bytes one by one. Volatile keeps LLVM from turning the copy into a `memcpy` /

@@ -77,8 +77,6 @@ pub struct UdpDatagram {
     pub ip: IpHeader,
     /// The UDP header, copied (the rewrite overwrites it while still needing the old values).
     pub udp: UdpHdr,
-    /// Offset of the UDP header from the frame start.
-    pub l4_offset: usize,
     /// Offset of the UDP payload from the frame start.
     pub payload_offset: usize,
     /// UDP payload length as the UDP header states it.
@@ -223,7 +221,6 @@ impl Frame {
         }
         Ok(UdpDatagram {
             ip,
-            l4_offset,
             // SAFETY: `ptr_at` checked that a whole `UdpHdr` lies inside the frame.
             udp: unsafe { *udp },
             payload_offset,

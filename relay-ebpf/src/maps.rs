@@ -7,11 +7,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use relay_common::{
     AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer, FAMILY_IPV4,
-    MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_LISTENER_PORTS, MAX_NEXT_HOPS,
+    LISTENER_PORT_WORDS, MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS,
     MAX_POLICY_PREFIXES, POLICY_ALLOW,
 };
 
@@ -25,16 +25,27 @@ pub static CHANNELS: HashMap<ChannelKey, ToPeer> =
 #[map(name = "PEERS")]
 pub static PEERS: HashMap<PeerKey, ToClient> = HashMap::with_max_entries(MAX_CHANNEL_BINDINGS, 0);
 
-/// Per-allocation packets and bytes per direction, per CPU so no atomics are needed
+/// Per-allocation packets and bytes per direction by counter slot, per CPU so no atomics are
+/// needed
 /// (`relay_common::ALLOCATION_COUNTERS_MAP`).
 #[map(name = "ALLOCATION_COUNTERS")]
-pub static ALLOCATION_COUNTERS: PerCpuHashMap<u32, AllocationCounters> =
-    PerCpuHashMap::with_max_entries(MAX_ALLOCATIONS, 0);
+pub static ALLOCATION_COUNTERS: PerCpuArray<AllocationCounters> =
+    PerCpuArray::with_max_entries(MAX_ALLOCATIONS, 0);
 
-/// Listener ports (network order): datagrams to them may be client ChannelData
-/// (`relay_common::LISTENER_PORTS_MAP`).
+/// Listener ports as a bitmap (`relay_common::LISTENER_PORTS_MAP`): datagrams to them may be
+/// client ChannelData.
 #[map(name = "LISTENER_PORTS")]
-pub static LISTENER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_LISTENER_PORTS, 0);
+pub static LISTENER_PORTS: Array<u64> = Array::with_max_entries(LISTENER_PORT_WORDS, 0);
+
+/// Whether `port` (network-order field) is a listener port.
+#[inline(always)]
+pub fn is_listener_port(port: u16) -> bool {
+    let port = u16::from_be(port);
+    match LISTENER_PORTS.get(u32::from(port >> 6)) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
 
 /// Interfaces the program is attached to, keyed by ifindex: the only ones it redirects into
 /// (`relay_common::EGRESS_DEVICES_MAP`).
@@ -75,15 +86,14 @@ pub fn next_hop(index: u16) -> Option<&'static NextHop> {
     NEXT_HOPS.get(u32::from(index))
 }
 
-/// Adds one datagram of `bytes` application bytes to `allocation`'s counters on this CPU.
+/// Adds one datagram of `bytes` application bytes to counter slot `slot` on this CPU.
 ///
-/// Userspace creates the entry when it installs a binding and deletes it after the
-/// allocation's bindings are gone; the kernel never creates one, so a packet racing with the
-/// deletion cannot leave an entry behind for an allocation that no longer exists.
+/// Userspace assigns each allocation with kernel bindings a slot and zeroes it before the
+/// first binding refers to it.
 #[inline(always)]
-pub fn count_allocation(allocation: u32, to_peer: bool, bytes: u64) {
-    if let Some(counters) = ALLOCATION_COUNTERS.get_ptr_mut(allocation) {
-        // SAFETY: the pointer comes from a successful lookup in a per-CPU hash: it points at
+pub fn count_allocation(slot: u32, to_peer: bool, bytes: u64) {
+    if let Some(counters) = ALLOCATION_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: the pointer comes from a successful lookup in a per-CPU array: it points at
         // this CPU's copy, which nothing else writes while this program runs (no preemption).
         let counters = unsafe { &mut *counters };
         if to_peer {

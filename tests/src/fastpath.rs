@@ -54,10 +54,12 @@ impl Installer {
             let hop = self.table.value(id).expect("acquired next hop");
             fastpath.set_next_hop(id.0, &hop).expect("write next hop");
         }
+        // Fixtures keep their allocation ids small: each is its own counter slot.
         let hops = BindingHops {
             client: client.0,
             peer: peer.0,
             hairpin,
+            counters: u32::try_from(binding.allocation).expect("small allocation id"),
         };
         fastpath
             .install_channel(binding, hops)

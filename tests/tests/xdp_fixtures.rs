@@ -689,9 +689,7 @@ fn run_fixtures(program: TestProgram) {
         );
 
         // Per-allocation counters saw exactly the forwarded fixtures (application bytes only).
-        let v4 = fastpath
-            .allocation_counters(1)
-            .expect("counters of allocation 1");
+        let v4 = fastpath.counters(1).expect("counters of allocation 1");
         assert_eq!(
             (v4.to_peer_packets, v4.to_peer_bytes),
             (4, 12 + 9 + 11 + 11),
@@ -702,13 +700,11 @@ fn run_fixtures(program: TestProgram) {
             (3, 9 + 4),
             "allocation 1 to client: {v4:?}"
         );
-        let v6 = fastpath
-            .allocation_counters(2)
-            .expect("counters of allocation 2");
+        let v6 = fastpath.counters(2).expect("counters of allocation 2");
         assert_eq!((v6.to_peer_packets, v6.to_client_packets), (3, 2), "{v6:?}");
         // A hairpinned datagram counts as sent by one allocation and received by the other.
-        let a = fastpath.allocation_counters(5).expect("counters of 5");
-        let b = fastpath.allocation_counters(6).expect("counters of 6");
+        let a = fastpath.counters(5).expect("counters of 5");
+        let b = fastpath.counters(6).expect("counters of 6");
         assert_eq!((a.to_peer_packets, a.to_peer_bytes), (2, 22), "{a:?}");
         assert_eq!((b.to_client_packets, b.to_client_bytes), (2, 22), "{b:?}");
 
@@ -721,16 +717,8 @@ fn run_fixtures(program: TestProgram) {
             .test_run(program, &input, client_index)
             .expect("test run");
         assert_eq!((out.action, &out.frame), (pass, &input), "after removal");
-        fastpath
-            .remove_allocation_counters(1)
-            .expect("remove counters");
-        assert_eq!(
-            fastpath
-                .allocation_counters(1)
-                .expect("counters")
-                .to_peer_packets,
-            0
-        );
+        fastpath.reset_counters(1).expect("reset counters");
+        assert_eq!(fastpath.counters(1).expect("counters").to_peer_packets, 0);
     });
 }
 

@@ -25,7 +25,7 @@ use relay_tests::{
 const DATAGRAMS: u64 = 300;
 const AFTER_REMOVAL: usize = 5;
 const CHANNEL: u16 = 0x4001;
-const ALLOCATION: u64 = 0x00c0_ffee;
+const ALLOCATION: u64 = 4_242;
 
 struct Addresses {
     client: SocketAddr,
@@ -147,7 +147,7 @@ fn forward_both_ways(addresses: Addresses, mode: AttachMode) {
             to_client_bytes += data.len() as u64;
         }
 
-        let counters = fastpath.allocation_counters(ALLOCATION).expect("counters");
+        let counters = fastpath.counters(ALLOCATION as u32).expect("counters");
         assert_eq!(counters.to_peer_packets, DATAGRAMS, "{counters:?}");
         assert_eq!(counters.to_peer_bytes, to_peer_bytes, "{counters:?}");
         assert_eq!(counters.to_client_packets, DATAGRAMS, "{counters:?}");
@@ -172,7 +172,7 @@ fn forward_both_ways(addresses: Addresses, mode: AttachMode) {
                 .expect("timeout");
             assert!(recv(socket).is_none(), "the kernel forwarded after removal");
         }
-        let counters = fastpath.allocation_counters(ALLOCATION).expect("counters");
+        let counters = fastpath.counters(ALLOCATION as u32).expect("counters");
         assert_eq!(
             (counters.to_peer_packets, counters.to_client_packets),
             (DATAGRAMS, DATAGRAMS),

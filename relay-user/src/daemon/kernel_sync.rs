@@ -56,6 +56,11 @@ pub struct KernelSync {
     relay_ips: Vec<IpAddr>,
     /// The peer policy the kernel copy is compiled from (shares the host-address set).
     policy: PeerPolicy,
+    /// Counter slots of allocations that have (or had) kernel bindings.
+    slots: HashMap<AllocationId, u32>,
+    /// Slots given back by allocations that ended, and the next never-used slot.
+    free_slots: Vec<u32>,
+    next_slot: u32,
     /// Kernel counters of allocations that are gone (for metrics totals).
     retired: PathCounters,
     /// When "maps full" was last said, and how many bindings stayed off since.
@@ -92,6 +97,9 @@ impl KernelSync {
             next_hops,
             relay_ips: relay_ips.iter().map(|ip| ip.to_canonical()).collect(),
             policy,
+            slots: HashMap::new(),
+            free_slots: Vec::new(),
+            next_slot: 0,
             retired: PathCounters::default(),
             full_warned: None,
             refused_since_warning: 0,
@@ -214,10 +222,10 @@ impl KernelSync {
 
     /// What the kernel relayed for `id` so far.
     pub fn counters(&self, id: AllocationId) -> PathCounters {
-        let Some(fastpath) = &self.fastpath else {
+        let (Some(fastpath), Some(slot)) = (&self.fastpath, self.slots.get(&id)) else {
             return PathCounters::default();
         };
-        match fastpath.allocation_counters(id.0) {
+        match fastpath.counters(*slot) {
             Ok(c) => PathCounters {
                 to_peer_packets: c.to_peer_packets,
                 to_peer_bytes: c.to_peer_bytes,
@@ -302,11 +310,33 @@ impl KernelSync {
         let counters = self.counters(id);
         self.retired += counters;
         self.overrides.remove(&id);
-        if let Some(fastpath) = &mut self.fastpath {
-            if let Err(error) = fastpath.remove_allocation_counters(id.0) {
-                debug!(allocation = %id, %error, "cannot remove kernel counters");
-            }
+        // The slot is zeroed again when the next allocation takes it.
+        if let Some(slot) = self.slots.remove(&id) {
+            self.free_slots.push(slot);
         }
+    }
+
+    /// The counter slot of `id`, taking (and zeroing) a free one the first time.
+    fn slot(&mut self, id: AllocationId) -> Option<u32> {
+        if let Some(slot) = self.slots.get(&id) {
+            return Some(*slot);
+        }
+        let fastpath = self.fastpath.as_mut()?;
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None if self.next_slot < fastpath.capacity().allocations => {
+                self.next_slot += 1;
+                self.next_slot - 1
+            }
+            None => return None,
+        };
+        if let Err(error) = fastpath.reset_counters(slot) {
+            warn!(allocation = %id, %error, "cannot reset kernel counters");
+            self.free_slots.push(slot);
+            return None;
+        }
+        self.slots.insert(id, slot);
+        Some(slot)
     }
 
     /// Installs (or refreshes) `binding`, taking next hops for its addresses the first time.
@@ -314,10 +344,15 @@ impl KernelSync {
         let key = (id, binding.channel);
         let hops = match self.installed.get(&key) {
             Some(hops) => *hops,
-            None => match self.acquire_hops(binding) {
-                Some(hops) => hops,
-                None => return self.refused(binding, "next-hop map full"),
-            },
+            None => {
+                let Some(counters) = self.slot(id) else {
+                    return self.refused(binding, "counter slots full");
+                };
+                match self.acquire_hops(binding, counters) {
+                    Some(hops) => hops,
+                    None => return self.refused(binding, "next-hop map full"),
+                }
+            }
         };
         let Some(fastpath) = &mut self.fastpath else {
             return;
@@ -374,7 +409,7 @@ impl KernelSync {
 
     /// Next hops for the client and (unless it is one of this relay's addresses) the peer,
     /// written to the kernel before any binding refers to them.
-    fn acquire_hops(&mut self, binding: &ChannelBinding) -> Option<BindingHops> {
+    fn acquire_hops(&mut self, binding: &ChannelBinding, counters: u32) -> Option<BindingHops> {
         let hairpin = self.relay_ips.contains(&binding.peer.ip().to_canonical());
         let table = self.next_hops.as_mut()?;
         let client = table.acquire(binding.client.ip())?;
@@ -404,6 +439,7 @@ impl KernelSync {
             client: client.0,
             peer: peer.0,
             hairpin,
+            counters,
         })
     }
 

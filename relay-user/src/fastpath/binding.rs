@@ -16,7 +16,7 @@ use super::FastPathError;
 /// ChannelData both ways.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChannelBinding {
-    /// Allocation id; keys the per-allocation counters.
+    /// Allocation id.
     pub allocation: u64,
     /// The client's transport address (as the listener sees it).
     pub client: SocketAddr,
@@ -33,14 +33,16 @@ pub struct ChannelBinding {
     pub expires_at: Instant,
 }
 
-/// How a binding's datagrams leave: the next hops of its client and peer addresses, and
-/// whether its peer is another allocation of this relay (then the peer next hop is unused:
-/// the kernel delivers to that allocation's client through that client's next hop).
+/// What a binding refers to besides its addresses: the next hops of its client and peer
+/// addresses, whether its peer is another allocation of this relay (then the peer next hop is
+/// unused: the kernel delivers to that allocation's client through that client's next hop),
+/// and its allocation's counter slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BindingHops {
     pub client: u16,
     pub peer: u16,
     pub hairpin: bool,
+    pub counters: u32,
 }
 
 /// The two map entries of `binding`, enabled, with expiry left zero.
@@ -48,9 +50,6 @@ pub(crate) fn entries(
     binding: &ChannelBinding,
     hops: BindingHops,
 ) -> Result<(ChannelKey, ToPeer, PeerKey, ToClient), FastPathError> {
-    let allocation = u32::try_from(binding.allocation).map_err(|_| {
-        FastPathError::Unsupported("allocation ids above 2^32 stay on the socket path")
-    })?;
     let flags = if hops.hairpin {
         FLAG_ENABLED | FLAG_HAIRPIN
     } else {
@@ -80,7 +79,7 @@ pub(crate) fn entries(
         reserved: 0,
     };
     let to_peer = ToPeer {
-        allocation,
+        counters: hops.counters,
         flags,
         next_hop: hops.peer,
         expires_at_ns: 0,
@@ -99,7 +98,7 @@ pub(crate) fn entries(
         reserved: [0; 3],
     };
     let to_client = ToClient {
-        allocation,
+        counters: hops.counters,
         flags,
         next_hop: hops.client,
         expires_at_ns: 0,
@@ -171,7 +170,7 @@ mod tests {
         assert_eq!(to_peer.peer_port.to_ne_bytes(), [0, 9]);
         assert_eq!(peer_key.relayed_ip, to_peer.relayed_ip);
         assert_eq!(to_client.client_ip, key.client_ip);
-        assert_eq!(to_client.allocation, 7);
+        assert_eq!(to_client.counters, 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{fmt, io, time::Instant};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, DevMapHash, HashMap, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        Array, DevMapHash, HashMap, MapError, PerCpuArray, PerCpuValues,
     },
     programs::{
         tc, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
@@ -153,7 +153,7 @@ pub enum FastPathError {
 }
 
 /// Packets and bytes the kernel forwarded for one allocation (the map's per-CPU value type,
-/// summed over CPUs by [`FastPath::allocation_counters`]). Bytes are application data
+/// summed over CPUs by [`FastPath::counters`]). Bytes are application data
 /// (ChannelData payload without header and padding).
 pub use relay_common::AllocationCounters;
 
@@ -438,28 +438,21 @@ impl FastPath {
             ..to_client
         };
 
-        // Counters first, so the kernel never has to create them.
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| FastPathError::Cpus(e))?;
-        let zero = PerCpuValues::try_from(vec![AllocationCounters::default(); cpus])
-            .map_err(FastPathError::Cpus)?;
-        const BPF_NOEXIST: u64 = 1;
-        match self
-            .allocation_counter_map()?
-            .insert(to_peer.allocation, zero, BPF_NOEXIST)
-        {
-            Ok(()) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(source) => return Err(map_error(ALLOCATION_COUNTERS_MAP)(source)),
-        }
-
         // The kernel reads client ChannelData only on listener ports; listeners never change
         // while the relay runs, so a port stays registered once seen.
-        let port = binding.listener.port().to_be();
-        let mut listener_ports: HashMap<&mut aya::maps::MapData, u16, u8> =
+        let port = binding.listener.port();
+        let mut listener_ports: Array<&mut aya::maps::MapData, u64> =
             typed_map(&mut self.ebpf, LISTENER_PORTS_MAP)?;
-        listener_ports
-            .insert(port, 1, 0)
+        let index = u32::from(port >> 6);
+        let word = listener_ports
+            .get(&index, 0)
             .map_err(map_error(LISTENER_PORTS_MAP))?;
+        let bit = 1u64 << (port & 63);
+        if word & bit == 0 {
+            listener_ports
+                .set(index, word | bit, 0)
+                .map_err(map_error(LISTENER_PORTS_MAP))?;
+        }
 
         // Peer → client first: a client's ChannelData is then never forwarded to a peer whose
         // answers the kernel could not bring back.
@@ -476,7 +469,7 @@ impl FastPath {
     }
 
     /// Removes both directions of a channel binding. Entries that are already gone are not an
-    /// error. The allocation's counters stay (see [`FastPath::remove_allocation_counters`]).
+    /// error. The allocation's counter slot is untouched.
     pub fn remove_channel(&mut self, binding: &ChannelBinding) -> Result<(), FastPathError> {
         let (channel_key, _, peer_key, _) = binding::entries(binding, BindingHops::default())?;
         let removed = self.channel_map()?.remove(&channel_key);
@@ -485,27 +478,17 @@ impl FastPath {
         ignore_missing(removed).map_err(map_error(PEERS_MAP))
     }
 
-    /// Packets and bytes the kernel forwarded for `allocation`, summed over CPUs (zero if the
-    /// kernel never forwarded anything for it).
-    pub fn allocation_counters(
-        &self,
-        allocation: u64,
-    ) -> Result<AllocationCounters, FastPathError> {
-        let Ok(allocation) = u32::try_from(allocation) else {
-            // Never installed: the kernel only knows allocations with 32-bit ids.
-            return Ok(AllocationCounters::default());
-        };
+    /// Packets and bytes the kernel counted in counter slot `slot`, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<AllocationCounters, FastPathError> {
         let map = self
             .ebpf
             .map(ALLOCATION_COUNTERS_MAP)
             .ok_or(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP))?;
-        let counters = PerCpuHashMap::<_, u32, AllocationCounters>::try_from(map)
+        let counters = PerCpuArray::<_, AllocationCounters>::try_from(map)
             .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
-        let per_cpu = match counters.get(&allocation, 0) {
-            Ok(values) => values,
-            Err(MapError::KeyNotFound) => return Ok(AllocationCounters::default()),
-            Err(source) => return Err(map_error(ALLOCATION_COUNTERS_MAP)(source)),
-        };
+        let per_cpu = counters
+            .get(&slot, 0)
+            .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
         Ok(per_cpu
             .iter()
             .fold(AllocationCounters::default(), |sum, cpu| {
@@ -518,14 +501,16 @@ impl FastPath {
             }))
     }
 
-    /// Forgets `allocation`'s counters (after its last binding is removed and the counters
-    /// were read for the last time). Missing counters are not an error.
-    pub fn remove_allocation_counters(&mut self, allocation: u64) -> Result<(), FastPathError> {
-        let Ok(allocation) = u32::try_from(allocation) else {
-            return Ok(());
-        };
-        let removed = self.allocation_counter_map()?.remove(&allocation);
-        ignore_missing(removed).map_err(map_error(ALLOCATION_COUNTERS_MAP))
+    /// Zeroes counter slot `slot` on every CPU (before an allocation starts using it).
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), FastPathError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| FastPathError::Cpus(e))?;
+        let zero = PerCpuValues::try_from(vec![AllocationCounters::default(); cpus])
+            .map_err(FastPathError::Cpus)?;
+        let mut counters: PerCpuArray<&mut aya::maps::MapData, AllocationCounters> =
+            typed_map(&mut self.ebpf, ALLOCATION_COUNTERS_MAP)?;
+        counters
+            .set(slot, zero, 0)
+            .map_err(map_error(ALLOCATION_COUNTERS_MAP))
     }
 
     /// Verdict counters summed over all CPUs, in [`Reason`] order.
@@ -633,13 +618,6 @@ impl FastPath {
         &mut self,
     ) -> Result<HashMap<&mut aya::maps::MapData, PeerKey, ToClient>, FastPathError> {
         typed_map(&mut self.ebpf, PEERS_MAP)
-    }
-
-    fn allocation_counter_map(
-        &mut self,
-    ) -> Result<PerCpuHashMap<&mut aya::maps::MapData, u32, AllocationCounters>, FastPathError>
-    {
-        typed_map(&mut self.ebpf, ALLOCATION_COUNTERS_MAP)
     }
 
     fn egress_devices(&mut self) -> Result<DevMapHash<&mut aya::maps::MapData>, FastPathError> {

@@ -8,7 +8,7 @@
 //!
 //! The API the daemon uses: [`FastPath::load`], [`FastPath::attach`], [`FastPath::attached`],
 //! [`FastPath::install_channel`] / [`FastPath::remove_channel`] with a [`ChannelBinding`],
-//! [`FastPath::allocation_counters`] / [`FastPath::remove_allocation_counters`] and
+//! [`FastPath::counters`] / [`FastPath::reset_counters`] and
 //! [`FastPath::verdict_counters`]. Map updates are expected from one task, so the two entries of
 //! a binding never race each other.
 
