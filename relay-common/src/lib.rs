@@ -53,6 +53,17 @@ pub const PEER_POLICY_V4_MAP: &str = "PEER_POLICY_V4";
 /// map field, [`ip_field`]); values as in [`PEER_POLICY_V4_MAP`].
 pub const PEER_POLICY_V6_MAP: &str = "PEER_POLICY_V6";
 
+/// Name of the per-CPU direct-mapped cache of peer-policy verdicts ([`POLICY_CACHE_SLOTS`]
+/// [`PolicyVerdict`]s, indexed by next-hop index modulo their number). The program fills it
+/// from the policy tries itself; an entry counts only for its exact family, address and
+/// [`POLICY_GENERATION_MAP`] generation, so it memoizes the trie and never replaces it.
+pub const POLICY_CACHE_MAP: &str = "POLICY_CACHE";
+/// Name of the one-entry array holding the peer policy's generation (`u32`): userspace bumps it
+/// after every change of the policy tries, which invalidates every cached verdict.
+pub const POLICY_GENERATION_MAP: &str = "POLICY_GENERATION";
+/// Entries of [`POLICY_CACHE_MAP`] per CPU (a power of two).
+pub const POLICY_CACHE_SLOTS: u32 = 4_096;
+
 /// Default capacity of [`CHANNELS_MAP`] and [`PEERS_MAP`] (each binding takes one entry in
 /// both). Userspace sizes them at load time (`--kernel-bindings`).
 pub const MAX_CHANNEL_BINDINGS: u32 = 16_384;
@@ -213,6 +224,21 @@ impl NextHop {
     }
 }
 
+/// Value of [`POLICY_CACHE_MAP`]: the verdict of the policy tries for one peer address under
+/// one policy generation. All zero (the initial state) has family 0, which no packet has: an
+/// unused entry never answers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    pub generation: u32,
+    /// 1: allowed, 0: denied.
+    pub verdict: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`] (0 in an unused entry).
+    pub family: u16,
+    /// The peer address (map field).
+    pub ip: [u32; 4],
+}
+
 /// Value of [`ALLOCATION_COUNTERS_MAP`] on one CPU. Bytes are application data: the ChannelData
 /// payload without its header and padding, i.e. what the peer sends or receives.
 #[repr(C)]
@@ -269,6 +295,8 @@ const _: () = assert!(core::mem::size_of::<ToPeer>() == 56);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ToClient>() == 56);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 24);
+const _: () = assert!(POLICY_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
 // Padding-free: each size equals the sum of its fields' sizes.
@@ -280,6 +308,7 @@ const _: () = {
     assert!(size_of::<PeerKey>() == 2 * IP + 2 * size_of::<u16>() + size_of::<u8>() + 3);
     assert!(size_of::<ToClient>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
     assert!(size_of::<NextHop>() == 4 + 2 + 2 + 6 + 6);
+    assert!(size_of::<PolicyVerdict>() == 4 + 2 + 2 + IP);
     assert!(size_of::<AllocationCounters>() == 4 * size_of::<u64>());
 };
 

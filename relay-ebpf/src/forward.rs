@@ -24,7 +24,7 @@ use crate::{
         peer_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN, ETH_P_IPV4,
         ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    maps::{count_allocation, is_listener_port, next_hop, peer_allowed, CHANNELS, PEERS},
+    maps::{count_allocation, is_listener_port, next_hop, peer_allowed_cached, CHANNELS, PEERS},
 };
 
 /// IPv4 flags/fragment offset of every datagram the kernel sends: DF, not a fragment.
@@ -124,7 +124,7 @@ fn to_peer<C: Packet>(
     usable(entry.flags, entry.expires_at_ns)?;
     // Defence in depth: XDP and TC bypass netfilter, so the program applies the peer policy
     // itself, whatever userspace installed.
-    if !peer_allowed(udp.family(), &entry.peer_ip) {
+    if !peer_allowed_cached(udp.family(), &entry.peer_ip, entry.next_hop) {
         return Err(Reason::PassPolicyDenied);
     }
     let hop = next_hop(entry.next_hop).ok_or(Reason::PassNoNextHop)?;

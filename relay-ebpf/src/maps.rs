@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use relay_common::{
-    AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer, FAMILY_IPV4,
+    AllocationCounters, ChannelKey, NextHop, PeerKey, PolicyVerdict, ToClient, ToPeer, FAMILY_IPV4,
     LISTENER_PORT_WORDS, MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS,
-    MAX_POLICY_PREFIXES, POLICY_ALLOW,
+    MAX_POLICY_PREFIXES, POLICY_ALLOW, POLICY_CACHE_SLOTS,
 };
 
 /// Client → peer: which peer a client's channel goes to (`relay_common::CHANNELS_MAP`).
@@ -78,6 +78,41 @@ pub fn peer_allowed(family: u8, ip: &[u32; 4]) -> bool {
         PEER_POLICY_V6.get(Key::new(128, *ip))
     };
     matches!(verdict, Some(&POLICY_ALLOW))
+}
+
+/// Verdicts of the policy tries per peer address, per CPU (`relay_common::POLICY_CACHE_MAP`).
+#[map(name = "POLICY_CACHE")]
+static POLICY_CACHE: PerCpuArray<PolicyVerdict> =
+    PerCpuArray::with_max_entries(POLICY_CACHE_SLOTS, 0);
+
+/// The policy generation (`relay_common::POLICY_GENERATION_MAP`).
+#[map(name = "POLICY_GENERATION")]
+static POLICY_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// [`peer_allowed`], memoized per CPU in the cache slot of next hop `next_hop` (the peer's
+/// own next hop, so distinct peers rarely share a slot). A cached verdict counts only for the
+/// same family, address and policy generation; anything else asks the tries again.
+#[inline(always)]
+pub fn peer_allowed_cached(family: u8, ip: &[u32; 4], next_hop: u16) -> bool {
+    let Some(generation) = POLICY_GENERATION.get(0).copied() else {
+        return peer_allowed(family, ip);
+    };
+    let slot = u32::from(next_hop) & (POLICY_CACHE_SLOTS - 1);
+    let Some(cached) = POLICY_CACHE.get_ptr_mut(slot) else {
+        return peer_allowed(family, ip);
+    };
+    // SAFETY: a successful per-CPU array lookup points at this CPU's copy, which nothing
+    // else touches while this program runs (no preemption in XDP and TC).
+    let cached = unsafe { &mut *cached };
+    if cached.generation == generation && cached.family == u16::from(family) && cached.ip == *ip {
+        return cached.verdict == 1;
+    }
+    let allowed = peer_allowed(family, ip);
+    cached.generation = generation;
+    cached.family = u16::from(family);
+    cached.ip = *ip;
+    cached.verdict = u16::from(allowed);
+    allowed
 }
 
 /// The next hop at `index`, if the index is inside the map.

@@ -708,6 +708,31 @@ fn run_fixtures(program: TestProgram) {
         assert_eq!((a.to_peer_packets, a.to_peer_bytes), (2, 22), "{a:?}");
         assert_eq!((b.to_client_packets, b.to_client_bytes), (2, 22), "{b:?}");
 
+        // A policy change reaches the very next packet, whatever verdict the program cached.
+        let input = client_frame(&V4(), &channel_data(CHANNEL_V4, b"policy", 0)).build();
+        let mut stricter = policy.clone();
+        stricter.deny("198.18.2.2/32".parse().expect("CIDR"));
+        for (policy, want) in [
+            (&stricter, Reason::PassPolicyDenied),
+            (&policy, Reason::ForwardToPeer),
+            (&stricter, Reason::PassPolicyDenied),
+        ] {
+            fastpath.set_peer_policy(policy).expect("kernel policy");
+            let before = fastpath.verdict_counters().expect("counters");
+            fastpath
+                .test_run(program, &input, client_index)
+                .expect("test run");
+            let after = fastpath.verdict_counters().expect("counters");
+            let counted: Vec<Reason> = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| a.1 != b.1)
+                .map(|(_, a)| a.0)
+                .collect();
+            assert_eq!(counted, [want]);
+        }
+        fastpath.set_peer_policy(&policy).expect("kernel policy");
+
         // Removal: the same frames now go to the socket path; removing twice is fine.
         let v4_binding = bindings().remove(0);
         fastpath.remove_channel(&v4_binding).expect("remove");

@@ -16,8 +16,8 @@ use relay_common::{
     allocation_counter_bytes, ChannelKey, NextHop, PeerKey, Reason, ToClient, ToPeer,
     ALLOCATION_COUNTERS_MAP, CHANNELS_MAP, CHANNEL_BINDING_BYTES, EGRESS_DEVICES_MAP,
     LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES,
-    PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, POLICY_ALLOW, POLICY_DENY, TC_PROGRAM,
-    VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
+    PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, POLICY_ALLOW, POLICY_DENY,
+    POLICY_GENERATION_MAP, TC_PROGRAM, VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
 };
 
 use super::{
@@ -284,11 +284,26 @@ impl FastPath {
             .filter(|net| !wanted.contains_key(net))
             .copied()
             .collect();
-        for net in stale {
+        for net in stale.iter().copied() {
             self.policy_trie_update(net, None)?;
             self.policy.remove(&net);
         }
+        if !changed.is_empty() || !stale.is_empty() {
+            self.bump_policy_generation()?;
+        }
         Ok(())
+    }
+
+    /// Invalidates every verdict the program cached from the policy tries.
+    fn bump_policy_generation(&mut self) -> Result<(), FastPathError> {
+        let mut generation: Array<&mut aya::maps::MapData, u32> =
+            typed_map(&mut self.ebpf, POLICY_GENERATION_MAP)?;
+        let current = generation
+            .get(&0, 0)
+            .map_err(map_error(POLICY_GENERATION_MAP))?;
+        generation
+            .set(0, current.wrapping_add(1).max(1), 0)
+            .map_err(map_error(POLICY_GENERATION_MAP))
     }
 
     /// Inserts (`Some`) or removes one prefix of the family's policy trie.
