@@ -218,8 +218,9 @@ fn malformed_input_gets_the_right_answer_and_the_server_keeps_serving() {
     assert_eq!(msg.class(), Class::Success, "{msg:?}");
     assert!(msg.xor_relayed_address().is_some());
 
-    // Forbidden peers (RFC 8656 §9 policy): the relay itself, metadata, private ranges.
-    for peer in ["127.0.0.1:9", "169.254.169.254:80", "10.0.0.1:9", "[::1]:9"] {
+    // Forbidden peers (RFC 8656 §9 policy): metadata, private ranges, loopback other than
+    // the relay's own address.
+    for peer in ["127.0.0.3:9", "169.254.169.254:80", "10.0.0.1:9", "[::1]:9"] {
         let peer: SocketAddr = peer.parse().expect("addr");
         let response = client.request(
             Method::CREATE_PERMISSION,
@@ -231,6 +232,16 @@ fn malformed_input_gets_the_right_answer_and_the_server_keeps_serving() {
             "{peer}: expected 403/443, got {code:?}"
         );
     }
+    // The relay's own address is a peer only at live relayed ports (client-to-client): a
+    // channel to any other port of it is 403.
+    let response = client.request(
+        Method::CHANNEL_BIND,
+        &[
+            Attribute::ChannelNumber(0x4000),
+            Attribute::XorPeerAddress("127.0.0.1:9".parse().expect("addr")),
+        ],
+    );
+    assert_eq!(error_code(&response), Some(403));
     // A channel number outside 0x4000-0x4FFF: 400.
     let peer: SocketAddr = format!("{PEER_IP}:9").parse().expect("addr");
     let response = client.request(

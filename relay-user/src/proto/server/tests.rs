@@ -1279,6 +1279,63 @@ fn create_permission_multiple_peers() {
     }
 }
 
+/// Client-to-client through the relay: a permission for the relay's address is per IP
+/// (RFC 8656 §9) and allowed, but only live relayed transport addresses are destinations; any
+/// other port of the relay's address (a service on the host) gets 403 on ChannelBind and its
+/// Send indications are dropped.
+#[test]
+fn relay_address_is_a_peer_only_at_live_relayed_ports() {
+    let mut h = Harness::new();
+    let mut alice = Client::new("192.0.2.10:50000", ALICE);
+    let mut bob = Client::new("192.0.2.11:50000", BOB);
+    let (_, relayed_a) = h.allocate(&mut alice);
+    let (_, relayed_b) = h.allocate(&mut bob);
+    assert_eq!(relayed_b.ip(), relay_v4());
+    h.create_permission(&mut alice, &[listener()]);
+    for service in [listener(), sa("203.0.113.1:22")] {
+        let reply = h.request(
+            &mut alice,
+            Method::CHANNEL_BIND,
+            &[
+                Attribute::ChannelNumber(0x4000),
+                Attribute::XorPeerAddress(service),
+            ],
+        );
+        expect_signed_error(&reply, Method::CHANNEL_BIND, 403, &alice);
+        assert!(h.send_indication(&mut alice, service, b"x").is_empty());
+    }
+    // Bob's relayed address is a peer like any other.
+    h.channel_bind(&mut alice, 0x4001, relayed_b);
+    let sent = h.send_indication(&mut alice, relayed_b, b"hi bob");
+    assert!(
+        matches!(sent.as_slice(), [Command::SendToPeer { relayed, peer, .. }]
+            if *relayed == relayed_a && *peer == relayed_b),
+        "{sent:?}"
+    );
+    let sent = h.channel_data(&alice, 0x4001, b"hi again");
+    assert!(matches!(sent.as_slice(), [Command::SendToPeer { .. }]), "{sent:?}");
+    // Once Bob's allocation is gone, its port is just another port of the host.
+    h.refresh(&mut bob, Some(0));
+    assert!(h.send_indication(&mut alice, relayed_b, b"gone").is_empty());
+    assert!(h.channel_data(&alice, 0x4001, b"gone").is_empty());
+}
+
+/// An operator's explicit deny covers the relay's own address too.
+#[test]
+fn denied_relay_address_is_403() {
+    let mut h = Harness::with_config(|cfg| {
+        cfg.policy.deny("203.0.113.1/32".parse().expect("cidr"));
+    });
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    h.allocate(&mut c);
+    let reply = h.request(
+        &mut c,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(listener())],
+    );
+    expect_signed_error(&reply, Method::CREATE_PERMISSION, 403, &c);
+}
+
 /// Peer policy (architecture "Safety defaults", RFC 8656 §21): 403, and all-or-nothing.
 #[test]
 fn create_permission_policy_denied_is_403() {
@@ -1294,9 +1351,6 @@ fn create_permission_policy_denied_is_403() {
         "224.0.0.1:80",
         "0.0.0.0:80",
         "255.255.255.255:80",
-        // The relay's own address, although 203.0.113.0/24 is allowed.
-        "203.0.113.1:3478",
-        "203.0.113.1:50000",
     ] {
         let reply = h.request(
             &mut c,
