@@ -41,13 +41,13 @@ impl Installer {
     ) -> BindingHops {
         let client = self
             .table
-            .acquire(binding.client.ip())
+            .acquire_from(Some(binding.listener.ip()), binding.client.ip())
             .expect("next hop for the client");
         let peer = if hairpin {
             client
         } else {
             self.table
-                .acquire(binding.peer.ip())
+                .acquire_from(Some(binding.relayed.ip()), binding.peer.ip())
                 .expect("next hop for the peer")
         };
         for id in [client, peer] {

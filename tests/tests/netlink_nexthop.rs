@@ -18,7 +18,8 @@ use relay::fastpath::{
 use relay_tests::{
     lab::{
         mac_string, ThreeHosts, CLIENT_IP, CLIENT_IP6, CLIENT_MAC, PEER_IP, PEER_MAC,
-        RELAY_CLIENT_SIDE_IP, RELAY_CLIENT_SIDE_IP6, RELAY_CLIENT_SIDE_MAC, RELAY_PEER_SIDE_MAC,
+        RELAY_CLIENT_SIDE_IP, RELAY_CLIENT_SIDE_IP6, RELAY_CLIENT_SIDE_MAC, RELAY_PEER_SIDE_IP,
+        RELAY_PEER_SIDE_MAC,
     },
     require_root, run,
 };
@@ -220,6 +221,42 @@ fn resolver_follows_the_kernel() {
                 gateway: Some(ip(PEER_IP)),
                 mtu: Some(1400)
             }
+        );
+        // Source-based policy routing: datagrams from the peer-side address to 198.18.65.0/24
+        // go via the peer; everything else has no route there.
+        ip_in(
+            &relay_ns,
+            &["rule", "add", "from", RELAY_PEER_SIDE_IP, "lookup", "165"],
+        );
+        ip_in(
+            &relay_ns,
+            &[
+                "route",
+                "add",
+                "198.18.65.0/24",
+                "via",
+                PEER_IP,
+                "table",
+                "165",
+            ],
+        );
+        assert_eq!(
+            rtnl.route_from(Some(ip(RELAY_PEER_SIDE_IP)), ip("198.18.65.5"))
+                .unwrap(),
+            Route::Unicast {
+                oif: rp,
+                gateway: Some(ip(PEER_IP)),
+                mtu: None
+            }
+        );
+        assert_eq!(
+            rtnl.route_from(Some(ip(RELAY_CLIENT_SIDE_IP)), ip("198.18.65.5"))
+                .unwrap(),
+            Route::Unreachable
+        );
+        assert_eq!(
+            rtnl.route_to(ip("198.18.65.5")).unwrap(),
+            Route::Unreachable
         );
         assert_eq!(
             rtnl.link(rc).unwrap(),

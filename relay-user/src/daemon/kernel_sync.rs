@@ -412,13 +412,13 @@ impl KernelSync {
     fn acquire_hops(&mut self, binding: &ChannelBinding, counters: u32) -> Option<BindingHops> {
         let hairpin = self.relay_ips.contains(&binding.peer.ip().to_canonical());
         let table = self.next_hops.as_mut()?;
-        let client = table.acquire(binding.client.ip())?;
+        let client = table.acquire_from(Some(binding.listener.ip()), binding.client.ip())?;
         let peer = if hairpin {
             // Unused: the kernel delivers to the other allocation's client through that
             // client's next hop.
             client
         } else {
-            match table.acquire(binding.peer.ip()) {
+            match table.acquire_from(Some(binding.relayed.ip()), binding.peer.ip()) {
                 Some(peer) => peer,
                 None => {
                     table.release(client);

@@ -52,6 +52,7 @@ const RTM_DELRULE: u16 = 33;
 
 // Route attributes and types.
 const RTA_DST: u16 = 1;
+const RTA_SRC: u16 = 2;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 const RTA_METRICS: u16 = 8;
@@ -213,16 +214,31 @@ impl Rtnl {
     /// RTM_GETROUTE for `dst` (like `ip route get`): the kernel's own answer, including policy
     /// routing and multipath selection.
     pub fn route_to(&mut self, dst: IpAddr) -> io::Result<Route> {
+        self.route_from(None, dst)
+    }
+
+    /// [`Rtnl::route_to`] for datagrams leaving from `src` (like `ip route get DST from SRC`),
+    /// so source-based policy routing (`ip rule from SRC ...`) answers as it would for the
+    /// relay's own sockets. `src` must be of `dst`'s family.
+    pub fn route_from(&mut self, src: Option<IpAddr>, dst: IpAddr) -> io::Result<Route> {
         let (family, octets) = ip_parts(&dst);
         let prefix = if family == AF_INET { 32 } else { 128 };
+        let src = src
+            .filter(|s| s.is_ipv4() == dst.is_ipv4())
+            .map(|s| ip_parts(&s).1);
+        let src_len = if src.is_some() { prefix } else { 0 };
         // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-        let header = [family, prefix, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let header = [family, prefix, src_len, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut attributes: Vec<(u16, &[u8])> = vec![(RTA_DST, octets.as_slice())];
+        if let Some(src) = &src {
+            attributes.push((RTA_SRC, src.as_slice()));
+        }
         let mut route = None;
         let result = self.request(
             RTM_GETROUTE,
             NLM_F_ACK,
             &header,
-            &[(RTA_DST, octets.as_slice())],
+            &attributes,
             |ty, payload| {
                 if ty == RTM_NEWROUTE {
                     route = Some(parse_route(payload));

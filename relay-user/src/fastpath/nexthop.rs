@@ -28,7 +28,8 @@ pub struct NextHopId(pub u16);
 
 /// Where the table gets routes and neighbours from.
 pub trait RouteSource {
-    fn route_to(&mut self, dst: IpAddr) -> io::Result<Route>;
+    /// The route of datagrams from `src` (a local address, when known) to `dst`.
+    fn route_to(&mut self, src: Option<IpAddr>, dst: IpAddr) -> io::Result<Route>;
     fn link(&mut self, ifindex: u32) -> io::Result<Option<Link>>;
     fn neighbour(&mut self, ifindex: u32, ip: IpAddr) -> io::Result<Option<Neighbour>>;
     /// Asks the kernel to resolve or re-confirm a neighbour; the answer comes as an event.
@@ -36,8 +37,8 @@ pub trait RouteSource {
 }
 
 impl RouteSource for Rtnl {
-    fn route_to(&mut self, dst: IpAddr) -> io::Result<Route> {
-        Rtnl::route_to(self, dst)
+    fn route_to(&mut self, src: Option<IpAddr>, dst: IpAddr) -> io::Result<Route> {
+        Rtnl::route_from(self, src, dst)
     }
 
     fn link(&mut self, ifindex: u32) -> io::Result<Option<Link>> {
@@ -61,11 +62,15 @@ pub struct NextHops<S> {
     /// Indexed by id; `None` is a free id.
     slots: Vec<Option<Destination>>,
     free: Vec<u16>,
-    by_dst: HashMap<IpAddr, u16>,
+    /// Ids by (local source address, destination).
+    by_dst: HashMap<(Option<IpAddr>, IpAddr), u16>,
     capacity: u16,
 }
 
 struct Destination {
+    /// The local address datagrams to `dst` leave from, if known: policy routing may route
+    /// by source.
+    src: Option<IpAddr>,
     dst: IpAddr,
     refs: u32,
     route: Route,
@@ -174,7 +179,7 @@ impl<S: RouteSource> NextHops<S> {
 
     /// The id of `dst` if it is in use.
     pub fn id_of(&self, dst: IpAddr) -> Option<NextHopId> {
-        self.by_dst.get(&dst).copied().map(NextHopId)
+        self.by_dst.get(&(None, dst)).copied().map(NextHopId)
     }
 
     /// The current kernel value of `id`, if it is in use.
@@ -197,7 +202,14 @@ impl<S: RouteSource> NextHops<S> {
     /// Takes a reference on the next hop of `dst`, resolving it if it is new. `None` when the
     /// table is full. Read the value to write with [`NextHops::value`].
     pub fn acquire(&mut self, dst: IpAddr) -> Option<NextHopId> {
-        if let Some(&index) = self.by_dst.get(&dst) {
+        self.acquire_from(None, dst)
+    }
+
+    /// [`NextHops::acquire`] for datagrams leaving from local address `src`: one next hop per
+    /// (source, destination), resolved as the kernel routes the relay's own datagrams from
+    /// `src` (source-based policy routing included).
+    pub fn acquire_from(&mut self, src: Option<IpAddr>, dst: IpAddr) -> Option<NextHopId> {
+        if let Some(&index) = self.by_dst.get(&(src, dst)) {
             if let Some(Some(destination)) = self.slots.get_mut(usize::from(index)) {
                 destination.refs = destination.refs.saturating_add(1);
             }
@@ -215,6 +227,7 @@ impl<S: RouteSource> NextHops<S> {
             }
         };
         let mut destination = Destination {
+            src,
             dst,
             refs: 1,
             route: Route::Unreachable,
@@ -232,7 +245,7 @@ impl<S: RouteSource> NextHops<S> {
         if let Some(slot) = self.slots.get_mut(usize::from(index)) {
             *slot = Some(destination);
         }
-        self.by_dst.insert(dst, index);
+        self.by_dst.insert((src, dst), index);
         Some(NextHopId(index))
     }
 
@@ -249,7 +262,7 @@ impl<S: RouteSource> NextHops<S> {
         if destination.refs > 0 {
             return false;
         }
-        self.by_dst.remove(&destination.dst);
+        self.by_dst.remove(&(destination.src, destination.dst));
         *slot = None;
         self.free.push(id.0);
         true
@@ -381,7 +394,7 @@ fn resolve<S: RouteSource>(
 ) -> bool {
     if reroute {
         destination.retry = false;
-        destination.route = match source.route_to(destination.dst) {
+        destination.route = match source.route_to(destination.src, destination.dst) {
             Ok(route) => route,
             Err(e) => {
                 tracing::warn!(dst = %destination.dst, "next hop: route query failed: {e}");
@@ -479,7 +492,7 @@ mod tests {
     }
 
     impl RouteSource for Fake {
-        fn route_to(&mut self, dst: IpAddr) -> io::Result<Route> {
+        fn route_to(&mut self, _src: Option<IpAddr>, dst: IpAddr) -> io::Result<Route> {
             self.route_queries += 1;
             if self.fail {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "fake timeout"));

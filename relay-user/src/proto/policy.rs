@@ -299,6 +299,12 @@ impl PeerPolicy {
         &self.host
     }
 
+    /// Whether `ip` is one of the host's own addresses (configured or found on an interface).
+    pub fn is_own_address(&self, ip: IpAddr) -> bool {
+        let canonical = ip.to_canonical();
+        self.relay_addresses.contains(&canonical) || self.host.contains(canonical)
+    }
+
     /// Whether `ip` is in a configured deny CIDR (which no exception overrides).
     pub fn explicitly_denied(&self, ip: IpAddr) -> bool {
         let canonical = ip.to_canonical();
@@ -398,7 +404,7 @@ impl PeerPolicy {
 
     pub fn check(&self, peer: IpAddr) -> Result<(), DenyReason> {
         let canonical = peer.to_canonical();
-        if self.relay_addresses.contains(&canonical) || self.host.contains(canonical) {
+        if self.is_own_address(canonical) {
             return Err(DenyReason::RelayAddress(canonical));
         }
         if let Some(net) = self.deny.iter().find(|n| n.contains(&peer)) {

@@ -583,10 +583,13 @@ impl Server {
         self.config.relay_ips.contains(&ip.to_canonical())
     }
 
-    /// Whether a datagram may go to `peer`: on a relay IP only the relayed port of a live
-    /// allocation (of any worker) is a destination; any other port could be a host service.
+    /// Whether a datagram may go to `peer`: on any address of the host only the relayed port
+    /// of a live allocation (of any worker) is a destination; any other port could be a host
+    /// service. Checked per datagram because the host gains addresses at runtime: a permission
+    /// created before its address became the host's must not reach the host.
     fn peer_reachable(&self, peer: SocketAddr) -> bool {
-        !self.is_relay_ip(peer.ip()) || self.config.live_relayed.contains(peer)
+        let own = self.is_relay_ip(peer.ip()) || self.config.policy.is_own_address(peer.ip());
+        !own || self.config.live_relayed.contains(peer)
     }
 
     /// Removes an allocation from every index without emitting anything.

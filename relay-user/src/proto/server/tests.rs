@@ -1313,11 +1313,32 @@ fn relay_address_is_a_peer_only_at_live_relayed_ports() {
         "{sent:?}"
     );
     let sent = h.channel_data(&alice, 0x4001, b"hi again");
-    assert!(matches!(sent.as_slice(), [Command::SendToPeer { .. }]), "{sent:?}");
+    assert!(
+        matches!(sent.as_slice(), [Command::SendToPeer { .. }]),
+        "{sent:?}"
+    );
     // Once Bob's allocation is gone, its port is just another port of the host.
     h.refresh(&mut bob, Some(0));
     assert!(h.send_indication(&mut alice, relayed_b, b"gone").is_empty());
     assert!(h.channel_data(&alice, 0x4001, b"gone").is_empty());
+}
+
+/// An address the host gains at runtime stops being a destination at once, even for a
+/// permission and a channel created before.
+#[test]
+fn a_new_host_address_is_no_longer_a_destination() {
+    let mut host = None;
+    let mut h = Harness::with_config(|cfg| host = Some(cfg.policy.host_addresses().clone()));
+    let host = host.expect("the policy's host addresses");
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    h.allocate(&mut c);
+    let target = sa("203.0.113.77:9");
+    h.create_permission(&mut c, &[target]);
+    h.channel_bind(&mut c, 0x4000, target);
+    assert_eq!(h.send_indication(&mut c, target, b"before").len(), 1);
+    host.replace([ip("203.0.113.77")]);
+    assert!(h.send_indication(&mut c, target, b"after").is_empty());
+    assert!(h.channel_data(&c, 0x4000, b"after").is_empty());
 }
 
 /// An operator's explicit deny covers the relay's own address too.
