@@ -401,11 +401,14 @@ pub enum Reason {
     DropRewriteFailed = 22,
     /// TC only: a GSO aggregate of several datagrams; the stack segments it.
     PassGso = 23,
+    /// TC only: a frame whose VLAN tag the device took off (`skb->vlan_tci`); forwarding it
+    /// would drop or carry over the tag, so the stack handles it.
+    PassVlan = 24,
 }
 
 impl Reason {
     /// Number of reasons, i.e. the number of entries in the verdict counter array.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -433,6 +436,7 @@ impl Reason {
         Reason::PassAdjustFailed,
         Reason::DropRewriteFailed,
         Reason::PassGso,
+        Reason::PassVlan,
     ];
 
     /// Counter index of this reason.
@@ -467,6 +471,7 @@ impl Reason {
             Reason::PassAdjustFailed => "pass_adjust_failed",
             Reason::DropRewriteFailed => "drop_rewrite_failed",
             Reason::PassGso => "pass_gso",
+            Reason::PassVlan => "pass_vlan",
         }
     }
 

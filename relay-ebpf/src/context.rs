@@ -6,10 +6,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, xdp_md},
+    bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, xdp_md, BPF_CSUM_LEVEL_RESET},
     helpers::generated::{
-        bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_csum_level, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
 };
 
@@ -35,6 +35,10 @@ pub trait Packet {
     fn trim_tail(&mut self, len: usize) -> bool;
     /// Copies four bytes at `offset` (not necessarily bounds-checked by the verifier) into `buf`.
     fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool;
+    /// Tells the kernel that the checksums in the frame were rewritten by the program, so any
+    /// checksum state the device left on it (CHECKSUM_COMPLETE) no longer holds. XDP frames
+    /// carry none.
+    fn checksums_rewritten(&mut self);
     /// Whether the program may send the frame out of `ifindex`, another interface than the
     /// one it arrived on: only interfaces in `EGRESS_DEVICES` qualify. XDP also makes
     /// `ifindex` the redirect target right away (`bpf_redirect_map` only records it; the
@@ -95,6 +99,9 @@ impl Packet for Xdp {
         // four bytes into `buf`.
         unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, buf.as_mut_ptr().cast(), 4) == 0 }
     }
+
+    #[inline(always)]
+    fn checksums_rewritten(&mut self) {}
 
     #[inline(always)]
     fn select_egress(&mut self, ifindex: u32) -> bool {
@@ -163,6 +170,13 @@ impl Packet for Tc {
                 4,
             ) == 0
         }
+    }
+
+    #[inline(always)]
+    fn checksums_rewritten(&mut self) {
+        // SAFETY: the skb pointer is valid; the helper only changes its checksum state. It
+        // cannot fail for BPF_CSUM_LEVEL_RESET.
+        unsafe { bpf_csum_level(self.skb, u64::from(BPF_CSUM_LEVEL_RESET)) };
     }
 
     #[inline(always)]

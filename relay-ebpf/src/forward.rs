@@ -88,7 +88,9 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
         let entry = unsafe { &*entry };
         // A hairpin entry's "peer" is one of this relay's own relayed addresses: only the
         // program itself delivers such traffic (see `hairpin`). From the wire it is a spoofed
-        // local source, which the stack drops as martian; let it.
+        // local source: the stack drops it as martian (IPv4) or hands it to the relay socket,
+        // where it is ordinary TURN source spoofing (permissions are per IP, RFC 8656 §9).
+        // Either way, not the kernel's to forward.
         if entry.flags & FLAG_HAIRPIN != 0 {
             return Err(miss);
         }
@@ -427,6 +429,7 @@ fn rewrite<C: Packet>(
         .ok_or(Reason::DropRewriteFailed)?;
     // SAFETY: as above; the UDP header is four network-order words.
     unsafe { slot.write_unaligned([plan.src_port, plan.dst_port, new_udp_len, check]) };
+    ctx.checksums_rewritten();
     Ok(egress)
 }
 

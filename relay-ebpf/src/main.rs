@@ -73,8 +73,18 @@ pub fn relay_tc(ctx: TcContext) -> i32 {
         verdict::count(Reason::PassGso);
         return TC_ACT_OK;
     }
-    // Make the headers directly accessible (no-op for linear skbs).
-    if ctx.pull_data(0).is_err() {
+    // A tag the device took off lives beside the frame; the frame alone is not what arrived.
+    // SAFETY: as above.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        verdict::count(Reason::PassVlan);
+        return TC_ACT_OK;
+    }
+    // Make the headers (and the ChannelData header after them) directly accessible: drivers
+    // that put only part of a frame in the linear area would otherwise make every frame
+    // look truncated.
+    // SAFETY: as above.
+    let len = unsafe { (*ctx.skb.skb).len };
+    if ctx.pull_data(len.min(TC_PULL_BYTES)).is_err() {
         verdict::count(Reason::PassMalformedIp);
         return TC_ACT_OK;
     }
@@ -95,6 +105,10 @@ pub fn relay_tc(ctx: TcContext) -> i32 {
         }
     }
 }
+
+/// Bytes the TC program makes linear: Ethernet, IPv6 and UDP headers and a ChannelData header,
+/// with room to spare.
+const TC_PULL_BYTES: u32 = 128;
 
 /// TC verdicts (include/uapi/linux/pkt_cls.h). bpf_redirect returns TC_ACT_REDIRECT (7).
 const TC_ACT_OK: i32 = 0;

@@ -21,6 +21,10 @@ use crate::{
 const POLL: Duration = Duration::from_millis(500);
 /// How often the neighbours the fast path uses are re-confirmed.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(15);
+/// How often every next hop's route is asked again: a path MTU the stack learnt (a PMTU
+/// exception) raises no netlink event, and the kernel path must not send larger datagrams
+/// with DF set into it.
+const ROUTE_REFRESH: Duration = Duration::from_secs(60);
 
 /// Replaces `host` with every address on every interface now.
 pub fn refresh(host: &HostAddresses) {
@@ -38,25 +42,32 @@ pub fn refresh(host: &HostAddresses) {
     }
 }
 
-/// Starts the thread that applies netlink events until `stop` turns true. `None` (with a
-/// warning) when netlink is unavailable: the relay then works with the addresses and next
-/// hops it saw at start.
+/// Subscribes to netlink events; do it before the first [`refresh`], so no change between
+/// the two is missed. `None` (with a warning) when netlink is unavailable: the relay then
+/// works with the addresses and next hops it saw at start.
+pub fn open_monitor() -> Option<Monitor> {
+    match Monitor::open() {
+        Ok(monitor) => Some(monitor),
+        Err(error) => {
+            warn!(%error, "cannot follow netlink events; host addresses and next hops are not kept current");
+            None
+        }
+    }
+}
+
+/// Starts the thread that applies `monitor`'s events until `stop` turns true.
 pub fn spawn_monitor(
+    monitor: Option<Monitor>,
     kernel: Arc<Mutex<KernelSync>>,
     host: HostAddresses,
     stop: watch::Receiver<bool>,
 ) -> Option<JoinHandle<()>> {
-    let mut monitor = match Monitor::open() {
-        Ok(monitor) => monitor,
-        Err(error) => {
-            warn!(%error, "cannot follow netlink events; host addresses and next hops are not kept current");
-            return None;
-        }
-    };
+    let mut monitor = monitor?;
     let thread = std::thread::Builder::new()
         .name("relay-netlink".to_owned())
         .spawn(move || {
             let mut last_refresh = Instant::now();
+            let mut last_reroute = Instant::now();
             while !*stop.borrow() {
                 let events = match monitor.next_events(POLL) {
                     Ok(events) => events,
@@ -78,6 +89,10 @@ pub fn spawn_monitor(
                 if last_refresh.elapsed() >= NEIGHBOUR_REFRESH {
                     lock(&kernel).refresh_neighbours();
                     last_refresh = Instant::now();
+                }
+                if last_reroute.elapsed() >= ROUTE_REFRESH {
+                    lock(&kernel).on_netlink(&[Event::Route], false);
+                    last_reroute = Instant::now();
                 }
             }
         });

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::{
     control::PathCounters,
     fastpath::{
+        self,
         netlink::{Event, Rtnl},
         nexthop::{NextHopId, NextHopValue, NextHops},
         BindingHops, ChannelBinding, FastPath, FastPathError,
@@ -302,17 +303,21 @@ impl KernelSync {
 
     fn forget_allocation(&mut self, id: AllocationId) {
         // Bindings out first, so the counters read next are final (up to packets in flight).
+        let mut clean = true;
         if let Some(channels) = self.bindings.remove(&id) {
             for binding in channels.values() {
-                self.remove(id, binding);
+                clean &= self.remove(id, binding);
             }
         }
         let counters = self.counters(id);
         self.retired += counters;
         self.overrides.remove(&id);
-        // The slot is zeroed again when the next allocation takes it.
+        // The slot is zeroed again when the next allocation takes it; one that an entry the
+        // kernel refused to delete may still count into is never reused.
         if let Some(slot) = self.slots.remove(&id) {
-            self.free_slots.push(slot);
+            if clean {
+                self.free_slots.push(slot);
+            }
         }
     }
 
@@ -341,6 +346,12 @@ impl KernelSync {
 
     /// Installs (or refreshes) `binding`, taking next hops for its addresses the first time.
     fn install(&mut self, id: AllocationId, binding: &ChannelBinding) {
+        // Mixed families (an IPv6 client with an IPv4 relayed address, RFC 8656 §7.2) are the
+        // socket path's: no next hops, no warning on every refresh.
+        if let Err(reason) = fastpath::supported(binding) {
+            debug!(allocation = binding.allocation, %reason, "binding stays on the socket path");
+            return;
+        }
         let key = (id, binding.channel);
         let hops = match self.installed.get(&key) {
             Some(hops) => *hops,
@@ -390,9 +401,12 @@ impl KernelSync {
         }
     }
 
-    fn remove(&mut self, id: AllocationId, binding: &ChannelBinding) {
+    /// Takes `binding` out of the kernel; `false` when the kernel refused, in which case its
+    /// next hops stay reserved (never handed to another destination while an entry may still
+    /// point at them).
+    fn remove(&mut self, id: AllocationId, binding: &ChannelBinding) -> bool {
         let Some(hops) = self.installed.remove(&(id, binding.channel)) else {
-            return;
+            return true;
         };
         if let Some(fastpath) = &mut self.fastpath {
             if let Err(error) = fastpath.remove_channel(binding) {
@@ -400,11 +414,14 @@ impl KernelSync {
                     allocation = binding.allocation,
                     channel = binding.channel,
                     %error,
-                    "cannot remove channel from the kernel"
+                    "cannot remove channel from the kernel; its next hops and counter slot \
+                     stay reserved until the entry expires"
                 );
+                return false;
             }
         }
         self.release_hops(hops);
+        true
     }
 
     /// Next hops for the client and (unless it is one of this relay's addresses) the peer,

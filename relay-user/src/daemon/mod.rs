@@ -122,6 +122,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // One policy for every worker: its set of host addresses is shared and kept current from
     // netlink, so a secondary or SLAAC address added at runtime is denied at once.
     let policy = peer_policy(&config, &own_addresses);
+    let monitor = host_addresses::open_monitor();
     host_addresses::refresh(policy.host_addresses());
     if let Some(fastpath) = &fastpath {
         kernel_sync::log_capacity(fastpath);
@@ -133,6 +134,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     )?));
     let (stop_tx, stop_rx) = watch::channel(false);
     let monitor = host_addresses::spawn_monitor(
+        monitor,
         Arc::clone(&kernel),
         policy.host_addresses().clone(),
         stop_rx.clone(),

@@ -45,16 +45,9 @@ pub struct BindingHops {
     pub counters: u32,
 }
 
-/// The two map entries of `binding`, enabled, with expiry left zero.
-pub(crate) fn entries(
-    binding: &ChannelBinding,
-    hops: BindingHops,
-) -> Result<(ChannelKey, ToPeer, PeerKey, ToClient), FastPathError> {
-    let flags = if hops.hairpin {
-        FLAG_ENABLED | FLAG_HAIRPIN
-    } else {
-        FLAG_ENABLED
-    };
+/// Whether the kernel can carry `binding` at all: a ChannelData channel number, and one address
+/// family for client, listener, relayed address and peer (the kernel does not translate).
+pub fn supported(binding: &ChannelBinding) -> Result<(), FastPathError> {
     if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&binding.channel) {
         return Err(FastPathError::Unsupported(
             "channel number outside 0x4000..=0x7fff",
@@ -68,6 +61,20 @@ pub(crate) fn entries(
             "client, listener, relayed and peer addresses must share one family",
         ));
     }
+    Ok(())
+}
+
+/// The two map entries of `binding`, enabled, with expiry left zero.
+pub(crate) fn entries(
+    binding: &ChannelBinding,
+    hops: BindingHops,
+) -> Result<(ChannelKey, ToPeer, PeerKey, ToClient), FastPathError> {
+    let flags = if hops.hairpin {
+        FLAG_ENABLED | FLAG_HAIRPIN
+    } else {
+        FLAG_ENABLED
+    };
+    supported(binding)?;
     let family = family(binding.client.ip());
     let channel_key = ChannelKey {
         client_ip: field(binding.client.ip()),

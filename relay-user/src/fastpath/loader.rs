@@ -113,6 +113,16 @@ pub enum FastPathError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error(
+        "`{0}` is not an Ethernet interface: the fast path parses and writes Ethernet frames \
+         (run with --fastpath off, or attach it to the Ethernet device underneath)"
+    )]
+    NotEthernet(String),
+    #[error("cannot ask the kernel about `{interface}` over rtnetlink: {source}")]
+    Netlink {
+        interface: String,
+        source: io::Error,
+    },
     #[error("no network interface named `{0}`")]
     UnknownInterface(String),
     #[error(
@@ -263,35 +273,46 @@ impl FastPath {
 
     /// Makes the kernel copy of the peer policy exactly `prefixes`. Changes are applied so that
     /// no address is allowed on the way that neither the old nor the new policy allows: new and
-    /// changed deny prefixes first, then allow prefixes, then removals.
+    /// changed deny prefixes first, then allow prefixes, then stale allows, then stale denies
+    /// (removing a stale deny then only ever uncovers a prefix of the new policy or another
+    /// stale deny). The policy generation is bumped whenever anything was written, even if a
+    /// later write failed, so no cached verdict of the old tries survives.
     pub fn set_policy(&mut self, prefixes: &[(ipnet::IpNet, u32)]) -> Result<(), FastPathError> {
         let wanted: std::collections::HashMap<ipnet::IpNet, u32> =
             prefixes.iter().map(|(net, v)| (net.trunc(), *v)).collect();
-        let mut changed: Vec<(ipnet::IpNet, u32)> = wanted
+        let mut changed: Vec<(ipnet::IpNet, Option<u32>)> = wanted
             .iter()
             .filter(|(net, value)| self.policy.get(net) != Some(value))
-            .map(|(k, v)| (*k, *v))
+            .map(|(k, v)| (*k, Some(*v)))
             .collect();
         // Denies (0) before allows (1).
         changed.sort_by_key(|(_, value)| *value);
-        for (net, value) in &changed {
-            self.policy_trie_update(*net, Some(*value))?;
-            self.policy.insert(*net, *value);
-        }
-        let stale: Vec<ipnet::IpNet> = self
+        let mut stale: Vec<(ipnet::IpNet, u32)> = self
             .policy
-            .keys()
-            .filter(|net| !wanted.contains_key(net))
-            .copied()
+            .iter()
+            .filter(|(net, _)| !wanted.contains_key(net))
+            .map(|(net, value)| (*net, *value))
             .collect();
-        for net in stale.iter().copied() {
-            self.policy_trie_update(net, None)?;
-            self.policy.remove(&net);
+        // Allows (1) before denies (0).
+        stale.sort_by_key(|(_, value)| std::cmp::Reverse(*value));
+        changed.extend(stale.into_iter().map(|(net, _)| (net, None)));
+        let mut result = Ok(());
+        let mut written = false;
+        for (net, value) in changed {
+            if let Err(error) = self.policy_trie_update(net, value) {
+                result = Err(error);
+                break;
+            }
+            written = true;
+            match value {
+                Some(value) => self.policy.insert(net, value),
+                None => self.policy.remove(&net),
+            };
         }
-        if !changed.is_empty() || !stale.is_empty() {
+        if written {
             self.bump_policy_generation()?;
         }
-        Ok(())
+        result
     }
 
     /// Invalidates every verdict the program cached from the policy tries.
@@ -365,6 +386,17 @@ impl FastPath {
             },
         };
         let ifindex = ifindex(interface)?;
+        // Tunnels and other L3 devices carry no Ethernet header: the program would read IP
+        // bytes as one.
+        let link = super::netlink::Rtnl::open()
+            .and_then(|mut rtnl| rtnl.link(ifindex))
+            .map_err(|source| FastPathError::Netlink {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        if link.is_none_or(|link| link.mac.is_none()) {
+            return Err(FastPathError::NotEthernet(interface.to_owned()));
+        }
         match mode {
             AttachMode::XdpNative | AttachMode::XdpGeneric => {
                 let xdp_mode = if mode == AttachMode::XdpNative {

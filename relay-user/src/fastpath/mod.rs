@@ -17,7 +17,7 @@ mod loader;
 pub mod netlink;
 pub mod nexthop;
 
-pub use binding::{BindingHops, ChannelBinding};
+pub use binding::{supported, BindingHops, ChannelBinding};
 pub use loader::{
     AllocationCounters, AttachMode, FastPath, FastPathError, MapCapacity, TestProgram,
     TestRunOutput,
