@@ -331,7 +331,20 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<FastPath>> {
             .map(|a| a.ip())
             .chain(config.relay_ips.iter().copied())
             .collect();
-        interfaces::for_addresses(&addresses).context("finding interfaces to attach to")?
+        let found =
+            interfaces::for_addresses(&addresses).context("finding interfaces to attach to")?;
+        // Found, not named: a wildcard listener matches tunnels too, which the fast path
+        // cannot serve (no Ethernet header); their traffic stays on the socket path.
+        found
+            .into_iter()
+            .filter(|interface| {
+                let ethernet = crate::fastpath::is_ethernet(interface);
+                if !ethernet {
+                    info!(%interface, "not an Ethernet interface: the fast path leaves it to the socket path");
+                }
+                ethernet
+            })
+            .collect()
     } else {
         config.interfaces.clone()
     };

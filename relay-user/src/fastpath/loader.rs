@@ -739,6 +739,17 @@ fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, FastPathError> {
         })
 }
 
+/// Whether `interface` (in the calling thread's namespace) is an Ethernet device the fast path
+/// can attach to.
+pub fn is_ethernet(interface: &str) -> bool {
+    let Ok(index) = ifindex(interface) else {
+        return false;
+    };
+    super::netlink::Rtnl::open()
+        .and_then(|mut rtnl| rtnl.link(index))
+        .is_ok_and(|link| link.is_some_and(|link| link.mac.is_some()))
+}
+
 /// The ifindex of `interface` in the calling thread's network namespace.
 fn ifindex(interface: &str) -> Result<u32, FastPathError> {
     let name = std::ffi::CString::new(interface)

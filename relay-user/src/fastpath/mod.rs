@@ -19,7 +19,7 @@ pub mod nexthop;
 
 pub use binding::{supported, BindingHops, ChannelBinding};
 pub use loader::{
-    AllocationCounters, AttachMode, FastPath, FastPathError, MapCapacity, TestProgram,
+    is_ethernet, AllocationCounters, AttachMode, FastPath, FastPathError, MapCapacity, TestProgram,
     TestRunOutput,
 };
 
