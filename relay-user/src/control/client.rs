@@ -124,7 +124,12 @@ fn row(a: &AllocationView) -> [String; 13] {
         a.id.to_string(),
         a.user.clone(),
         a.client.clone(),
-        a.relayed.clone(),
+        // Every relayed address: a dual allocation has two.
+        std::iter::once(&a.relayed)
+            .chain(&a.relayed_additional)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
         if a.peers.is_empty() {
             "-".to_owned()
         } else {

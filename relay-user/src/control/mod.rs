@@ -74,7 +74,12 @@ pub struct AllocationView {
     pub user: String,
     pub client: String,
     pub listener: String,
+    /// The relayed transport address (of the requested family; IPv4 in a dual allocation).
     pub relayed: String,
+    /// The IPv6 relayed transport address of a dual allocation (RFC 8656 §7.2
+    /// ADDITIONAL-ADDRESS-FAMILY); absent otherwise, and in answers of older relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_additional: Option<String>,
     pub expires_in_secs: u64,
     /// Peer IPs with a live permission.
     pub peers: Vec<String>,

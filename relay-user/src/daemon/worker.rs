@@ -432,6 +432,7 @@ impl Worker {
                 client: a.client.to_string(),
                 listener: a.listener.to_string(),
                 relayed: a.relayed.to_string(),
+                relayed_additional: a.additional_relayed.map(|r| r.to_string()),
                 expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
                 peers: a.permissions.iter().map(ToString::to_string).collect(),
                 channels: a

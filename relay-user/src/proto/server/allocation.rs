@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::{AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
+use super::{same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
 use crate::proto::stun::{AddressFamily, TransactionId};
 
 /// An Allocate waiting for its relay socket.
@@ -18,8 +18,22 @@ pub(super) struct Pending {
     pub(super) failed: Vec<SocketAddr>,
     /// EVEN-PORT was asked for.
     pub(super) even_port: bool,
-    /// ADDRESS-ERROR-CODE to add for a refused ADDITIONAL-ADDRESS-FAMILY.
-    pub(super) family_error: Option<AddressFamily>,
+    /// Which relayed address of the allocation the outstanding CreateAllocation binds.
+    pub(super) binding: Slot,
+    /// Relay IP of the second relayed address of a dual allocation (RFC 8656 §7.2
+    /// ADDITIONAL-ADDRESS-FAMILY), bound once the first one is.
+    pub(super) additional_ip: Option<IpAddr>,
+    /// ADDRESS-ERROR-CODE (family, code) to add for a refused ADDITIONAL-ADDRESS-FAMILY.
+    pub(super) family_error: Option<(AddressFamily, u16)>,
+}
+
+/// One of the (at most two) relayed addresses of an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Slot {
+    /// The address of the requested family (IPv4 for a dual allocation).
+    Primary,
+    /// The IPv6 address of a dual allocation.
+    Additional,
 }
 
 #[derive(Debug)]
@@ -45,7 +59,11 @@ pub(super) struct Allocation {
     pub(super) username: String,
     pub(super) client: SocketAddr,
     pub(super) listener: SocketAddr,
+    /// The relayed transport address of the requested family (IPv4 in a dual allocation).
     pub(super) relayed: SocketAddr,
+    /// The IPv6 relayed transport address of a dual allocation (RFC 8656 §7.2
+    /// ADDITIONAL-ADDRESS-FAMILY); also set while its socket is being bound.
+    pub(super) additional: Option<SocketAddr>,
     /// Granted by the Allocate; the expiry starts when the socket is bound.
     pub(super) lifetime: Duration,
     pub(super) expires: Instant,
@@ -65,12 +83,24 @@ impl Allocation {
         self.permissions.get(&ip).is_some_and(|e| *e > now)
     }
 
+    /// The relayed address that talks to `peer`: the one of the peer's family (RFC 8656 §9,
+    /// §12: a peer must match one of the allocation's relayed families).
+    pub(super) fn relayed_for(&self, peer: IpAddr) -> Option<SocketAddr> {
+        self.relayed_addresses().find(|r| same_family(r.ip(), peer))
+    }
+
+    /// Every relayed address of the allocation, the requested family first.
+    pub(super) fn relayed_addresses(&self) -> impl Iterator<Item = SocketAddr> {
+        std::iter::once(self.relayed).chain(self.additional)
+    }
+
     pub(super) fn delete_channel_command(&self, channel: u16, peer: SocketAddr) -> Command {
         Command::DeleteChannelBinding {
             id: self.id,
             client: self.client,
             listener: self.listener,
-            relayed: self.relayed,
+            // Only a peer of one of the allocation's families ever gets a channel.
+            relayed: self.relayed_for(peer.ip()).unwrap_or(self.relayed),
             peer,
             channel,
         }
@@ -100,6 +130,7 @@ impl Allocation {
         only: Option<IpAddr>,
         commands: &mut VecDeque<Command>,
     ) {
+        let (relayed, additional) = (self.relayed, self.additional);
         for (number, channel) in self.channels.iter_mut() {
             let ip = channel.peer.ip();
             if !channel.bound || only.is_some_and(|only| only != ip) {
@@ -108,12 +139,20 @@ impl Allocation {
             let Some(permission_expires) = self.permissions.get(&ip) else {
                 continue;
             };
+            // The binding carries the relayed address of the peer's family, so a dual
+            // allocation's same-family channels can go to the kernel.
+            let Some(relayed) = std::iter::once(relayed)
+                .chain(additional)
+                .find(|r| same_family(r.ip(), ip))
+            else {
+                continue;
+            };
             channel.installed = true;
             commands.push_back(Command::CreateChannelBinding {
                 id: self.id,
                 client: self.client,
                 listener: self.listener,
-                relayed: self.relayed,
+                relayed,
                 peer: channel.peer,
                 channel: *number,
                 expires_at: channel.expires.min(*permission_expires).min(self.expires),

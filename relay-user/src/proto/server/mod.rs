@@ -29,7 +29,7 @@ use crate::proto::stun::{
     MessageBuilder, Method, TransactionId,
 };
 
-use allocation::{AllocState, Allocation, Channel, Pending};
+use allocation::{AllocState, Allocation, Channel, Pending, Slot};
 pub use quota::{QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
 
@@ -161,18 +161,22 @@ pub enum Command {
     },
     /// Bind a UDP socket on exactly `relayed`; answer with [`Server::allocation_bound`] or
     /// [`Server::allocation_bind_failed`]. The core holds the Allocate response until then;
-    /// after a failure it asks for another port a few times, then answers 508.
+    /// after a failure it asks for another port a few times, then answers 508. A dual
+    /// allocation (RFC 8656 §7.2 ADDITIONAL-ADDRESS-FAMILY) asks for its IPv6 socket with a
+    /// second CreateAllocation of the same id once the IPv4 one is bound; at most one is
+    /// outstanding per allocation.
     CreateAllocation {
         /// allocation
         id: AllocationId,
         /// address to bind
         relayed: SocketAddr,
     },
-    /// Close the relay socket of an allocation.
+    /// Close one relay socket of an allocation (a dual allocation has two, each closed by a
+    /// command of its own).
     DeleteAllocation {
         /// allocation
         id: AllocationId,
-        /// its relayed address
+        /// the relayed address whose socket closes
         relayed: SocketAddr,
     },
     /// Install (or refresh) a channel in the kernel fast path; emitted on ChannelBind success
@@ -221,8 +225,10 @@ pub struct AllocationInfo {
     pub client: SocketAddr,
     /// listener (server) transport address
     pub listener: SocketAddr,
-    /// relayed transport address
+    /// relayed transport address (of the requested family; IPv4 in a dual allocation)
     pub relayed: SocketAddr,
+    /// the IPv6 relayed transport address of a dual allocation
+    pub additional_relayed: Option<SocketAddr>,
     /// expiry
     pub expires: Instant,
     /// peer IPs with a live permission
@@ -338,6 +344,7 @@ impl Server {
                 client: a.client,
                 listener: a.listener,
                 relayed: a.relayed,
+                additional_relayed: a.additional,
                 expires: a.expires,
                 permissions: a.permissions.keys().copied().collect(),
                 channels: a
@@ -411,7 +418,12 @@ impl Server {
         {
             return;
         }
-        let (relayed, peer) = (alloc.relayed, channel.peer);
+        let peer = channel.peer;
+        // RFC 8656 §12: the channel's peer was checked against the allocation's families when
+        // it was bound, so its family has a relayed address (possibly not the client's family).
+        let Some(relayed) = alloc.relayed_for(peer.ip()) else {
+            return;
+        };
         if !self.peer_reachable(peer) {
             return;
         }
@@ -476,8 +488,70 @@ impl Server {
         });
     }
 
-    /// The relay socket for `id` is bound: send the held Allocate success (RFC 8656 §7.2).
+    /// The relay socket for `id` is bound: send the held Allocate success (RFC 8656 §7.2), or,
+    /// for the first address of a dual allocation, ask for the second socket.
     pub fn allocation_bound(&mut self, id: AllocationId, now: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let AllocState::Pending(pending) = &mut alloc.state else {
+            return;
+        };
+        if pending.binding == Slot::Primary {
+            if let Some(ip) = pending.additional_ip {
+                // RFC 8656 §7.2: the IPv6 address of a dual allocation comes second, from a
+                // fresh set of attempts; the IPv4 socket stays bound meanwhile.
+                pending.binding = Slot::Additional;
+                pending.attempts = 0;
+                let exclude = pending.failed.clone();
+                return self.bind_additional(id, ip, &exclude, now);
+            }
+        }
+        self.activate(id, now);
+    }
+
+    /// Asks for the IPv6 socket of a dual allocation on a free port of `ip`, or (none free)
+    /// answers with the IPv4 address alone.
+    fn bind_additional(
+        &mut self,
+        id: AllocationId,
+        ip: IpAddr,
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) {
+        match self.pick_relayed(ip, false, exclude) {
+            Some(relayed) => {
+                if let Some(alloc) = self.allocations.get_mut(&id) {
+                    alloc.additional = Some(relayed);
+                }
+                self.by_relayed.insert(relayed, id);
+                self.commands
+                    .push_back(Command::CreateAllocation { id, relayed });
+            }
+            None => self.activate_without_additional(id, now),
+        }
+    }
+
+    /// The IPv6 half of a dual allocation could not be had: RFC 8656 §7.2 answers with the IPv4
+    /// relayed address and ADDRESS-ERROR-CODE 508 for IPv6 (insufficient capacity).
+    fn activate_without_additional(&mut self, id: AllocationId, now: Instant) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        if let Some(relayed) = alloc.additional.take() {
+            if self.by_relayed.get(&relayed) == Some(&id) {
+                self.by_relayed.remove(&relayed);
+            }
+        }
+        if let AllocState::Pending(pending) = &mut alloc.state {
+            pending.family_error = Some((AddressFamily::V6, 508));
+        }
+        self.activate(id, now);
+    }
+
+    /// Every relay socket of `id` is bound: the allocation goes live and the held Allocate
+    /// success goes out with one XOR-RELAYED-ADDRESS per relayed address (RFC 8656 §7.2).
+    fn activate(&mut self, id: AllocationId, now: Instant) {
         let Some(alloc) = self.allocations.get_mut(&id) else {
             return;
         };
@@ -485,22 +559,25 @@ impl Server {
         else {
             return;
         };
-        let relayed = alloc.relayed;
         let lifetime = alloc.lifetime;
         alloc.expires = now + lifetime;
+        let relayed: Vec<SocketAddr> = alloc.relayed_addresses().collect();
         let ctx = pending.ctx;
-        self.config.live_relayed.insert(relayed);
-        let mut attrs = vec![
-            Attribute::XorRelayedAddress(relayed),
-            Attribute::Lifetime(lifetime.as_secs().try_into().unwrap_or(u32::MAX)),
-            Attribute::XorMappedAddress(ctx.client),
-        ];
-        if let Some(family) = pending.family_error {
+        let mut attrs = Vec::with_capacity(relayed.len() + 3);
+        for address in &relayed {
+            self.config.live_relayed.insert(*address);
+            attrs.push(Attribute::XorRelayedAddress(*address));
+        }
+        attrs.push(Attribute::Lifetime(
+            lifetime.as_secs().try_into().unwrap_or(u32::MAX),
+        ));
+        attrs.push(Attribute::XorMappedAddress(ctx.client));
+        if let Some((family, code)) = pending.family_error {
             attrs.push(Attribute::AddressErrorCode {
                 family,
                 error: ErrorCode {
-                    code: 440,
-                    reason: reason(440),
+                    code,
+                    reason: reason(code),
                 },
             });
         }
@@ -516,8 +593,9 @@ impl Server {
     }
 
     /// The relay socket for `id` could not be bound: try another port, or answer 508 after
-    /// [`MAX_BIND_ATTEMPTS`].
-    pub fn allocation_bind_failed(&mut self, id: AllocationId, _now: Instant) {
+    /// [`MAX_BIND_ATTEMPTS`] (for the IPv6 half of a dual allocation: the IPv4 address alone
+    /// with ADDRESS-ERROR-CODE 508).
+    pub fn allocation_bind_failed(&mut self, id: AllocationId, now: Instant) {
         let Some(alloc) = self.allocations.get_mut(&id) else {
             return;
         };
@@ -527,14 +605,29 @@ impl Server {
         pending.attempts += 1;
         let attempts = pending.attempts;
         let even = pending.even_port;
-        let failed = alloc.relayed;
+        let slot = pending.binding;
+        let failed = match slot {
+            Slot::Primary => alloc.relayed,
+            Slot::Additional => match alloc.additional {
+                Some(address) => address,
+                None => return,
+            },
+        };
         // The failed address leaves the index (another allocation may get it later, the
         // socket may have been busy only briefly), but this Allocate must not retry it: with a
         // small port range a random pick would otherwise land on it again and waste the
         // attempts before the 508 (RFC 8656 §7.2: 508 only when no relayed address can be had).
         pending.failed.push(failed);
         let exclude = pending.failed.clone();
-        self.by_relayed.remove(&failed);
+        if self.by_relayed.get(&failed) == Some(&id) {
+            self.by_relayed.remove(&failed);
+        }
+        if slot == Slot::Additional {
+            if attempts < MAX_BIND_ATTEMPTS {
+                return self.bind_additional(id, failed.ip(), &exclude, now);
+            }
+            return self.activate_without_additional(id, now);
+        }
         let next = if attempts < MAX_BIND_ATTEMPTS {
             self.pick_relayed(failed.ip(), even, &exclude)
         } else {
@@ -558,6 +651,13 @@ impl Server {
                 self.respond_error(&ctx, 508, &[]);
             }
         }
+    }
+
+    /// The relayed addresses of allocation `id`.
+    fn relayed_of(&self, id: AllocationId) -> Option<Vec<SocketAddr>> {
+        self.allocations
+            .get(&id)
+            .map(|a| a.relayed_addresses().collect())
     }
 
     fn active_on(&self, client: SocketAddr, listener: SocketAddr) -> Option<&Allocation> {
@@ -595,18 +695,22 @@ impl Server {
     /// Removes an allocation from every index without emitting anything.
     fn forget_allocation(&mut self, id: AllocationId) -> Option<Allocation> {
         let alloc = self.allocations.remove(&id)?;
-        if matches!(alloc.state, AllocState::Active) {
-            self.config.live_relayed.remove(alloc.relayed);
+        let active = matches!(alloc.state, AllocState::Active);
+        for relayed in alloc.relayed_addresses() {
+            if active {
+                self.config.live_relayed.remove(relayed);
+            }
+            if self.by_relayed.get(&relayed) == Some(&id) {
+                self.by_relayed.remove(&relayed);
+            }
         }
         self.by_five_tuple.remove(&(alloc.client, alloc.listener));
-        if self.by_relayed.get(&alloc.relayed) == Some(&id) {
-            self.by_relayed.remove(&alloc.relayed);
-        }
         self.config.quota.release(&alloc.username);
         Some(alloc)
     }
 
-    /// Deletes an allocation: its channels leave the fast path, then its socket closes.
+    /// Deletes an allocation: its channels leave the fast path, then its sockets close (both of
+    /// a dual allocation).
     fn remove_allocation(&mut self, id: AllocationId) {
         let Some(alloc) = self.forget_allocation(id) else {
             return;
@@ -617,10 +721,10 @@ impl Server {
                     .push_back(alloc.delete_channel_command(*number, channel.peer));
             }
         }
-        self.commands.push_back(Command::DeleteAllocation {
-            id,
-            relayed: alloc.relayed,
-        });
+        for relayed in alloc.relayed_addresses() {
+            self.commands
+                .push_back(Command::DeleteAllocation { id, relayed });
+        }
     }
 
     /// A free relayed address of the family of `ip`: random picks, then a scan from a random
@@ -926,6 +1030,9 @@ impl Server {
         if token || even_port == Some(true) {
             return self.respond_error(ctx, 508, &[]);
         }
+        // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
+        // client's own family: RFC 6156 relays between families) needs a relay IP of that
+        // family, else 440.
         let relay_ip = match requested_family {
             None | Some(AddressFamily::V4) => self.relay_v4,
             Some(AddressFamily::V6) => self.relay_v6,
@@ -934,9 +1041,16 @@ impl Server {
         let Some(relay_ip) = relay_ip else {
             return self.respond_error(ctx, 440, &[]);
         };
-        // ADDITIONAL-ADDRESS-FAMILY (dual allocation) is not supported: the IPv4 allocation is
-        // made and the IPv6 part is refused with ADDRESS-ERROR-CODE 440 (§7.2 step 6).
-        let family_error = additional_family.map(|_| AddressFamily::V6);
+        // Step 6, dual allocation: ADDITIONAL-ADDRESS-FAMILY (IPv6) adds an IPv6 relayed
+        // address to the IPv4 one. Without an IPv6 relay IP the IPv4 allocation is still made
+        // and the IPv6 part is refused with ADDRESS-ERROR-CODE 440.
+        let (additional_ip, family_error) = match additional_family {
+            None => (None, None),
+            Some(_) => match self.relay_v6 {
+                Some(ip) => (Some(ip), None),
+                None => (None, Some((AddressFamily::V6, 440))),
+            },
+        };
         // Step 8: quotas.
         let quota = self.config.quota.try_acquire(
             &auth.username,
@@ -961,6 +1075,7 @@ impl Server {
             client: ctx.client,
             listener: ctx.listener,
             relayed,
+            additional: None,
             lifetime,
             expires: now + lifetime,
             state: AllocState::Pending(Pending {
@@ -968,6 +1083,8 @@ impl Server {
                 attempts: 0,
                 failed: Vec::new(),
                 even_port: even_port.is_some(),
+                binding: Slot::Primary,
+                additional_ip,
                 family_error,
             }),
             last_allocate: ctx.tid,
@@ -1015,14 +1132,21 @@ impl Server {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
-        let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
+        let Some(families) = self.allocations.get(&id).map(|a| {
+            a.relayed_addresses()
+                .map(|r| AddressFamily::of(r.ip()))
+                .collect::<Vec<_>>()
+        }) else {
             return;
         };
         let requested_family = msg.attributes().iter().find_map(|a| match a {
             Attribute::RequestedAddressFamily(f) => Some(*f),
             _ => None,
         });
-        if matches!(requested_family, Some(f) if f != AddressFamily::of(relayed.ip())) {
+        // RFC 8656 §8: a family the allocation has no relayed address of → 443. A dual
+        // allocation has one lifetime, so naming either of its families refreshes (or, with
+        // LIFETIME 0, deletes) all of it.
+        if matches!(requested_family, Some(f) if !families.contains(&f)) {
             return self.respond_error(ctx, 443, &[]);
         }
         let lifetime = if msg.lifetime() == Some(0) {
@@ -1041,14 +1165,17 @@ impl Server {
         self.respond(ctx, Class::Success, &[Attribute::Lifetime(secs)]);
     }
 
-    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind against the allocation
-    /// family (443) and the peer policy (403); sends the error and returns false if one fails.
-    fn check_peers(&mut self, ctx: &Ctx, relayed: SocketAddr, peers: &[SocketAddr]) -> bool {
+    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind against the
+    /// allocation's relayed families (443, RFC 8656 §9, §12: each peer needs a relayed address
+    /// of its own family) and the peer policy (403); sends the error and returns false if one
+    /// fails.
+    fn check_peers(&mut self, ctx: &Ctx, relayed: &[SocketAddr], peers: &[SocketAddr]) -> bool {
         if peers.is_empty() {
             self.respond_error(ctx, 400, &[]);
             return false;
         }
-        if peers.iter().any(|p| !same_family(p.ip(), relayed.ip())) {
+        let has_family = |p: &SocketAddr| relayed.iter().any(|r| same_family(p.ip(), r.ip()));
+        if !peers.iter().all(has_family) {
             self.respond_error(ctx, 443, &[]);
             return false;
         }
@@ -1064,11 +1191,11 @@ impl Server {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
-        let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
+        let Some(relayed) = self.relayed_of(id) else {
             return;
         };
         let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
-        if !self.check_peers(ctx, relayed, &peers) {
+        if !self.check_peers(ctx, &relayed, &peers) {
             return;
         }
         let cap = self.config.max_permissions_per_allocation;
@@ -1097,7 +1224,7 @@ impl Server {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
-        let Some(relayed) = self.allocations.get(&id).map(|a| a.relayed) else {
+        let Some(relayed) = self.relayed_of(id) else {
             return;
         };
         let Some(number) = msg
@@ -1110,7 +1237,7 @@ impl Server {
         if peers.len() > 1 {
             return self.respond_error(ctx, 400, &[]);
         }
-        if !self.check_peers(ctx, relayed, &peers) {
+        if !self.check_peers(ctx, &relayed, &peers) {
             return;
         }
         let Some(peer) = peers.first().copied() else {
@@ -1182,13 +1309,14 @@ impl Server {
             return;
         };
         // Port 0 is no destination; the kernel would refuse the send anyway.
-        if peer.port() == 0
-            || !alloc.has_permission(peer.ip(), now)
-            || !same_family(peer.ip(), alloc.relayed.ip())
-        {
+        if peer.port() == 0 || !alloc.has_permission(peer.ip(), now) {
             return;
         }
-        let relayed = alloc.relayed;
+        // RFC 8656 §11.2: out of the relayed address of the peer's family; a family the
+        // allocation lacks has no permission either, so this only guards the invariant.
+        let Some(relayed) = alloc.relayed_for(peer.ip()) else {
+            return;
+        };
         if !self.peer_reachable(peer) {
             return;
         }
