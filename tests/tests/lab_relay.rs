@@ -985,3 +985,208 @@ fn a_full_kernel_map_keeps_bindings_on_the_socket_path() {
     );
     assert!(log.contains("kernel maps: 2 bindings"), "{log}");
 }
+
+/// The relay on both families: listeners on the client side's IPv4 and IPv6 addresses,
+/// relayed addresses on the peer side's, peers allowed in both peer subnets.
+fn start_dual_stack_relay(lab: &ThreeHosts, extra: &[&str]) -> Relay {
+    let relay_ns = lab.relay.name().to_owned();
+    let (listen4, listen6) = (
+        format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"),
+        format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}"),
+    );
+    let mut args = vec![
+        "--listen",
+        listen4.as_str(),
+        "--listen",
+        listen6.as_str(),
+        "--relay-ip",
+        RELAY_PEER_SIDE_IP,
+        "--relay-ip",
+        RELAY_PEER_SIDE_IP6,
+        "--realm",
+        REALM,
+        "--user",
+        "alice:wonderland",
+        "--allow-peer",
+        "198.18.2.0/24",
+        "--allow-peer",
+        "2001:2:0:2::/64",
+    ];
+    args.extend_from_slice(extra);
+    Relay::start_with(&["ip", "netns", "exec", &relay_ns], &args, 2)
+}
+
+/// A logged-in client in the client namespace, on IPv6 or IPv4, talking to the relay's
+/// listener of its own family.
+fn lab_client(lab: &ThreeHosts, v6: bool) -> Client {
+    let (ip, server) = if v6 {
+        (
+            relay_tests::lab::CLIENT_IP6,
+            format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}"),
+        )
+    } else {
+        (CLIENT_IP, format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"))
+    };
+    let socket = lab
+        .client
+        .run_inside(move || UdpSocket::bind((ip, 0)).expect("client socket"));
+    let mut client = Client::with_socket(socket, server.parse().expect("addr"), REALM);
+    client.login("alice", "wonderland");
+    client
+}
+
+/// A Send indication to `peer` and the Data indication its echo comes back as: the
+/// XOR-PEER-ADDRESS names the peer in its own family whatever the client's (RFC 8656 §11).
+fn send_and_data_round_trip(client: &mut Client, peer: SocketAddr, tag: &str) {
+    use relay::proto::stun::{Class, Message, Method};
+    client.send_indication(peer, tag.as_bytes());
+    for _ in 0..4 {
+        let Some(reply) = client.recv() else { break };
+        let Ok(msg) = Message::decode(&reply) else {
+            continue;
+        };
+        if (msg.class(), msg.method()) == (Class::Indication, Method::DATA)
+            && msg.data() == Some(tag.as_bytes())
+        {
+            assert_eq!(msg.xor_peer_addresses().collect::<Vec<_>>(), vec![peer]);
+            return;
+        }
+    }
+    panic!("{tag}: no Data indication from {peer}");
+}
+
+/// RFC 6156 / RFC 8656 §7.2 relaying between families with the real binary: an IPv4 client
+/// with an IPv6 relayed address reaches the IPv6 peer, an IPv6 client with an IPv4 relayed
+/// address the IPv4 peer, and a dual allocation reaches both. Mixed-family channels always
+/// ride the socket path; with a fast path, the same-family channel of the dual allocation is
+/// carried by the kernel (per-allocation counters tell the paths apart).
+fn relays_between_families(mode: &str) {
+    require_root();
+    const ROUNDS: usize = 200;
+    let lab = ThreeHosts::new();
+    let kernel = mode != "off";
+    let mut extra = vec!["--fastpath", mode];
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    // Both modes: the first datagram to a neighbour not yet resolved can wait longer than the
+    // client waits for an echo, which would count as a loss that is the lab's, not the relay's.
+    lab.add_static_neighbours();
+    let _far = kernel.then(|| {
+        lab.force_forwarding_off();
+        FarEnds::attach(&lab)
+    });
+    if kernel {
+        extra.extend_from_slice(&["--interface", &rc, "--interface", &rp]);
+    }
+    let relay = start_dual_stack_relay(&lab, &extra);
+    let echo4 = Echo::start_on(&lab, PEER_IP);
+    let echo6 = Echo::start_on(&lab, PEER_IP6);
+    // Same peer IPs (so the channel's permission covers them), other ports, no channel: their
+    // echoes come back as Data indications.
+    let side4 = Echo::start_on(&lab, PEER_IP);
+    let side6 = Echo::start_on(&lab, PEER_IP6);
+    let allocation = |relayed: SocketAddr| {
+        relay
+            .allocations()
+            .allocations
+            .into_iter()
+            .find(|a| a.relayed == relayed.to_string())
+            .unwrap_or_else(|| panic!("no allocation on {relayed}"))
+    };
+
+    // IPv4 client, IPv6 relayed address, IPv6 peer.
+    let mut four = lab_client(&lab, false);
+    let relayed6 = four.allocate_ipv6();
+    assert_eq!(relayed6.ip().to_string(), RELAY_PEER_SIDE_IP6);
+    four.bind_channel(0x4000, echo6.addr);
+    assert_eq!(round_trips(&four, 0x4000, ROUNDS, "4to6"), ROUNDS);
+    send_and_data_round_trip(&mut four, side6.addr, "4to6 indication");
+    let a = allocation(relayed6);
+    assert_eq!(a.kernel.packets(), 0, "mixed families stay off the kernel");
+    assert_eq!(a.socket.to_client_packets, ROUNDS as u64 + 1);
+
+    // IPv6 client, IPv4 relayed address, IPv4 peer.
+    let mut six = lab_client(&lab, true);
+    let relayed4 = six.allocate_ipv4();
+    assert_eq!(relayed4.ip().to_string(), RELAY_PEER_SIDE_IP);
+    six.bind_channel(0x4000, echo4.addr);
+    assert_eq!(round_trips(&six, 0x4000, ROUNDS, "6to4"), ROUNDS);
+    send_and_data_round_trip(&mut six, side4.addr, "6to4 indication");
+    let a = allocation(relayed4);
+    assert_eq!(a.kernel.packets(), 0, "mixed families stay off the kernel");
+    assert_eq!(a.socket.to_client_packets, ROUNDS as u64 + 1);
+
+    // Dual allocation from an IPv4 client: one channel per family.
+    let mut dual = lab_client(&lab, false);
+    let relayed = dual.allocate_dual();
+    let [v4, v6] = relayed.as_slice() else {
+        panic!("expected two relayed addresses, got {relayed:?}");
+    };
+    assert_eq!(
+        (v4.ip().to_string(), v6.ip().to_string()),
+        (
+            RELAY_PEER_SIDE_IP.to_owned(),
+            RELAY_PEER_SIDE_IP6.to_owned()
+        )
+    );
+    dual.bind_channel(0x4000, echo4.addr);
+    dual.bind_channel(0x4001, echo6.addr);
+    assert_eq!(round_trips(&dual, 0x4000, ROUNDS, "dual v4"), ROUNDS);
+    assert_eq!(round_trips(&dual, 0x4001, ROUNDS, "dual v6"), ROUNDS);
+    let a = allocation(*v4);
+    assert_eq!(a.relayed_additional, Some(v6.to_string()));
+    let rounds = ROUNDS as u64;
+    if kernel {
+        assert_eq!(a.path, "kernel");
+        assert_eq!(
+            (a.kernel.to_peer_packets, a.kernel.to_client_packets),
+            (rounds, rounds),
+            "the IPv4 channel is the kernel's: {a:?}\n{}",
+            relay.log()
+        );
+        assert_eq!(
+            (a.socket.to_peer_packets, a.socket.to_client_packets),
+            (rounds, rounds),
+            "the IPv6 channel is the socket path's: {a:?}"
+        );
+    } else {
+        assert_eq!(
+            (a.socket.to_peer_packets, a.socket.to_client_packets),
+            (2 * rounds, 2 * rounds)
+        );
+    }
+    let (ok, table, stderr) = relay.ctl(&["allocations"]);
+    assert!(ok, "{stderr}");
+    assert!(table.contains(&format!("{v4},{v6}")), "{table}");
+
+    // Deleting the dual allocation closes both relay sockets: nothing more reaches a peer.
+    dual.delete();
+    let before = (
+        echo4.received.load(Ordering::Relaxed),
+        echo6.received.load(Ordering::Relaxed),
+    );
+    assert_eq!(round_trips(&dual, 0x4000, 2, "deleted v4"), 0);
+    assert_eq!(round_trips(&dual, 0x4001, 2, "deleted v6"), 0);
+    assert_eq!(
+        (
+            echo4.received.load(Ordering::Relaxed),
+            echo6.received.load(Ordering::Relaxed)
+        ),
+        before
+    );
+    assert_eq!(relay.allocations().allocations.len(), 2);
+    for relayed in [v4, v6] {
+        let addr = *relayed;
+        let free = lab.relay.run_inside(move || UdpSocket::bind(addr).is_ok());
+        assert!(free, "{addr} is still bound after the delete");
+    }
+}
+
+#[test]
+fn relays_between_families_on_the_socket_path() {
+    relays_between_families("off");
+}
+
+#[test]
+fn relays_between_families_with_the_xdp_fast_path() {
+    relays_between_families("xdp");
+}

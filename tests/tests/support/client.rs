@@ -121,6 +121,35 @@ impl Client {
         ])
     }
 
+    /// Allocate an IPv4 relayed address by name (RFC 8656 §7.1), e.g. from an IPv6 client.
+    pub fn allocate_ipv4(&mut self) -> SocketAddr {
+        self.allocate_with(&[
+            Attribute::RequestedTransport(17),
+            Attribute::RequestedAddressFamily(AddressFamily::V4),
+        ])
+    }
+
+    /// A dual allocation (RFC 8656 §7.1 ADDITIONAL-ADDRESS-FAMILY): every relayed address the
+    /// success carries, IPv4 first.
+    pub fn allocate_dual(&mut self) -> Vec<SocketAddr> {
+        let response = self.request(
+            Method::ALLOCATE,
+            &[
+                Attribute::RequestedTransport(17),
+                Attribute::AdditionalAddressFamily(AddressFamily::V6),
+            ],
+        );
+        let msg = Message::decode(&response).expect("valid response");
+        assert_eq!(msg.class(), Class::Success, "Allocate failed: {msg:?}");
+        msg.attributes()
+            .iter()
+            .filter_map(|a| match a {
+                Attribute::XorRelayedAddress(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn allocate_with(&mut self, attrs: &[Attribute<'_>]) -> SocketAddr {
         let response = self.request(Method::ALLOCATE, attrs);
         Message::decode(&response)
