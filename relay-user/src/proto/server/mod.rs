@@ -511,7 +511,8 @@ impl Server {
     }
 
     /// Asks for the IPv6 socket of a dual allocation on a free port of `ip`, or (none free)
-    /// answers with the IPv4 address alone.
+    /// answers with the IPv4 address alone. EVEN-PORT (R=0) holds for both addresses: the
+    /// client asked for even ports on the allocation, not on one family of it.
     fn bind_additional(
         &mut self,
         id: AllocationId,
@@ -519,7 +520,11 @@ impl Server {
         exclude: &[SocketAddr],
         now: Instant,
     ) {
-        match self.pick_relayed(ip, false, exclude) {
+        let even = match self.allocations.get(&id).map(|a| &a.state) {
+            Some(AllocState::Pending(pending)) => pending.even_port,
+            _ => false,
+        };
+        match self.pick_relayed(ip, even, exclude) {
             Some(relayed) => {
                 if let Some(alloc) = self.allocations.get_mut(&id) {
                     alloc.additional = Some(relayed);

@@ -2908,3 +2908,34 @@ fn dual_allocation_retransmission() {
     assert_eq!(first, again);
     assert_eq!(h.server.config.quota.of_user(ALICE.0), 1);
 }
+
+/// EVEN-PORT (R=0) on a dual allocation: both relayed ports are even.
+#[test]
+fn dual_allocation_even_ports() {
+    let mut h = Harness::with_config(dual_stack);
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    let (tid, commands) = h.signed_commands(
+        &mut c,
+        Method::ALLOCATE,
+        &[
+            Attribute::RequestedTransport(UDP),
+            Attribute::AdditionalAddressFamily(AddressFamily::V6),
+            Attribute::EvenPort(false),
+        ],
+    );
+    let [Command::CreateAllocation { id, relayed: v4 }] = commands.as_slice() else {
+        panic!("expected CreateAllocation, got {commands:?}");
+    };
+    let (id, v4) = (*id, *v4);
+    h.server.allocation_bound(id, h.now);
+    let commands = h.drain();
+    let [Command::CreateAllocation { relayed: v6, .. }] = commands.as_slice() else {
+        panic!("expected the IPv6 CreateAllocation, got {commands:?}");
+    };
+    let v6 = *v6;
+    h.server.allocation_bound(id, h.now);
+    let reply = one_reply(h.drain(), &c, tid);
+    let msg = expect_success(&reply, Method::ALLOCATE, &c.key);
+    assert_eq!(relayed_addresses(&msg), vec![v4, v6]);
+    assert!(v4.port() % 2 == 0 && v6.port() % 2 == 0, "{v4} {v6}");
+}
