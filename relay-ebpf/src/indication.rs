@@ -9,7 +9,7 @@
 //! All parsing goes through the context's load helpers (variable offsets, bounds checked by
 //! the kernel); only fixed offsets are written directly after the frame is resized.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::helpers::{bpf_get_prandom_u32, generated::bpf_loop};
 use relay_common::{ip_field, ipv4_field, Permission, Reason, ToRelay, FAMILY_IPV4, FLAG_ENABLED};
 
 use crate::{
@@ -38,6 +38,34 @@ const MAX_ATTRIBUTES: usize = 6;
 const MAX_PREFIX: usize = 96;
 /// Longest tail after DATA's value (its padding and trailing optional attributes).
 const MAX_SUFFIX: usize = 32;
+/// Longest message (up to its FINGERPRINT) whose fingerprint the kernel checks: a full
+/// 1500-byte frame's worth; longer fingerprinted indications go to the socket path.
+const MAX_FINGERPRINTED: usize = 1_500;
+/// XORed into the CRC-32 of a FINGERPRINT (RFC 8489 §14.7).
+const FINGERPRINT_XOR: u32 = 0x5354_554e;
+
+/// CRC-32 (ISO-HDLC, reflected, polynomial 0xEDB88320) by byte, computed at build time.
+static CRC_TABLE: [u32; 256] = crc_table();
+
+const fn crc_table() -> [u32; 256] {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+}
 /// Framing in front of the data of a Data indication: STUN header, XOR-PEER-ADDRESS (IPv4 or
 /// IPv6), DATA's attribute header.
 const DATA_FRAMING_V4: usize = STUN_HEADER_LEN + 4 + 8 + 4;
@@ -51,6 +79,8 @@ pub struct Send {
     /// Offset of DATA's value from the start of the UDP payload, and its length.
     data_at: usize,
     data_len: usize,
+    /// Offset of the FINGERPRINT attribute, 0 without one.
+    fingerprint_at: usize,
 }
 
 /// Client → peer: a Send indication (parsed by [`parse_send`]) from a client with an
@@ -64,6 +94,12 @@ pub fn send_to_peer<C: Packet>(
 ) -> Result<Forward, Reason> {
     if relay.flags & FLAG_ENABLED == 0 {
         return Err(Reason::PassDisabled);
+    }
+    // A message with a wrong fingerprint is no STUN message (RFC 8489 §7.3): the socket path
+    // decides what it is. Checked here rather than while parsing, where every path through
+    // the attribute loop would make the verifier walk the CRC loop again.
+    if send.fingerprint_at != 0 && !fingerprint_matches(ctx, udp, send.fingerprint_at) {
+        return Err(Reason::PassStunUnsupported);
     }
     let family = udp.family();
     let pkey = permission_key(relay.relayed_ip, send.peer_ip, relay.relayed_port, family);
@@ -149,6 +185,7 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
         return Err(UNSUPPORTED);
     }
     let (mut peer_at, mut peer_len, mut data_at, mut data_len) = (0, 0, 0, 0);
+    let mut fingerprint_at = 0;
     let mut offset = STUN_HEADER_LEN;
     let mut attribute = [0u8; 4];
     for _ in 0..MAX_ATTRIBUTES {
@@ -165,11 +202,16 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
         if next > end {
             return Err(UNSUPPORTED);
         }
+        if fingerprint_at != 0 {
+            // FINGERPRINT must be the last attribute (RFC 8489 §14.7).
+            return Err(UNSUPPORTED);
+        }
         match kind {
             XOR_PEER_ADDRESS if peer_at == 0 => (peer_at, peer_len) = (value, len),
             DATA if data_at == 0 => (data_at, data_len) = (value, len),
-            // A repeated one, DONT-FRAGMENT, any other comprehension-required attribute, and
-            // FINGERPRINT (verifying it means a CRC over the message): the socket path's.
+            FINGERPRINT if len == 4 => fingerprint_at = offset,
+            // A repeated one, DONT-FRAGMENT, any other comprehension-required attribute: the
+            // socket path's.
             XOR_PEER_ADDRESS | DATA | FINGERPRINT => return Err(UNSUPPORTED),
             kind if kind < 0x8000 => return Err(UNSUPPORTED),
             // Comprehension-optional attributes may be ignored (RFC 8489 §14).
@@ -222,7 +264,70 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
         peer_port: u16::from_ne_bytes(peer_port),
         data_at,
         data_len,
+        fingerprint_at,
     })
+}
+
+/// What the CRC loop body needs; `bpf_loop` hands it back by pointer.
+#[repr(C)]
+struct CrcState<'a, C> {
+    ctx: &'a C,
+    /// Offset of the message's first byte in the frame.
+    base: usize,
+    crc: u32,
+    failed: u32,
+}
+
+/// One word of the CRC: `bpf_loop` calls it `at / 4` times, and the verifier checks it once,
+/// however many words a message has.
+extern "C" fn crc_word<C: Packet>(index: u64, state: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the `CrcState` pointer `fingerprint_matches` gave it,
+    // which lives in that function's frame for the whole loop.
+    let state = unsafe { &mut *state.cast::<CrcState<'_, C>>() };
+    let mut w = [0u8; 4];
+    if !state.ctx.load(state.base + (index as usize) * 4, &mut w) {
+        state.failed = 1;
+        return 1;
+    }
+    let mut crc = state.crc;
+    for byte in w {
+        crc = CRC_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    state.crc = crc;
+    0
+}
+
+/// Whether the FINGERPRINT attribute at `at` (from the start of the UDP payload) holds the
+/// CRC-32 of the message before it, XOR 0x5354554e (RFC 8489 §14.7).
+#[inline(never)]
+fn fingerprint_matches<C: Packet>(ctx: &C, udp: &UdpDatagram, at: usize) -> bool {
+    if at > MAX_FINGERPRINTED || !at.is_multiple_of(4) {
+        return false;
+    }
+    let mut state = CrcState {
+        ctx,
+        base: udp.payload_offset,
+        crc: !0,
+        failed: 0,
+    };
+    // SAFETY: the callback is an `extern "C" fn(u64, *mut c_void) -> i64` as the helper
+    // expects, and `state` outlives the call.
+    let looped = unsafe {
+        bpf_loop(
+            (at / 4) as u32,
+            crc_word::<C> as *mut core::ffi::c_void,
+            (&mut state as *mut CrcState<'_, C>).cast(),
+            0,
+        )
+    };
+    if looped < 0 || state.failed != 0 {
+        return false;
+    }
+    let mut w = [0u8; 4];
+    if !ctx.load(udp.payload_offset + at + 4, &mut w) {
+        return false;
+    }
+    (!state.crc ^ FINGERPRINT_XOR) == u32::from_be_bytes(w)
 }
 
 /// Peer → client: a datagram from a peer with a permission but no channel, sent to the client
@@ -347,6 +452,16 @@ fn write_framing<C: Packet, const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crc_table_gives_the_standard_crc32() {
+        // CRC-32 of "123456789" is 0xCBF43926.
+        let mut crc = !0u32;
+        for byte in b"123456789" {
+            crc = CRC_TABLE[((crc ^ u32::from(*byte)) & 0xff) as usize] ^ (crc >> 8);
+        }
+        assert_eq!(!crc, 0xcbf4_3926);
+    }
 
     #[test]
     fn framing_lengths() {

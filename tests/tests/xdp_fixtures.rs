@@ -735,6 +735,19 @@ fn indication_fixtures() -> Vec<Fixture> {
             send_forward(&c, b"send"),
             to_peer_counts(c_slot, 4),
         );
+        // A valid FINGERPRINT is checked in the kernel and leaves with the STUN framing.
+        add(
+            format!("{tag} send indication with a valid FINGERPRINT"),
+            client_frame(&c, &{
+                let mut message = send_indication(tid(22), c.peer, b"fp", &[]);
+                add_fingerprint(&mut message);
+                message
+            })
+            .build(),
+            false,
+            send_forward(&c, b"fp"),
+            to_peer_counts(c_slot, 2),
+        );
         add(
             format!("{tag} channel and permission: ChannelData"),
             client_frame(&bound, &channel_data(channel, b"channel", 1)).build(),
@@ -780,12 +793,7 @@ fn indication_fixtures() -> Vec<Fixture> {
                     &[stun_attribute(DONT_FRAGMENT, &[])],
                 ),
             ),
-            // The committed kernel never checks a FINGERPRINT: valid or not, the socket path's.
-            ("send indication with a valid FINGERPRINT", {
-                let mut message = send_indication(tid(22), f.peer, b"fp", &[]);
-                add_fingerprint(&mut message);
-                message
-            }),
+            // A wrong FINGERPRINT: no STUN message (RFC 8489 §7.3), the socket path's.
             ("send indication with a wrong FINGERPRINT", {
                 let mut message = send_indication(tid(22), f.peer, b"fp", &[]);
                 add_fingerprint(&mut message);
