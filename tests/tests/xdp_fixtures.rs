@@ -735,6 +735,27 @@ fn indication_fixtures() -> Vec<Fixture> {
             send_forward(&c, b"send"),
             to_peer_counts(c_slot, 4),
         );
+        // What coturn's uclient sends: DATA first, then XOR-PEER-ADDRESS, then FINGERPRINT.
+        let long: Vec<u8> = (0..200u8).collect();
+        add(
+            format!("{tag} send indication in uclient's order with 200 bytes"),
+            client_frame(&c, &{
+                let mut message = stun_message(
+                    0x0016,
+                    tid(30),
+                    &[
+                        stun_attribute(0x0013, &long),
+                        xor_peer_address(tid(30), c.peer),
+                    ],
+                );
+                add_fingerprint(&mut message);
+                message
+            })
+            .build(),
+            false,
+            send_forward(&c, &long),
+            to_peer_counts(c_slot, 200),
+        );
         // A valid FINGERPRINT is checked in the kernel and leaves with the STUN framing.
         add(
             format!("{tag} send indication with a valid FINGERPRINT"),
