@@ -28,6 +28,12 @@ pub const VERDICT_COUNTERS_MAP: &str = "VERDICT_COUNTERS";
 pub const CHANNELS_MAP: &str = "CHANNELS";
 /// Name of the hash map peer → client: [`PeerKey`] → [`ToClient`].
 pub const PEERS_MAP: &str = "PEERS";
+/// Name of the hash map client → allocation for Send indications: [`ClientKey`] → [`ToRelay`].
+pub const CLIENTS_MAP: &str = "CLIENTS";
+/// Name of the hash map of permissions (RFC 8656 §9): [`PermissionKey`] → [`Permission`]. A
+/// client's Send indication to a peer IP with a permission, and a peer's datagram without a
+/// channel, are forwarded in the kernel (as UDP, as a Data indication).
+pub const PERMISSIONS_MAP: &str = "PERMISSIONS";
 /// Name of the per-CPU array of per-allocation counters: counter slot (`u32`, assigned by
 /// userspace to each allocation with kernel bindings) → [`AllocationCounters`]. An array, not a
 /// hash: the program indexes it on every forwarded packet.
@@ -67,6 +73,8 @@ pub const POLICY_CACHE_SLOTS: u32 = 4_096;
 /// Default capacity of [`CHANNELS_MAP`] and [`PEERS_MAP`] (each binding takes one entry in
 /// both). Userspace sizes them at load time (`--kernel-bindings`).
 pub const MAX_CHANNEL_BINDINGS: u32 = 16_384;
+/// Default capacity of [`PERMISSIONS_MAP`].
+pub const MAX_PERMISSIONS: u32 = 16_384;
 /// Default capacity of [`ALLOCATION_COUNTERS_MAP`] (counter slots).
 pub const MAX_ALLOCATIONS: u32 = 16_384;
 /// Default capacity of [`NEXT_HOPS_MAP`]: one next hop per destination address in use (each
@@ -199,6 +207,69 @@ pub struct ToClient {
     pub reserved: u16,
 }
 
+/// Key of [`CLIENTS_MAP`]: a client's 5-tuple (RFC 8656 §2) on a listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub client_ip: [u32; 4],
+    /// The local address the client contacted.
+    pub listener_ip: [u32; 4],
+    pub client_port: u16,
+    pub listener_port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Always zero (keys are compared byte-wise).
+    pub reserved: [u8; 3],
+}
+
+/// Value of [`CLIENTS_MAP`]: the allocation of a client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ToRelay {
+    /// [`FLAG_ENABLED`].
+    pub flags: u16,
+    pub relayed_port: u16,
+    /// The allocation's relayed transport address (same family as the key).
+    pub relayed_ip: [u32; 4],
+}
+
+/// Key of [`PERMISSIONS_MAP`]: one allocation (by its relayed transport address) and one peer
+/// IP address (permissions are per IP, RFC 8656 §9).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PermissionKey {
+    pub relayed_ip: [u32; 4],
+    pub peer_ip: [u32; 4],
+    pub relayed_port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Always zero (keys are compared byte-wise).
+    pub reserved: u8,
+}
+
+/// Value of [`PERMISSIONS_MAP`]: where the allocation's client is, and how to reach both ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Permission {
+    /// The allocation's counter slot in [`ALLOCATION_COUNTERS_MAP`].
+    pub counters: u32,
+    /// [`FLAG_ENABLED`].
+    pub flags: u16,
+    /// Index of the client's [`NextHop`].
+    pub client_hop: u16,
+    /// CLOCK_MONOTONIC deadline in ns: the earlier of permission and allocation expiry.
+    pub expires_at_ns: u64,
+    /// Local address Data indications leave from: the one the client contacted.
+    pub listener_ip: [u32; 4],
+    pub client_ip: [u32; 4],
+    pub listener_port: u16,
+    pub client_port: u16,
+    /// Index of the peer's [`NextHop`] (the peer IP's, from the relayed address).
+    pub peer_hop: u16,
+    /// Always zero.
+    pub reserved: u16,
+}
+
 /// Value of [`NEXT_HOPS_MAP`]: how a frame reaches one destination address, resolved by
 /// userspace from the kernel's routing, neighbour and link tables.
 #[repr(C)]
@@ -296,6 +367,10 @@ const _: () = assert!(core::mem::size_of::<PeerKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ToClient>() == 56);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 24);
+const _: () = assert!(core::mem::size_of::<ClientKey>() == 40);
+const _: () = assert!(core::mem::size_of::<ToRelay>() == 20);
+const _: () = assert!(core::mem::size_of::<PermissionKey>() == 36);
+const _: () = assert!(core::mem::size_of::<Permission>() == 56);
 const _: () = assert!(POLICY_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
@@ -309,6 +384,10 @@ const _: () = {
     assert!(size_of::<ToClient>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
     assert!(size_of::<NextHop>() == 4 + 2 + 2 + 6 + 6);
     assert!(size_of::<PolicyVerdict>() == 4 + 2 + 2 + IP);
+    assert!(size_of::<ClientKey>() == 2 * IP + 2 * size_of::<u16>() + 4);
+    assert!(size_of::<ToRelay>() == 2 * size_of::<u16>() + IP);
+    assert!(size_of::<PermissionKey>() == 2 * IP + size_of::<u16>() + 2);
+    assert!(size_of::<Permission>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
     assert!(size_of::<AllocationCounters>() == 4 * size_of::<u64>());
 };
 
@@ -327,6 +406,18 @@ pub const CHANNEL_BINDING_BYTES: usize = hash_entry_bytes(
 ) + hash_entry_bytes(
     core::mem::size_of::<PeerKey>(),
     core::mem::size_of::<ToClient>(),
+);
+
+/// Kernel memory of one permission: its [`PERMISSIONS_MAP`] entry.
+pub const PERMISSION_BYTES: usize = hash_entry_bytes(
+    core::mem::size_of::<PermissionKey>(),
+    core::mem::size_of::<Permission>(),
+);
+
+/// Kernel memory of one allocation's [`CLIENTS_MAP`] entry.
+pub const CLIENT_ENTRY_BYTES: usize = hash_entry_bytes(
+    core::mem::size_of::<ClientKey>(),
+    core::mem::size_of::<ToRelay>(),
 );
 
 /// Kernel memory of one [`NEXT_HOPS_MAP`] slot (array elements are rounded up to 8 bytes).
@@ -404,11 +495,22 @@ pub enum Reason {
     /// TC only: a frame whose VLAN tag the device took off (`skb->vlan_tci`); forwarding it
     /// would drop or carry over the tag, so the stack handles it.
     PassVlan = 24,
+    /// A client's Send indication forwarded to its peer as plain UDP (RFC 8656 §11.2).
+    ForwardSendToPeer = 25,
+    /// A peer's datagram (permission, no channel) forwarded to the client as a Data indication
+    /// (RFC 8656 §11.3).
+    ForwardDataToClient = 26,
+    /// A Send indication for a peer IP without a permission in the kernel.
+    PassNoPermission = 27,
+    /// A Send indication the kernel leaves to the socket path, which applies RFC 8656 §11.2 in
+    /// full: DONT-FRAGMENT, FINGERPRINT, an unknown comprehension-required attribute, a missing
+    /// or repeated XOR-PEER-ADDRESS or DATA, lengths that disagree, another address family.
+    PassStunUnsupported = 28,
 }
 
 impl Reason {
     /// Number of reasons, i.e. the number of entries in the verdict counter array.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 29;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -437,6 +539,10 @@ impl Reason {
         Reason::DropRewriteFailed,
         Reason::PassGso,
         Reason::PassVlan,
+        Reason::ForwardSendToPeer,
+        Reason::ForwardDataToClient,
+        Reason::PassNoPermission,
+        Reason::PassStunUnsupported,
     ];
 
     /// Counter index of this reason.
@@ -472,6 +578,10 @@ impl Reason {
             Reason::DropRewriteFailed => "drop_rewrite_failed",
             Reason::PassGso => "pass_gso",
             Reason::PassVlan => "pass_vlan",
+            Reason::ForwardSendToPeer => "forward_send_to_peer",
+            Reason::ForwardDataToClient => "forward_data_to_client",
+            Reason::PassNoPermission => "pass_no_permission",
+            Reason::PassStunUnsupported => "pass_stun_unsupported",
         }
     }
 
@@ -479,7 +589,11 @@ impl Reason {
     pub const fn is_forward(self) -> bool {
         matches!(
             self,
-            Reason::ForwardToPeer | Reason::ForwardToClient | Reason::ForwardHairpin
+            Reason::ForwardToPeer
+                | Reason::ForwardToClient
+                | Reason::ForwardHairpin
+                | Reason::ForwardSendToPeer
+                | Reason::ForwardDataToClient
         )
     }
 
@@ -505,9 +619,12 @@ const _: () = {
 /// `aya::Pod` for the map types, so userspace can read and write them.
 #[cfg(feature = "user")]
 mod pod {
-    use super::{AllocationCounters, ChannelKey, NextHop, PeerKey, ToClient, ToPeer};
+    use super::{
+        AllocationCounters, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
+        ToClient, ToPeer, ToRelay,
+    };
 
-    // SAFETY: all six are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
+    // SAFETY: all ten are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
     // integers and byte arrays only, so every bit pattern is a valid value.
     unsafe impl aya::Pod for ChannelKey {}
     // SAFETY: as above.
@@ -518,6 +635,14 @@ mod pod {
     unsafe impl aya::Pod for ToClient {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ToRelay {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PermissionKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Permission {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AllocationCounters {}
 }
@@ -552,6 +677,9 @@ mod tests {
         // shared by every binding to the same address.
         assert_eq!(CHANNEL_BINDING_BYTES, 320);
         assert_eq!(NEXT_HOP_BYTES, 24);
+        // 48 + 40 (36 rounded up) + 56 + 16.
+        assert_eq!(PERMISSION_BYTES, 160);
+        assert_eq!(CLIENT_ENTRY_BYTES, 48 + 40 + 24 + 16);
         // An 8-byte per-CPU pointer, then 32 bytes per CPU.
         assert_eq!(allocation_counter_bytes(2), 8 + 64);
         // Hash maps preallocate every entry: the default channel maps and next hops must fit

@@ -23,18 +23,25 @@ pub trait Packet {
     fn data_end(&self) -> usize;
     /// Interface the frame arrived on.
     fn ingress_ifindex(&self) -> u32;
-    /// Removes four bytes right after the UDP header (the ChannelData header): everything
-    /// behind them keeps its place relative to the end of the headers, and every header byte
-    /// (Ethernet, IP, UDP) is garbage afterwards: the caller writes all of them anew. Data
-    /// pointers must be reloaded afterwards.
-    fn strip4(&mut self) -> bool;
-    /// Inserts four bytes right after the UDP header, with the same guarantees as
-    /// [`Packet::strip4`]: afterwards every header byte and the four new ones are garbage.
-    fn insert4(&mut self) -> bool;
+    /// Removes `len` bytes right after the UDP header (a ChannelData header, a Send
+    /// indication's framing): everything behind them keeps its place relative to the end of
+    /// the headers, and every header byte (Ethernet, IP, UDP) is garbage afterwards: the caller
+    /// writes all of them anew. Data pointers must be reloaded afterwards.
+    fn strip(&mut self, len: u32) -> bool;
+    /// Inserts `len` bytes right after the UDP header, with the same guarantees as
+    /// [`Packet::strip`]: afterwards every header byte and the new ones are garbage.
+    fn insert(&mut self, len: u32) -> bool;
     /// Removes `len` bytes at the end. Data pointers must be reloaded afterwards.
     fn trim_tail(&mut self, len: usize) -> bool;
-    /// Copies four bytes at `offset` (not necessarily bounds-checked by the verifier) into `buf`.
-    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool;
+    /// Appends `len` zero bytes at the end. Data pointers must be reloaded afterwards.
+    fn grow_tail(&mut self, len: usize) -> bool;
+    /// Copies `N` bytes at `offset` (checked by the helper, not the verifier) into `buf`.
+    fn load<const N: usize>(&self, offset: usize, buf: &mut [u8; N]) -> bool;
+    /// Copies four bytes at `offset` into `buf`.
+    #[inline(always)]
+    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool {
+        self.load(offset, buf)
+    }
     /// Tells the kernel that the checksums in the frame were rewritten by the program, so any
     /// checksum state the device left on it (CHECKSUM_COMPLETE) no longer holds. XDP frames
     /// carry none.
@@ -73,18 +80,18 @@ impl Packet for Xdp {
     }
 
     #[inline(always)]
-    fn strip4(&mut self) -> bool {
-        // The first four bytes leave; the headers that now start the frame are rewritten
+    fn strip(&mut self, len: u32) -> bool {
+        // The first `len` bytes leave; the headers that now start the frame are rewritten
         // whole by the caller, so nothing has to move.
         // SAFETY: the helper checks the new head against the frame itself.
-        unsafe { bpf_xdp_adjust_head(self.ctx, 4) == 0 }
+        unsafe { bpf_xdp_adjust_head(self.ctx, len as i32) == 0 }
     }
 
     #[inline(always)]
-    fn insert4(&mut self) -> bool {
-        // Four bytes of headroom join the frame; the caller rewrites the headers whole.
+    fn insert(&mut self, len: u32) -> bool {
+        // `len` bytes of headroom join the frame; the caller rewrites the headers whole.
         // SAFETY: the helper checks there is enough headroom.
-        unsafe { bpf_xdp_adjust_head(self.ctx, -4) == 0 }
+        unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) == 0 }
     }
 
     #[inline(always)]
@@ -94,10 +101,18 @@ impl Packet for Xdp {
     }
 
     #[inline(always)]
-    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool {
-        // SAFETY: the helper bounds-checks `offset + 4` against the frame and writes exactly
-        // four bytes into `buf`.
-        unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, buf.as_mut_ptr().cast(), 4) == 0 }
+    fn grow_tail(&mut self, len: usize) -> bool {
+        // SAFETY: the helper checks the tailroom and zeroes what it adds.
+        unsafe { bpf_xdp_adjust_tail(self.ctx, len as i32) == 0 }
+    }
+
+    #[inline(always)]
+    fn load<const N: usize>(&self, offset: usize, buf: &mut [u8; N]) -> bool {
+        // SAFETY: the helper bounds-checks `offset + N` against the frame and writes exactly
+        // `N` bytes into `buf`.
+        unsafe {
+            bpf_xdp_load_bytes(self.ctx, offset as u32, buf.as_mut_ptr().cast(), N as u32) == 0
+        }
     }
 
     #[inline(always)]
@@ -135,19 +150,29 @@ impl Packet for Tc {
     }
 
     #[inline(always)]
-    fn strip4(&mut self) -> bool {
-        // BPF_ADJ_ROOM_NET removes the four bytes right after the IP header (the first half of
-        // the UDP header; the caller rewrites every header whole). It also resets the skb's checksum
-        // state to CHECKSUM_NONE, which is right: our checksums are complete.
+    fn strip(&mut self, len: u32) -> bool {
+        // BPF_ADJ_ROOM_NET removes `len` bytes right after the IP header (the old UDP header
+        // and what follows it; the caller rewrites every header whole). It also resets the
+        // skb's checksum state to CHECKSUM_NONE, which is right: our checksums are complete.
         // SAFETY: the helper validates the skb and the length itself.
-        unsafe { bpf_skb_adjust_room(self.skb, -4, BPF_ADJ_ROOM_NET, 0) == 0 }
+        unsafe { bpf_skb_adjust_room(self.skb, -(len as i32), BPF_ADJ_ROOM_NET, 0) == 0 }
     }
 
     #[inline(always)]
-    fn insert4(&mut self) -> bool {
-        // Inserts four bytes between IP and UDP header; the caller rewrites UDP + ChannelData.
+    fn insert(&mut self, len: u32) -> bool {
+        // Inserts `len` bytes between IP and UDP header; the caller rewrites UDP and what it
+        // puts in front of the payload.
         // SAFETY: as above.
-        unsafe { bpf_skb_adjust_room(self.skb, 4, BPF_ADJ_ROOM_NET, 0) == 0 }
+        unsafe { bpf_skb_adjust_room(self.skb, len as i32, BPF_ADJ_ROOM_NET, 0) == 0 }
+    }
+
+    #[inline(always)]
+    fn grow_tail(&mut self, len: usize) -> bool {
+        // SAFETY: the skb pointer is valid; the helper checks the new length and zero-fills.
+        unsafe {
+            let new_len = (*self.skb).len + len as u32;
+            bpf_skb_change_tail(self.skb, new_len, 0) == 0
+        }
     }
 
     #[inline(always)]
@@ -160,14 +185,14 @@ impl Packet for Tc {
     }
 
     #[inline(always)]
-    fn load4(&self, offset: usize, buf: &mut [u8; 4]) -> bool {
-        // SAFETY: the helper bounds-checks against the skb and writes exactly four bytes.
+    fn load<const N: usize>(&self, offset: usize, buf: &mut [u8; N]) -> bool {
+        // SAFETY: the helper bounds-checks against the skb and writes exactly `N` bytes.
         unsafe {
             bpf_skb_load_bytes(
                 self.skb.cast::<c_void>(),
                 offset as u32,
                 buf.as_mut_ptr().cast(),
-                4,
+                N as u32,
             ) == 0
         }
     }

@@ -12,8 +12,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use relay_common::{
-    ip_octets, NextHop, Reason, ToClient, ToPeer, CHANNEL_DATA_HEADER_LEN, FLAG_ENABLED,
-    FLAG_HAIRPIN, FORWARD_TTL, NEXT_HOP_VALID,
+    ip_octets, NextHop, Permission, Reason, ToClient, ToPeer, ToRelay, CHANNEL_DATA_HEADER_LEN,
+    FLAG_ENABLED, FLAG_HAIRPIN, FORWARD_TTL, NEXT_HOP_VALID,
 };
 
 use crate::{
@@ -21,10 +21,14 @@ use crate::{
     checksum::{ipv4_header_checksum, word, Delta},
     context::Packet,
     headers::{
-        peer_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram, ETH_HDR_LEN, ETH_P_IPV4,
-        ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
+        peer_key, permission_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram,
+        ETH_HDR_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    maps::{count_allocation, is_listener_port, next_hop, peer_allowed_cached, CHANNELS, PEERS},
+    indication::{data_to_client, parse_send, send_to_peer, SEND_INDICATION},
+    maps::{
+        count_allocation, is_listener_port, next_hop, peer_allowed_cached, CHANNELS, CLIENTS,
+        PEERS, PERMISSIONS,
+    },
 };
 
 /// IPv4 flags/fragment offset of every datagram the kernel sends: DF, not a fragment.
@@ -56,15 +60,32 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
         Some(header) => channel::classify(unsafe { *header }, udp.payload_len),
         None => Classified::NotChannelData,
     };
-    let to_listener = !matches!(classified, Classified::NotChannelData)
+    let send_indication = matches!(classified, Classified::NotChannelData)
+        && frame
+            .ptr_at::<[u8; 2]>(udp.payload_offset)
+            // SAFETY: `ptr_at` checked that two bytes lie inside the frame.
+            .is_some_and(|kind| unsafe { *kind } == SEND_INDICATION);
+    let to_listener = (send_indication || !matches!(classified, Classified::NotChannelData))
         && is_listener_port(u16::from_ne_bytes(udp.udp.dst_port));
     if to_listener {
         match classified {
-            Classified::NotChannelData => {}
+            // RFC 8656 §11.2: a Send indication from a client.
+            Classified::NotChannelData => match lookup_client(&udp) {
+                Some(relay) => {
+                    // SAFETY: a successful lookup returns a valid, aligned value pointer; the
+                    // element stays allocated (preallocated map) while the program runs.
+                    let relay = unsafe { &*relay };
+                    // Parsed here, not inside `send_to_peer`: one subprogram deep at a time
+                    // keeps the combined stack within the verifier's 512 bytes.
+                    let send = parse_send(ctx, &udp)?;
+                    return send_to_peer(ctx, &udp, relay, &send);
+                }
+                // Not a client of this relay: maybe a peer's datagram (below).
+                None => miss = Reason::PassNoBinding,
+            },
             Classified::Bad(reason) => miss = reason,
             Classified::ChannelData(message) => {
-                let key = udp.channel_key(message.channel);
-                if let Some(entry) = CHANNELS.get_ptr(key) {
+                if let Some(entry) = lookup_channel(&udp, message.channel) {
                     // SAFETY: a successful lookup returns a valid, aligned value pointer; the
                     // element stays allocated (preallocated map) while the program runs.
                     let entry = unsafe { &*entry };
@@ -82,8 +103,7 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
 
     // Peer → client: a datagram to a relayed address from a peer with a bound channel
     // (RFC 8656 §12.6).
-    let key = udp.peer_key();
-    if let Some(entry) = PEERS.get_ptr(key) {
+    if let Some(entry) = lookup_peer(&udp) {
         // SAFETY: as above.
         let entry = unsafe { &*entry };
         // A hairpin entry's "peer" is one of this relay's own relayed addresses: only the
@@ -96,12 +116,49 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
         }
         return to_client(ctx, &udp, entry);
     }
+    // No channel: a peer with a permission gets a Data indication (RFC 8656 §11.3).
+    if let Some(permission) = lookup_permission(&udp) {
+        // SAFETY: as above.
+        return data_to_client(ctx, &udp, unsafe { &*permission });
+    }
     Err(miss)
+}
+
+// Map lookups, each building its key.
+
+/// The channel binding of a client's ChannelData on `channel`.
+#[inline(always)]
+fn lookup_channel(udp: &UdpDatagram, channel: u16) -> Option<*const ToPeer> {
+    CHANNELS.get_ptr(udp.channel_key(channel))
+}
+
+/// The channel binding of a peer's datagram.
+#[inline(always)]
+fn lookup_peer(udp: &UdpDatagram) -> Option<*const ToClient> {
+    PEERS.get_ptr(udp.peer_key())
+}
+
+/// The permission of a peer's datagram (the allocation is the relayed address it went to).
+#[inline(always)]
+fn lookup_permission(udp: &UdpDatagram) -> Option<*const Permission> {
+    let (peer_ip, relayed_ip) = udp.addresses();
+    PERMISSIONS.get_ptr(permission_key(
+        relayed_ip,
+        peer_ip,
+        u16::from_ne_bytes(udp.udp.dst_port),
+        udp.family(),
+    ))
+}
+
+/// The allocation of a client's Send indication.
+#[inline(always)]
+fn lookup_client(udp: &UdpDatagram) -> Option<*const ToRelay> {
+    CLIENTS.get_ptr(udp.client_key())
 }
 
 /// Checks an entry's flags and deadline.
 #[inline(always)]
-fn usable(flags: u16, expires_at_ns: u64) -> Result<(), Reason> {
+pub fn usable(flags: u16, expires_at_ns: u64) -> Result<(), Reason> {
     if flags & FLAG_ENABLED == 0 {
         return Err(Reason::PassDisabled);
     }
@@ -147,7 +204,8 @@ fn to_peer<C: Packet>(
         new_udp_len: UDP_HDR_LEN + message.data_len,
         data,
         trim: frame_len - data_end,
-        resize: Resize::Strip4,
+        grow: 0,
+        resize: Resize::Strip(CHANNEL_DATA_HEADER_LEN as u32),
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
     count_allocation(entry.counters, true, message.data_len as u64);
@@ -200,6 +258,7 @@ fn hairpin<C: Packet>(
         new_udp_len: UDP_HDR_LEN + CHANNEL_DATA_HEADER_LEN + message.data_len,
         data,
         trim: frame_len - data_end,
+        grow: 0,
         resize: Resize::Keep,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
@@ -239,7 +298,8 @@ fn to_client<C: Packet>(
         new_udp_len,
         data,
         trim: frame_len - (udp.payload_offset + data_len),
-        resize: Resize::Insert4,
+        grow: 0,
+        resize: Resize::Insert(CHANNEL_DATA_HEADER_LEN as u32),
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
     write_channel_header(ctx, udp, entry.channel, data_len)?;
@@ -297,35 +357,39 @@ fn write_channel_header<C: Packet>(
 
 /// How the frame's length changes right after the UDP header.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Resize {
-    /// Remove the four ChannelData header bytes (client → peer).
-    Strip4,
-    /// Insert four bytes for a ChannelData header (peer → client).
-    Insert4,
+pub enum Resize {
+    /// Remove this many bytes: a ChannelData header (client → peer), a Send indication's
+    /// framing.
+    Strip(u32),
+    /// Insert this many bytes: a ChannelData header (peer → client), a Data indication's
+    /// framing.
+    Insert(u32),
     /// Keep the ChannelData header where it is (hairpin).
     Keep,
 }
 
 /// The new addressing of one datagram and how its data changes. Fields are network-order
 /// words, like the map values they come from.
-struct Plan<'a> {
+pub struct Plan<'a> {
     /// Addresses stay in the map value; copying them would cost stack the program lacks.
-    src_ip: &'a [u32; 4],
-    dst_ip: &'a [u32; 4],
-    src_port: u16,
-    dst_port: u16,
+    pub src_ip: &'a [u32; 4],
+    pub dst_ip: &'a [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
     /// UDP length after the rewrite.
-    new_udp_len: usize,
+    pub new_udp_len: usize,
     /// Checksum change of the UDP data (ChannelData header and padding in or out).
-    data: Delta,
+    pub data: Delta,
     /// Bytes to cut at the end: padding and any link-layer trailer.
-    trim: usize,
-    resize: Resize,
+    pub trim: usize,
+    /// Zero bytes to append after trimming (a Data indication's attribute padding).
+    pub grow: usize,
+    pub resize: Resize,
 }
 
 /// Checks the next hop, then rewrites Ethernet, IP and UDP headers. Returns the egress ifindex.
 #[inline(always)]
-fn rewrite<C: Packet>(
+pub fn rewrite<C: Packet>(
     ctx: &mut C,
     udp: &UdpDatagram,
     plan: &Plan,
@@ -379,13 +443,20 @@ fn rewrite<C: Packet>(
     if plan.trim > 0 && !ctx.trim_tail(plan.trim) {
         return Err(Reason::PassAdjustFailed);
     }
+    if plan.grow > 0 && !ctx.grow_tail(plan.grow) {
+        return Err(if plan.trim > 0 {
+            Reason::DropRewriteFailed
+        } else {
+            Reason::PassAdjustFailed
+        });
+    }
     let moved = match plan.resize {
-        Resize::Strip4 => ctx.strip4(),
-        Resize::Insert4 => ctx.insert4(),
+        Resize::Strip(len) => ctx.strip(len),
+        Resize::Insert(len) => ctx.insert(len),
         Resize::Keep => true,
     };
     if !moved {
-        return Err(if plan.trim > 0 {
+        return Err(if plan.trim > 0 || plan.grow > 0 {
             Reason::DropRewriteFailed
         } else {
             Reason::PassAdjustFailed

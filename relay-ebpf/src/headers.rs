@@ -3,7 +3,7 @@
 //! Every accessor checks `start + offset + size <= end` right before handing out a pointer,
 //! which is the shape the verifier needs to accept the access.
 
-use relay_common::{ip_field, ipv4_field, ChannelKey, PeerKey, Reason};
+use relay_common::{ip_field, ipv4_field, ChannelKey, ClientKey, PeerKey, PermissionKey, Reason};
 
 pub const ETH_HDR_LEN: usize = 14;
 pub const IPV4_HDR_LEN: usize = 20;
@@ -72,6 +72,11 @@ pub enum IpHeader {
 }
 
 /// A UDP datagram located inside a frame.
+///
+/// `repr(C)` with word-sized fields first: subprograms take it by reference, so the entry
+/// point stores it on its stack, and the verifier accepts the packet pointer in it only as a
+/// whole 8-byte spill.
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UdpDatagram {
     pub ip: IpHeader,
@@ -110,6 +115,31 @@ impl UdpDatagram {
             u16::from_ne_bytes(self.udp.dst_port),
             self.family(),
         )
+    }
+
+    /// The [`ClientKey`] of this datagram if it comes from a client.
+    #[inline(always)]
+    pub fn client_key(&self) -> ClientKey {
+        let (client_ip, listener_ip) = self.addresses();
+        let mut key = ClientKey {
+            client_ip,
+            listener_ip,
+            client_port: u16::from_ne_bytes(self.udp.src_port),
+            listener_port: u16::from_ne_bytes(self.udp.dst_port),
+            family: 0,
+            reserved: [0; 3],
+        };
+        // As in `peer_key`: family and reserved bytes in one aligned word store.
+        const _: () = assert!(
+            core::mem::offset_of!(ClientKey, family) % 4 == 0
+                && core::mem::size_of::<ClientKey>()
+                    == core::mem::offset_of!(ClientKey, family) + 4
+        );
+        let tail = core::ptr::addr_of_mut!(key.family).cast::<u32>();
+        // SAFETY: the word lies inside `key` and is 4-byte aligned (asserted above); any bit
+        // pattern is valid for the `u8` fields it covers.
+        unsafe { tail.write_volatile(u32::from_ne_bytes([self.family(), 0, 0, 0])) };
+        key
     }
 
     /// Source and destination address as map fields (IPv4: first word, the rest zero).
@@ -165,6 +195,34 @@ pub fn peer_key(
     // `repr(C)` with `u32` fields, so aligned to 4); any bit pattern is valid for the `u8`
     // fields it covers. Volatile keeps it from being merged back into a `memset`.
     unsafe { tail.write_volatile(u32::from_ne_bytes([family, 0, 0, 0])) };
+    key
+}
+
+/// A [`PermissionKey`] with its reserved byte zeroed, built without a `memset` call.
+#[inline(always)]
+pub fn permission_key(
+    relayed_ip: [u32; 4],
+    peer_ip: [u32; 4],
+    relayed_port: u16,
+    family: u8,
+) -> PermissionKey {
+    let mut key = PermissionKey {
+        relayed_ip,
+        peer_ip,
+        relayed_port,
+        family: 0,
+        reserved: 0,
+    };
+    const _: () = assert!(
+        core::mem::offset_of!(PermissionKey, family) % 2 == 0
+            && core::mem::offset_of!(PermissionKey, reserved)
+                == core::mem::offset_of!(PermissionKey, family) + 1
+            && core::mem::size_of::<PermissionKey>()
+                == core::mem::offset_of!(PermissionKey, family) + 2
+    );
+    let tail = core::ptr::addr_of_mut!(key.family).cast::<u16>();
+    // SAFETY: the two bytes lie inside `key`, 2-byte aligned (asserted above).
+    unsafe { tail.write_volatile(u16::from_ne_bytes([family, 0])) };
     key
 }
 

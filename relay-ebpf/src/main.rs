@@ -18,6 +18,7 @@ mod checksum;
 mod context;
 mod forward;
 mod headers;
+mod indication;
 mod maps;
 mod verdict;
 

@@ -10,9 +10,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use relay_common::{
-    AllocationCounters, ChannelKey, NextHop, PeerKey, PolicyVerdict, ToClient, ToPeer, FAMILY_IPV4,
-    LISTENER_PORT_WORDS, MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS,
-    MAX_POLICY_PREFIXES, POLICY_ALLOW, POLICY_CACHE_SLOTS,
+    AllocationCounters, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
+    PolicyVerdict, ToClient, ToPeer, ToRelay, FAMILY_IPV4, LISTENER_PORT_WORDS, MAX_ALLOCATIONS,
+    MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS, MAX_PERMISSIONS, MAX_POLICY_PREFIXES,
+    POLICY_ALLOW, POLICY_CACHE_SLOTS,
 };
 
 /// Client → peer: which peer a client's channel goes to (`relay_common::CHANNELS_MAP`).
@@ -24,6 +25,15 @@ pub static CHANNELS: HashMap<ChannelKey, ToPeer> =
 /// (`relay_common::PEERS_MAP`).
 #[map(name = "PEERS")]
 pub static PEERS: HashMap<PeerKey, ToClient> = HashMap::with_max_entries(MAX_CHANNEL_BINDINGS, 0);
+
+/// Clients' 5-tuples → their allocation, for Send indications (`relay_common::CLIENTS_MAP`).
+#[map(name = "CLIENTS")]
+pub static CLIENTS: HashMap<ClientKey, ToRelay> = HashMap::with_max_entries(MAX_ALLOCATIONS, 0);
+
+/// Permissions (`relay_common::PERMISSIONS_MAP`).
+#[map(name = "PERMISSIONS")]
+pub static PERMISSIONS: HashMap<PermissionKey, Permission> =
+    HashMap::with_max_entries(MAX_PERMISSIONS, 0);
 
 /// Per-allocation packets and bytes per direction by counter slot, per CPU so no atomics are
 /// needed

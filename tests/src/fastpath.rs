@@ -2,7 +2,9 @@
 //! real resolver found (rtnetlink, in the calling thread's namespace) and the lab's peer policy.
 
 use relay::{
-    fastpath::{netlink::Rtnl, nexthop::NextHops, BindingHops, ChannelBinding, FastPath},
+    fastpath::{
+        netlink::Rtnl, nexthop::NextHops, BindingHops, ChannelBinding, FastPath, PermissionBinding,
+    },
     proto::policy::PeerPolicy,
 };
 
@@ -64,6 +66,38 @@ impl Installer {
         fastpath
             .install_channel(binding, hops)
             .unwrap_or_else(|e| panic!("install {binding:?}: {e}"));
+        hops
+    }
+
+    /// Installs `permission` (and its allocation's client entry) as the daemon does: next hops
+    /// of (listener, client) and (relayed, peer), counter slot = allocation id. Panics when the
+    /// next-hop table is full or the kernel refuses the entries.
+    pub fn install_permission(
+        &mut self,
+        fastpath: &mut FastPath,
+        permission: &PermissionBinding,
+    ) -> BindingHops {
+        let client = self
+            .table
+            .acquire_from(Some(permission.listener.ip()), permission.client.ip())
+            .expect("next hop for the client");
+        let peer = self
+            .table
+            .acquire_from(Some(permission.relayed.ip()), permission.peer_ip)
+            .expect("next hop for the peer");
+        for id in [client, peer] {
+            let hop = self.table.value(id).expect("acquired next hop");
+            fastpath.set_next_hop(id.0, &hop).expect("write next hop");
+        }
+        let hops = BindingHops {
+            client: client.0,
+            peer: peer.0,
+            hairpin: false,
+            counters: u32::try_from(permission.allocation).expect("small allocation id"),
+        };
+        fastpath
+            .install_permission(permission, hops)
+            .unwrap_or_else(|e| panic!("install {permission:?}: {e}"));
         hops
     }
 }

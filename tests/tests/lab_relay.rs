@@ -139,6 +139,17 @@ fn uclient_through(lab: &ThreeHosts, relay: &Relay, v6: bool) -> support::Uclien
 
 /// [`uclient_through`], contacting the relay at `server`.
 fn uclient_to(lab: &ThreeHosts, relay: &Relay, v6: bool, server: &str) -> support::UclientReport {
+    uclient_with(lab, relay, v6, server, &[])
+}
+
+/// [`uclient_to`] with extra uclient flags (e.g. `-s`: Send/Data indications).
+fn uclient_with(
+    lab: &ThreeHosts,
+    relay: &Relay,
+    v6: bool,
+    server: &str,
+    extra: &[&str],
+) -> support::UclientReport {
     let peer_ip = if v6 { PEER_IP6 } else { PEER_IP };
     let peer_ns = lab.peer.name().to_owned();
     let _peer = echo_peer(&["ip", "netns", "exec", &peer_ns], peer_ip, 3480);
@@ -165,6 +176,7 @@ fn uclient_to(lab: &ThreeHosts, relay: &Relay, v6: bool, server: &str) -> suppor
     if v6 {
         args.push("-x");
     }
+    args.extend_from_slice(extra);
     args.push(server);
     let report = uclient(&["ip", "netns", "exec", &client_ns], &args);
     assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
@@ -1189,4 +1201,56 @@ fn relays_between_families_on_the_socket_path() {
 #[test]
 fn relays_between_families_with_the_xdp_fast_path() {
     relays_between_families("xdp");
+}
+
+/// coturn's client with Send/Data indications (`-s`, no channels) through the kernel fast
+/// path: zero loss both ways, the kernel carries (almost) every indication.
+fn indications_through_the_kernel(mode: &str, v6: bool) {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    let _far = FarEnds::attach(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        v6,
+        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
+    );
+    let server = if v6 {
+        RELAY_CLIENT_SIDE_IP6
+    } else {
+        RELAY_CLIENT_SIDE_IP
+    };
+    uclient_with(&lab, &relay, v6, server, &["-s"]);
+    let metric = |path: &str, direction: &str| {
+        relay.metric(&format!(
+            "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}}"
+        ))
+    };
+    let (kernel_up, kernel_down) = (metric("kernel", "to_peer"), metric("kernel", "to_client"));
+    let (socket_up, socket_down) = (metric("socket", "to_peer"), metric("socket", "to_client"));
+    assert_eq!(kernel_up + socket_up, 1000, "{}", relay.log());
+    assert_eq!(kernel_down + socket_down, 1000, "{}", relay.log());
+    let log = relay.stop();
+    assert!(
+        socket_up <= 10 && socket_down <= 10,
+        "socket path carried {socket_up} up, {socket_down} down\n{log}"
+    );
+    assert!(log.contains("forward_send_to_peer="), "{log}");
+    assert!(log.contains("forward_data_to_client="), "{log}");
+}
+
+#[test]
+fn send_and_data_indications_through_the_xdp_fast_path() {
+    indications_through_the_kernel("xdp", false);
+}
+
+#[test]
+fn send_and_data_indications_through_the_xdp_fast_path_ipv6() {
+    indications_through_the_kernel("xdp", true);
+}
+
+#[test]
+fn send_and_data_indications_through_the_tc_fast_path() {
+    indications_through_the_kernel("tc", false);
 }

@@ -12,14 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use relay::fastpath::{AttachMode, ChannelBinding, FastPath, TestProgram};
+use relay::fastpath::{AttachMode, ChannelBinding, FastPath, PermissionBinding, TestProgram};
 use relay_common::Reason;
 use relay_tests::{
     fastpath::{lab_policy, Installer},
     lab::{
         mac_string, ThreeHosts, CLIENT_MAC, PEER_MAC, RELAY_CLIENT_SIDE_MAC, RELAY_PEER_SIDE_MAC,
     },
-    packet::{channel_data, UdpFrame},
+    packet::{
+        add_fingerprint, channel_data, data_indication, send_indication, stun_attribute,
+        stun_message, xor_peer_address, UdpFrame, DATA, DONT_FRAGMENT, SEND_INDICATION, SOFTWARE,
+    },
     require_root,
 };
 
@@ -46,13 +49,26 @@ enum Expect {
     },
     /// Passed to the stack unchanged.
     Pass(Reason),
+    /// Forwarded out of another interface as a Data indication (reason ForwardDataToClient)
+    /// in `template`'s addressing, carrying `data` from `peer`. The kernel picks the
+    /// transaction id: the expected frame is built around the one in the output, so every
+    /// other byte, the XOR-PEER-ADDRESS (its IPv6 form depends on the id) and the UDP checksum
+    /// (recomputed in full) are checked exactly.
+    DataIndication {
+        template: UdpFrame,
+        peer: SocketAddr,
+        data: Vec<u8>,
+    },
 }
 
 struct Fixture {
-    name: &'static str,
+    name: String,
     input: Vec<u8>,
     from_peer_side: bool,
     expect: Expect,
+    /// The change of one allocation's counters (counter slot; to-peer packets and bytes,
+    /// to-client packets and bytes), when the fixture checks one.
+    counts: Option<(u32, [u64; 4])>,
 }
 
 /// The addressing of one family's binding.
@@ -141,12 +157,13 @@ fn fixtures() -> Vec<Fixture> {
     let v4 = V4();
     let v6 = V6();
     let mut list = Vec::new();
-    let mut add = |name, input: Vec<u8>, from_peer_side, expect| {
+    let mut add = |name: &str, input: Vec<u8>, from_peer_side, expect| {
         list.push(Fixture {
-            name,
+            name: name.to_string(),
             input,
             from_peer_side,
             expect,
+            counts: None,
         })
     };
 
@@ -454,7 +471,589 @@ fn fixtures() -> Vec<Fixture> {
         true,
         Expect::Pass(Reason::PassUdpNoMatch),
     );
+    list.extend(indication_fixtures());
     list
+}
+
+/// The permission fixtures' allocations: 10 / 11 (IPv4 / IPv6) have permissions only, 12 / 13
+/// a channel to the peer's port [`CHANNEL_PEER_PORT`] as well, 14 / 15 an expired permission.
+const PERMISSION_ONLY: u16 = 10;
+const WITH_CHANNEL: u16 = 12;
+const EXPIRED: u16 = 14;
+const CHANNEL_PEER_PORT: u16 = 9100;
+/// A peer IP without a permission (on the peer-side link).
+const NO_PERMISSION_V4: &str = "198.18.2.3";
+const NO_PERMISSION_V6: &str = "2001:2:0:2::3";
+
+/// The addressing of allocation `base + v6`: its own client port and relayed port, the lab's
+/// peer IP (port 9000).
+fn indication_family(v6: bool, base: u16) -> Family {
+    let allocation = base + u16::from(v6);
+    let (client, listener, relayed, peer) = if v6 {
+        (
+            "[2001:2:0:1::2]",
+            "[2001:2:0:1::1]",
+            "[2001:2:0:2::1]",
+            "[2001:2:0:2::2]",
+        )
+    } else {
+        ("198.18.1.2", "198.18.1.1", "198.18.2.1", "198.18.2.2")
+    };
+    Family {
+        client: addr(&format!("{client}:{}", 40000 + allocation)),
+        listener: addr(&format!("{listener}:3478")),
+        relayed: addr(&format!("{relayed}:{}", 50000 + allocation)),
+        peer: addr(&format!("{peer}:9000")),
+    }
+}
+
+/// `f` with another peer address.
+fn with_peer(f: &Family, peer: SocketAddr) -> Family {
+    Family { peer, ..*f }
+}
+
+/// `f`'s peer IP with another port.
+fn peer_port(f: &Family, port: u16) -> SocketAddr {
+    SocketAddr::new(f.peer.ip(), port)
+}
+
+/// A transaction id of varied bytes.
+fn tid(seed: u8) -> [u8; 12] {
+    std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add(17 * i as u8 + 1))
+}
+
+/// `len` bytes of application data.
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A SOFTWARE attribute (comprehension-optional) with a 13-byte value whose three padding
+/// bytes are not zero (receivers ignore padding, RFC 8489 §14): they must still leave the
+/// checksum correctly.
+fn software() -> Vec<u8> {
+    let mut attribute = stun_attribute(SOFTWARE, b"relay fixture");
+    attribute[17..].copy_from_slice(&[0xa5, 0x5a, 0xff]);
+    attribute
+}
+
+/// The client-side frame the kernel should send for a Data indication on `f`.
+fn data_indication_template(f: &Family) -> UdpFrame {
+    relay_sent(UdpFrame::new(
+        RELAY_CLIENT_SIDE_MAC,
+        CLIENT_MAC,
+        f.listener,
+        f.client,
+        &[],
+    ))
+}
+
+fn data_indication_expect(f: &Family, data: &[u8]) -> Expect {
+    Expect::DataIndication {
+        template: data_indication_template(f),
+        peer: f.peer,
+        data: data.to_vec(),
+    }
+}
+
+fn to_peer_counts(slot: u16, bytes: usize) -> Option<(u32, [u64; 4])> {
+    Some((u32::from(slot), [1, bytes as u64, 0, 0]))
+}
+
+fn to_client_counts(slot: u16, bytes: usize) -> Option<(u32, [u64; 4])> {
+    Some((u32::from(slot), [0, 0, 1, bytes as u64]))
+}
+
+fn nothing_counted(slot: u16) -> Option<(u32, [u64; 4])> {
+    Some((u32::from(slot), [0; 4]))
+}
+
+/// Send and Data indications (RFC 8656 §11), both families.
+fn indication_fixtures() -> Vec<Fixture> {
+    let mut list = Vec::new();
+    let mut add = |name: String, input: Vec<u8>, from_peer_side, expect, counts| {
+        list.push(Fixture {
+            name,
+            input,
+            from_peer_side,
+            expect,
+            counts,
+        })
+    };
+    for v6 in [false, true] {
+        let tag = if v6 { "v6" } else { "v4" };
+        let f = indication_family(v6, PERMISSION_ONLY);
+        let slot = PERMISSION_ONLY + u16::from(v6);
+        let send_forward =
+            |f: &Family, data: &[u8]| forward(to_peer_frame(f, data), Reason::ForwardSendToPeer);
+
+        // Send indications: DATA's value leaves, STUN framing and padding do not.
+        for (seed, len) in [(1u8, 1usize), (2, 3), (3, 5), (4, 13), (5, 12), (6, 0)] {
+            let data = payload(len);
+            add(
+                format!("{tag} send indication, {len} data bytes"),
+                client_frame(&f, &send_indication(tid(seed), f.peer, &data, &[])).build(),
+                false,
+                send_forward(&f, &data),
+                to_peer_counts(slot, len),
+            );
+        }
+        let data = payload(13);
+        let mut message = send_indication(tid(7), f.peer, &data, &[]);
+        let end = message.len();
+        message[end - 3..].copy_from_slice(&[0xab, 0xcd, 0xef]);
+        add(
+            format!("{tag} send indication, non-zero DATA padding"),
+            client_frame(&f, &message).build(),
+            false,
+            send_forward(&f, &data),
+            to_peer_counts(slot, 13),
+        );
+        // Every port bit flips under the XOR: a port above 0x8000 and one with the cookie's
+        // own bits.
+        for port in [61000, 0x2112] {
+            let other = with_peer(&f, peer_port(&f, port));
+            add(
+                format!("{tag} send indication to peer port {port}"),
+                client_frame(&f, &send_indication(tid(8), other.peer, b"port", &[])).build(),
+                false,
+                send_forward(&other, b"port"),
+                to_peer_counts(slot, 4),
+            );
+        }
+        let data = payload(5);
+        let before = stun_message(
+            SEND_INDICATION,
+            tid(9),
+            &[
+                xor_peer_address(tid(9), f.peer),
+                software(),
+                stun_attribute(DATA, &data),
+            ],
+        );
+        add(
+            format!("{tag} send indication, SOFTWARE before DATA"),
+            client_frame(&f, &before).build(),
+            false,
+            send_forward(&f, &data),
+            to_peer_counts(slot, 5),
+        );
+        add(
+            format!("{tag} send indication, SOFTWARE after DATA"),
+            client_frame(&f, &send_indication(tid(10), f.peer, &data, &[software()])).build(),
+            false,
+            send_forward(&f, &data),
+            to_peer_counts(slot, 5),
+        );
+        let data = payload(3);
+        let both = stun_message(
+            SEND_INDICATION,
+            tid(11),
+            &[
+                software(),
+                xor_peer_address(tid(11), f.peer),
+                stun_attribute(DATA, &data),
+                software(),
+            ],
+        );
+        add(
+            format!("{tag} send indication, SOFTWARE first and last"),
+            client_frame(&f, &both).build(),
+            false,
+            send_forward(&f, &data),
+            to_peer_counts(slot, 3),
+        );
+
+        // Data indications: from the listener to the client, XOR-PEER-ADDRESS and DATA.
+        for len in [1usize, 3, 5, 13, 12, 0] {
+            let data = payload(len);
+            add(
+                format!("{tag} data indication, {len} data bytes"),
+                peer_frame(&f, &data).build(),
+                true,
+                data_indication_expect(&f, &data),
+                to_client_counts(slot, len),
+            );
+        }
+        // Permissions are per peer IP: any port of the peer is let in.
+        for port in [61000, 0x2112] {
+            let other = with_peer(&f, peer_port(&f, port));
+            add(
+                format!("{tag} data indication from peer port {port}"),
+                peer_frame(&other, b"other port").build(),
+                true,
+                data_indication_expect(&other, b"other port"),
+                to_client_counts(slot, 10),
+            );
+        }
+        // The largest datagram whose Data indication fits the client link's 1500-byte MTU,
+        // and one byte more (its DATA is padded past the MTU).
+        let framing = if v6 { 40 + 8 + 48 } else { 20 + 8 + 36 };
+        let largest = 1500 - framing;
+        let data = payload(largest);
+        add(
+            format!("{tag} data indication at the client MTU"),
+            peer_frame(&f, &data).build(),
+            true,
+            data_indication_expect(&f, &data),
+            to_client_counts(slot, largest),
+        );
+        add(
+            format!("{tag} data indication over the client MTU"),
+            peer_frame(&f, &payload(largest + 1)).build(),
+            true,
+            Expect::Pass(Reason::PassFragNeeded),
+            nothing_counted(slot),
+        );
+
+        // A channel and a permission for the same peer IP: the channel's port gets
+        // ChannelData, the peer's other ports Data indications; the client sends either way.
+        let c = indication_family(v6, WITH_CHANNEL);
+        let c_slot = WITH_CHANNEL + u16::from(v6);
+        let channel = 0x4000 + c_slot;
+        let bound = with_peer(&c, peer_port(&c, CHANNEL_PEER_PORT));
+        add(
+            format!("{tag} channel and permission: peer on the channel"),
+            peer_frame(&bound, b"channel wins").build(),
+            true,
+            forward(
+                to_client_frame(&bound, channel, b"channel wins"),
+                Reason::ForwardToClient,
+            ),
+            to_client_counts(c_slot, 12),
+        );
+        add(
+            format!("{tag} channel and permission: peer's other port"),
+            peer_frame(&c, b"indication").build(),
+            true,
+            data_indication_expect(&c, b"indication"),
+            to_client_counts(c_slot, 10),
+        );
+        add(
+            format!("{tag} channel and permission: send indication"),
+            client_frame(&c, &send_indication(tid(12), c.peer, b"send", &[])).build(),
+            false,
+            send_forward(&c, b"send"),
+            to_peer_counts(c_slot, 4),
+        );
+        // What coturn's uclient sends: DATA first, then XOR-PEER-ADDRESS, then FINGERPRINT.
+        let long: Vec<u8> = (0..200u8).collect();
+        add(
+            format!("{tag} send indication in uclient's order with 200 bytes"),
+            client_frame(&c, &{
+                let mut message = stun_message(
+                    0x0016,
+                    tid(30),
+                    &[
+                        stun_attribute(0x0013, &long),
+                        xor_peer_address(tid(30), c.peer),
+                    ],
+                );
+                add_fingerprint(&mut message);
+                message
+            })
+            .build(),
+            false,
+            send_forward(&c, &long),
+            to_peer_counts(c_slot, 200),
+        );
+        // A valid FINGERPRINT is checked in the kernel and leaves with the STUN framing.
+        add(
+            format!("{tag} send indication with a valid FINGERPRINT"),
+            client_frame(&c, &{
+                let mut message = send_indication(tid(22), c.peer, b"fp", &[]);
+                add_fingerprint(&mut message);
+                message
+            })
+            .build(),
+            false,
+            send_forward(&c, b"fp"),
+            to_peer_counts(c_slot, 2),
+        );
+        add(
+            format!("{tag} channel and permission: ChannelData"),
+            client_frame(&bound, &channel_data(channel, b"channel", 1)).build(),
+            false,
+            forward(to_peer_frame(&bound, b"channel"), Reason::ForwardToPeer),
+            to_peer_counts(c_slot, 7),
+        );
+
+        // Everything the socket path handles.
+        let stranger = addr(&if v6 {
+            format!("[{NO_PERMISSION_V6}]:9000")
+        } else {
+            format!("{NO_PERMISSION_V4}:9000")
+        });
+        let mut pass = |name: &str, input: Vec<u8>, from_peer_side, reason| {
+            add(
+                format!("{tag} {name}"),
+                input,
+                from_peer_side,
+                Expect::Pass(reason),
+                nothing_counted(slot),
+            );
+        };
+        pass(
+            "send indication to a peer IP without a permission",
+            client_frame(&f, &send_indication(tid(20), stranger, b"no", &[])).build(),
+            false,
+            Reason::PassNoPermission,
+        );
+        pass(
+            "datagram from a peer IP without a permission",
+            peer_frame(&with_peer(&f, stranger), b"no").build(),
+            true,
+            Reason::PassUdpNoMatch,
+        );
+        let unsupported = [
+            (
+                "send indication with DONT-FRAGMENT",
+                send_indication(
+                    tid(21),
+                    f.peer,
+                    b"df",
+                    &[stun_attribute(DONT_FRAGMENT, &[])],
+                ),
+            ),
+            // A wrong FINGERPRINT: no STUN message (RFC 8489 §7.3), the socket path's.
+            ("send indication with a wrong FINGERPRINT", {
+                let mut message = send_indication(tid(22), f.peer, b"fp", &[]);
+                add_fingerprint(&mut message);
+                let last = message.len() - 1;
+                message[last] ^= 1;
+                message
+            }),
+            (
+                "send indication with an unknown comprehension-required attribute",
+                send_indication(tid(23), f.peer, b"cr", &[stun_attribute(0x0031, b"x")]),
+            ),
+            (
+                "send indication with two XOR-PEER-ADDRESS",
+                send_indication(
+                    tid(24),
+                    f.peer,
+                    b"two",
+                    &[xor_peer_address(tid(24), f.peer)],
+                ),
+            ),
+            (
+                "send indication with two DATA",
+                send_indication(tid(25), f.peer, b"two", &[stun_attribute(DATA, b"more")]),
+            ),
+            ("send indication longer than its datagram", {
+                let mut message = send_indication(tid(26), f.peer, b"long", &[]);
+                message[3] += 4;
+                message
+            }),
+            ("send indication shorter than its datagram", {
+                let mut message = send_indication(tid(27), f.peer, b"short", &[]);
+                message.extend_from_slice(&stun_attribute(SOFTWARE, b""));
+                message
+            }),
+            ("send indication length not a multiple of 4", {
+                let mut message = send_indication(tid(28), f.peer, b"odd", &[]);
+                message.pop();
+                message[3] -= 1;
+                message
+            }),
+            (
+                "send indication with an address of the other family",
+                send_indication(
+                    tid(29),
+                    if v6 {
+                        addr("198.18.2.2:9000")
+                    } else {
+                        addr("[2001:2:0:2::2]:9000")
+                    },
+                    b"family",
+                    &[],
+                ),
+            ),
+            (
+                "send indication to peer port 0",
+                send_indication(tid(30), peer_port(&f, 0), b"zero", &[]),
+            ),
+            ("send indication with a wrong magic cookie", {
+                let mut message = send_indication(tid(31), f.peer, b"cookie", &[]);
+                message[4] ^= 1;
+                message
+            }),
+            (
+                "send indication without DATA",
+                stun_message(
+                    SEND_INDICATION,
+                    tid(32),
+                    &[xor_peer_address(tid(32), f.peer)],
+                ),
+            ),
+            (
+                "send indication without XOR-PEER-ADDRESS",
+                stun_message(SEND_INDICATION, tid(33), &[stun_attribute(DATA, b"where")]),
+            ),
+            (
+                "send indication with seven attributes",
+                send_indication(tid(34), f.peer, b"many", &vec![software(); 5]),
+            ),
+            (
+                "send indication with 64 bytes of attributes before DATA",
+                stun_message(
+                    SEND_INDICATION,
+                    tid(35),
+                    &[
+                        xor_peer_address(tid(35), f.peer),
+                        stun_attribute(SOFTWARE, &[b's'; 60]),
+                        stun_attribute(DATA, b"far"),
+                    ],
+                ),
+            ),
+            (
+                "send indication with 36 bytes after DATA's value",
+                send_indication(
+                    tid(36),
+                    f.peer,
+                    b"tail",
+                    &[stun_attribute(SOFTWARE, &[b't'; 32])],
+                ),
+            ),
+        ];
+        for (name, message) in unsupported {
+            pass(
+                name,
+                client_frame(&f, &message).build(),
+                false,
+                Reason::PassStunUnsupported,
+            );
+        }
+        let nobody = Family {
+            client: SocketAddr::new(f.client.ip(), 40099),
+            ..with_peer(&f, f.peer)
+        };
+        pass(
+            "send indication from a client without an allocation",
+            client_frame(&nobody, &send_indication(tid(37), f.peer, b"who", &[])).build(),
+            false,
+            Reason::PassNoBinding,
+        );
+        let expired = indication_family(v6, EXPIRED);
+        let e_slot = EXPIRED + u16::from(v6);
+        add(
+            format!("{tag} send indication, expired permission"),
+            client_frame(
+                &expired,
+                &send_indication(tid(38), expired.peer, b"late", &[]),
+            )
+            .build(),
+            false,
+            Expect::Pass(Reason::PassExpired),
+            nothing_counted(e_slot),
+        );
+        add(
+            format!("{tag} datagram to an expired permission"),
+            peer_frame(&expired, b"late").build(),
+            true,
+            Expect::Pass(Reason::PassExpired),
+            nothing_counted(e_slot),
+        );
+    }
+
+    // IPv4 only: the peer policy and the egress MTU apply to Send indications as to
+    // ChannelData.
+    let f = indication_family(false, PERMISSION_ONLY);
+    let denied = with_peer(&f, addr(DENIED_PEER));
+    add(
+        "v4 send indication to a denied peer".to_string(),
+        client_frame(&f, &send_indication(tid(40), denied.peer, b"nope", &[])).build(),
+        false,
+        Expect::Pass(Reason::PassPolicyDenied),
+        nothing_counted(PERMISSION_ONLY),
+    );
+    let small = with_peer(&f, addr(SMALL_MTU_PEER));
+    add(
+        "v4 send indication at the egress MTU".to_string(),
+        client_frame(&f, &send_indication(tid(41), small.peer, &[7u8; 72], &[])).build(),
+        false,
+        forward(to_peer_frame(&small, &[7u8; 72]), Reason::ForwardSendToPeer),
+        to_peer_counts(PERMISSION_ONLY, 72),
+    );
+    add(
+        "v4 send indication over the egress MTU".to_string(),
+        client_frame(&f, &send_indication(tid(42), small.peer, &[7u8; 73], &[])).build(),
+        false,
+        Expect::Pass(Reason::PassFragNeeded),
+        nothing_counted(PERMISSION_ONLY),
+    );
+    // An IPv4 datagram without UDP checksum gets a Data indication without one.
+    let mut input = peer_frame(&f, b"no checksum");
+    input.zero_checksum = true;
+    let mut template = data_indication_template(&f);
+    template.zero_checksum = true;
+    add(
+        "v4 data indication, UDP checksum 0 stays 0".to_string(),
+        input.build(),
+        true,
+        Expect::DataIndication {
+            template,
+            peer: f.peer,
+            data: b"no checksum".to_vec(),
+        },
+        to_client_counts(PERMISSION_ONLY, 11),
+    );
+    list
+}
+
+/// The permissions of [`indication_fixtures`], and the channels of allocations 12 and 13.
+fn permissions() -> (Vec<PermissionBinding>, Vec<ChannelBinding>) {
+    let in_a_minute = Instant::now() + Duration::from_secs(60);
+    let past = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .expect("the clock is past boot + 1 s");
+    let permission = |f: &Family, allocation: u16, peer_ip, expires_at| PermissionBinding {
+        allocation: u64::from(allocation),
+        client: f.client,
+        listener: f.listener,
+        relayed: f.relayed,
+        peer_ip,
+        expires_at,
+    };
+    let mut permissions = Vec::new();
+    let mut channels = Vec::new();
+    for v6 in [false, true] {
+        let extra = u16::from(v6);
+        let f = indication_family(v6, PERMISSION_ONLY);
+        permissions.push(permission(
+            &f,
+            PERMISSION_ONLY + extra,
+            f.peer.ip(),
+            in_a_minute,
+        ));
+        let c = indication_family(v6, WITH_CHANNEL);
+        permissions.push(permission(
+            &c,
+            WITH_CHANNEL + extra,
+            c.peer.ip(),
+            in_a_minute,
+        ));
+        channels.push(ChannelBinding {
+            allocation: u64::from(WITH_CHANNEL + extra),
+            client: c.client,
+            listener: c.listener,
+            relayed: c.relayed,
+            peer: peer_port(&c, CHANNEL_PEER_PORT),
+            channel: 0x4000 + WITH_CHANNEL + extra,
+            expires_at: in_a_minute,
+        });
+        let e = indication_family(v6, EXPIRED);
+        permissions.push(permission(&e, EXPIRED + extra, e.peer.ip(), past));
+    }
+    let f = indication_family(false, PERMISSION_ONLY);
+    for peer in [DENIED_PEER, SMALL_MTU_PEER] {
+        permissions.push(permission(
+            &f,
+            PERMISSION_ONLY,
+            addr(peer).ip(),
+            in_a_minute,
+        ));
+    }
+    (permissions, channels)
 }
 
 fn bindings() -> Vec<ChannelBinding> {
@@ -559,6 +1158,18 @@ fn hex(bytes: &[u8]) -> String {
         .join("\n")
 }
 
+/// The transaction id of a Data indication the kernel sent in `template`'s addressing (zeros
+/// when the output is too short to hold one).
+fn output_tid(template: &UdpFrame, frame: &[u8]) -> [u8; 12] {
+    let ip_header = if template.dst.is_ipv4() { 20 } else { 40 };
+    // Ethernet, IP and UDP headers, then the STUN type, length and cookie.
+    let at = 14 + ip_header + 8 + 8;
+    frame
+        .get(at..at + 12)
+        .and_then(|tid| tid.try_into().ok())
+        .unwrap_or([0; 12])
+}
+
 fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("interface name");
     // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
@@ -634,6 +1245,13 @@ fn run_fixtures(program: TestProgram) {
         for binding in hairpin_bindings() {
             installer.install(&mut fastpath, &binding, true);
         }
+        let (permissions, channels) = permissions();
+        for binding in &channels {
+            installer.install(&mut fastpath, binding, false);
+        }
+        for permission in &permissions {
+            installer.install_permission(&mut fastpath, permission);
+        }
         let client_index = ifindex(&client_side);
         let peer_index = ifindex(&peer_side);
         let (pass, redirect, tx) = match program {
@@ -643,9 +1261,13 @@ fn run_fixtures(program: TestProgram) {
         };
 
         let mut failures = Vec::new();
+        let mut tids = Vec::new();
         let fixtures = fixtures();
         for fixture in &fixtures {
             let before = fastpath.verdict_counters().expect("counters");
+            let slot_before = fixture
+                .counts
+                .map(|(slot, _)| fastpath.counters(slot).expect("allocation counters"));
             let ingress = if fixture.from_peer_side {
                 peer_index
             } else {
@@ -666,17 +1288,48 @@ fn run_fixtures(program: TestProgram) {
                     frame,
                     same_interface,
                     reason,
-                } => (if *same_interface { tx } else { redirect }, frame, *reason),
-                Expect::Pass(reason) => (pass, &fixture.input, *reason),
+                } => (
+                    if *same_interface { tx } else { redirect },
+                    frame.clone(),
+                    *reason,
+                ),
+                Expect::Pass(reason) => (pass, fixture.input.clone(), *reason),
+                Expect::DataIndication {
+                    template,
+                    peer,
+                    data,
+                } => {
+                    let tid = output_tid(template, &out.frame);
+                    tids.push(tid);
+                    let mut frame = template.clone();
+                    frame.payload = data_indication(tid, *peer, data);
+                    (redirect, frame.build(), Reason::ForwardDataToClient)
+                }
             };
-            if out.action != action || &out.frame != frame || counted != [reason] {
+            if let (Some((slot, want)), Some(before)) = (fixture.counts, slot_before) {
+                let after = fastpath.counters(slot).expect("allocation counters");
+                let got = [
+                    after.to_peer_packets - before.to_peer_packets,
+                    after.to_peer_bytes - before.to_peer_bytes,
+                    after.to_client_packets - before.to_client_packets,
+                    after.to_client_bytes - before.to_client_bytes,
+                ];
+                if got != want {
+                    failures.push(format!(
+                        "{}: allocation {slot} counted {got:?} (to peer packets, bytes, to \
+                         client packets, bytes), want {want:?}",
+                        fixture.name
+                    ));
+                }
+            }
+            if out.action != action || out.frame != frame || counted != [reason] {
                 failures.push(format!(
                     "{}: action {} (want {action}), counted {counted:?} (want [{reason:?}])\n\
                      got:\n{}\nwant:\n{}",
                     fixture.name,
                     out.action,
                     hex(&out.frame),
-                    hex(frame)
+                    hex(&frame)
                 ));
             }
         }
@@ -687,6 +1340,14 @@ fn run_fixtures(program: TestProgram) {
             fixtures.len(),
             failures.join("\n\n")
         );
+        // The kernel's transaction ids are random: no two alike, none all zero.
+        let distinct: std::collections::HashSet<_> = tids.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            tids.len(),
+            "repeated transaction ids: {tids:x?}"
+        );
+        assert!(!tids.contains(&[0; 12]), "zero transaction id");
 
         // Per-allocation counters saw exactly the forwarded fixtures (application bytes only).
         let v4 = fastpath.counters(1).expect("counters of allocation 1");
@@ -744,6 +1405,51 @@ fn run_fixtures(program: TestProgram) {
         assert_eq!((out.action, &out.frame), (pass, &input), "after removal");
         fastpath.reset_counters(1).expect("reset counters");
         assert_eq!(fastpath.counters(1).expect("counters").to_peer_packets, 0);
+
+        // Removing a permission sends both directions to the socket path; removing the client
+        // entry makes its Send indications a stranger's.
+        let f = indication_family(false, PERMISSION_ONLY);
+        let send = client_frame(&f, &send_indication(tid(50), f.peer, b"gone", &[])).build();
+        let data = peer_frame(&f, b"gone").build();
+        let run = |fastpath: &mut FastPath, input: &[u8], ingress| {
+            let before = fastpath.verdict_counters().expect("counters");
+            let out = fastpath
+                .test_run(program, input, ingress)
+                .expect("test run");
+            let after = fastpath.verdict_counters().expect("counters");
+            let counted: Vec<Reason> = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| a.1 != b.1)
+                .map(|(_, a)| a.0)
+                .collect();
+            assert_eq!((out.action, &out.frame[..]), (pass, input), "after removal");
+            counted
+        };
+        let permission = &permissions[0];
+        assert_eq!(permission.peer_ip, f.peer.ip());
+        fastpath
+            .remove_permission(permission)
+            .expect("remove permission");
+        fastpath
+            .remove_permission(permission)
+            .expect("remove permission again");
+        assert_eq!(
+            run(&mut fastpath, &send, client_index),
+            [Reason::PassNoPermission]
+        );
+        assert_eq!(
+            run(&mut fastpath, &data, peer_index),
+            [Reason::PassUdpNoMatch]
+        );
+        fastpath.remove_client(permission).expect("remove client");
+        fastpath
+            .remove_client(permission)
+            .expect("remove client again");
+        assert_eq!(
+            run(&mut fastpath, &send, client_index),
+            [Reason::PassNoBinding]
+        );
     });
 }
 

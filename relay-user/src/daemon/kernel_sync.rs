@@ -31,7 +31,7 @@ use crate::{
         self,
         netlink::{Event, Rtnl},
         nexthop::{NextHopId, NextHopValue, NextHops},
-        BindingHops, ChannelBinding, FastPath, FastPathError,
+        BindingHops, ChannelBinding, FastPath, FastPathError, PermissionBinding,
     },
     proto::{
         policy::PeerPolicy,
@@ -51,6 +51,12 @@ pub struct KernelSync {
     bindings: HashMap<AllocationId, HashMap<u16, ChannelBinding>>,
     /// Bindings in the kernel now, with the next hops they hold.
     installed: HashMap<(AllocationId, u16), BindingHops>,
+    /// Live permissions per allocation, by peer IP (whether or not in the kernel now).
+    permissions: HashMap<AllocationId, HashMap<IpAddr, PermissionBinding>>,
+    /// Permissions in the kernel now, with the next hops they hold.
+    installed_permissions: HashMap<(AllocationId, IpAddr), BindingHops>,
+    /// Allocations whose client entry (for Send indications) is in the kernel.
+    clients: HashMap<AllocationId, PermissionBinding>,
     next_hops: Option<NextHops<Rtnl>>,
     /// The relay's relayed-address IPs: a binding whose peer is one of them is client-to-client
     /// through this relay (hairpin).
@@ -95,6 +101,9 @@ impl KernelSync {
             overrides: HashMap::new(),
             bindings: HashMap::new(),
             installed: HashMap::new(),
+            permissions: HashMap::new(),
+            installed_permissions: HashMap::new(),
+            clients: HashMap::new(),
             next_hops,
             relay_ips: relay_ips.iter().map(|ip| ip.to_canonical()).collect(),
             policy,
@@ -164,6 +173,39 @@ impl KernelSync {
                     self.remove(*id, &binding);
                 }
             }
+            Command::CreatePermission {
+                id,
+                client,
+                listener,
+                relayed,
+                peer_ip,
+                expires_at,
+            } => {
+                let permission = PermissionBinding {
+                    allocation: id.0,
+                    client: *client,
+                    listener: *listener,
+                    relayed: *relayed,
+                    peer_ip: *peer_ip,
+                    expires_at: *expires_at,
+                };
+                if self.enabled(*id) {
+                    self.install_permission(*id, &permission);
+                }
+                self.permissions
+                    .entry(*id)
+                    .or_default()
+                    .insert(*peer_ip, permission);
+            }
+            Command::DeletePermission { id, peer_ip, .. } => {
+                let removed = self
+                    .permissions
+                    .get_mut(id)
+                    .and_then(|permissions| permissions.remove(peer_ip));
+                if let Some(permission) = removed {
+                    self.remove_permission(*id, &permission);
+                }
+            }
             Command::DeleteAllocation { id, .. } => self.forget_allocation(*id),
             _ => {}
         }
@@ -185,12 +227,15 @@ impl KernelSync {
             return Err(not_attached());
         }
         self.default_on = on;
-        let ids: Vec<AllocationId> = self
+        let mut ids: Vec<AllocationId> = self
             .bindings
             .keys()
+            .chain(self.permissions.keys())
             .filter(|id| !self.overrides.contains_key(id))
             .copied()
             .collect();
+        ids.sort_unstable();
+        ids.dedup();
         for id in ids {
             self.sync_allocation(id);
         }
@@ -251,7 +296,14 @@ impl KernelSync {
 
     /// Takes everything out of the kernel (at shutdown, before the programs detach).
     pub fn shutdown(&mut self) -> Option<FastPath> {
-        let ids: Vec<AllocationId> = self.bindings.keys().copied().collect();
+        let mut ids: Vec<AllocationId> = self
+            .bindings
+            .keys()
+            .chain(self.permissions.keys())
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
         for id in ids {
             self.forget_allocation(id);
         }
@@ -288,16 +340,32 @@ impl KernelSync {
 
     fn sync_allocation(&mut self, id: AllocationId) {
         let on = self.enabled(id);
-        let Some(channels) = self.bindings.get(&id) else {
-            return;
-        };
-        let channels: Vec<ChannelBinding> = channels.values().cloned().collect();
+        let channels: Vec<ChannelBinding> = self
+            .bindings
+            .get(&id)
+            .map(|channels| channels.values().cloned().collect())
+            .unwrap_or_default();
         for binding in &channels {
             if on {
                 self.install(id, binding);
             } else {
                 self.remove(id, binding);
             }
+        }
+        let permissions: Vec<PermissionBinding> = self
+            .permissions
+            .get(&id)
+            .map(|permissions| permissions.values().cloned().collect())
+            .unwrap_or_default();
+        for permission in &permissions {
+            if on {
+                self.install_permission(id, permission);
+            } else {
+                self.remove_permission(id, permission);
+            }
+        }
+        if !on {
+            self.remove_client(id);
         }
     }
 
@@ -309,6 +377,12 @@ impl KernelSync {
                 clean &= self.remove(id, binding);
             }
         }
+        if let Some(permissions) = self.permissions.remove(&id) {
+            for permission in permissions.values() {
+                clean &= self.remove_permission(id, permission);
+            }
+        }
+        self.remove_client(id);
         let counters = self.counters(id);
         self.retired += counters;
         self.overrides.remove(&id);
@@ -424,18 +498,142 @@ impl KernelSync {
         true
     }
 
+    /// Installs (or refreshes) a permission with its allocation's client entry. Permissions
+    /// for the host's own addresses (client-to-client) and across families stay on the socket
+    /// path, which checks ports and translates.
+    fn install_permission(&mut self, id: AllocationId, permission: &PermissionBinding) {
+        if !permission.supported()
+            || self.relay_ips.contains(&permission.peer_ip.to_canonical())
+            || self.policy.is_own_address(permission.peer_ip)
+        {
+            return;
+        }
+        let key = (id, permission.peer_ip);
+        let hops = match self.installed_permissions.get(&key) {
+            Some(hops) => *hops,
+            None => {
+                let Some(counters) = self.slot(id) else {
+                    return self.refused_permission(permission, "counter slots full");
+                };
+                let pair = self.acquire_pair(
+                    (permission.listener.ip(), permission.client.ip()),
+                    (permission.relayed.ip(), permission.peer_ip),
+                    false,
+                    counters,
+                );
+                match pair {
+                    Some(hops) => hops,
+                    None => return self.refused_permission(permission, "next-hop map full"),
+                }
+            }
+        };
+        let Some(fastpath) = &mut self.fastpath else {
+            return;
+        };
+        match fastpath.install_permission(permission, hops) {
+            Ok(()) => {
+                debug!(
+                    allocation = permission.allocation,
+                    peer = %permission.peer_ip,
+                    "permission installed in the kernel"
+                );
+                self.installed_permissions.insert(key, hops);
+                self.clients.insert(id, *permission);
+            }
+            Err(error) => {
+                let full = error.is_map_full();
+                if self.installed_permissions.remove(&key).is_some() {
+                    let _ = fastpath.remove_permission(permission);
+                }
+                self.release_hops(hops);
+                if full {
+                    self.refused_permission(permission, "permission maps full");
+                } else {
+                    warn!(
+                        allocation = permission.allocation,
+                        %error,
+                        "cannot install a permission in the kernel; it stays on the socket path"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Takes a permission out of the kernel; `false` when the kernel refused (its next hops
+    /// then stay reserved).
+    fn remove_permission(&mut self, id: AllocationId, permission: &PermissionBinding) -> bool {
+        let Some(hops) = self.installed_permissions.remove(&(id, permission.peer_ip)) else {
+            return true;
+        };
+        if let Some(fastpath) = &mut self.fastpath {
+            if let Err(error) = fastpath.remove_permission(permission) {
+                warn!(
+                    allocation = permission.allocation,
+                    %error,
+                    "cannot remove a permission from the kernel; its next hops stay reserved"
+                );
+                return false;
+            }
+        }
+        self.release_hops(hops);
+        true
+    }
+
+    /// Takes the allocation's client entry out of the kernel, if it is there.
+    fn remove_client(&mut self, id: AllocationId) {
+        let Some(permission) = self.clients.remove(&id) else {
+            return;
+        };
+        if let Some(fastpath) = &mut self.fastpath {
+            if let Err(error) = fastpath.remove_client(&permission) {
+                warn!(allocation = %id, %error, "cannot remove a client entry from the kernel");
+            }
+        }
+    }
+
+    fn refused_permission(&mut self, permission: &PermissionBinding, why: &str) {
+        // Same rate limit as for channels; the allocation id is what the log needs.
+        let binding = ChannelBinding {
+            allocation: permission.allocation,
+            client: permission.client,
+            listener: permission.listener,
+            relayed: permission.relayed,
+            peer: std::net::SocketAddr::new(permission.peer_ip, 0),
+            channel: 0,
+            expires_at: permission.expires_at,
+        };
+        self.refused(&binding, why);
+    }
+
     /// Next hops for the client and (unless it is one of this relay's addresses) the peer,
     /// written to the kernel before any binding refers to them.
     fn acquire_hops(&mut self, binding: &ChannelBinding, counters: u32) -> Option<BindingHops> {
         let hairpin = self.relay_ips.contains(&binding.peer.ip().to_canonical());
+        self.acquire_pair(
+            (binding.listener.ip(), binding.client.ip()),
+            (binding.relayed.ip(), binding.peer.ip()),
+            hairpin,
+            counters,
+        )
+    }
+
+    /// Next hops for (local, client) and, unless `hairpin`, (relayed, peer), written to the
+    /// kernel before anything refers to them.
+    fn acquire_pair(
+        &mut self,
+        client: (IpAddr, IpAddr),
+        peer: (IpAddr, IpAddr),
+        hairpin: bool,
+        counters: u32,
+    ) -> Option<BindingHops> {
         let table = self.next_hops.as_mut()?;
-        let client = table.acquire_from(Some(binding.listener.ip()), binding.client.ip())?;
+        let client = table.acquire_from(Some(client.0), client.1)?;
         let peer = if hairpin {
             // Unused: the kernel delivers to the other allocation's client through that
             // client's next hop.
             client
         } else {
-            match table.acquire_from(Some(binding.relayed.ip()), binding.peer.ip()) {
+            match table.acquire_from(Some(peer.0), peer.1) {
                 Some(peer) => peer,
                 None => {
                     table.release(client);

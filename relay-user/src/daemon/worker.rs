@@ -302,9 +302,10 @@ impl Worker {
                     self.close_relay(id, relayed);
                 }
                 // Installed before the ChannelBind success queued behind it is sent.
-                Command::CreateChannelBinding { .. } | Command::DeleteChannelBinding { .. } => {
-                    lock(&self.kernel).apply(&command)
-                }
+                Command::CreateChannelBinding { .. }
+                | Command::DeleteChannelBinding { .. }
+                | Command::CreatePermission { .. }
+                | Command::DeletePermission { .. } => lock(&self.kernel).apply(&command),
             }
         }
         self.flush().await;

@@ -6,8 +6,9 @@ use std::{
 };
 
 use relay_common::{
-    ip_field, ipv4_field, port_field, ChannelKey, PeerKey, ToClient, ToPeer, CHANNEL_MAX,
-    CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED, FLAG_HAIRPIN,
+    ip_field, ipv4_field, port_field, ChannelKey, ClientKey, PeerKey, Permission, PermissionKey,
+    ToClient, ToPeer, ToRelay, CHANNEL_MAX, CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED,
+    FLAG_HAIRPIN,
 };
 
 use super::FastPathError;
@@ -43,6 +44,76 @@ pub struct BindingHops {
     pub peer: u16,
     pub hairpin: bool,
     pub counters: u32,
+}
+
+/// One permission of one allocation (RFC 8656 §9): what the kernel needs to forward Send
+/// indications to the peer IP and the peer's datagrams (without a channel) as Data indications.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PermissionBinding {
+    /// Allocation id.
+    pub allocation: u64,
+    pub client: SocketAddr,
+    pub listener: SocketAddr,
+    pub relayed: SocketAddr,
+    pub peer_ip: IpAddr,
+    /// When the permission (or its allocation) ends.
+    pub expires_at: Instant,
+}
+
+impl PermissionBinding {
+    /// Whether the kernel can carry it: one family for client, listener, relayed and peer.
+    pub fn supported(&self) -> bool {
+        let f = family(self.client.ip());
+        f == family(self.listener.ip())
+            && f == family(self.relayed.ip())
+            && f == family(self.peer_ip)
+    }
+
+    /// The allocation's [`ClientKey`] and [`ToRelay`] entry.
+    pub(crate) fn client_entry(&self) -> (ClientKey, ToRelay) {
+        (
+            ClientKey {
+                client_ip: field(self.client.ip()),
+                listener_ip: field(self.listener.ip()),
+                client_port: port_field(self.client.port()),
+                listener_port: port_field(self.listener.port()),
+                family: family(self.client.ip()),
+                reserved: [0; 3],
+            },
+            ToRelay {
+                flags: FLAG_ENABLED,
+                relayed_port: port_field(self.relayed.port()),
+                relayed_ip: field(self.relayed.ip()),
+            },
+        )
+    }
+
+    /// The permission's key.
+    pub(crate) fn key(&self) -> PermissionKey {
+        PermissionKey {
+            relayed_ip: field(self.relayed.ip()),
+            peer_ip: field(self.peer_ip),
+            relayed_port: port_field(self.relayed.port()),
+            family: family(self.relayed.ip()),
+            reserved: 0,
+        }
+    }
+
+    /// The permission's value, with expiry left zero.
+    pub(crate) fn value(&self, hops: BindingHops) -> Permission {
+        Permission {
+            counters: hops.counters,
+            flags: FLAG_ENABLED,
+            client_hop: hops.client,
+            expires_at_ns: 0,
+            listener_ip: field(self.listener.ip()),
+            client_ip: field(self.client.ip()),
+            listener_port: port_field(self.listener.port()),
+            client_port: port_field(self.client.port()),
+            peer_hop: hops.peer,
+            reserved: 0,
+        }
+    }
 }
 
 /// Whether the kernel can carry `binding` at all: a ChannelData channel number, and one address

@@ -13,15 +13,16 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use relay_common::{
-    allocation_counter_bytes, ChannelKey, NextHop, PeerKey, Reason, ToClient, ToPeer,
-    ALLOCATION_COUNTERS_MAP, CHANNELS_MAP, CHANNEL_BINDING_BYTES, EGRESS_DEVICES_MAP,
-    LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES,
-    PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, POLICY_ALLOW, POLICY_DENY,
+    allocation_counter_bytes, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
+    Reason, ToClient, ToPeer, ToRelay, ALLOCATION_COUNTERS_MAP, CHANNELS_MAP,
+    CHANNEL_BINDING_BYTES, CLIENTS_MAP, EGRESS_DEVICES_MAP, LISTENER_PORTS_MAP,
+    MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES, PEERS_MAP,
+    PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, PERMISSIONS_MAP, POLICY_ALLOW, POLICY_DENY,
     POLICY_GENERATION_MAP, TC_PROGRAM, VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
 };
 
 use super::{
-    binding::{self, BindingHops, ChannelBinding},
+    binding::{self, BindingHops, ChannelBinding, PermissionBinding},
     EBPF_OBJECT,
 };
 
@@ -36,6 +37,8 @@ pub struct MapCapacity {
     /// Destination addresses with a next hop (two per binding at most, shared between
     /// bindings to the same address).
     pub next_hops: u32,
+    /// Permissions (Send/Data indications in the kernel).
+    pub permissions: u32,
 }
 
 impl Default for MapCapacity {
@@ -53,13 +56,16 @@ impl MapCapacity {
             bindings,
             allocations: bindings,
             next_hops: bindings.saturating_mul(2).min(NEXT_HOPS_LIMIT),
+            permissions: bindings,
         }
     }
 
     /// Kernel memory the maps of this capacity preallocate on a machine with `cpus` CPUs.
     pub fn bytes(&self, cpus: usize) -> usize {
         self.bindings as usize * CHANNEL_BINDING_BYTES
-            + self.allocations as usize * allocation_counter_bytes(cpus)
+            + self.allocations as usize
+                * (allocation_counter_bytes(cpus) + relay_common::CLIENT_ENTRY_BYTES)
+            + self.permissions as usize * relay_common::PERMISSION_BYTES
             + self.next_hops as usize * NEXT_HOP_BYTES
     }
 }
@@ -226,6 +232,8 @@ impl FastPath {
             .map_max_entries(PEERS_MAP, capacity.bindings)
             .map_max_entries(ALLOCATION_COUNTERS_MAP, capacity.allocations)
             .map_max_entries(NEXT_HOPS_MAP, capacity.next_hops)
+            .map_max_entries(CLIENTS_MAP, capacity.allocations)
+            .map_max_entries(PERMISSIONS_MAP, capacity.permissions)
             .load(object)
             .map_err(FastPathError::Object)?;
         for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
@@ -487,19 +495,7 @@ impl FastPath {
 
         // The kernel reads client ChannelData only on listener ports; listeners never change
         // while the relay runs, so a port stays registered once seen.
-        let port = binding.listener.port();
-        let mut listener_ports: Array<&mut aya::maps::MapData, u64> =
-            typed_map(&mut self.ebpf, LISTENER_PORTS_MAP)?;
-        let index = u32::from(port >> 6);
-        let word = listener_ports
-            .get(&index, 0)
-            .map_err(map_error(LISTENER_PORTS_MAP))?;
-        let bit = 1u64 << (port & 63);
-        if word & bit == 0 {
-            listener_ports
-                .set(index, word | bit, 0)
-                .map_err(map_error(LISTENER_PORTS_MAP))?;
-        }
+        self.add_listener_port(binding.listener.port())?;
 
         // Peer → client first: a client's ChannelData is then never forwarded to a peer whose
         // answers the kernel could not bring back.
@@ -511,6 +507,82 @@ impl FastPath {
             // Never leave half a binding behind (e.g. CHANNELS full while PEERS had room).
             let _ = self.peer_map()?.remove(&peer_key);
             return Err(map_error(CHANNELS_MAP)(source));
+        }
+        Ok(())
+    }
+
+    /// Installs (or refreshes) a permission, and its allocation's client entry, so the kernel
+    /// forwards Send indications to the peer IP and the peer's datagrams without a channel as
+    /// Data indications. `hops` names the client's and the peer's next hops and the counter
+    /// slot (`hairpin` is not used: hairpin permissions stay on the socket path).
+    pub fn install_permission(
+        &mut self,
+        permission: &PermissionBinding,
+        hops: BindingHops,
+    ) -> Result<(), FastPathError> {
+        if !permission.supported() {
+            return Err(FastPathError::Unsupported(
+                "client, listener, relayed and peer addresses must share one family",
+            ));
+        }
+        let (client_key, to_relay) = permission.client_entry();
+        let value = Permission {
+            expires_at_ns: monotonic_ns(permission.expires_at),
+            ..permission.value(hops)
+        };
+        let mut permissions: HashMap<&mut aya::maps::MapData, PermissionKey, Permission> =
+            typed_map(&mut self.ebpf, PERMISSIONS_MAP)?;
+        permissions
+            .insert(permission.key(), value, 0)
+            .map_err(map_error(PERMISSIONS_MAP))?;
+        // The Send indication listener port, as for channels.
+        self.add_listener_port(permission.listener.port())?;
+        let mut clients: HashMap<&mut aya::maps::MapData, ClientKey, ToRelay> =
+            typed_map(&mut self.ebpf, CLIENTS_MAP)?;
+        let inserted = clients.insert(client_key, to_relay, 0);
+        if let Err(source) = inserted {
+            let mut permissions: HashMap<&mut aya::maps::MapData, PermissionKey, Permission> =
+                typed_map(&mut self.ebpf, PERMISSIONS_MAP)?;
+            let _ = permissions.remove(&permission.key());
+            return Err(map_error(CLIENTS_MAP)(source));
+        }
+        Ok(())
+    }
+
+    /// Removes a permission (missing is fine). The client entry stays (see
+    /// [`FastPath::remove_client`]).
+    pub fn remove_permission(
+        &mut self,
+        permission: &PermissionBinding,
+    ) -> Result<(), FastPathError> {
+        let mut permissions: HashMap<&mut aya::maps::MapData, PermissionKey, Permission> =
+            typed_map(&mut self.ebpf, PERMISSIONS_MAP)?;
+        let removed = permissions.remove(&permission.key());
+        ignore_missing(removed).map_err(map_error(PERMISSIONS_MAP))
+    }
+
+    /// Removes an allocation's client entry (missing is fine).
+    pub fn remove_client(&mut self, permission: &PermissionBinding) -> Result<(), FastPathError> {
+        let (client_key, _) = permission.client_entry();
+        let mut clients: HashMap<&mut aya::maps::MapData, ClientKey, ToRelay> =
+            typed_map(&mut self.ebpf, CLIENTS_MAP)?;
+        let removed = clients.remove(&client_key);
+        ignore_missing(removed).map_err(map_error(CLIENTS_MAP))
+    }
+
+    /// Marks `port` as a listener port in the kernel's bitmap.
+    fn add_listener_port(&mut self, port: u16) -> Result<(), FastPathError> {
+        let mut listener_ports: Array<&mut aya::maps::MapData, u64> =
+            typed_map(&mut self.ebpf, LISTENER_PORTS_MAP)?;
+        let index = u32::from(port >> 6);
+        let word = listener_ports
+            .get(&index, 0)
+            .map_err(map_error(LISTENER_PORTS_MAP))?;
+        let bit = 1u64 << (port & 63);
+        if word & bit == 0 {
+            listener_ports
+                .set(index, word | bit, 0)
+                .map_err(map_error(LISTENER_PORTS_MAP))?;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ mod loader;
 pub mod netlink;
 pub mod nexthop;
 
-pub use binding::{supported, BindingHops, ChannelBinding};
+pub use binding::{supported, BindingHops, ChannelBinding, PermissionBinding};
 pub use loader::{
     is_ethernet, AllocationCounters, AttachMode, FastPath, FastPathError, MapCapacity, TestProgram,
     TestRunOutput,

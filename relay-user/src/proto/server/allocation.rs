@@ -118,7 +118,31 @@ impl Allocation {
         if *entry < expires {
             *entry = expires;
         }
+        let expires = *entry;
+        commands.push_back(self.permission_command(ip, expires));
         self.announce_channels(Some(ip), commands);
+    }
+
+    /// (Re)announces every permission to the fast path with its deadline (after the
+    /// allocation's own deadline moved).
+    pub(super) fn announce_permissions(&self, commands: &mut VecDeque<Command>) {
+        for (ip, expires) in &self.permissions {
+            commands.push_back(self.permission_command(*ip, *expires));
+        }
+    }
+
+    /// The fast path's view of one permission: it ends with the permission or the
+    /// allocation, whichever is first.
+    fn permission_command(&self, ip: IpAddr, expires: Instant) -> Command {
+        Command::CreatePermission {
+            id: self.id,
+            client: self.client,
+            listener: self.listener,
+            // A dual allocation relays each family from its own address (RFC 8656 §7.2).
+            relayed: self.relayed_for(ip).unwrap_or(self.relayed),
+            peer_ip: ip,
+            expires_at: expires.min(self.expires),
+        }
     }
 
     /// (Re)announces the bound channels with a live permission (to `only` that peer IP, or
@@ -207,6 +231,11 @@ impl Allocation {
             .collect();
         for ip in expired {
             self.permissions.remove(&ip);
+            commands.push_back(Command::DeletePermission {
+                id: self.id,
+                relayed: self.relayed_for(ip).unwrap_or(self.relayed),
+                peer_ip: ip,
+            });
             for (number, channel) in self.channels.iter_mut() {
                 if channel.installed && channel.peer.ip() == ip {
                     channel.installed = false;

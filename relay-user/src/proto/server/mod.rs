@@ -212,6 +212,33 @@ pub enum Command {
         /// channel number
         channel: u16,
     },
+    /// Install (or refresh) a permission in the kernel fast path (RFC 8656 §9), so Send
+    /// indications to `peer_ip` and a peer's datagrams without a channel can be forwarded
+    /// there; emitted when a permission is installed or refreshed and when the allocation is
+    /// refreshed.
+    CreatePermission {
+        /// allocation
+        id: AllocationId,
+        /// client address
+        client: SocketAddr,
+        /// listener address
+        listener: SocketAddr,
+        /// relayed address
+        relayed: SocketAddr,
+        /// the permitted peer IP
+        peer_ip: IpAddr,
+        /// when the permission (or the allocation, if earlier) ends
+        expires_at: Instant,
+    },
+    /// Remove a permission from the kernel fast path (it expired).
+    DeletePermission {
+        /// allocation
+        id: AllocationId,
+        /// relayed address
+        relayed: SocketAddr,
+        /// the peer IP
+        peer_ip: IpAddr,
+    },
 }
 
 /// Snapshot of one (bound) allocation for admin and metrics.
@@ -1163,6 +1190,7 @@ impl Server {
                 alloc.expires = now + lifetime;
                 // The kernel's deadlines include the allocation's: move them with it.
                 alloc.announce_channels(None, &mut self.commands);
+                alloc.announce_permissions(&mut self.commands);
             }
             lifetime
         };

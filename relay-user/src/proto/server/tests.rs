@@ -87,6 +87,9 @@ fn base_config() -> ServerConfig {
 struct Harness {
     server: Server,
     now: Instant,
+    /// The fast path's permission commands, kept apart so the other tests see the commands
+    /// they are about (`permission_commands_follow_the_permissions` checks these).
+    permissions: Vec<Command>,
 }
 
 impl Harness {
@@ -103,7 +106,11 @@ impl Harness {
         tweak(&mut config);
         let now = Instant::now();
         let server = Server::new(config, StdRng::seed_from_u64(seed), now, UNIX_NOW);
-        Self { server, now }
+        Self {
+            server,
+            now,
+            permissions: Vec::new(),
+        }
     }
 
     fn advance(&mut self, d: Duration) {
@@ -111,7 +118,16 @@ impl Harness {
     }
 
     fn drain(&mut self) -> Vec<Command> {
-        std::iter::from_fn(|| self.server.next_command()).collect()
+        let mut commands = Vec::new();
+        while let Some(command) = self.server.next_command() {
+            match command {
+                Command::CreatePermission { .. } | Command::DeletePermission { .. } => {
+                    self.permissions.push(command)
+                }
+                other => commands.push(other),
+            }
+        }
+        commands
     }
 
     /// A datagram from `client` on its listener; returns everything the server emits.
@@ -1277,6 +1293,55 @@ fn create_permission_multiple_peers() {
             vec![to_peer(relayed, p, b"m")]
         );
     }
+}
+
+/// The fast path hears of every permission (RFC 8656 §9): installed by CreatePermission and
+/// by ChannelBind, refreshed with a new deadline (never past the allocation's), deleted when
+/// it expires.
+#[test]
+fn permission_commands_follow_the_permissions() {
+    let mut h = Harness::new();
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    let (id, relayed) = h.allocate(&mut c);
+    let t0 = h.now;
+    let (client, listener) = (c.addr, c.listener);
+    let create = move |peer: SocketAddr, expires_at: Instant| Command::CreatePermission {
+        id,
+        client,
+        listener,
+        relayed,
+        peer_ip: peer.ip(),
+        expires_at,
+    };
+    h.create_permission(&mut c, &[peer1()]);
+    assert_eq!(h.permissions, [create(peer1(), t0 + secs(300))]);
+    h.permissions.clear();
+    h.advance(secs(10));
+    h.channel_bind(&mut c, 0x4000, peer2());
+    assert_eq!(h.permissions, [create(peer2(), t0 + secs(310))]);
+    h.permissions.clear();
+    // An allocation refresh re-announces every permission (its deadline may have moved).
+    h.refresh(&mut c, Some(600));
+    let mut announced = h.permissions.clone();
+    announced.sort_by_key(|c| format!("{c:?}"));
+    let mut expected = vec![
+        create(peer1(), t0 + secs(300)),
+        create(peer2(), t0 + secs(310)),
+    ];
+    expected.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(announced, expected);
+    h.permissions.clear();
+    // Expiry deletes them.
+    h.advance(secs(290));
+    h.tick();
+    assert_eq!(
+        h.permissions,
+        [Command::DeletePermission {
+            id,
+            relayed,
+            peer_ip: peer1().ip(),
+        }]
+    );
 }
 
 /// Client-to-client through the relay: a permission for the relay's address is per IP
