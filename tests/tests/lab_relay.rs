@@ -1254,3 +1254,97 @@ fn send_and_data_indications_through_the_xdp_fast_path_ipv6() {
 fn send_and_data_indications_through_the_tc_fast_path() {
     indications_through_the_kernel("tc", false);
 }
+
+/// Sends `count` Send indications to `peer` one at a time and waits for each echo as a Data
+/// indication; returns how many came back.
+fn indication_round_trips(client: &mut Client, peer: SocketAddr, count: usize, tag: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut echoed = 0;
+    for i in 0..count {
+        assert!(
+            Instant::now() < deadline,
+            "{tag}: round trips took too long"
+        );
+        // A multiple of four bytes: a Data indication then needs no padding, which the kernel
+        // could only append where the driver leaves tailroom (veth does not always).
+        let mut data = format!("{tag} indication {i:05}");
+        while data.len() % 4 != 0 {
+            data.push('.');
+        }
+        client.send_indication(peer, data.as_bytes());
+        if let Some(reply) = client.recv() {
+            if reply.windows(data.len()).any(|w| w == data.as_bytes()) {
+                echoed += 1;
+            }
+        }
+    }
+    echoed
+}
+
+/// A permission that expires takes Send and Data indications out of the kernel: nothing is
+/// forwarded past it, on either path (real traffic).
+#[test]
+fn expired_permissions_stop_kernel_indications() {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let echo = Echo::start(&lab);
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let relay = start_relay(
+        &lab,
+        false,
+        &[
+            "--fastpath",
+            "xdp",
+            "--interface",
+            &rc,
+            "--interface",
+            &rp,
+            "--permission-lifetime",
+            "2",
+        ],
+    );
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut client = Client::with_socket(socket, server, REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    use relay::proto::stun::{Attribute, Method};
+    assert_eq!(
+        client.request_error(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(echo.addr)]
+        ),
+        None
+    );
+    assert_eq!(
+        indication_round_trips(&mut client, echo.addr, 20, "live"),
+        20
+    );
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(
+        (a.kernel.to_peer_packets, a.kernel.to_client_packets),
+        (20, 20),
+        "the kernel carries both directions: {a:?}"
+    );
+
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = echo.received.load(Ordering::Relaxed);
+    assert_eq!(
+        indication_round_trips(&mut client, echo.addr, 10, "expired"),
+        0
+    );
+    assert_eq!(echo.received.load(Ordering::Relaxed), before);
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(
+        (a.kernel.to_peer_packets, a.socket.to_peer_packets),
+        (20, 0),
+        "nothing forwarded after expiry: {a:?}"
+    );
+}

@@ -156,13 +156,14 @@ impl KernelSync {
                     channel: *channel,
                     expires_at: *expires_at,
                 };
-                if self.enabled(*id) {
-                    self.install(*id, &binding);
-                }
                 self.bindings
                     .entry(*id)
                     .or_default()
                     .insert(*channel, binding);
+                if self.enabled(*id) {
+                    self.install(*id, &binding);
+                }
+                self.sync_permission(*id, peer.ip());
             }
             Command::DeleteChannelBinding { id, channel, .. } => {
                 let removed = self
@@ -171,6 +172,7 @@ impl KernelSync {
                     .and_then(|channels| channels.remove(channel));
                 if let Some(binding) = removed {
                     self.remove(*id, &binding);
+                    self.sync_permission(*id, binding.peer.ip());
                 }
             }
             Command::CreatePermission {
@@ -189,13 +191,11 @@ impl KernelSync {
                     peer_ip: *peer_ip,
                     expires_at: *expires_at,
                 };
-                if self.enabled(*id) {
-                    self.install_permission(*id, &permission);
-                }
                 self.permissions
                     .entry(*id)
                     .or_default()
                     .insert(*peer_ip, permission);
+                self.sync_permission(*id, *peer_ip);
             }
             Command::DeletePermission { id, peer_ip, .. } => {
                 let removed = self
@@ -358,11 +358,7 @@ impl KernelSync {
             .map(|permissions| permissions.values().cloned().collect())
             .unwrap_or_default();
         for permission in &permissions {
-            if on {
-                self.install_permission(id, permission);
-            } else {
-                self.remove_permission(id, permission);
-            }
+            self.sync_permission(id, permission.peer_ip);
         }
         if !on {
             self.remove_client(id);
@@ -498,6 +494,32 @@ impl KernelSync {
         true
     }
 
+    /// Puts the permission of `id` for `ip` into the kernel, or takes it out, as things
+    /// stand: the allocation on the kernel path, the permission live, and every channel of the
+    /// allocation to that peer IP in the kernel too. A channel the kernel does not carry (maps
+    /// full, fast path off for it) means the socket path must answer that peer with ChannelData
+    /// (RFC 8656 §12.6), which a kernel Data indication would pre-empt.
+    fn sync_permission(&mut self, id: AllocationId, ip: IpAddr) {
+        let Some(permission) = self
+            .permissions
+            .get(&id)
+            .and_then(|permissions| permissions.get(&ip))
+            .copied()
+        else {
+            return;
+        };
+        let channel_outside = self.bindings.get(&id).is_some_and(|channels| {
+            channels.values().any(|binding| {
+                binding.peer.ip() == ip && !self.installed.contains_key(&(id, binding.channel))
+            })
+        });
+        if self.enabled(id) && !channel_outside {
+            self.install_permission(id, &permission);
+        } else {
+            self.remove_permission(id, &permission);
+        }
+    }
+
     /// Installs (or refreshes) a permission with its allocation's client entry. Permissions
     /// for the host's own addresses (client-to-client) and across families stay on the socket
     /// path, which checks ports and translates.
@@ -506,6 +528,7 @@ impl KernelSync {
             || self.relay_ips.contains(&permission.peer_ip.to_canonical())
             || self.policy.is_own_address(permission.peer_ip)
         {
+            self.remove_permission(id, permission);
             return;
         }
         let key = (id, permission.peer_ip);
