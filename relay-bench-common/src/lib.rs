@@ -23,10 +23,12 @@ pub const BENCH_GEN_NEXT_MAP: &str = "BENCH_GEN_NEXT";
 /// Templates [`BENCH_GEN_FRAMES_MAP`] holds: the benchmark's 1000-allocation variant fits.
 pub const BENCH_GEN_MAX_FRAMES: u32 = 1024;
 /// Bytes of a template copied over the start of every frame: Ethernet (14) + IPv4 (20) + UDP
-/// (8) + ChannelData header (4) with room to spare. Downstream programs rewrite at most the
-/// first 46 bytes of a frame (the relay strips or inserts the 4-byte ChannelData header and
-/// rewrites Ethernet/IP/UDP), so restoring these bytes restores the whole frame.
-pub const BENCH_GEN_TEMPLATE_LEN: usize = 64;
+/// (8) + a Send indication's framing (STUN header 20, XOR-PEER-ADDRESS 12, DATA header 4)
+/// with room to spare, rounded to a multiple of 8. Downstream programs rewrite at most the
+/// first 78 bytes of a frame: the relay strips a Send indication's 36 bytes of framing (or a
+/// ChannelData header's 4) and writes new Ethernet/IP/UDP headers just before the data, so
+/// restoring these bytes restores the whole frame. Every frame must be at least this long.
+pub const BENCH_GEN_TEMPLATE_LEN: usize = 96;
 
 /// Value of [`BENCH_GEN_CFG_MAP`].
 #[repr(C)]
@@ -60,7 +62,7 @@ impl BenchGenFrame {
 }
 
 const _: () = assert!(core::mem::size_of::<BenchGenConfig>() == 8);
-const _: () = assert!(core::mem::size_of::<BenchGenFrame>() == 68);
+const _: () = assert!(core::mem::size_of::<BenchGenFrame>() == 100);
 // Padding-free: each size equals the sum of its fields' sizes.
 const _: () = {
     use core::mem::size_of;

@@ -7,7 +7,8 @@
 //!
 //! The stamp is required on every frame, not only the first: live-frame pages are recycled with
 //! whatever downstream programs (the relay's XDP, the raw forwarder: both strip the ChannelData
-//! header and rewrite the headers in place) wrote into them. Only the first
+//! header, or the relay a Send indication's framing, and write new headers in place) wrote into
+//! them. Only the first
 //! [`BENCH_GEN_TEMPLATE_LEN`] bytes are ever rewritten downstream, so the payload after them
 //! (the test run's `data_in`, shared by all flows) stays valid, and so do the checksums that
 //! userspace computed over the whole frame.

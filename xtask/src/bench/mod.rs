@@ -33,7 +33,7 @@ use anyhow::{bail, Context};
 
 use self::{
     report::{Results, Run},
-    runner::{Ctx, PathKind, Variant},
+    runner::{Ctx, Framing, PathKind, Variant},
 };
 
 #[derive(clap::Args, Debug)]
@@ -104,12 +104,20 @@ impl Plan {
             payload,
             flows,
             bidi,
+            framing: Framing::ChannelData,
+        };
+        // Client→peer Send indications, compared with ChannelData of the same size and flows.
+        let send = |payload, flows| Variant {
+            payload,
+            flows,
+            bidi: false,
+            framing: Framing::Send,
         };
         let mut plan = if args.smoke {
             Self {
                 mode: "smoke",
                 rounds: 1,
-                variants: vec![v(120, 1, false)],
+                variants: vec![v(120, 1, false), send(120, 1)],
                 duration: Duration::from_millis(500),
                 latency_duration: Duration::from_millis(300),
             }
@@ -117,7 +125,13 @@ impl Plan {
             Self {
                 mode: "quick",
                 rounds: 2,
-                variants: vec![v(120, 1, false), v(120, 1000, false), v(120, 1, true)],
+                variants: vec![
+                    v(120, 1, false),
+                    v(120, 1000, false),
+                    v(120, 1, true),
+                    send(120, 1),
+                    send(120, 1000),
+                ],
                 duration: Duration::from_secs(2),
                 latency_duration: Duration::from_secs(1),
             }
@@ -127,6 +141,10 @@ impl Plan {
                 for flows in [1, 1000] {
                     for bidi in [false, true] {
                         variants.push(v(payload, flows, bidi));
+                    }
+                    // The Send variants are 120 B; 1200 B would mostly measure copies.
+                    if payload == 120 {
+                        variants.push(send(payload, flows));
                     }
                 }
             }
@@ -306,14 +324,25 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let total_steps = steps_per_round * plan.rounds;
     let mut step = 0;
     let mut unavailable: BTreeMap<PathKind, String> = BTreeMap::new();
-    let max_flows = plan.variants.iter().map(|v| v.flows).max().unwrap_or(1);
+    let max_flows = |framing| {
+        plan.variants
+            .iter()
+            .filter(|v| v.framing == framing)
+            .map(|v| v.flows)
+            .max()
+            .unwrap_or(0)
+    };
+    let (max_flows, max_send_flows) = (
+        max_flows(Framing::ChannelData).max(1),
+        max_flows(Framing::Send),
+    );
 
     for round in 0..plan.rounds {
         if paths.contains(&PathKind::Generator) {
             for &variant in &ceiling_variants {
                 lab::check_stop()?;
                 step += 1;
-                let (groups, sink) = runner::ceiling_groups(&lab, variant.flows, variant.payload)?;
+                let (groups, sink) = runner::ceiling_groups(&lab, variant)?;
                 // Generator -> the XDP sink on the veth end facing it: no server and no kernel
                 // stack, so what is counted is what the generator can push through the veth.
                 let ceiling_sink = match &sink_object {
@@ -402,7 +431,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 &peer,
                 path,
                 round,
-                max_flows,
+                (max_flows, max_send_flows),
                 &mut step,
                 total_steps,
                 &mut results,
@@ -471,7 +500,7 @@ fn run_server_path(
     peer: &std::sync::Arc<std::net::UdpSocket>,
     path: PathKind,
     round: usize,
-    max_flows: usize,
+    (max_flows, max_send_flows): (usize, usize),
     step: &mut usize,
     total_steps: usize,
     results: &mut Results,
@@ -486,7 +515,7 @@ fn run_server_path(
     let allocations = match if path.is_bare_forwarder() {
         runner::bare_allocations(lab, max_flows)
     } else {
-        runner::allocate(lab, ctx, max_flows)
+        runner::allocate(lab, ctx, max_flows, Framing::ChannelData)
     } {
         Ok(a) => a,
         Err(e) => {
@@ -496,13 +525,29 @@ fn run_server_path(
             )))
         }
     };
+    // Allocations of their own for the Send variants: a channel to the peer would keep the
+    // relay from putting the permission in the kernel on its own (and a client with a channel
+    // would use it), so these have a permission and nothing else.
+    let send_allocations = if max_send_flows == 0 || path.is_bare_forwarder() {
+        Vec::new()
+    } else {
+        match runner::allocate(lab, ctx, max_send_flows, Framing::Send) {
+            Ok(a) => a,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "TURN setup (CreatePermission) failed: {e:#}\n{}",
+                    server.log_tail(8)
+                )))
+            }
+        }
+    };
     let setup_s = setup.elapsed().as_secs_f64();
     for &variant in &plan.variants {
         lab::check_stop()?;
         *step += 1;
-        if variant.bidi && !path.both_directions() {
+        if let Some(reason) = variant.not_applicable(path) {
             println!(
-                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a (client->peer only)",
+                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a ({reason})",
                 *step,
                 round + 1,
                 plan.rounds,
@@ -514,7 +559,12 @@ fn run_server_path(
             }
             continue;
         }
-        let client = runner::client_groups(&allocations, variant.flows, variant.payload);
+        let senders = if variant.is_send() {
+            &send_allocations
+        } else {
+            &allocations
+        };
+        let client = runner::client_groups(senders, variant.flows, variant.payload)?;
         let back = variant
             .bidi
             .then(|| runner::peer_group(peer, &allocations, variant.flows));
@@ -553,6 +603,7 @@ fn run_server_path(
     lab::check_stop()?;
     *step += 1;
     runner::drain_clients(&allocations);
+    runner::drain_clients(&send_allocations);
     if !path.both_directions() {
         println!(
             "[{:>3}/{total_steps}] round {}/{} {:<9} latency n/a (client->peer only, no echo path)",
@@ -571,7 +622,7 @@ fn run_server_path(
     let lat = measure::latency_probe(
         &first.socket,
         std::net::SocketAddr::from((lab::LISTEN_IP, runner::LISTEN_PORT)),
-        first.channel,
+        first.channel.context("the latency probe needs a channel")?,
         peer,
         ctx.latency_rate,
         ctx.latency_duration,
@@ -594,11 +645,12 @@ fn run_server_path(
         lat.p99_us,
         lat.received,
         lat.sent,
-        allocations.len(),
+        allocations.len() + send_allocations.len(),
         setup_s
     );
     results.latency.push((round, path, lat));
     drop(allocations);
+    drop(send_allocations);
     drop(server);
     Ok(Ok(()))
 }

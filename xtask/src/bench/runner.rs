@@ -98,21 +98,49 @@ impl PathKind {
     }
 }
 
+/// How the client frames its data towards the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Framing {
+    /// ChannelData on a bound channel (RFC 8656 §12): 4 bytes of header.
+    ChannelData,
+    /// Send indications on an allocation with a permission and no channel (§10): 36 bytes of
+    /// STUN framing, client→peer only (the server answers a peer with Data indications, which
+    /// the both-directions variants do not measure).
+    Send,
+}
+
+/// Ordered so each Send variant sorts right after the ChannelData one it is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Variant {
     pub payload: usize,
     pub flows: usize,
     pub bidi: bool,
+    pub framing: Framing,
 }
 
 impl Variant {
     pub fn label(&self) -> String {
-        format!(
-            "{}B x{} {}",
-            self.payload,
-            self.flows,
-            if self.bidi { "both" } else { "c>p" }
-        )
+        let direction = match (self.framing, self.bidi) {
+            (Framing::Send, _) => "send",
+            (Framing::ChannelData, true) => "both",
+            (Framing::ChannelData, false) => "c>p",
+        };
+        format!("{}B x{} {direction}", self.payload, self.flows)
+    }
+
+    pub fn is_send(&self) -> bool {
+        self.framing == Framing::Send
+    }
+
+    /// Why `path` does not run this variant, if it does not.
+    pub fn not_applicable(&self, path: PathKind) -> Option<&'static str> {
+        if self.is_send() && path.is_bare_forwarder() {
+            Some("ChannelData only")
+        } else if self.bidi && !path.both_directions() {
+            Some("client->peer only")
+        } else {
+            None
+        }
     }
 }
 
@@ -518,9 +546,15 @@ pub fn peer_socket(lab: &Lab) -> anyhow::Result<Arc<UdpSocket>> {
     Ok(Arc::new(socket))
 }
 
-/// `n` allocations, each with channel 0x4000 bound to the peer socket, through the server's
-/// TURN control plane (Allocate with REST long-term credentials, then ChannelBind).
-pub fn allocate(lab: &Lab, ctx: &Ctx, n: usize) -> anyhow::Result<Vec<Allocation>> {
+/// `n` allocations, each with channel 0x4000 bound to the peer socket (`framing` ChannelData)
+/// or only a permission for it (Send), through the server's TURN control plane (Allocate with
+/// REST long-term credentials, then ChannelBind or CreatePermission).
+pub fn allocate(
+    lab: &Lab,
+    ctx: &Ctx,
+    n: usize,
+    framing: Framing,
+) -> anyhow::Result<Vec<Allocation>> {
     let sockets = client_sockets(lab, n)?;
     let server = SocketAddr::from((LISTEN_IP, LISTEN_PORT));
     let peer = SocketAddr::from((PEER_IP, PEER_PORT));
@@ -531,13 +565,17 @@ pub fn allocate(lab: &Lab, ctx: &Ctx, n: usize) -> anyhow::Result<Vec<Allocation
         if started.elapsed() > Duration::from_secs(120) {
             bail!("setting up {n} allocations took over 120 s (stopped at {i})");
         }
-        let (user, pass) = turn::rest_credentials(&ctx.secret, &format!("bench{i}"));
+        let (name, what) = match framing {
+            Framing::ChannelData => (format!("bench{i}"), "allocation"),
+            Framing::Send => (format!("bench-send{i}"), "permission-only allocation"),
+        };
+        let (user, pass) = turn::rest_credentials(&ctx.secret, &name);
         let client = turn::Client::new(socket, server, user, &pass);
-        out.push(
-            client
-                .allocate_and_bind(peer, FIRST_CHANNEL)
-                .with_context(|| format!("allocation {i} of {n}"))?,
-        );
+        let allocation = match framing {
+            Framing::ChannelData => client.allocate_and_bind(peer, FIRST_CHANNEL),
+            Framing::Send => client.allocate_and_permit(peer),
+        };
+        out.push(allocation.with_context(|| format!("{what} {i} of {n}"))?);
     }
     Ok(out)
 }
@@ -552,7 +590,7 @@ pub fn bare_allocations(lab: &Lab, n: usize) -> anyhow::Result<Vec<Allocation>> 
         .map(|socket| Allocation {
             socket: Arc::new(socket),
             relayed,
-            channel: FIRST_CHANNEL,
+            channel: Some(FIRST_CHANNEL),
         })
         .collect())
 }
@@ -742,16 +780,28 @@ pub fn flood(
     })
 }
 
-/// Client-side send groups for the first `flows` allocations.
-pub fn client_groups(allocations: &[Allocation], flows: usize, payload: usize) -> Vec<SendGroup> {
+/// Client-side send groups for the first `flows` allocations: ChannelData on their channel,
+/// or Send indications to the peer for the permission-only ones.
+pub fn client_groups(
+    allocations: &[Allocation],
+    flows: usize,
+    payload: usize,
+) -> anyhow::Result<Vec<SendGroup>> {
     let server = SocketAddrV4::new(LISTEN_IP, LISTEN_PORT);
     allocations
         .iter()
         .take(flows)
-        .map(|a| SendGroup {
-            socket: Arc::clone(&a.socket),
-            dests: vec![server],
-            prefix: channel_header(a.channel, payload),
+        .enumerate()
+        .map(|(i, a)| {
+            let prefix = match a.channel {
+                Some(channel) => channel_header(channel, payload),
+                None => send_header(i, payload)?,
+            };
+            Ok(SendGroup {
+                socket: Arc::clone(&a.socket),
+                dests: vec![server],
+                prefix,
+            })
         })
         .collect()
 }
@@ -772,13 +822,11 @@ pub fn peer_group(peer: &Arc<UdpSocket>, allocations: &[Allocation], flows: usiz
     }
 }
 
-/// The generator-ceiling flood's senders: `flows` sockets in the client namespace aiming at a
-/// bare sink in the relay namespace, with the same 4-byte header so frames are the same size.
-pub fn ceiling_groups(
-    lab: &Lab,
-    flows: usize,
-    payload: usize,
-) -> anyhow::Result<(Vec<SendGroup>, UdpSocket)> {
+/// The generator-ceiling flood's senders: `variant.flows` sockets in the client namespace
+/// aiming at a bare sink in the relay namespace, with the same header as the variant's frames
+/// (ChannelData or Send indication) so frames are the same size.
+pub fn ceiling_groups(lab: &Lab, variant: Variant) -> anyhow::Result<(Vec<SendGroup>, UdpSocket)> {
+    let (flows, payload) = (variant.flows, variant.payload);
     let sink = in_ns(&lab.relay, || {
         let s = UdpSocket::bind((LISTEN_IP, CEILING_PORT))?;
         measure::big_rcvbuf(&s, 64 << 20)?;
@@ -792,12 +840,18 @@ pub fn ceiling_groups(
     let dest = SocketAddrV4::new(LISTEN_IP, CEILING_PORT);
     let groups = senders
         .into_iter()
-        .map(|s| SendGroup {
-            socket: Arc::new(s),
-            dests: vec![dest],
-            prefix: channel_header(FIRST_CHANNEL, payload),
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(SendGroup {
+                socket: Arc::new(s),
+                dests: vec![dest],
+                prefix: match variant.framing {
+                    Framing::ChannelData => channel_header(FIRST_CHANNEL, payload),
+                    Framing::Send => send_header(i, payload)?,
+                },
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     Ok((groups, sink))
 }
 
@@ -805,6 +859,16 @@ fn channel_header(channel: u16, payload: usize) -> Vec<u8> {
     let mut h = channel.to_be_bytes().to_vec();
     h.extend_from_slice(&(payload as u16).to_be_bytes());
     h
+}
+
+/// Flow `flow`'s Send indication framing, to the peer. The transaction id is fixed per flow:
+/// the server does not answer indications (RFC 8489 §6.3.2) or keep their ids, so reusing one
+/// costs it nothing and keeps every frame of a flow identical, as the generator needs.
+fn send_header(flow: usize, payload: usize) -> anyhow::Result<Vec<u8>> {
+    let mut tid = [0u8; 12];
+    tid[..4].copy_from_slice(b"bnch");
+    tid[4..].copy_from_slice(&(flow as u64).to_be_bytes());
+    turn::send_indication_header(tid, SocketAddr::from((PEER_IP, PEER_PORT)), payload)
 }
 
 /// Drains every client socket (bounded), so one variant's leftovers do not skew the next.

@@ -1,5 +1,6 @@
 //! The benchmark's TURN client: Allocate with long-term credentials (RFC 8656 §7), then
-//! ChannelBind (§12), over a plain UDP socket.
+//! ChannelBind (§12) or, for the Send-indication variants, CreatePermission (§9), over a plain
+//! UDP socket; and the framing of the Send indications (§10) the generator sends.
 //!
 //! Deliberately independent of relay-user's codec: xtask must build on a fresh machine before
 //! `cargo xtask setup` installed the eBPF toolchain (relay-user's build script needs it), and a
@@ -20,7 +21,9 @@ use md5::{Digest, Md5};
 
 const MAGIC: u32 = 0x2112_A442;
 const ALLOCATE: u16 = 0x0003;
+const CREATE_PERMISSION: u16 = 0x0008;
 const CHANNEL_BIND: u16 = 0x0009;
+const SEND_INDICATION: u16 = 0x0016;
 const SUCCESS: u16 = 0x0100;
 const ERROR: u16 = 0x0110;
 
@@ -30,6 +33,7 @@ const ATTR_ERROR_CODE: u16 = 0x0009;
 const ATTR_CHANNEL_NUMBER: u16 = 0x000C;
 const ATTR_LIFETIME: u16 = 0x000D;
 const ATTR_XOR_PEER_ADDRESS: u16 = 0x0012;
+const ATTR_DATA: u16 = 0x0013;
 const ATTR_REALM: u16 = 0x0014;
 const ATTR_NONCE: u16 = 0x0015;
 const ATTR_XOR_RELAYED_ADDRESS: u16 = 0x0016;
@@ -54,11 +58,12 @@ pub fn rest_credentials(secret: &str, name: &str) -> (String, String) {
     (username, password)
 }
 
-/// One allocation with one channel bound to one peer.
+/// One allocation with one channel bound to one peer, or (`channel` None) only a permission
+/// for it, so the client reaches the peer with Send indications.
 pub struct Allocation {
     pub socket: Arc<UdpSocket>,
     pub relayed: SocketAddr,
-    pub channel: u16,
+    pub channel: Option<u16>,
 }
 
 /// A TURN client session on `socket`, talking to `server`.
@@ -97,6 +102,38 @@ impl Client {
         peer: SocketAddr,
         channel: u16,
     ) -> anyhow::Result<Allocation> {
+        let relayed = self.allocate()?;
+        let number = [(channel >> 8) as u8, channel as u8, 0, 0];
+        let peer_value = encode_xor_v4(peer)?;
+        self.authenticated(
+            CHANNEL_BIND,
+            &[
+                (ATTR_CHANNEL_NUMBER, &number),
+                (ATTR_XOR_PEER_ADDRESS, &peer_value),
+            ],
+        )?;
+        Ok(Allocation {
+            socket: Arc::new(self.socket),
+            relayed,
+            channel: Some(channel),
+        })
+    }
+
+    /// Allocate, then install a permission for `peer`'s address and no channel: the client
+    /// talks to the peer with Send indications and hears it through Data indications.
+    pub fn allocate_and_permit(mut self, peer: SocketAddr) -> anyhow::Result<Allocation> {
+        let relayed = self.allocate()?;
+        let peer_value = encode_xor_v4(peer)?;
+        self.authenticated(CREATE_PERMISSION, &[(ATTR_XOR_PEER_ADDRESS, &peer_value)])?;
+        Ok(Allocation {
+            socket: Arc::new(self.socket),
+            relayed,
+            channel: None,
+        })
+    }
+
+    /// Allocate (answering the 401 challenge); returns the relayed address.
+    fn allocate(&mut self) -> anyhow::Result<SocketAddr> {
         let transport = [17u8, 0, 0, 0];
         let lifetime = 3600u32.to_be_bytes();
         // First request without credentials: the server answers 401 with REALM and NONCE.
@@ -119,26 +156,11 @@ impl Client {
                 (ATTR_LIFETIME, &lifetime),
             ],
         )?;
-        let relayed = attrs
+        attrs
             .iter()
             .find(|(t, _)| *t == ATTR_XOR_RELAYED_ADDRESS)
             .and_then(|(_, v)| decode_xor_v4(v))
-            .context("Allocate success without XOR-RELAYED-ADDRESS")?;
-
-        let number = [(channel >> 8) as u8, channel as u8, 0, 0];
-        let peer_value = encode_xor_v4(peer)?;
-        self.authenticated(
-            CHANNEL_BIND,
-            &[
-                (ATTR_CHANNEL_NUMBER, &number),
-                (ATTR_XOR_PEER_ADDRESS, &peer_value),
-            ],
-        )?;
-        Ok(Allocation {
-            socket: Arc::new(self.socket),
-            relayed,
-            channel,
-        })
+            .context("Allocate success without XOR-RELAYED-ADDRESS")
     }
 
     /// An authenticated request; a 438 (stale nonce) is retried once with the new nonce.
@@ -208,6 +230,35 @@ impl Client {
             self.server
         )
     }
+}
+
+/// The bytes of a Send indication (RFC 8656 §10.1) before its data: STUN header (with
+/// transaction id `tid`), XOR-PEER-ADDRESS of `peer`, then DATA's header for `data_len` bytes.
+/// No FINGERPRINT: the benchmark measures forwarding, not the relay's CRC-32 check (which the
+/// kernel path runs whenever one is present). `data_len` must be a multiple of 4, so the data
+/// ends the message without padding and the generator can append it as it is.
+pub fn send_indication_header(
+    tid: [u8; 12],
+    peer: SocketAddr,
+    data_len: usize,
+) -> anyhow::Result<Vec<u8>> {
+    if !data_len.is_multiple_of(4) || data_len > usize::from(u16::MAX) - 16 {
+        bail!("Send indications carry data of a multiple of 4 bytes here, not {data_len}");
+    }
+    let peer_value = encode_xor_v4(peer)?;
+    // XOR-PEER-ADDRESS (4 + 8) and DATA (4 + data_len) follow the header.
+    let body_len = (4 + peer_value.len() + 4 + data_len) as u16;
+    let mut out = Vec::with_capacity(36);
+    out.extend_from_slice(&SEND_INDICATION.to_be_bytes());
+    out.extend_from_slice(&body_len.to_be_bytes());
+    out.extend_from_slice(&MAGIC.to_be_bytes());
+    out.extend_from_slice(&tid);
+    out.extend_from_slice(&ATTR_XOR_PEER_ADDRESS.to_be_bytes());
+    out.extend_from_slice(&(peer_value.len() as u16).to_be_bytes());
+    out.extend_from_slice(&peer_value);
+    out.extend_from_slice(&ATTR_DATA.to_be_bytes());
+    out.extend_from_slice(&(data_len as u16).to_be_bytes());
+    Ok(out)
 }
 
 /// Whether a STUN server answers a Binding request (RFC 8489 §3) on `server` within `wait`.
@@ -347,6 +398,20 @@ mod tests {
     fn xor_address_round_trips() {
         let addr: SocketAddr = "198.18.2.2:9000".parse().unwrap();
         assert_eq!(decode_xor_v4(&encode_xor_v4(addr).unwrap()), Some(addr));
+    }
+
+    #[test]
+    fn send_indication_frames_the_data() {
+        let peer: SocketAddr = "198.18.2.2:9000".parse().unwrap();
+        let h = send_indication_header([9; 12], peer, 120).unwrap();
+        assert_eq!(h.len(), 36);
+        assert_eq!(&h[..4], &[0x00, 0x16, 0, 12 + 4 + 120]);
+        assert_eq!(&h[4..8], &MAGIC.to_be_bytes());
+        assert_eq!(&h[8..20], &[9; 12]);
+        assert_eq!(&h[20..24], &[0x00, 0x12, 0, 8]);
+        assert_eq!(decode_xor_v4(&h[24..32]), Some(peer));
+        assert_eq!(&h[32..36], &[0x00, 0x13, 0, 120]);
+        assert!(send_indication_header([0; 12], peer, 121).is_err());
     }
 
     #[test]
