@@ -55,16 +55,16 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
     // the answer only matters for what looks like ChannelData, and most peer traffic (RTP,
     // DTLS, STUN) does not, so it skips a hash lookup.
     let mut miss = Reason::PassUdpNoMatch;
-    let classified = match frame.ptr_at::<[u8; 4]>(udp.payload_offset) {
-        // SAFETY: `ptr_at` checked that four bytes lie inside the frame.
-        Some(header) => channel::classify(unsafe { *header }, udp.payload_len),
+    // SAFETY: `ptr_at` checked that four bytes lie inside the frame.
+    let first = frame
+        .ptr_at::<[u8; 4]>(udp.payload_offset)
+        .map(|header| unsafe { *header });
+    let classified = match first {
+        Some(header) => channel::classify(header, udp.payload_len),
         None => Classified::NotChannelData,
     };
     let send_indication = matches!(classified, Classified::NotChannelData)
-        && frame
-            .ptr_at::<[u8; 2]>(udp.payload_offset)
-            // SAFETY: `ptr_at` checked that two bytes lie inside the frame.
-            .is_some_and(|kind| unsafe { *kind } == SEND_INDICATION);
+        && first.is_some_and(|header| [header[0], header[1]] == SEND_INDICATION);
     let to_listener = (send_indication || !matches!(classified, Classified::NotChannelData))
         && is_listener_port(u16::from_ne_bytes(udp.udp.dst_port));
     if to_listener {

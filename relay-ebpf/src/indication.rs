@@ -132,19 +132,33 @@ pub fn send_to_peer<C: Packet>(
         data.remove(u16::from_ne_bytes([w[2], w[3]]));
         word_at += 4;
     }
+    // After the data: its padding (inside the last word it ends in), then whole words of
+    // trailing attributes. Offsets from the UDP header decide which half of a checksum word a
+    // byte is; the header is 8 bytes, so the payload offset's parity is the same.
     let data_end = send.data_at + send.data_len;
-    let suffix = udp.payload_len - data_end;
-    let mut b = [0u8; 1];
-    for i in 0..MAX_SUFFIX {
-        if i >= suffix {
-            break;
-        }
-        if !ctx.load(udp.payload_offset + data_end + i, &mut b) {
+    let aligned_end = data_end.next_multiple_of(4);
+    if aligned_end > data_end {
+        let word_start = aligned_end - 4;
+        if !ctx.load(udp.payload_offset + word_start, &mut w) {
             return Err(Reason::PassMalformedUdp);
         }
-        // Offsets from the UDP header decide which half of a checksum word a byte is; the
-        // header is 8 bytes, so the payload offset's parity is the same.
-        data.remove_byte(b[0], (data_end + i).is_multiple_of(2));
+        for (i, byte) in w.iter().enumerate() {
+            if word_start + i >= data_end {
+                data.remove_byte(*byte, (word_start + i).is_multiple_of(2));
+            }
+        }
+    }
+    let mut word_at = aligned_end;
+    for _ in 0..MAX_SUFFIX / 4 {
+        if word_at >= udp.payload_len {
+            break;
+        }
+        if !ctx.load(udp.payload_offset + word_at, &mut w) {
+            return Err(Reason::PassMalformedUdp);
+        }
+        data.remove(u16::from_ne_bytes([w[0], w[1]]));
+        data.remove(u16::from_ne_bytes([w[2], w[3]]));
+        word_at += 4;
     }
 
     let frame_len = ctx.data_end() - ctx.data();

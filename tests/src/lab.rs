@@ -146,23 +146,7 @@ impl ThreeHosts {
             ),
             (&lab.peer, &lab.peer_if, PEER_IP, PEER_IP6),
         ] {
-            // No DAD for the link-local address either (see `OneNic::new`): a tentative one
-            // keeps the relay from soliciting neighbours for the first seconds.
-            ns.exec(
-                "sysctl",
-                &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
-            );
-            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ns.ip(&["link", "set", dev, "up"]);
+            bring_up(ns, dev, v4, v6);
         }
         for (ns, dev) in [(&lab.client, &lab.client_if), (&lab.peer, &lab.peer_if)] {
             ns.exec("ethtool", &["-K", dev, "tx", "off"]);
@@ -395,25 +379,7 @@ impl OneNic {
             ),
             (&lab.peer, &lab.peer_if, ONE_NIC_PEER_IP, ONE_NIC_PEER_IP6),
         ] {
-            // No DAD for the link-local address either: while it is tentative the kernel sends
-            // no neighbour solicitation the relay asks for (ndisc_send_ns needs a source), and
-            // the first seconds of IPv6 traffic would take the socket path. An operator's
-            // interface is long past DAD.
-            ns.exec(
-                "sysctl",
-                &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
-            );
-            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ns.ip(&["link", "set", dev, "up"]);
+            bring_up(ns, dev, v4, v6);
         }
         for (ns, dev) in [(&lab.client, &lab.client_if), (&lab.peer, &lab.peer_if)] {
             ns.exec("ethtool", &["-K", dev, "tx", "off"]);
@@ -446,6 +412,28 @@ impl Default for OneNic {
 
 /// Creates a veth pair between two namespaces with fixed MACs. Both ends are created in the
 /// first namespace and one is moved, so no device ever sits in the test runner's namespace.
+/// Gives `dev` in `ns` its IPv4 /24 and IPv6 /64 and brings it up. No DAD for the link-local
+/// address either: while it is tentative the kernel sends no neighbour solicitation the relay
+/// asks for (ndisc_send_ns needs a source), and the first seconds of IPv6 traffic would take
+/// the socket path. An operator's interface is long past DAD.
+fn bring_up(ns: &Netns, dev: &str, v4: &str, v6: &str) {
+    ns.exec(
+        "sysctl",
+        &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
+    );
+    ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{v6}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", dev, "up"]);
+}
+
 fn veth(a: (&Netns, &str, [u8; 6]), b: (&Netns, &str, [u8; 6])) {
     let (ns_a, dev_a, mac_a) = a;
     let (ns_b, dev_b, mac_b) = b;

@@ -28,7 +28,7 @@ use relay_tests::{
     },
     require_root,
 };
-use support::{client::Client, echo_peer, uclient, Relay};
+use support::{client::Client, uclient, Relay};
 
 const REALM: &str = "lab.test";
 const PORT: &str = "3478";
@@ -85,6 +85,14 @@ fn start_relay(lab: &ThreeHosts, v6: bool, extra: &[&str]) -> Relay {
         format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
     };
     start_relay_on(lab, v6, &[listen.as_str()], extra)
+}
+
+/// The relay with the kernel fast path in `mode` on both of its lab interfaces.
+fn start_kernel_relay(lab: &ThreeHosts, v6: bool, mode: &str, extra: &[&str]) -> Relay {
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let mut args = vec!["--fastpath", mode, "--interface", &rc, "--interface", &rp];
+    args.extend_from_slice(extra);
+    start_relay(lab, v6, &args)
 }
 
 /// The relay listening on every address of `listen`.
@@ -151,42 +159,13 @@ fn uclient_with(
     extra: &[&str],
 ) -> support::UclientReport {
     let peer_ip = if v6 { PEER_IP6 } else { PEER_IP };
-    let peer_ns = lab.peer.name().to_owned();
-    let _peer = echo_peer(&["ip", "netns", "exec", &peer_ns], peer_ip, 3480);
-    let client_ns = lab.client.name().to_owned();
-    let mut args = vec![
-        "-u",
-        "alice",
-        "-w",
-        "wonderland",
-        "-e",
-        peer_ip,
-        "-r",
-        "3480",
-        "-n",
-        "250",
-        "-m",
-        "4",
-        "-l",
-        "200",
-        "-c",
-        "-p",
-        PORT,
-    ];
-    if v6 {
-        args.push("-x");
-    }
-    args.extend_from_slice(extra);
-    args.push(server);
-    let report = uclient(&["ip", "netns", "exec", &client_ns], &args);
-    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
-    assert_eq!(
-        (report.sent, report.received),
-        (1000, 1000),
-        "{}",
-        report.output
-    );
-    report
+    support::uclient_echo(
+        relay,
+        (lab.client.name(), lab.peer.name()),
+        (peer_ip, server),
+        v6,
+        extra,
+    )
 }
 
 #[test]
@@ -221,12 +200,7 @@ fn kernel_path_carries_uclient(mode: &str, v6: bool) {
     lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        v6,
-        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
-    );
+    let relay = start_kernel_relay(&lab, v6, mode, &[]);
     uclient_through(&lab, &relay, v6);
     let metric = |path: &str, direction: &str| {
         relay.metric(&format!(
@@ -253,11 +227,7 @@ fn kernel_path_carries_uclient(mode: &str, v6: bool) {
     assert!(log.contains("fast path detached"), "{log}");
     // Nothing stays behind, and a restart attaches cleanly.
     assert_eq!(kernel_programs_in(&lab.relay), "");
-    let again = start_relay(
-        &lab,
-        v6,
-        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
-    );
+    let again = start_kernel_relay(&lab, v6, mode, &[]);
     let log = again.stop();
     assert_eq!(log.matches("fast path attached").count(), 2, "{log}");
     assert_eq!(kernel_programs_in(&lab.relay), "");
@@ -466,12 +436,7 @@ fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
     lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        false,
-        &["--fastpath", "xdp", "--interface", &rc, "--interface", &rp],
-    );
+    let relay = start_kernel_relay(&lab, false, "xdp", &[]);
     let echo = Echo::start(&lab);
     let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
         .parse()
@@ -628,12 +593,7 @@ fn client_to_client(mode: &str) {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     let _far = (mode != "off").then(|| FarEnds::attach(&lab));
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        false,
-        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
-    );
+    let relay = start_kernel_relay(&lab, false, mode, &[]);
     let client_ns = lab.client.name().to_owned();
     let report = uclient(
         &["ip", "netns", "exec", &client_ns],
@@ -809,12 +769,7 @@ fn both_paths_write_the_same_ip_header(v6: bool) {
     lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        v6,
-        &["--fastpath", "xdp", "--interface", &rc, "--interface", &rp],
-    );
+    let relay = start_kernel_relay(&lab, v6, "xdp", &[]);
     let echo = Echo::start_on(&lab, if v6 { PEER_IP6 } else { PEER_IP });
     let (server, client_ip): (SocketAddr, &'static str) = if v6 {
         (
@@ -944,21 +899,7 @@ fn a_full_kernel_map_keeps_bindings_on_the_socket_path() {
     lab.force_forwarding_off();
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        false,
-        &[
-            "--fastpath",
-            "xdp",
-            "--interface",
-            &rc,
-            "--interface",
-            &rp,
-            "--kernel-bindings",
-            "2",
-        ],
-    );
+    let relay = start_kernel_relay(&lab, false, "xdp", &["--kernel-bindings", "2"]);
     let echoes: Vec<Echo> = (0..4).map(|_| Echo::start(&lab)).collect();
     let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
         .parse()
@@ -1210,12 +1151,7 @@ fn indications_through_the_kernel(mode: &str, v6: bool) {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     let _far = FarEnds::attach(&lab);
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        v6,
-        &["--fastpath", mode, "--interface", &rc, "--interface", &rp],
-    );
+    let relay = start_kernel_relay(&lab, v6, mode, &[]);
     let server = if v6 {
         RELAY_CLIENT_SIDE_IP6
     } else {
@@ -1291,21 +1227,7 @@ fn expired_permissions_stop_kernel_indications() {
     lab.add_static_neighbours();
     let _far = FarEnds::attach(&lab);
     let echo = Echo::start(&lab);
-    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let relay = start_relay(
-        &lab,
-        false,
-        &[
-            "--fastpath",
-            "xdp",
-            "--interface",
-            &rc,
-            "--interface",
-            &rp,
-            "--permission-lifetime",
-            "2",
-        ],
-    );
+    let relay = start_kernel_relay(&lab, false, "xdp", &["--permission-lifetime", "2"]);
     let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
         .parse()
         .expect("addr");

@@ -30,7 +30,7 @@ use relay_tests::{
     },
     require_root, unique_suffix, Netns,
 };
-use support::{client::Client, echo_peer, uclient, Relay};
+use support::{client::Client, Relay};
 
 const REALM: &str = "lab.test";
 const PORT: &str = "3478";
@@ -218,37 +218,12 @@ fn one_nic_uclient(mode: &str, v6: bool) {
         peers,
         &["--fastpath", mode, "--interface", &lab.relay_if],
     );
-    let _peer = echo_peer(&["ip", "netns", "exec", lab.peer.name()], peer_ip, 3480);
-    let mut args = vec![
-        "-u",
-        "alice",
-        "-w",
-        "wonderland",
-        "-e",
-        peer_ip,
-        "-r",
-        "3480",
-        "-n",
-        "250",
-        "-m",
-        "4",
-        "-l",
-        "200",
-        "-c",
-        "-p",
-        PORT,
-    ];
-    if v6 {
-        args.push("-x");
-    }
-    args.push(server);
-    let report = uclient(&["ip", "netns", "exec", lab.client.name()], &args);
-    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
-    assert_eq!(
-        (report.sent, report.received),
-        (1000, 1000),
-        "{}",
-        report.output
+    support::uclient_echo(
+        &relay,
+        (lab.client.name(), lab.peer.name()),
+        (peer_ip, server),
+        v6,
+        &[],
     );
 
     let counts = Counts::read(&relay);

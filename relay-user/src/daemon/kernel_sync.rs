@@ -427,11 +427,11 @@ impl KernelSync {
             Some(hops) => *hops,
             None => {
                 let Some(counters) = self.slot(id) else {
-                    return self.refused(binding, "counter slots full");
+                    return self.refused(binding.allocation, "counter slots full");
                 };
                 match self.acquire_hops(binding, counters) {
                     Some(hops) => hops,
-                    None => return self.refused(binding, "next-hop map full"),
+                    None => return self.refused(binding.allocation, "next-hop map full"),
                 }
             }
         };
@@ -457,7 +457,7 @@ impl KernelSync {
                 }
                 self.release_hops(hops);
                 if full {
-                    self.refused(binding, "channel maps full");
+                    self.refused(binding.allocation, "channel maps full");
                 } else {
                     // The socket path still carries the channel; only speed is lost.
                     warn!(
@@ -536,7 +536,7 @@ impl KernelSync {
             Some(hops) => *hops,
             None => {
                 let Some(counters) = self.slot(id) else {
-                    return self.refused_permission(permission, "counter slots full");
+                    return self.refused(permission.allocation, "counter slots full");
                 };
                 let pair = self.acquire_pair(
                     (permission.listener.ip(), permission.client.ip()),
@@ -546,7 +546,7 @@ impl KernelSync {
                 );
                 match pair {
                     Some(hops) => hops,
-                    None => return self.refused_permission(permission, "next-hop map full"),
+                    None => return self.refused(permission.allocation, "next-hop map full"),
                 }
             }
         };
@@ -570,7 +570,7 @@ impl KernelSync {
                 }
                 self.release_hops(hops);
                 if full {
-                    self.refused_permission(permission, "permission maps full");
+                    self.refused(permission.allocation, "permission maps full");
                 } else {
                     warn!(
                         allocation = permission.allocation,
@@ -612,20 +612,6 @@ impl KernelSync {
                 warn!(allocation = %id, %error, "cannot remove a client entry from the kernel");
             }
         }
-    }
-
-    fn refused_permission(&mut self, permission: &PermissionBinding, why: &str) {
-        // Same rate limit as for channels; the allocation id is what the log needs.
-        let binding = ChannelBinding {
-            allocation: permission.allocation,
-            client: permission.client,
-            listener: permission.listener,
-            relayed: permission.relayed,
-            peer: std::net::SocketAddr::new(permission.peer_ip, 0),
-            channel: 0,
-            expires_at: permission.expires_at,
-        };
-        self.refused(&binding, why);
     }
 
     /// Next hops for the client and (unless it is one of this relay's addresses) the peer,
@@ -702,7 +688,7 @@ impl KernelSync {
 
     /// A binding stays on the socket path because a kernel map is full: said once a minute at
     /// most, with how many bindings it concerned.
-    fn refused(&mut self, binding: &ChannelBinding, why: &str) {
+    fn refused(&mut self, allocation: u64, why: &str) {
         self.refused_since_warning += 1;
         let now = Instant::now();
         if self
@@ -710,7 +696,7 @@ impl KernelSync {
             .is_none_or(|at| now.duration_since(at) >= FULL_WARNING_INTERVAL)
         {
             warn!(
-                allocation = binding.allocation,
+                allocation,
                 bindings = self.refused_since_warning,
                 "kernel {why}: bindings stay on the socket path (raise --kernel-bindings); \
                  said at most once a minute"

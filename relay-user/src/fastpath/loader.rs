@@ -396,13 +396,11 @@ impl FastPath {
         let ifindex = ifindex(interface)?;
         // Tunnels and other L3 devices carry no Ethernet header: the program would read IP
         // bytes as one.
-        let link = super::netlink::Rtnl::open()
-            .and_then(|mut rtnl| rtnl.link(ifindex))
-            .map_err(|source| FastPathError::Netlink {
-                interface: interface.to_owned(),
-                source,
-            })?;
-        if link.is_none_or(|link| link.mac.is_none()) {
+        let ethernet = link_is_ethernet(ifindex).map_err(|source| FastPathError::Netlink {
+            interface: interface.to_owned(),
+            source,
+        })?;
+        if !ethernet {
             return Err(FastPathError::NotEthernet(interface.to_owned()));
         }
         match mode {
@@ -814,12 +812,13 @@ fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, FastPathError> {
 /// Whether `interface` (in the calling thread's namespace) is an Ethernet device the fast path
 /// can attach to.
 pub fn is_ethernet(interface: &str) -> bool {
-    let Ok(index) = ifindex(interface) else {
-        return false;
-    };
-    super::netlink::Rtnl::open()
-        .and_then(|mut rtnl| rtnl.link(index))
-        .is_ok_and(|link| link.is_some_and(|link| link.mac.is_some()))
+    ifindex(interface).is_ok_and(|index| link_is_ethernet(index).unwrap_or(false))
+}
+
+/// Whether link `ifindex` has an Ethernet (MAC) address, asked over rtnetlink.
+fn link_is_ethernet(ifindex: u32) -> std::io::Result<bool> {
+    let link = super::netlink::Rtnl::open()?.link(ifindex)?;
+    Ok(link.is_some_and(|link| link.mac.is_some()))
 }
 
 /// The ifindex of `interface` in the calling thread's network namespace.

@@ -236,6 +236,52 @@ pub struct UclientReport {
     pub output: String,
 }
 
+/// The lab's standard coturn workload: an echo peer on `peer_ip:3480` in namespace `peer_ns`,
+/// and `turnutils_uclient` in `client_ns` with 4 sessions x 250 messages of 200 B through the
+/// relay at `server:3478` as alice (plus `extra` flags). Asserts zero loss both ways.
+pub fn uclient_echo(
+    relay: &Relay,
+    (client_ns, peer_ns): (&str, &str),
+    (peer_ip, server): (&str, &str),
+    v6: bool,
+    extra: &[&str],
+) -> UclientReport {
+    let _peer = echo_peer(&["ip", "netns", "exec", peer_ns], peer_ip, 3480);
+    let mut args = vec![
+        "-u",
+        "alice",
+        "-w",
+        "wonderland",
+        "-e",
+        peer_ip,
+        "-r",
+        "3480",
+        "-n",
+        "250",
+        "-m",
+        "4",
+        "-l",
+        "200",
+        "-c",
+        "-p",
+        "3478",
+    ];
+    if v6 {
+        args.push("-x");
+    }
+    args.extend_from_slice(extra);
+    args.push(server);
+    let report = uclient(&["ip", "netns", "exec", client_ns], &args);
+    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
+    assert_eq!(
+        (report.sent, report.received),
+        (1000, 1000),
+        "{}",
+        report.output
+    );
+    report
+}
+
 /// Runs `turnutils_uclient ARGS` (through `prefix`) to completion with a time limit.
 pub fn uclient(prefix: &[&str], args: &[&str]) -> UclientReport {
     let mut full: Vec<&str> = prefix.to_vec();
