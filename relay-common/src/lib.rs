@@ -104,6 +104,11 @@ pub const FLAG_ENABLED: u16 = 1;
 /// for the sender's relayed address, and passes it to the socket path otherwise.
 pub const FLAG_HAIRPIN: u16 = 2;
 
+/// [`ToPeer`] / [`ToClient`] / [`Permission`] flag: the entry relays between IPv4 and IPv6
+/// (RFC 8656 §7.2, RFC 6156): the client side and the peer side are of different families,
+/// and the program rewrites the IP header into the other family.
+pub const FLAG_TRANSLATE: u16 = 4;
+
 /// [`NextHop::flags`]: the next hop is resolved (route, link up, neighbour MAC known, egress
 /// attached). Without it the program passes the frame to the socket path, whose own traffic
 /// resolves the neighbour.
@@ -153,13 +158,14 @@ pub struct ChannelKey {
 pub struct ToPeer {
     /// The allocation's counter slot in [`ALLOCATION_COUNTERS_MAP`].
     pub counters: u32,
-    /// [`FLAG_ENABLED`], [`FLAG_HAIRPIN`].
+    /// [`FLAG_ENABLED`], [`FLAG_HAIRPIN`], [`FLAG_TRANSLATE`].
     pub flags: u16,
     /// Index of the peer's [`NextHop`] in [`NEXT_HOPS_MAP`].
     pub next_hop: u16,
     /// CLOCK_MONOTONIC deadline in ns (`bpf_ktime_get_ns`): no forwarding at or after it.
     pub expires_at_ns: u64,
-    /// Relayed transport address the datagram leaves from (same family as the key).
+    /// Relayed transport address the datagram leaves from (the key's family, or the other
+    /// one with [`FLAG_TRANSLATE`]).
     pub relayed_ip: [u32; 4],
     /// Peer the datagram goes to.
     pub peer_ip: [u32; 4],
@@ -189,7 +195,7 @@ pub struct PeerKey {
 pub struct ToClient {
     /// The allocation's counter slot in [`ALLOCATION_COUNTERS_MAP`].
     pub counters: u32,
-    /// [`FLAG_ENABLED`].
+    /// [`FLAG_ENABLED`], [`FLAG_TRANSLATE`].
     pub flags: u16,
     /// Index of the client's [`NextHop`] in [`NEXT_HOPS_MAP`].
     pub next_hop: u16,
@@ -222,15 +228,45 @@ pub struct ClientKey {
     pub reserved: [u8; 3],
 }
 
-/// Value of [`CLIENTS_MAP`]: the allocation of a client.
+/// Value of [`CLIENTS_MAP`]: the allocation of a client, with its relayed transport address of
+/// each family (RFC 8656 §7.2: one of either, or both with ADDITIONAL-ADDRESS-FAMILY). A Send
+/// indication leaves from the one of its peer's family, whatever the client's family is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ToRelay {
     /// [`FLAG_ENABLED`].
     pub flags: u16,
-    pub relayed_port: u16,
-    /// The allocation's relayed transport address (same family as the key).
-    pub relayed_ip: [u32; 4],
+    /// The IPv4 relayed port, 0 without an IPv4 relayed address.
+    pub relayed_v4_port: u16,
+    /// The IPv6 relayed port, 0 without an IPv6 relayed address.
+    pub relayed_v6_port: u16,
+    /// Always zero.
+    pub reserved: u16,
+    /// The IPv4 relayed address (first word; the rest zero, as in keys).
+    pub relayed_v4_ip: [u32; 4],
+    pub relayed_v6_ip: [u32; 4],
+}
+
+impl ToRelay {
+    /// The relayed address of a family as map fields, if the allocation has one.
+    #[inline(always)]
+    pub fn relayed(&self, family: u8) -> Option<(&[u32; 4], u16)> {
+        let (ip, port) = if family == FAMILY_IPV6 {
+            (&self.relayed_v6_ip, self.relayed_v6_port)
+        } else {
+            (&self.relayed_v4_ip, self.relayed_v4_port)
+        };
+        (port != 0).then_some((ip, port))
+    }
+
+    /// Sets the relayed address of a family (map fields).
+    pub fn set_relayed(&mut self, family: u8, ip: [u32; 4], port: u16) {
+        if family == FAMILY_IPV6 {
+            (self.relayed_v6_ip, self.relayed_v6_port) = (ip, port);
+        } else {
+            (self.relayed_v4_ip, self.relayed_v4_port) = (ip, port);
+        }
+    }
 }
 
 /// Key of [`PERMISSIONS_MAP`]: one allocation (by its relayed transport address) and one peer
@@ -253,7 +289,8 @@ pub struct PermissionKey {
 pub struct Permission {
     /// The allocation's counter slot in [`ALLOCATION_COUNTERS_MAP`].
     pub counters: u32,
-    /// [`FLAG_ENABLED`].
+    /// [`FLAG_ENABLED`], [`FLAG_TRANSLATE`] when the client is of the other family than the
+    /// peer (and the relayed address, the key's family).
     pub flags: u16,
     /// Index of the client's [`NextHop`].
     pub client_hop: u16,
@@ -368,7 +405,7 @@ const _: () = assert!(core::mem::size_of::<ToClient>() == 56);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 24);
 const _: () = assert!(core::mem::size_of::<ClientKey>() == 40);
-const _: () = assert!(core::mem::size_of::<ToRelay>() == 20);
+const _: () = assert!(core::mem::size_of::<ToRelay>() == 40);
 const _: () = assert!(core::mem::size_of::<PermissionKey>() == 36);
 const _: () = assert!(core::mem::size_of::<Permission>() == 56);
 const _: () = assert!(POLICY_CACHE_SLOTS.is_power_of_two());
@@ -385,7 +422,7 @@ const _: () = {
     assert!(size_of::<NextHop>() == 4 + 2 + 2 + 6 + 6);
     assert!(size_of::<PolicyVerdict>() == 4 + 2 + 2 + IP);
     assert!(size_of::<ClientKey>() == 2 * IP + 2 * size_of::<u16>() + 4);
-    assert!(size_of::<ToRelay>() == 2 * size_of::<u16>() + IP);
+    assert!(size_of::<ToRelay>() == 4 * size_of::<u16>() + 2 * IP);
     assert!(size_of::<PermissionKey>() == 2 * IP + size_of::<u16>() + 2);
     assert!(size_of::<Permission>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
     assert!(size_of::<AllocationCounters>() == 4 * size_of::<u64>());
@@ -679,7 +716,7 @@ mod tests {
         assert_eq!(NEXT_HOP_BYTES, 24);
         // 48 + 40 (36 rounded up) + 56 + 16.
         assert_eq!(PERMISSION_BYTES, 160);
-        assert_eq!(CLIENT_ENTRY_BYTES, 48 + 40 + 24 + 16);
+        assert_eq!(CLIENT_ENTRY_BYTES, 48 + 40 + 40 + 16);
         // An 8-byte per-CPU pointer, then 32 bytes per CPU.
         assert_eq!(allocation_counter_bytes(2), 8 + 64);
         // Hash maps preallocate every entry: the default channel maps and next hops must fit

@@ -54,6 +54,33 @@ impl Delta {
         self.replace32(old[3], new[3]);
     }
 
+    /// Accounts for an address of either family leaving the checksummed data (a pseudo-header
+    /// address when the datagram changes family): IPv4 is the first word only.
+    #[inline(always)]
+    pub fn remove_address(&mut self, ip: &[u32; 4], v6: bool) {
+        self.remove(ip[0] as u16);
+        self.remove((ip[0] >> 16) as u16);
+        if v6 {
+            for w in &ip[1..] {
+                self.remove(*w as u16);
+                self.remove((*w >> 16) as u16);
+            }
+        }
+    }
+
+    /// Accounts for an address of either family entering the checksummed data.
+    #[inline(always)]
+    pub fn add_address(&mut self, ip: &[u32; 4], v6: bool) {
+        self.add(ip[0] as u16);
+        self.add((ip[0] >> 16) as u16);
+        if v6 {
+            for w in &ip[1..] {
+                self.add(*w as u16);
+                self.add((*w >> 16) as u16);
+            }
+        }
+    }
+
     /// Accounts for one byte leaving the data; `even_offset` says whether it sat at an even
     /// offset from the start of the checksummed data (the first byte of its word).
     #[inline(always)]

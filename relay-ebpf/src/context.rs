@@ -8,8 +8,8 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, xdp_md, BPF_CSUM_LEVEL_RESET},
     helpers::generated::{
-        bpf_csum_level, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_csum_level, bpf_skb_adjust_room, bpf_skb_change_proto, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
 };
 
@@ -31,6 +31,10 @@ pub trait Packet {
     /// Inserts `len` bytes right after the UDP header, with the same guarantees as
     /// [`Packet::strip`]: afterwards every header byte and the new ones are garbage.
     fn insert(&mut self, len: u32) -> bool;
+    /// Makes room for an IP header of the other family (IPv4 → IPv6 when `to_v6`, 20 bytes
+    /// more, or back): afterwards every header byte is garbage, the payload keeps its bytes.
+    /// Done before [`Packet::strip`] / [`Packet::insert`].
+    fn change_family(&mut self, to_v6: bool) -> bool;
     /// Removes `len` bytes at the end. Data pointers must be reloaded afterwards.
     fn trim_tail(&mut self, len: usize) -> bool;
     /// Appends `len` zero bytes at the end. Data pointers must be reloaded afterwards.
@@ -92,6 +96,14 @@ impl Packet for Xdp {
         // `len` bytes of headroom join the frame; the caller rewrites the headers whole.
         // SAFETY: the helper checks there is enough headroom.
         unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) == 0 }
+    }
+
+    #[inline(always)]
+    fn change_family(&mut self, to_v6: bool) -> bool {
+        // 20 more (or fewer) bytes in front: the headers are rewritten whole anyway.
+        let delta: i32 = if to_v6 { -20 } else { 20 };
+        // SAFETY: the helper checks the new head against the frame (and the headroom).
+        unsafe { bpf_xdp_adjust_head(self.ctx, delta) == 0 }
     }
 
     #[inline(always)]
@@ -164,6 +176,15 @@ impl Packet for Tc {
         // puts in front of the payload.
         // SAFETY: as above.
         unsafe { bpf_skb_adjust_room(self.skb, len as i32, BPF_ADJ_ROOM_NET, 0) == 0 }
+    }
+
+    #[inline(always)]
+    fn change_family(&mut self, to_v6: bool) -> bool {
+        // The NAT64 helper: grows or shrinks the room for the L3 header by 20 bytes and sets
+        // skb->protocol, so the skb is an IPv6 (or IPv4) one on its way out.
+        let proto: u16 = if to_v6 { 0x86dd } else { 0x0800 };
+        // SAFETY: the skb pointer is valid; the helper checks the skb itself.
+        unsafe { bpf_skb_change_proto(self.skb, proto.to_be(), 0) == 0 }
     }
 
     #[inline(always)]

@@ -13,7 +13,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use relay_common::{
     ip_octets, NextHop, Permission, Reason, ToClient, ToPeer, ToRelay, CHANNEL_DATA_HEADER_LEN,
-    FLAG_ENABLED, FLAG_HAIRPIN, FORWARD_TTL, NEXT_HOP_VALID,
+    FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED, FLAG_HAIRPIN, FLAG_TRANSLATE, FORWARD_TTL,
+    NEXT_HOP_VALID,
 };
 
 use crate::{
@@ -24,7 +25,7 @@ use crate::{
         peer_key, permission_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram,
         ETH_HDR_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    indication::{data_to_client, parse_send, send_to_peer, SEND_INDICATION},
+    indication::{check_fingerprint, data_to_client, parse_send, send_to_peer, SEND_INDICATION},
     maps::{
         count_allocation, is_listener_port, next_hop, peer_allowed_cached, CHANNELS, CLIENTS,
         PEERS, PERMISSIONS,
@@ -78,6 +79,7 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
                     // Parsed here, not inside `send_to_peer`: one subprogram deep at a time
                     // keeps the combined stack within the verifier's 512 bytes.
                     let send = parse_send(ctx, &udp)?;
+                    check_fingerprint(ctx, &udp, &send)?;
                     return send_to_peer(ctx, &udp, relay, &send);
                 }
                 // Not a client of this relay: maybe a peer's datagram (below).
@@ -181,9 +183,10 @@ fn to_peer<C: Packet>(
     entry: &ToPeer,
 ) -> Result<Forward, Reason> {
     usable(entry.flags, entry.expires_at_ns)?;
+    let out_v6 = other_family(udp, entry.flags);
     // Defence in depth: XDP and TC bypass netfilter, so the program applies the peer policy
     // itself, whatever userspace installed.
-    if !peer_allowed_cached(udp.family(), &entry.peer_ip, entry.next_hop) {
+    if !peer_allowed_cached(family_of(out_v6), &entry.peer_ip, entry.next_hop) {
         return Err(Reason::PassPolicyDenied);
     }
     let hop = next_hop(entry.next_hop).ok_or(Reason::PassNoNextHop)?;
@@ -206,6 +209,7 @@ fn to_peer<C: Packet>(
         trim: frame_len - data_end,
         grow: 0,
         resize: Resize::Strip(CHANNEL_DATA_HEADER_LEN as u32),
+        out_v6,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
     count_allocation(entry.counters, true, message.data_len as u64);
@@ -228,13 +232,15 @@ fn hairpin<C: Packet>(
     entry: &ToPeer,
 ) -> Result<Forward, Reason> {
     usable(entry.flags, entry.expires_at_ns)?;
-    // The other allocation sees this allocation's relayed address as its peer.
+    // The other allocation sees this allocation's relayed address as its peer (both relayed
+    // addresses are of one family: the relay's).
+    let relayed_v6 = other_family(udp, entry.flags);
     let key = peer_key(
         entry.relayed_ip,
         entry.peer_ip,
         entry.relayed_port,
         entry.peer_port,
-        udp.family(),
+        family_of(relayed_v6),
     );
     let Some(target) = PEERS.get_ptr(key) else {
         return Err(Reason::PassHairpinNoChannel);
@@ -242,6 +248,7 @@ fn hairpin<C: Packet>(
     // SAFETY: a successful lookup returns a valid, aligned value pointer (preallocated map).
     let target = unsafe { &*target };
     usable(target.flags, target.expires_at_ns)?;
+    let out_v6 = relayed_v6 != (target.flags & FLAG_TRANSLATE != 0);
     let hop = next_hop(target.next_hop).ok_or(Reason::PassNoNextHop)?;
     let frame_len = ctx.data_end() - ctx.data();
     let data_end = udp.payload_offset + CHANNEL_DATA_HEADER_LEN + message.data_len;
@@ -260,9 +267,15 @@ fn hairpin<C: Packet>(
         trim: frame_len - data_end,
         grow: 0,
         resize: Resize::Keep,
+        out_v6,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
-    write_channel_header(ctx, udp, target.channel, message.data_len)?;
+    write_channel_header(
+        ctx,
+        payload_offset(out_v6),
+        target.channel,
+        message.data_len,
+    )?;
     count_allocation(entry.counters, true, message.data_len as u64);
     count_allocation(target.counters, false, message.data_len as u64);
     Ok(Forward {
@@ -279,6 +292,7 @@ fn to_client<C: Packet>(
     entry: &ToClient,
 ) -> Result<Forward, Reason> {
     usable(entry.flags, entry.expires_at_ns)?;
+    let out_v6 = other_family(udp, entry.flags);
     let hop = next_hop(entry.next_hop).ok_or(Reason::PassNoNextHop)?;
     let frame_len = ctx.data_end() - ctx.data();
     let data_len = udp.payload_len;
@@ -300,9 +314,10 @@ fn to_client<C: Packet>(
         trim: frame_len - (udp.payload_offset + data_len),
         grow: 0,
         resize: Resize::Insert(CHANNEL_DATA_HEADER_LEN as u32),
+        out_v6,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
-    write_channel_header(ctx, udp, entry.channel, data_len)?;
+    write_channel_header(ctx, payload_offset(out_v6), entry.channel, data_len)?;
     count_allocation(entry.counters, false, data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardToClient,
@@ -338,21 +353,44 @@ fn remove_padding<C: Packet>(
     Ok(())
 }
 
-/// Writes a ChannelData header at the start of the (rewritten) UDP payload.
+/// Writes a ChannelData header at `payload_offset`, the start of the rewritten UDP payload.
 #[inline(always)]
 fn write_channel_header<C: Packet>(
     ctx: &C,
-    udp: &UdpDatagram,
+    payload_offset: usize,
     channel: u16,
     data_len: usize,
 ) -> Result<(), Reason> {
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let slot = frame
-        .ptr_at::<[u16; 2]>(udp.payload_offset)
+        .ptr_at::<[u16; 2]>(payload_offset)
         .ok_or(Reason::DropRewriteFailed)?;
     // SAFETY: `ptr_at` checked the four bytes lie inside the (reloaded) frame.
     unsafe { slot.write_unaligned([channel, word(data_len as u16)]) };
     Ok(())
+}
+
+/// Whether the datagram leaves as IPv6: the family it came in with, or the other one when the
+/// entry relays between families ([`FLAG_TRANSLATE`]).
+#[inline(always)]
+fn other_family(udp: &UdpDatagram, flags: u16) -> bool {
+    matches!(udp.ip, IpHeader::V6(_)) != (flags & FLAG_TRANSLATE != 0)
+}
+
+/// `FAMILY_IPV6` or `FAMILY_IPV4`.
+#[inline(always)]
+pub fn family_of(v6: bool) -> u8 {
+    if v6 {
+        FAMILY_IPV6
+    } else {
+        FAMILY_IPV4
+    }
+}
+
+/// Offset of the UDP payload in a frame of that family (no IP options or extension headers).
+#[inline(always)]
+pub fn payload_offset(v6: bool) -> usize {
+    ETH_HDR_LEN + if v6 { IPV6_HDR_LEN } else { IPV4_HDR_LEN } + UDP_HDR_LEN
 }
 
 /// How the frame's length changes right after the UDP header.
@@ -385,6 +423,9 @@ pub struct Plan<'a> {
     /// Zero bytes to append after trimming (a Data indication's attribute padding).
     pub grow: usize,
     pub resize: Resize,
+    /// The family of the datagram sent: the received one's, or the other one when the
+    /// binding relays between IPv4 and IPv6.
+    pub out_v6: bool,
 }
 
 /// Checks the next hop, then rewrites Ethernet, IP and UDP headers. Returns the egress ifindex.
@@ -399,9 +440,11 @@ pub fn rewrite<C: Packet>(
     let old_udp_len = word((UDP_HDR_LEN + udp.payload_len) as u16);
     let new_udp_len = word(plan.new_udp_len as u16);
     let old_check = u16::from_ne_bytes(udp.udp.check);
-    let v6 = matches!(udp.ip, IpHeader::V6(_));
-    // RFC 8200 §8.1: a zero UDP checksum is invalid over IPv6; let the stack decide.
-    if v6 && old_check == 0 {
+    let in_v6 = matches!(udp.ip, IpHeader::V6(_));
+    let v6 = plan.out_v6;
+    // RFC 8200 §8.1: a zero UDP checksum is invalid over IPv6, and one that was never
+    // computed cannot be updated for it; let the stack decide.
+    if (in_v6 || v6) && old_check == 0 {
         return Err(Reason::PassIpv6ZeroChecksum);
     }
 
@@ -425,7 +468,14 @@ pub fn rewrite<C: Packet>(
     l4.replace(old_udp_len, new_udp_len);
     l4.replace(old_udp_len, new_udp_len);
     let (old_src, old_dst) = udp.addresses();
-    if v6 {
+    if in_v6 != v6 {
+        // IPv4 ↔ IPv6: the pseudo-header's protocol and length words sum the same in both
+        // families (RFC 768, RFC 8200 §8.1); only the addresses change size.
+        l4.remove_address(&old_src, in_v6);
+        l4.remove_address(&old_dst, in_v6);
+        l4.add_address(plan.src_ip, v6);
+        l4.add_address(plan.dst_ip, v6);
+    } else if v6 {
         l4.replace128(&old_src, plan.src_ip);
         l4.replace128(&old_dst, plan.dst_ip);
     } else {
@@ -450,11 +500,13 @@ pub fn rewrite<C: Packet>(
             Reason::PassAdjustFailed
         });
     }
-    let moved = match plan.resize {
-        Resize::Strip(len) => ctx.strip(len),
-        Resize::Insert(len) => ctx.insert(len),
-        Resize::Keep => true,
-    };
+    let family_changed = in_v6 == v6 || ctx.change_family(v6);
+    let moved = family_changed
+        && match plan.resize {
+            Resize::Strip(len) => ctx.strip(len),
+            Resize::Insert(len) => ctx.insert(len),
+            Resize::Keep => true,
+        };
     if !moved {
         return Err(if plan.trim > 0 || plan.grow > 0 {
             Reason::DropRewriteFailed

@@ -10,12 +10,15 @@
 //! the kernel); only fixed offsets are written directly after the frame is resized.
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, generated::bpf_loop};
-use relay_common::{ip_field, ipv4_field, Permission, Reason, ToRelay, FAMILY_IPV4, FLAG_ENABLED};
+use relay_common::{
+    ip_field, ipv4_field, Permission, Reason, ToRelay, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED,
+    FLAG_TRANSLATE,
+};
 
 use crate::{
     checksum::{word, Delta},
     context::Packet,
-    forward::{rewrite, usable, Forward, Plan, Resize},
+    forward::{payload_offset, rewrite, usable, Forward, Plan, Resize},
     headers::{permission_key, Frame, UdpDatagram, UDP_HDR_LEN},
     maps::{count_allocation, next_hop, peer_allowed_cached, PERMISSIONS},
 };
@@ -73,8 +76,9 @@ const DATA_FRAMING_V6: usize = STUN_HEADER_LEN + 4 + 20 + 4;
 
 /// A Send indication the kernel may forward.
 pub struct Send {
-    /// The peer (map fields, network order).
+    /// The peer (map fields, network order) and its family.
     peer_ip: [u32; 4],
+    peer_family: u8,
     peer_port: u16,
     /// Offset of DATA's value from the start of the UDP payload, and its length.
     data_at: usize,
@@ -95,14 +99,12 @@ pub fn send_to_peer<C: Packet>(
     if relay.flags & FLAG_ENABLED == 0 {
         return Err(Reason::PassDisabled);
     }
-    // A message with a wrong fingerprint is no STUN message (RFC 8489 §7.3): the socket path
-    // decides what it is. Checked here rather than while parsing, where every path through
-    // the attribute loop would make the verifier walk the CRC loop again.
-    if send.fingerprint_at != 0 && !fingerprint_matches(ctx, udp, send.fingerprint_at) {
-        return Err(Reason::PassStunUnsupported);
-    }
-    let family = udp.family();
-    let pkey = permission_key(relay.relayed_ip, send.peer_ip, relay.relayed_port, family);
+    // The relayed address of the peer's family sends it; without one the socket path answers.
+    let family = send.peer_family;
+    let Some((relayed_ip, relayed_port)) = relay.relayed(family) else {
+        return Err(Reason::PassNoPermission);
+    };
+    let pkey = permission_key(*relayed_ip, send.peer_ip, relayed_port, family);
     let Some(permission) = PERMISSIONS.get_ptr(pkey) else {
         return Err(Reason::PassNoPermission);
     };
@@ -163,15 +165,16 @@ pub fn send_to_peer<C: Packet>(
 
     let frame_len = ctx.data_end() - ctx.data();
     let plan = Plan {
-        src_ip: &relay.relayed_ip,
+        src_ip: relayed_ip,
         dst_ip: &send.peer_ip,
-        src_port: relay.relayed_port,
+        src_port: relayed_port,
         dst_port: send.peer_port,
         new_udp_len: UDP_HDR_LEN + send.data_len,
         data,
         trim: frame_len - (udp.payload_offset + data_end),
         grow: 0,
         resize: Resize::Strip(send.data_at as u32),
+        out_v6: family != FAMILY_IPV4,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
     count_allocation(permission.counters, true, send.data_len as u64);
@@ -179,6 +182,90 @@ pub fn send_to_peer<C: Packet>(
         reason: Reason::ForwardSendToPeer,
         egress,
     })
+}
+
+/// A message with a wrong fingerprint is no STUN message (RFC 8489 §7.3): the socket path
+/// decides what it is. Checked after parsing, not inside it, where every path through the
+/// attribute loop would make the verifier walk the CRC loop again; and called from the entry
+/// point, not from [`send_to_peer`], so the CRC loop's frames never stack on that one's.
+#[inline(always)]
+pub fn check_fingerprint<C: Packet>(ctx: &C, udp: &UdpDatagram, send: &Send) -> Result<(), Reason> {
+    if send.fingerprint_at != 0 && !fingerprint_matches(ctx, udp, send.fingerprint_at) {
+        return Err(Reason::PassStunUnsupported);
+    }
+    Ok(())
+}
+
+/// The attribute walk of [`parse_send`]; `bpf_loop` hands it back by pointer. Offsets are
+/// from the start of the STUN message, 0 for an attribute not (yet) seen. All are `u16` (a
+/// UDP payload is shorter than 64 KiB): the verifier knows nothing else of what the loop
+/// left, and a 16-bit load is bounded by itself.
+#[repr(C)]
+struct AttributeWalk<'a, C> {
+    ctx: &'a C,
+    /// Offset of the STUN message in the frame.
+    base: u16,
+    /// End of the message (header plus its length field).
+    end: u16,
+    /// The next attribute's header.
+    offset: u16,
+    peer_at: u16,
+    peer_len: u16,
+    data_at: u16,
+    data_len: u16,
+    fingerprint_at: u16,
+    /// Set when the message is one for the socket path.
+    unsupported: u16,
+}
+
+/// One attribute of a Send indication (RFC 8489 §14): the verifier checks it once. As an
+/// unrolled loop, every combination of where XOR-PEER-ADDRESS, DATA and the others sit was a
+/// state of its own through the rest of the program (several times the instructions).
+extern "C" fn next_attribute<C: Packet>(_index: u64, walk: *mut core::ffi::c_void) -> i64 {
+    const STOP: i64 = 1;
+    // SAFETY: `bpf_loop` passes back the `AttributeWalk` pointer `parse_send` gave it, which
+    // lives in that function's frame for the whole loop.
+    let walk = unsafe { &mut *walk.cast::<AttributeWalk<'_, C>>() };
+    if walk.offset >= walk.end {
+        return STOP;
+    }
+    let mut attribute = [0u8; 4];
+    if !walk.ctx.load(
+        usize::from(walk.base) + usize::from(walk.offset),
+        &mut attribute,
+    ) {
+        walk.unsupported = 1;
+        return STOP;
+    }
+    let kind = u16::from_be_bytes([attribute[0], attribute[1]]);
+    let len = u16::from_be_bytes([attribute[2], attribute[3]]);
+    let value = walk.offset + 4;
+    let next = u32::from(value) + u32::from(len.next_multiple_of(4));
+    // FINGERPRINT must be the last attribute (RFC 8489 §14.7).
+    if next > u32::from(walk.end) || walk.fingerprint_at != 0 {
+        walk.unsupported = 1;
+        return STOP;
+    }
+    match kind {
+        XOR_PEER_ADDRESS if walk.peer_at == 0 => (walk.peer_at, walk.peer_len) = (value, len),
+        DATA if walk.data_at == 0 => (walk.data_at, walk.data_len) = (value, len),
+        FINGERPRINT if len == 4 => walk.fingerprint_at = walk.offset,
+        // A repeated one, DONT-FRAGMENT, any other comprehension-required attribute: the
+        // socket path's.
+        XOR_PEER_ADDRESS | DATA | FINGERPRINT => {
+            walk.unsupported = 1;
+            return STOP;
+        }
+        kind if kind < 0x8000 => {
+            walk.unsupported = 1;
+            return STOP;
+        }
+        // Comprehension-optional attributes may be ignored (RFC 8489 §14).
+        _ => {}
+    }
+    // `next <= end`, a u16.
+    walk.offset = next as u16;
+    0
 }
 
 /// Reads a Send indication's header and attributes (RFC 8489 §5, §14; RFC 8656 §11.2).
@@ -198,41 +285,36 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
     {
         return Err(UNSUPPORTED);
     }
-    let (mut peer_at, mut peer_len, mut data_at, mut data_len) = (0, 0, 0, 0);
-    let mut fingerprint_at = 0;
-    let mut offset = STUN_HEADER_LEN;
-    let mut attribute = [0u8; 4];
-    for _ in 0..MAX_ATTRIBUTES {
-        if offset >= end {
-            break;
-        }
-        if !ctx.load(udp.payload_offset + offset, &mut attribute) {
-            return Err(UNSUPPORTED);
-        }
-        let kind = u16::from_be_bytes([attribute[0], attribute[1]]);
-        let len = u16::from_be_bytes([attribute[2], attribute[3]]) as usize;
-        let value = offset + 4;
-        let next = value + len.next_multiple_of(4);
-        if next > end {
-            return Err(UNSUPPORTED);
-        }
-        if fingerprint_at != 0 {
-            // FINGERPRINT must be the last attribute (RFC 8489 §14.7).
-            return Err(UNSUPPORTED);
-        }
-        match kind {
-            XOR_PEER_ADDRESS if peer_at == 0 => (peer_at, peer_len) = (value, len),
-            DATA if data_at == 0 => (data_at, data_len) = (value, len),
-            FINGERPRINT if len == 4 => fingerprint_at = offset,
-            // A repeated one, DONT-FRAGMENT, any other comprehension-required attribute: the
-            // socket path's.
-            XOR_PEER_ADDRESS | DATA | FINGERPRINT => return Err(UNSUPPORTED),
-            kind if kind < 0x8000 => return Err(UNSUPPORTED),
-            // Comprehension-optional attributes may be ignored (RFC 8489 §14).
-            _ => {}
-        }
-        offset = next;
+    // `end` is the UDP payload's length, below 64 KiB; so is the payload's offset.
+    let mut walk = AttributeWalk {
+        ctx,
+        base: udp.payload_offset as u16,
+        end: end as u16,
+        offset: STUN_HEADER_LEN as u16,
+        peer_at: 0,
+        peer_len: 0,
+        data_at: 0,
+        data_len: 0,
+        fingerprint_at: 0,
+        unsupported: 0,
+    };
+    // SAFETY: the callback is an `extern "C" fn(u64, *mut c_void) -> i64` as the helper
+    // expects, and `walk` outlives the call.
+    let looped = unsafe {
+        bpf_loop(
+            MAX_ATTRIBUTES as u32,
+            next_attribute::<C> as *mut core::ffi::c_void,
+            (&mut walk as *mut AttributeWalk<'_, C>).cast(),
+            0,
+        )
+    };
+    if looped < 0 || walk.unsupported != 0 {
+        return Err(UNSUPPORTED);
     }
+    let offset = usize::from(walk.offset);
+    let (peer_at, peer_len) = (usize::from(walk.peer_at), usize::from(walk.peer_len));
+    let (data_at, data_len) = (usize::from(walk.data_at), usize::from(walk.data_len));
+    let fingerprint_at = usize::from(walk.fingerprint_at);
     if offset != end || peer_at == 0 || data_at == 0 || data_at > MAX_PREFIX {
         return Err(UNSUPPORTED);
     }
@@ -240,34 +322,42 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
         return Err(UNSUPPORTED);
     }
 
-    // XOR-PEER-ADDRESS (RFC 8489 §14.2): reserved byte, family, X-Port, X-Address.
-    let v4 = udp.family() == FAMILY_IPV4;
-    let (peer_ip, port) = if v4 {
-        let mut value = [0u8; 8];
-        if peer_len != 8 || !ctx.load(udp.payload_offset + peer_at, &mut value) || value[1] != 1 {
+    // XOR-PEER-ADDRESS (RFC 8489 §14.2): reserved byte, family, X-Port, X-Address. The peer's
+    // family need not be the client's (RFC 8656 §7.2): the relayed address of the peer's
+    // family sends it.
+    let mut value = [0u8; 4];
+    if !ctx.load(udp.payload_offset + peer_at, &mut value) {
+        return Err(UNSUPPORTED);
+    }
+    let peer_family = match (value[1], peer_len) {
+        (1, 8) => FAMILY_IPV4,
+        (2, 20) => FAMILY_IPV6,
+        _ => return Err(UNSUPPORTED),
+    };
+    let port = [value[2], value[3]];
+    let peer_ip = if peer_family == FAMILY_IPV4 {
+        let mut ip = [0u8; 4];
+        if !ctx.load(udp.payload_offset + peer_at + 4, &mut ip) {
             return Err(UNSUPPORTED);
         }
-        let mut ip = [0u8; 4];
         for i in 0..4 {
-            ip[i] = value[4 + i] ^ MAGIC_COOKIE[i];
+            ip[i] ^= MAGIC_COOKIE[i];
         }
-        (ipv4_field(ip), [value[2], value[3]])
+        ipv4_field(ip)
     } else {
-        let mut value = [0u8; 20];
-        if peer_len != 20 || !ctx.load(udp.payload_offset + peer_at, &mut value) || value[1] != 2 {
+        let mut ip = [0u8; 16];
+        if !ctx.load(udp.payload_offset + peer_at + 4, &mut ip) {
             return Err(UNSUPPORTED);
         }
         // The IPv6 address is XORed with the cookie and the transaction id.
-        let mut ip = [0u8; 16];
         for i in 0..16 {
-            let mask = if i < 4 {
+            ip[i] ^= if i < 4 {
                 MAGIC_COOKIE[i]
             } else {
                 header[4 + i]
             };
-            ip[i] = value[4 + i] ^ mask;
         }
-        (ip_field(ip), [value[2], value[3]])
+        ip_field(ip)
     };
     let peer_port = [port[0] ^ MAGIC_COOKIE[0], port[1] ^ MAGIC_COOKIE[1]];
     if peer_port == [0, 0] {
@@ -275,6 +365,7 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
     }
     Ok(Send {
         peer_ip,
+        peer_family,
         peer_port: u16::from_ne_bytes(peer_port),
         data_at,
         data_len,
@@ -356,7 +447,9 @@ pub fn data_to_client<C: Packet>(
 ) -> Result<Forward, Reason> {
     usable(permission.flags, permission.expires_at_ns)?;
     let hop = next_hop(permission.client_hop).ok_or(Reason::PassNoNextHop)?;
+    // XOR-PEER-ADDRESS is of the peer's family, the datagram to the client of the client's.
     let v4 = udp.family() == FAMILY_IPV4;
+    let out_v6 = v4 == (permission.flags & FLAG_TRANSLATE != 0);
     let framing = if v4 { DATA_FRAMING_V4 } else { DATA_FRAMING_V6 };
     let data_len = udp.payload_len;
     let padding = data_len.next_multiple_of(4) - data_len;
@@ -423,12 +516,14 @@ pub fn data_to_client<C: Packet>(
         trim: frame_len - (udp.payload_offset + data_len),
         grow: padding,
         resize: Resize::Insert(framing as u32),
+        out_v6,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
+    let at = payload_offset(out_v6);
     if v4 {
-        write_framing::<C, { DATA_FRAMING_V4 / 4 }>(ctx, udp, &head)?;
+        write_framing::<C, { DATA_FRAMING_V4 / 4 }>(ctx, at, &head)?;
     } else {
-        write_framing::<C, { DATA_FRAMING_V6 / 4 }>(ctx, udp, &head)?;
+        write_framing::<C, { DATA_FRAMING_V6 / 4 }>(ctx, at, &head)?;
     }
     count_allocation(permission.counters, false, data_len as u64);
     Ok(Forward {
@@ -444,16 +539,17 @@ fn pair(first: u16, second: u16) -> u32 {
     u32::from_ne_bytes([a[0], a[1], b[0], b[1]])
 }
 
-/// Writes the first `N` words of `head` at the start of the (reloaded) UDP payload.
+/// Writes the first `N` words of `head` at `payload_offset`, the start of the rewritten UDP
+/// payload.
 #[inline(always)]
 fn write_framing<C: Packet, const N: usize>(
     ctx: &C,
-    udp: &UdpDatagram,
+    payload_offset: usize,
     head: &[u32; DATA_FRAMING_V6 / 4],
 ) -> Result<(), Reason> {
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let slot = frame
-        .ptr_at::<[u32; N]>(udp.payload_offset)
+        .ptr_at::<[u32; N]>(payload_offset)
         .ok_or(Reason::DropRewriteFailed)?
         .cast::<u32>();
     for (i, w) in head.iter().take(N).enumerate() {

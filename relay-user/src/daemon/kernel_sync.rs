@@ -416,8 +416,10 @@ impl KernelSync {
 
     /// Installs (or refreshes) `binding`, taking next hops for its addresses the first time.
     fn install(&mut self, id: AllocationId, binding: &ChannelBinding) {
-        // Mixed families (an IPv6 client with an IPv4 relayed address, RFC 8656 §7.2) are the
-        // socket path's: no next hops, no warning on every refresh.
+        // A binding the kernel cannot carry (a channel number outside ChannelData's range, a
+        // relayed address and peer of different families) stays on the socket path: no next
+        // hops, no warning on every refresh. Client and peer of different families (RFC 8656
+        // §7.2) are fine: the kernel translates.
         if let Err(reason) = fastpath::supported(binding) {
             debug!(allocation = binding.allocation, %reason, "binding stays on the socket path");
             return;
@@ -521,8 +523,8 @@ impl KernelSync {
     }
 
     /// Installs (or refreshes) a permission with its allocation's client entry. Permissions
-    /// for the host's own addresses (client-to-client) and across families stay on the socket
-    /// path, which checks ports and translates.
+    /// for the host's own addresses (client-to-client) stay on the socket path, which checks
+    /// ports; across families the kernel translates.
     fn install_permission(&mut self, id: AllocationId, permission: &PermissionBinding) {
         if !permission.supported()
             || self.relay_ips.contains(&permission.peer_ip.to_canonical())

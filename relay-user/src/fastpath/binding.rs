@@ -8,7 +8,7 @@ use std::{
 use relay_common::{
     ip_field, ipv4_field, port_field, ChannelKey, ClientKey, PeerKey, Permission, PermissionKey,
     ToClient, ToPeer, ToRelay, CHANNEL_MAX, CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED,
-    FLAG_HAIRPIN,
+    FLAG_HAIRPIN, FLAG_TRANSLATE,
 };
 
 use super::FastPathError;
@@ -61,16 +61,26 @@ pub struct PermissionBinding {
 }
 
 impl PermissionBinding {
-    /// Whether the kernel can carry it: one family for client, listener, relayed and peer.
+    /// Whether the kernel can carry it: one family on the client side (client, listener) and
+    /// one on the peer side (relayed address, peer); between them the kernel translates.
     pub fn supported(&self) -> bool {
-        let f = family(self.client.ip());
-        f == family(self.listener.ip())
-            && f == family(self.relayed.ip())
-            && f == family(self.peer_ip)
+        family(self.client.ip()) == family(self.listener.ip())
+            && family(self.relayed.ip()) == family(self.peer_ip)
     }
 
-    /// The allocation's [`ClientKey`] and [`ToRelay`] entry.
+    /// The allocation's [`ClientKey`] and its [`ToRelay`] entry with this permission's relayed
+    /// address (the one of the peer's family; a dual allocation's other one is merged in by
+    /// the loader).
     pub(crate) fn client_entry(&self) -> (ClientKey, ToRelay) {
+        let mut to_relay = ToRelay {
+            flags: FLAG_ENABLED,
+            ..ToRelay::default()
+        };
+        to_relay.set_relayed(
+            family(self.relayed.ip()),
+            field(self.relayed.ip()),
+            port_field(self.relayed.port()),
+        );
         (
             ClientKey {
                 client_ip: field(self.client.ip()),
@@ -80,11 +90,7 @@ impl PermissionBinding {
                 family: family(self.client.ip()),
                 reserved: [0; 3],
             },
-            ToRelay {
-                flags: FLAG_ENABLED,
-                relayed_port: port_field(self.relayed.port()),
-                relayed_ip: field(self.relayed.ip()),
-            },
+            to_relay,
         )
     }
 
@@ -101,9 +107,14 @@ impl PermissionBinding {
 
     /// The permission's value, with expiry left zero.
     pub(crate) fn value(&self, hops: BindingHops) -> Permission {
+        let flags = if family(self.client.ip()) == family(self.peer_ip) {
+            FLAG_ENABLED
+        } else {
+            FLAG_ENABLED | FLAG_TRANSLATE
+        };
         Permission {
             counters: hops.counters,
-            flags: FLAG_ENABLED,
+            flags,
             client_hop: hops.client,
             expires_at_ns: 0,
             listener_ip: field(self.listener.ip()),
@@ -116,20 +127,21 @@ impl PermissionBinding {
     }
 }
 
-/// Whether the kernel can carry `binding` at all: a ChannelData channel number, and one address
-/// family for client, listener, relayed address and peer (the kernel does not translate).
+/// Whether the kernel can carry `binding` at all: a ChannelData channel number, one family on
+/// the client side (client, listener) and one on the peer side (relayed address, peer).
 pub fn supported(binding: &ChannelBinding) -> Result<(), FastPathError> {
     if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&binding.channel) {
         return Err(FastPathError::Unsupported(
             "channel number outside 0x4000..=0x7fff",
         ));
     }
+    // The client side and the peer side each keep one family; between them the kernel
+    // translates IPv4 ↔ IPv6 (RFC 8656 §7.2).
     let client_side = family(binding.client.ip()) == family(binding.listener.ip());
     let peer_side = family(binding.relayed.ip()) == family(binding.peer.ip());
-    let same = family(binding.client.ip()) == family(binding.peer.ip());
-    if !(client_side && peer_side && same) {
+    if !(client_side && peer_side) {
         return Err(FastPathError::Unsupported(
-            "client, listener, relayed and peer addresses must share one family",
+            "client and listener, relayed address and peer must each share a family",
         ));
     }
     Ok(())
@@ -140,13 +152,16 @@ pub(crate) fn entries(
     binding: &ChannelBinding,
     hops: BindingHops,
 ) -> Result<(ChannelKey, ToPeer, PeerKey, ToClient), FastPathError> {
-    let flags = if hops.hairpin {
-        FLAG_ENABLED | FLAG_HAIRPIN
-    } else {
-        FLAG_ENABLED
-    };
     supported(binding)?;
     let family = family(binding.client.ip());
+    let peer_family = self::family(binding.peer.ip());
+    let mut flags = FLAG_ENABLED;
+    if hops.hairpin {
+        flags |= FLAG_HAIRPIN;
+    }
+    if family != peer_family {
+        flags |= FLAG_TRANSLATE;
+    }
     let channel_key = ChannelKey {
         client_ip: field(binding.client.ip()),
         listener_ip: field(binding.listener.ip()),
@@ -172,7 +187,7 @@ pub(crate) fn entries(
         relayed_ip: field(binding.relayed.ip()),
         peer_port: port_field(binding.peer.port()),
         relayed_port: port_field(binding.relayed.port()),
-        family,
+        family: peer_family,
         reserved: [0; 3],
     };
     let to_client = ToClient {
@@ -253,11 +268,20 @@ mod tests {
 
     #[test]
     fn mixed_families_and_bad_channels_are_refused() {
-        assert!(entries(
+        // An IPv4 client relaying to IPv6 (IPv6 relayed address): translated in the kernel.
+        let (key, to_peer, peer_key, to_client) = entries(
             &binding("198.18.1.2:40000", "[2001:2:0:2::2]:9"),
-            BindingHops::default()
+            BindingHops::default(),
         )
-        .is_err());
+        .unwrap();
+        assert_eq!(key.family, FAMILY_IPV4);
+        assert_eq!(peer_key.family, FAMILY_IPV6);
+        assert_ne!(to_peer.flags & FLAG_TRANSLATE, 0);
+        assert_ne!(to_client.flags & FLAG_TRANSLATE, 0);
+        // A relayed address of one family and a peer of the other: never.
+        let mut mixed = binding("198.18.1.2:40000", "198.18.2.2:9");
+        mixed.peer = "[2001:2:0:2::2]:9".parse().unwrap();
+        assert!(entries(&mixed, BindingHops::default()).is_err());
         let mut bad = binding("198.18.1.2:40000", "198.18.2.2:9");
         bad.channel = 0x8000;
         assert!(entries(&bad, BindingHops::default()).is_err());

@@ -15,9 +15,9 @@ use aya::{
 use relay_common::{
     allocation_counter_bytes, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
     Reason, ToClient, ToPeer, ToRelay, ALLOCATION_COUNTERS_MAP, CHANNELS_MAP,
-    CHANNEL_BINDING_BYTES, CLIENTS_MAP, EGRESS_DEVICES_MAP, LISTENER_PORTS_MAP,
-    MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES, PEERS_MAP,
-    PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, PERMISSIONS_MAP, POLICY_ALLOW, POLICY_DENY,
+    CHANNEL_BINDING_BYTES, CLIENTS_MAP, EGRESS_DEVICES_MAP, FAMILY_IPV4, FAMILY_IPV6,
+    LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES,
+    PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, PERMISSIONS_MAP, POLICY_ALLOW, POLICY_DENY,
     POLICY_GENERATION_MAP, TC_PROGRAM, VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
 };
 
@@ -101,6 +101,11 @@ pub enum FastPathError {
     MissingProgram(&'static str),
     #[error("program `{name}` has an unexpected type: {source}")]
     ProgramType {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("cannot read the kernel's information on program `{name}`: {source}")]
+    ProgramInfo {
         name: &'static str,
         source: ProgramError,
     },
@@ -520,10 +525,25 @@ impl FastPath {
     ) -> Result<(), FastPathError> {
         if !permission.supported() {
             return Err(FastPathError::Unsupported(
-                "client, listener, relayed and peer addresses must share one family",
+                "client and listener, relayed address and peer must each share a family",
             ));
         }
-        let (client_key, to_relay) = permission.client_entry();
+        let (client_key, mut to_relay) = permission.client_entry();
+        // A dual allocation (RFC 8656 §7.2) has a relayed address of each family: keep the
+        // other family's from its permissions already installed.
+        {
+            let clients: HashMap<&mut aya::maps::MapData, ClientKey, ToRelay> =
+                typed_map(&mut self.ebpf, CLIENTS_MAP)?;
+            if let Ok(existing) = clients.get(&client_key, 0) {
+                for family in [FAMILY_IPV4, FAMILY_IPV6] {
+                    if to_relay.relayed(family).is_none() {
+                        if let Some((ip, port)) = existing.relayed(family) {
+                            to_relay.set_relayed(family, *ip, port);
+                        }
+                    }
+                }
+            }
+        }
         let value = Permission {
             expires_at_ns: monotonic_ns(permission.expires_at),
             ..permission.value(hops)
@@ -628,6 +648,25 @@ impl FastPath {
         counters
             .set(slot, zero, 0)
             .map_err(map_error(ALLOCATION_COUNTERS_MAP))
+    }
+
+    /// Instructions the verifier processed for each forwarding program (its budget is one
+    /// million per program): how close the programs are to what the kernel accepts. `None`
+    /// where the kernel does not report it (before 5.16).
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, Option<u32>)>, FastPathError> {
+        [XDP_PROGRAM, TC_PROGRAM]
+            .into_iter()
+            .map(|name| {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(FastPathError::MissingProgram(name))?;
+                let info = program
+                    .info()
+                    .map_err(|source| FastPathError::ProgramInfo { name, source })?;
+                Ok((name, info.verified_instruction_count()))
+            })
+            .collect()
     }
 
     /// Verdict counters summed over all CPUs, in [`Reason`] order.
