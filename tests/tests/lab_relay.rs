@@ -1221,8 +1221,8 @@ fn indication_round_trips(client: &mut Client, peer: SocketAddr, count: usize, t
     echoed
 }
 
-/// A permission that expires takes Send and Data indications out of the kernel: nothing is
-/// forwarded past it, on either path (real traffic).
+/// A permission that expires, or an allocation deleted, takes Send and Data indications out of
+/// the kernel: nothing is forwarded past it, on either path (real traffic).
 #[test]
 fn expired_permissions_stop_kernel_indications() {
     require_root();
@@ -1272,5 +1272,32 @@ fn expired_permissions_stop_kernel_indications() {
         (a.kernel.to_peer_packets, a.socket.to_peer_packets),
         (20, 0),
         "nothing forwarded after expiry: {a:?}"
+    );
+
+    // Deleting an allocation takes its indications out of the kernel at once.
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut other = Client::with_socket(socket, server, REALM);
+    other.login("alice", "wonderland");
+    other.allocate();
+    assert_eq!(
+        other.request_error(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(echo.addr)]
+        ),
+        None
+    );
+    assert_eq!(indication_round_trips(&mut other, echo.addr, 5, "other"), 5);
+    other.delete();
+    let before = echo.received.load(Ordering::Relaxed);
+    assert_eq!(
+        indication_round_trips(&mut other, echo.addr, 5, "deleted"),
+        0
+    );
+    assert_eq!(
+        echo.received.load(Ordering::Relaxed),
+        before,
+        "nothing forwarded after the delete"
     );
 }
