@@ -11,15 +11,13 @@ use std::{
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::SeedableRng;
-use relay::{
-    net::batch::Transmit,
-    proto::{
-        auth::{Credentials, LongTermKey},
-        channel_data::ChannelData,
-        policy::PeerPolicy,
-        server::{AllocationId, Command, Server, ServerConfig},
-        stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId},
-    },
+use relay::net::batch::Transmit;
+use relay_proto::{
+    auth::{Credentials, LongTermKey},
+    channel_data::ChannelData,
+    policy::PeerPolicy,
+    server::{AllocationId, Command, Server, ServerConfig},
+    stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId},
 };
 
 const REALM: &str = "bench";

@@ -24,12 +24,12 @@ use crate::{
     control,
     fastpath::{AttachMode, FastPath, MapCapacity},
     net,
-    proto::{
-        auth::Credentials,
-        channel_data::LEGACY_CHANNEL_RANGE,
-        policy::PeerPolicy,
-        server::{LiveRelayed, QuotaLedger, Server, ServerConfig},
-    },
+};
+use relay_proto::{
+    auth::Credentials,
+    channel_data::LEGACY_CHANNEL_RANGE,
+    policy::PeerPolicy,
+    server::{LiveRelayed, QuotaLedger, Server, ServerConfig},
 };
 
 use self::{

@@ -29,8 +29,8 @@ use crate::{
         self,
         batch::{self, Datagrams, Receiver, Transmit},
     },
-    proto::server::{AllocationId, Command, Server},
 };
+use relay_proto::server::{AllocationId, Command, Server};
 
 /// Events already queued are handled together before commands are flushed.
 const MAX_EVENTS_PER_WAKE: usize = 256;

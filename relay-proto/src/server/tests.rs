@@ -19,10 +19,10 @@ use rand::SeedableRng;
 use sha1::Sha1;
 
 use super::{AllocationId, Command, Server, ServerConfig, CHANNEL_COOLDOWN, MAX_BIND_ATTEMPTS};
-use crate::proto::auth::{Credentials, LongTermKey};
-use crate::proto::channel_data::ChannelData;
-use crate::proto::policy::PeerPolicy;
-use crate::proto::stun::{
+use crate::auth::{Credentials, LongTermKey};
+use crate::channel_data::ChannelData;
+use crate::policy::PeerPolicy;
+use crate::stun::{
     attr_type, AddressFamily, Attribute, Class, ErrorCode, Integrity, Message, MessageBuilder,
     Method, TransactionId, MAGIC_COOKIE,
 };
@@ -2109,9 +2109,7 @@ fn malformed_attributes_are_400() {
 
     let raw = |tid: TransactionId, method: Method, body: &[u8]| -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(
-            &crate::proto::stun::message_type(Class::Request, method).to_be_bytes(),
-        );
+        out.extend_from_slice(&crate::stun::message_type(Class::Request, method).to_be_bytes());
         out.extend_from_slice(&u16::try_from(body.len()).expect("short").to_be_bytes());
         out.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
         out.extend_from_slice(&tid.0);

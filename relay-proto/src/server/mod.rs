@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore};
 
-use crate::proto::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
-use crate::proto::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
+use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
 
-use crate::proto::policy::PeerPolicy;
-use crate::proto::stun::{
+use crate::policy::PeerPolicy;
+use crate::stun::{
     attr_type, AddressFamily, Attribute, Class, DecodeError, ErrorCode, Integrity, Message,
     MessageBuilder, Method, TransactionId,
 };

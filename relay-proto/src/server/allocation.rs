@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::{same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
-use crate::proto::stun::{AddressFamily, TransactionId};
+use crate::stun::{AddressFamily, TransactionId};
 
 /// An Allocate waiting for its relay socket.
 #[derive(Debug)]
