@@ -25,8 +25,8 @@ use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
 
 use crate::policy::PeerPolicy;
 use crate::stun::{
-    attr_type, AddressFamily, Attribute, Class, DecodeError, ErrorCode, Integrity, Message,
-    MessageBuilder, Method, TransactionId,
+    attr_type, AddressFamily, Attribute, Class, DecodeError, Integrity, Message, MessageBuilder,
+    Method, StunErrorCode, TransactionId,
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
@@ -302,24 +302,6 @@ pub struct Server {
     commands: VecDeque<Command>,
 }
 
-fn reason(code: u16) -> &'static str {
-    match code {
-        400 => "Bad Request",
-        401 => "Unauthenticated",
-        403 => "Forbidden",
-        420 => "Unknown Attribute",
-        437 => "Allocation Mismatch",
-        438 => "Stale Nonce",
-        440 => "Address Family not Supported",
-        441 => "Wrong Credentials",
-        442 => "Unsupported Transport Protocol",
-        443 => "Peer Address Family Mismatch",
-        486 => "Allocation Quota Reached",
-        508 => "Insufficient Capacity",
-        _ => "Server Error",
-    }
-}
-
 fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
@@ -576,7 +558,7 @@ impl Server {
             }
         }
         if let AllocState::Pending(pending) = &mut alloc.state {
-            pending.family_error = Some((AddressFamily::V6, 508));
+            pending.family_error = Some((AddressFamily::V6, StunErrorCode::InsufficientCapacity));
         }
         self.activate(id, now);
     }
@@ -607,10 +589,7 @@ impl Server {
         if let Some((family, code)) = pending.family_error {
             attrs.push(Attribute::AddressErrorCode {
                 family,
-                error: ErrorCode {
-                    code,
-                    reason: reason(code),
-                },
+                error: code.into(),
             });
         }
         let payload = self.build(&ctx, Class::Success, &attrs);
@@ -680,7 +659,7 @@ impl Server {
                     _ => return,
                 };
                 self.forget_allocation(id);
-                self.respond_error(&ctx, 508, &[]);
+                self.respond_error(&ctx, StunErrorCode::InsufficientCapacity, &[]);
             }
         }
     }
@@ -816,7 +795,7 @@ impl Server {
                         fingerprint: false,
                         auth: None,
                     };
-                    self.respond_error(&ctx, 400, &[]);
+                    self.respond_error(&ctx, StunErrorCode::BadRequest, &[]);
                 }
                 return;
             }
@@ -865,7 +844,7 @@ impl Server {
         {
             // Unknown (or indication-only) method as a request: 400.
             if self.limiter.allow(client.ip(), now) {
-                self.respond_error(&ctx, 400, &[]);
+                self.respond_error(&ctx, StunErrorCode::BadRequest, &[]);
             }
             return;
         }
@@ -878,7 +857,7 @@ impl Server {
         let unknown = msg.unknown_comprehension_required();
         if !unknown.is_empty() {
             let list = Attribute::UnknownAttributes(unknown.to_vec());
-            self.respond_error(&ctx, 420, &[list]);
+            self.respond_error(&ctx, StunErrorCode::UnknownAttribute, &[list]);
             return;
         }
         match method {
@@ -897,7 +876,7 @@ impl Server {
         let unknown = msg.unknown_comprehension_required();
         if !unknown.is_empty() {
             let list = Attribute::UnknownAttributes(unknown.to_vec());
-            self.respond_error(ctx, 420, &[list]);
+            self.respond_error(ctx, StunErrorCode::UnknownAttribute, &[list]);
             return;
         }
         let mut reply = ctx.clone();
@@ -923,7 +902,7 @@ impl Server {
             (msg.username(), msg.realm(), msg.nonce())
         else {
             if self.limiter.allow(ctx.client.ip(), now) {
-                self.respond_error(ctx, 400, &[]);
+                self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
             }
             return None;
         };
@@ -961,7 +940,7 @@ impl Server {
                 let realm = self.config.realm.clone();
                 self.respond_error(
                     &signed,
-                    438,
+                    StunErrorCode::StaleNonce,
                     &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
                 );
                 None
@@ -974,7 +953,7 @@ impl Server {
         let realm = self.config.realm.clone();
         self.respond_error(
             ctx,
-            401,
+            StunErrorCode::Unauthenticated,
             &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
         );
     }
@@ -1011,7 +990,7 @@ impl Server {
                 // While the socket is being bound the response is still to come.
                 return;
             }
-            self.respond_error(ctx, 437, &[]);
+            self.respond_error(ctx, StunErrorCode::AllocationMismatch, &[]);
             return;
         }
         // Step 3: REQUESTED-TRANSPORT.
@@ -1020,16 +999,18 @@ impl Server {
             _ => None,
         });
         match transport {
-            None => return self.respond_error(ctx, 400, &[]),
+            None => return self.respond_error(ctx, StunErrorCode::BadRequest, &[]),
             Some(PROTOCOL_UDP) => {}
-            Some(_) => return self.respond_error(ctx, 442, &[]),
+            Some(_) => {
+                return self.respond_error(ctx, StunErrorCode::UnsupportedTransportProtocol, &[])
+            }
         }
         // Step 4: this server does not set DF on what it relays (neither the socket path nor
         // the kernel path), so DONT-FRAGMENT is treated as an unknown comprehension-required
         // attribute: 420 listing it, and the client may retry without it.
         if msg.has(attr_type::DONT_FRAGMENT) {
             let list = Attribute::UnknownAttributes(vec![attr_type::DONT_FRAGMENT]);
-            return self.respond_error(ctx, 420, &[list]);
+            return self.respond_error(ctx, StunErrorCode::UnknownAttribute, &[list]);
         }
         let requested_family = msg.attributes().iter().find_map(|a| match a {
             Attribute::RequestedAddressFamily(f) => Some(*f),
@@ -1048,19 +1029,19 @@ impl Server {
         if token
             && (requested_family.is_some() || additional_family.is_some() || even_port.is_some())
         {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         if requested_family.is_some() && additional_family.is_some() {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         if matches!(additional_family, Some(f) if f != AddressFamily::V6) {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         // RESERVATION-TOKEN: this server never hands out reservations, so every token is
         // unknown → 508 as §7.2 prescribes for an invalid token. EVEN-PORT with R=1 would need
         // one too → 508.
         if token || even_port == Some(true) {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
         // client's own family: RFC 6156 relays between families) needs a relay IP of that
@@ -1071,7 +1052,7 @@ impl Server {
             Some(AddressFamily::Other(_)) => None,
         };
         let Some(relay_ip) = relay_ip else {
-            return self.respond_error(ctx, 440, &[]);
+            return self.respond_error(ctx, StunErrorCode::AddressFamilyNotSupported, &[]);
         };
         // Step 6, dual allocation: ADDITIONAL-ADDRESS-FAMILY (IPv6) adds an IPv6 relayed
         // address to the IPv4 one. Without an IPv6 relay IP the IPv4 allocation is still made
@@ -1080,7 +1061,10 @@ impl Server {
             None => (None, None),
             Some(_) => match self.relay_v6 {
                 Some(ip) => (Some(ip), None),
-                None => (None, Some((AddressFamily::V6, 440))),
+                None => (
+                    None,
+                    Some((AddressFamily::V6, StunErrorCode::AddressFamilyNotSupported)),
+                ),
             },
         };
         // Step 8: quotas.
@@ -1091,12 +1075,16 @@ impl Server {
         );
         match quota {
             Ok(()) => {}
-            Err(QuotaError::User) => return self.respond_error(ctx, 486, &[]),
-            Err(QuotaError::Total) => return self.respond_error(ctx, 508, &[]),
+            Err(QuotaError::User) => {
+                return self.respond_error(ctx, StunErrorCode::AllocationQuotaReached, &[])
+            }
+            Err(QuotaError::Total) => {
+                return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[])
+            }
         }
         let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some(), &[]) else {
             self.config.quota.release(&auth.username);
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         };
         let lifetime = self.desired_lifetime(msg.lifetime());
         let id = AllocationId(self.next_id);
@@ -1145,7 +1133,7 @@ impl Server {
                     .is_some_and(|a| matches!(a.state, AllocState::Active))
             });
         let Some(id) = id else {
-            self.respond_error(ctx, 437, &[]);
+            self.respond_error(ctx, StunErrorCode::AllocationMismatch, &[]);
             return None;
         };
         let same_user = match (&ctx.auth, self.allocations.get(&id)) {
@@ -1153,7 +1141,7 @@ impl Server {
             _ => false,
         };
         if !same_user {
-            self.respond_error(ctx, 441, &[]);
+            self.respond_error(ctx, StunErrorCode::WrongCredentials, &[]);
             return None;
         }
         Some(id)
@@ -1179,7 +1167,7 @@ impl Server {
         // allocation has one lifetime, so naming either of its families refreshes (or, with
         // LIFETIME 0, deletes) all of it.
         if matches!(requested_family, Some(f) if !families.contains(&f)) {
-            return self.respond_error(ctx, 443, &[]);
+            return self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
         }
         let lifetime = if msg.lifetime() == Some(0) {
             self.remove_allocation(id);
@@ -1204,16 +1192,16 @@ impl Server {
     /// fails.
     fn check_peers(&mut self, ctx: &Ctx, relayed: &[SocketAddr], peers: &[SocketAddr]) -> bool {
         if peers.is_empty() {
-            self.respond_error(ctx, 400, &[]);
+            self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
             return false;
         }
         let has_family = |p: &SocketAddr| relayed.iter().any(|r| same_family(p.ip(), r.ip()));
         if !peers.iter().all(has_family) {
-            self.respond_error(ctx, 443, &[]);
+            self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
             return false;
         }
         if peers.iter().any(|p| !self.peer_allowed(p.ip())) {
-            self.respond_error(ctx, 403, &[]);
+            self.respond_error(ctx, StunErrorCode::Forbidden, &[]);
             return false;
         }
         true
@@ -1244,7 +1232,7 @@ impl Server {
         new_ips.sort_unstable();
         new_ips.dedup();
         if alloc.permissions.len() + new_ips.len() > cap {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         for peer in &peers {
             alloc.install_permission(peer.ip(), now + lifetime, &mut self.commands);
@@ -1264,11 +1252,11 @@ impl Server {
             .channel_number()
             .filter(|n| self.config.channel_range.contains(n))
         else {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         };
         let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
         if peers.len() > 1 {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         if !self.check_peers(ctx, &relayed, &peers) {
             return;
@@ -1278,12 +1266,12 @@ impl Server {
         };
         // A channel carries datagrams to one transport address (RFC 8656 §12): port 0 is none.
         if peer.port() == 0 {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         // A channel names a transport address: on a relay IP only a live allocation's relayed
         // port is one (client-to-client); any other port would be a service on the host.
         if !self.peer_reachable(peer) {
-            return self.respond_error(ctx, 403, &[]);
+            return self.respond_error(ctx, StunErrorCode::Forbidden, &[]);
         }
         let cap = self.config.max_permissions_per_allocation;
         let channel_cap = self.config.max_channels_per_allocation;
@@ -1298,15 +1286,15 @@ impl Server {
         if alloc.channels.get(&number).is_some_and(|c| c.peer != peer)
             || alloc.peer_channels.get(&peer).is_some_and(|n| *n != number)
         {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         if !alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= cap {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         // Channels (bound or reserved) are capped so one client cannot fill the kernel's
         // shared channel table.
         if !alloc.channels.contains_key(&number) && alloc.channels.len() >= channel_cap {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         let expires_at = now + channel_lifetime;
         alloc.channels.insert(
@@ -1389,12 +1377,9 @@ impl Server {
         });
     }
 
-    fn respond_error(&mut self, ctx: &Ctx, code: u16, extra: &[Attribute<'_>]) {
+    fn respond_error(&mut self, ctx: &Ctx, code: StunErrorCode, extra: &[Attribute<'_>]) {
         let mut attrs = Vec::with_capacity(extra.len() + 1);
-        attrs.push(Attribute::ErrorCode(ErrorCode {
-            code,
-            reason: reason(code),
-        }));
+        attrs.push(Attribute::ErrorCode(code.into()));
         attrs.extend_from_slice(extra);
         self.respond(ctx, Class::Error, &attrs);
     }
