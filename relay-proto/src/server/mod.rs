@@ -17,8 +17,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, RngCore};
+use rand::{CryptoRng, Rng, RngCore};
 
 use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
 use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
@@ -284,12 +283,16 @@ struct Auth {
 }
 
 /// The TURN server state machine.
+///
+/// `R` is the injected randomness (the daemon passes an entropy-seeded `StdRng`, tests a seeded
+/// one). It must be a CSPRNG: it keys the nonces' HMAC and picks relayed ports and Data
+/// indication transaction ids, all of which an attacker must not predict.
 #[derive(Debug)]
-pub struct Server {
+pub struct Server<R> {
     config: ServerConfig,
     relay_v4: Option<IpAddr>,
     relay_v6: Option<IpAddr>,
-    rng: StdRng,
+    rng: R,
     unix_now: u64,
     nonces: NonceIssuer,
     limiter: RateLimiter,
@@ -306,10 +309,10 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
-impl Server {
+impl<R: RngCore + CryptoRng> Server<R> {
     /// Creates the server; `now` is the epoch of its nonces, `unix_now` the wall clock for
     /// REST credential expiry.
-    pub fn new(config: ServerConfig, mut rng: StdRng, now: Instant, unix_now: u64) -> Self {
+    pub fn new(config: ServerConfig, mut rng: R, now: Instant, unix_now: u64) -> Self {
         let relay_v4 = config.relay_ips.iter().copied().find(IpAddr::is_ipv4);
         let relay_v6 = config.relay_ips.iter().copied().find(IpAddr::is_ipv6);
         let mut secret = [0u8; 32];

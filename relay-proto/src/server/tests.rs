@@ -85,7 +85,7 @@ fn base_config() -> ServerConfig {
 
 /// The server plus the simulated clock.
 struct Harness {
-    server: Server,
+    server: Server<StdRng>,
     now: Instant,
     /// The fast path's permission commands, kept apart so the other tests see the commands
     /// they are about (`permission_commands_follow_the_permissions` checks these).
