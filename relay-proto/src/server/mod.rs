@@ -29,7 +29,7 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
-pub use quota::{QuotaError, QuotaLedger};
+pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
 
 /// IANA protocol number of UDP, the only REQUESTED-TRANSPORT supported (RFC 8656 §7.2).
@@ -78,8 +78,9 @@ pub struct ServerConfig {
     pub max_channels_per_allocation: usize,
     /// Unauthenticated requests per source IP: (burst, per second).
     pub unauthenticated_rate: (u32, u32),
-    /// Allocation counts shared with the other workers' servers (caps are relay-wide).
-    pub quota: Arc<QuotaLedger>,
+    /// Allocation counts shared with the other workers' servers (caps are relay-wide); the core
+    /// only takes and gives back through the trait.
+    pub quota: Arc<dyn AllocationQuota>,
     /// Id of the first allocation; with `allocation_id_stride` this keeps ids unique across
     /// workers (worker i of n: first i + 1, stride n).
     pub first_allocation_id: u64,

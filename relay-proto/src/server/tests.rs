@@ -18,7 +18,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use sha1::Sha1;
 
-use super::{AllocationId, Command, Server, ServerConfig, CHANNEL_COOLDOWN, MAX_BIND_ATTEMPTS};
+use std::sync::Arc;
+
+use super::{
+    AllocationId, AllocationQuota, Command, QuotaLedger, Server, ServerConfig, CHANNEL_COOLDOWN,
+    MAX_BIND_ATTEMPTS,
+};
 use crate::auth::{Credentials, LongTermKey};
 use crate::channel_data::ChannelData;
 use crate::policy::PeerPolicy;
@@ -86,6 +91,8 @@ fn base_config() -> ServerConfig {
 /// The server plus the simulated clock.
 struct Harness {
     server: Server<StdRng>,
+    /// The allocation counts the server takes from, read by the quota tests.
+    quota: Arc<QuotaLedger>,
     now: Instant,
     /// The fast path's permission commands, kept apart so the other tests see the commands
     /// they are about (`permission_commands_follow_the_permissions` checks these).
@@ -103,11 +110,14 @@ impl Harness {
 
     fn with_seed(seed: u64, tweak: impl FnOnce(&mut ServerConfig)) -> Self {
         let mut config = base_config();
+        let quota = Arc::new(QuotaLedger::default());
+        config.quota = Arc::clone(&quota) as Arc<dyn AllocationQuota>;
         tweak(&mut config);
         let now = Instant::now();
         let server = Server::new(config, StdRng::seed_from_u64(seed), now, UNIX_NOW);
         Self {
             server,
+            quota,
             now,
             permissions: Vec::new(),
         }
@@ -2716,7 +2726,7 @@ fn cross_family_without_a_relay_ip_is_440() {
     let reply = h.request(&mut c, Method::ALLOCATE, &DUAL);
     expect_signed_error(&reply, Method::ALLOCATE, 440, &c);
     assert!(h.server.allocations().next().is_none());
-    assert_eq!(h.server.config.quota.total(), 0, "refusals hold no quota");
+    assert_eq!(h.quota.total(), 0, "refusals hold no quota");
 }
 
 /// RFC 8656 §7.2 step 6: REQUESTED-ADDRESS-FAMILY together with ADDITIONAL-ADDRESS-FAMILY is
@@ -2756,7 +2766,7 @@ fn dual_allocation_relays_per_family() {
     let mut h = Harness::with_config(dual_stack);
     let mut c = Client::new("192.0.2.10:50000", ALICE);
     let (id, v4, v6) = h.allocate_dual(&mut c);
-    assert_eq!(h.server.config.quota.of_user(ALICE.0), 1);
+    assert_eq!(h.quota.of_user(ALICE.0), 1);
     let info = h.server.allocations().next().expect("allocation");
     assert_eq!(
         (info.id, info.relayed, info.additional_relayed),
@@ -2844,7 +2854,7 @@ fn dual_allocation_relays_per_family() {
         ]
     );
     assert!(h.server.allocations().next().is_none());
-    assert_eq!(h.server.config.quota.of_user(ALICE.0), 0);
+    assert_eq!(h.quota.of_user(ALICE.0), 0);
     assert!(
         !h.server.config.live_relayed.contains(v4) && !h.server.config.live_relayed.contains(v6)
     );
@@ -2969,7 +2979,7 @@ fn dual_allocation_retransmission() {
     let first = one_reply(h.drain(), &c, tid);
     let again = h.transact(&c, &bytes, tid);
     assert_eq!(first, again);
-    assert_eq!(h.server.config.quota.of_user(ALICE.0), 1);
+    assert_eq!(h.quota.of_user(ALICE.0), 1);
 }
 
 /// EVEN-PORT (R=0) on a dual allocation: both relayed ports are even.
