@@ -7,6 +7,7 @@
 mod allocation;
 mod quota;
 mod relayed;
+mod request;
 #[cfg(test)]
 mod tests;
 
@@ -24,16 +25,18 @@ use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
 
 use crate::policy::PeerPolicy;
 use crate::stun::{
-    attr_type, AddressFamily, Attribute, Class, DecodeError, Integrity, Message, MessageBuilder,
-    Method, StunErrorCode, TransactionId,
+    AddressFamily, Attribute, Class, DecodeError, Integrity, Message, MessageBuilder, Method,
+    StunErrorCode, TransactionId,
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
+use request::{
+    AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
+    SendIndication,
+};
 
-/// IANA protocol number of UDP, the only REQUESTED-TRANSPORT supported (RFC 8656 §7.2).
-const PROTOCOL_UDP: u8 = 17;
 /// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 /// Relay sockets asked for per Allocate before giving up with 508.
@@ -811,7 +814,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
         match msg.class() {
             Class::Request => self.handle_request(&msg, client, listener, now),
             Class::Indication if msg.method() == Method::SEND => {
-                self.handle_send(&msg, client, listener, now)
+                if let Some(send) = SendIndication::decode(&msg) {
+                    self.handle_send(send, client, listener, now);
+                }
             }
             // Other indications and all responses are dropped (RFC 8489 §6.3.2, §6.3.3).
             _ => {}
@@ -864,11 +869,18 @@ impl<R: RngCore + CryptoRng> Server<R> {
             self.respond_error(&ctx, StunErrorCode::UnknownAttribute, &[list]);
             return;
         }
+        // Each request is decoded once here; a handler answers a decoding error only after the
+        // checks the RFC puts first (the 5-tuple's allocation: 437, 441).
         match method {
-            Method::ALLOCATE => self.handle_allocate(msg, &ctx, now),
-            Method::REFRESH => self.handle_refresh(msg, &ctx, now),
-            Method::CREATE_PERMISSION => self.handle_create_permission(msg, &ctx, now),
-            _ => self.handle_channel_bind(msg, &ctx, now),
+            Method::ALLOCATE => self.handle_allocate(AllocateRequest::decode(msg), &ctx, now),
+            Method::REFRESH => self.handle_refresh(RefreshRequest::decode(msg), &ctx, now),
+            Method::CREATE_PERMISSION => {
+                self.handle_create_permission(CreatePermissionRequest::decode(msg), &ctx, now)
+            }
+            _ => {
+                let request = ChannelBindRequest::decode(msg, &self.config.channel_range);
+                self.handle_channel_bind(request, &ctx, now)
+            }
         }
     }
 
@@ -973,7 +985,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// Allocate (RFC 8656 §7.2).
-    fn handle_allocate(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_allocate(
+        &mut self,
+        request: Result<AllocateRequest, Rejection>,
+        ctx: &Ctx,
+        now: Instant,
+    ) {
         let Some(auth) = ctx.auth.clone() else {
             return;
         };
@@ -997,63 +1014,18 @@ impl<R: RngCore + CryptoRng> Server<R> {
             self.respond_error(ctx, StunErrorCode::AllocationMismatch, &[]);
             return;
         }
-        // Step 3: REQUESTED-TRANSPORT.
-        let transport = msg.attributes().iter().find_map(|a| match a {
-            Attribute::RequestedTransport(p) => Some(*p),
-            _ => None,
-        });
-        match transport {
-            None => return self.respond_error(ctx, StunErrorCode::BadRequest, &[]),
-            Some(PROTOCOL_UDP) => {}
-            Some(_) => {
-                return self.respond_error(ctx, StunErrorCode::UnsupportedTransportProtocol, &[])
-            }
-        }
-        // Step 4: this server does not set DF on what it relays (neither the socket path nor
-        // the kernel path), so DONT-FRAGMENT is treated as an unknown comprehension-required
-        // attribute: 420 listing it, and the client may retry without it.
-        if msg.has(attr_type::DONT_FRAGMENT) {
-            let list = Attribute::UnknownAttributes(vec![attr_type::DONT_FRAGMENT]);
-            return self.respond_error(ctx, StunErrorCode::UnknownAttribute, &[list]);
-        }
-        let requested_family = msg.attributes().iter().find_map(|a| match a {
-            Attribute::RequestedAddressFamily(f) => Some(*f),
-            _ => None,
-        });
-        let additional_family = msg.attributes().iter().find_map(|a| match a {
-            Attribute::AdditionalAddressFamily(f) => Some(*f),
-            _ => None,
-        });
-        let token = msg.has(attr_type::RESERVATION_TOKEN);
-        let even_port = msg.attributes().iter().find_map(|a| match a {
-            Attribute::EvenPort(r) => Some(*r),
-            _ => None,
-        });
-        // Steps 5 and 6: contradictory attribute combinations.
-        if token
-            && (requested_family.is_some() || additional_family.is_some() || even_port.is_some())
-        {
-            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
-        }
-        if requested_family.is_some() && additional_family.is_some() {
-            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
-        }
-        if matches!(additional_family, Some(f) if f != AddressFamily::V6) {
-            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
-        }
-        // RESERVATION-TOKEN: this server never hands out reservations, so every token is
-        // unknown → 508 as §7.2 prescribes for an invalid token. EVEN-PORT with R=1 would need
-        // one too → 508.
-        if token || even_port == Some(true) {
-            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
-        }
+        // Steps 3 to 6: the attributes.
+        let request = match request {
+            Ok(request) => request,
+            Err(rejection) => return self.reject(ctx, rejection),
+        };
         // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
         // client's own family: RFC 6156 relays between families) needs a relay IP of that
         // family, else 440.
-        let relay_ip = match requested_family {
-            None | Some(AddressFamily::V4) => self.relay_v4,
-            Some(AddressFamily::V6) => self.relay_v6,
-            Some(AddressFamily::Other(_)) => None,
+        let relay_ip = match request.family {
+            AddressFamily::V4 => self.relay_v4,
+            AddressFamily::V6 => self.relay_v6,
+            AddressFamily::Other(_) => None,
         };
         let Some(relay_ip) = relay_ip else {
             return self.respond_error(ctx, StunErrorCode::AddressFamilyNotSupported, &[]);
@@ -1061,15 +1033,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
         // Step 6, dual allocation: ADDITIONAL-ADDRESS-FAMILY (IPv6) adds an IPv6 relayed
         // address to the IPv4 one. Without an IPv6 relay IP the IPv4 allocation is still made
         // and the IPv6 part is refused with ADDRESS-ERROR-CODE 440.
-        let (additional_ip, family_error) = match additional_family {
-            None => (None, None),
-            Some(_) => match self.relay_v6 {
-                Some(ip) => (Some(ip), None),
-                None => (
-                    None,
-                    Some((AddressFamily::V6, StunErrorCode::AddressFamilyNotSupported)),
-                ),
-            },
+        let (additional_ip, family_error) = match (request.dual, self.relay_v6) {
+            (false, _) => (None, None),
+            (true, Some(ip)) => (Some(ip), None),
+            (true, None) => (
+                None,
+                Some((AddressFamily::V6, StunErrorCode::AddressFamilyNotSupported)),
+            ),
         };
         // Step 8: quotas.
         let quota = self.config.quota.try_acquire(
@@ -1086,11 +1056,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[])
             }
         }
-        let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some(), &[]) else {
+        let Some(relayed) = self.pick_relayed(relay_ip, request.even_port, &[]) else {
             self.config.quota.release(&auth.username);
             return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         };
-        let lifetime = self.desired_lifetime(msg.lifetime());
+        let lifetime = self.desired_lifetime(request.lifetime);
         let id = AllocationId(self.next_id);
         self.next_id += self.config.allocation_id_stride.max(1);
         let alloc = Allocation {
@@ -1106,7 +1076,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 ctx: ctx.clone(),
                 attempts: 0,
                 failed: Vec::new(),
-                even_port: even_port.is_some(),
+                even_port: request.even_port,
                 binding: Slot::Primary,
                 additional_ip,
                 family_error,
@@ -1152,7 +1122,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// Refresh (RFC 8656 §8).
-    fn handle_refresh(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_refresh(&mut self, request: RefreshRequest, ctx: &Ctx, now: Instant) {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
@@ -1163,21 +1133,17 @@ impl<R: RngCore + CryptoRng> Server<R> {
         }) else {
             return;
         };
-        let requested_family = msg.attributes().iter().find_map(|a| match a {
-            Attribute::RequestedAddressFamily(f) => Some(*f),
-            _ => None,
-        });
         // RFC 8656 §8: a family the allocation has no relayed address of → 443. A dual
         // allocation has one lifetime, so naming either of its families refreshes (or, with
         // LIFETIME 0, deletes) all of it.
-        if matches!(requested_family, Some(f) if !families.contains(&f)) {
+        if matches!(request.family, Some(f) if !families.contains(&f)) {
             return self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
         }
-        let lifetime = if msg.lifetime() == Some(0) {
+        let lifetime = if request.lifetime == Some(0) {
             self.remove_allocation(id);
             Duration::ZERO
         } else {
-            let lifetime = self.desired_lifetime(msg.lifetime());
+            let lifetime = self.desired_lifetime(request.lifetime);
             if let Some(alloc) = self.allocations.get_mut(&id) {
                 alloc.expires = now + lifetime;
                 // The kernel's deadlines include the allocation's: move them with it.
@@ -1190,15 +1156,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.respond(ctx, Class::Success, &[Attribute::Lifetime(secs)]);
     }
 
-    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind against the
-    /// allocation's relayed families (443, RFC 8656 §9, §12: each peer needs a relayed address
-    /// of its own family) and the peer policy (403); sends the error and returns false if one
-    /// fails.
+    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind (at least one, their
+    /// decoding saw to that) against the allocation's relayed families (443, RFC 8656 §9, §12:
+    /// each peer needs a relayed address of its own family) and the peer policy (403); sends
+    /// the error and returns false if one fails.
     fn check_peers(&mut self, ctx: &Ctx, relayed: &[SocketAddr], peers: &[SocketAddr]) -> bool {
-        if peers.is_empty() {
-            self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
-            return false;
-        }
         let has_family = |p: &SocketAddr| relayed.iter().any(|r| same_family(p.ip(), r.ip()));
         if !peers.iter().all(has_family) {
             self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
@@ -1212,14 +1174,22 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// CreatePermission (RFC 8656 §10.2): all peers or none.
-    fn handle_create_permission(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_create_permission(
+        &mut self,
+        request: Result<CreatePermissionRequest, Rejection>,
+        ctx: &Ctx,
+        now: Instant,
+    ) {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
         let Some(relayed) = self.relayed_of(id) else {
             return;
         };
-        let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
+        let peers = match request {
+            Ok(request) => request.peers,
+            Err(rejection) => return self.reject(ctx, rejection),
+        };
         if !self.check_peers(ctx, &relayed, &peers) {
             return;
         }
@@ -1245,29 +1215,28 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// ChannelBind (RFC 8656 §12.2).
-    fn handle_channel_bind(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_channel_bind(
+        &mut self,
+        request: Result<ChannelBindRequest, Rejection>,
+        ctx: &Ctx,
+        now: Instant,
+    ) {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
         let Some(relayed) = self.relayed_of(id) else {
             return;
         };
-        let Some(number) = msg
-            .channel_number()
-            .filter(|n| self.config.channel_range.contains(n))
-        else {
-            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
+        let ChannelBindRequest {
+            channel: number,
+            peer,
+        } = match request {
+            Ok(request) => request,
+            Err(rejection) => return self.reject(ctx, rejection),
         };
-        let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
-        if peers.len() > 1 {
-            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
-        }
-        if !self.check_peers(ctx, &relayed, &peers) {
+        if !self.check_peers(ctx, &relayed, &[peer]) {
             return;
         }
-        let Some(peer) = peers.first().copied() else {
-            return;
-        };
         // A channel carries datagrams to one transport address (RFC 8656 §12): port 0 is none.
         if peer.port() == 0 {
             return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
@@ -1319,18 +1288,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// Send indication (RFC 8656 §11.2): forwarded if there is a permission, else dropped.
     fn handle_send(
         &mut self,
-        msg: &Message<'_>,
+        send: SendIndication<'_>,
         client: SocketAddr,
         listener: SocketAddr,
         now: Instant,
     ) {
-        if !msg.unknown_comprehension_required().is_empty() {
-            return;
-        }
+        let SendIndication { peer, data } = send;
         let Some(alloc) = self.active_on(client, listener) else {
-            return;
-        };
-        let (Some(peer), Some(data)) = (msg.xor_peer_addresses().next(), msg.data()) else {
             return;
         };
         // Port 0 is no destination; the kernel would refuse the send anyway.
@@ -1379,6 +1343,16 @@ impl<R: RngCore + CryptoRng> Server<R> {
             client: ctx.client,
             payload,
         });
+    }
+
+    /// Answers a request whose decoding failed.
+    fn reject(&mut self, ctx: &Ctx, rejection: Rejection) {
+        if rejection.unknown.is_empty() {
+            self.respond_error(ctx, rejection.code, &[]);
+        } else {
+            let list = Attribute::UnknownAttributes(rejection.unknown);
+            self.respond_error(ctx, rejection.code, &[list]);
+        }
     }
 
     fn respond_error(&mut self, ctx: &Ctx, code: StunErrorCode, extra: &[Attribute<'_>]) {
