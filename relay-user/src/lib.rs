@@ -1,4 +1,5 @@
-//! The relay's userspace: sans-IO TURN core, daemon, kernel fast-path control plane.
+//! The relay's userspace: daemon, sockets, admin endpoint and kernel fast-path control plane
+//! around the sans-IO TURN core of `relay-proto`.
 
 pub mod cli;
 pub mod config;
