@@ -611,7 +611,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// The relay socket for `id` could not be bound: try another port, or answer 508 after
-    /// [`MAX_BIND_ATTEMPTS`] (for the IPv6 half of a dual allocation: the IPv4 address alone
+    /// `MAX_BIND_ATTEMPTS` (for the IPv6 half of a dual allocation: the IPv4 address alone
     /// with ADDRESS-ERROR-CODE 508).
     pub fn allocation_bind_failed(&mut self, id: AllocationId, now: Instant) {
         let Some(alloc) = self.allocations.get_mut(&id) else {
