@@ -10,16 +10,14 @@ use std::{
 };
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use rand::SeedableRng;
-use relay::{
-    net::batch::Transmit,
-    proto::{
-        auth::{Credentials, LongTermKey},
-        channel_data::ChannelData,
-        policy::PeerPolicy,
-        server::{AllocationId, Command, Server, ServerConfig},
-        stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId},
-    },
+use rand::{rngs::StdRng, SeedableRng};
+use relay::net::batch::Transmit;
+use relay_proto::{
+    auth::{Credentials, LongTermKey},
+    channel_data::ChannelData,
+    policy::PeerPolicy,
+    server::{AllocationId, Command, Server, ServerConfig},
+    stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId},
 };
 
 const REALM: &str = "bench";
@@ -31,7 +29,7 @@ fn addr(s: &str) -> SocketAddr {
 /// A server with one allocation and channel 0x4000 bound to a peer, driven through the real
 /// request sequence.
 struct Bound {
-    server: Server,
+    server: Server<StdRng>,
     client: SocketAddr,
     listener: SocketAddr,
     relayed: SocketAddr,
@@ -60,7 +58,7 @@ fn request(
     }
 }
 
-fn drain(server: &mut Server) -> Vec<Command> {
+fn drain(server: &mut Server<StdRng>) -> Vec<Command> {
     std::iter::from_fn(|| server.next_command()).collect()
 }
 
@@ -76,7 +74,7 @@ fn bound() -> Bound {
         policy,
     );
     let now = Instant::now();
-    let mut server = Server::new(config, rand::rngs::StdRng::seed_from_u64(7), now, 0);
+    let mut server = Server::new(config, StdRng::seed_from_u64(7), now, 0);
     let (client, listener, peer) = (
         addr("198.18.1.2:40000"),
         addr("198.18.1.1:3478"),
@@ -139,7 +137,7 @@ fn bound() -> Bound {
 }
 
 /// Moves the server's sends into a send queue, as the daemon's worker does.
-fn queue(server: &mut Server, outbox: &mut Vec<Transmit>) {
+fn queue(server: &mut Server<StdRng>, outbox: &mut Vec<Transmit>) {
     while let Some(command) = server.next_command() {
         match command {
             Command::SendToPeer { peer, payload, .. } => outbox.push(Transmit {

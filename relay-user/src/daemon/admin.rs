@@ -11,10 +11,8 @@ use super::{
     kernel_sync::KernelSync,
     worker::{lock, WorkerRequest, WorkerSnapshot},
 };
-use crate::{
-    control::{ask, AdminRequest, AllocationList},
-    proto::server::AllocationId,
-};
+use crate::control::{ask, AdminRequest, AllocationList};
+use relay_proto::server::AllocationId;
 
 /// Serves requests from the admin endpoint until it goes away.
 pub async fn route(

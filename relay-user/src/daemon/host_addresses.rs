@@ -12,10 +12,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{kernel_sync::KernelSync, worker::lock};
-use crate::{
-    fastpath::netlink::{Event, Monitor, Rtnl},
-    proto::policy::HostAddresses,
-};
+use crate::fastpath::netlink::{Event, Monitor, Rtnl};
+use relay_proto::policy::HostAddresses;
 
 /// How long one wait for netlink events lasts (also how quickly the thread sees a stop).
 const POLL: Duration = Duration::from_millis(500);

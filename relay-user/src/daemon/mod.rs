@@ -24,12 +24,12 @@ use crate::{
     control,
     fastpath::{AttachMode, FastPath, MapCapacity},
     net,
-    proto::{
-        auth::Credentials,
-        channel_data::LEGACY_CHANNEL_RANGE,
-        policy::PeerPolicy,
-        server::{LiveRelayed, QuotaLedger, Server, ServerConfig},
-    },
+};
+use relay_proto::{
+    auth::Credentials,
+    channel_data::LEGACY_CHANNEL_RANGE,
+    policy::PeerPolicy,
+    server::{AllocationQuota, LiveRelayed, QuotaLedger, Server, ServerConfig},
 };
 
 use self::{
@@ -139,7 +139,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         policy.host_addresses().clone(),
         stop_rx.clone(),
     );
-    let quota = Arc::new(QuotaLedger::default());
+    // One ledger for every worker: the caps are relay-wide.
+    let quota: Arc<dyn AllocationQuota> = Arc::new(QuotaLedger::default());
     let live_relayed = Arc::new(LiveRelayed::default());
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();

@@ -29,8 +29,9 @@ use crate::{
         self,
         batch::{self, Datagrams, Receiver, Transmit},
     },
-    proto::server::{AllocationId, Command, Server},
 };
+use rand::rngs::StdRng;
+use relay_proto::server::{AllocationId, Command, Server};
 
 /// Events already queued are handled together before commands are flushed.
 const MAX_EVENTS_PER_WAKE: usize = 256;
@@ -100,7 +101,7 @@ pub fn lock(kernel: &Mutex<KernelSync>) -> MutexGuard<'_, KernelSync> {
 }
 
 pub struct Worker {
-    server: Server,
+    server: Server<StdRng>,
     events: mpsc::Sender<Event>,
     listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
     readers: Vec<JoinHandle<()>>,
@@ -130,7 +131,7 @@ pub fn unix_now() -> u64 {
 
 impl Worker {
     pub fn new(
-        server: Server,
+        server: Server<StdRng>,
         events: mpsc::Sender<Event>,
         kernel: Arc<Mutex<KernelSync>>,
     ) -> Self {

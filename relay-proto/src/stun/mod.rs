@@ -8,12 +8,14 @@
 
 mod attributes;
 mod builder;
+mod error_code;
 mod message;
 #[cfg(test)]
 mod tests;
 
 pub use attributes::{attr_type, AddressFamily, Attribute, ErrorCode};
 pub use builder::{Integrity, MessageBuilder};
+pub use error_code::StunErrorCode;
 pub use message::{AttributeError, DecodeError, IntegrityError, Message};
 
 /// The fixed magic cookie of every RFC 5389/8489 message.

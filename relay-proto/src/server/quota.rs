@@ -1,8 +1,12 @@
 //! Allocation counts shared by every worker's [`super::Server`], so the per-user and total caps
 //! (RFC 8656 §7.2 step 8: 486, 508) hold for the whole relay, not per worker.
+//!
+//! This is the core's one shared effect. The core sees only [`AllocationQuota`], so how the
+//! counts are shared (the mutex of [`QuotaLedger`], or anything else) is the caller's choice.
 
 use std::{
     collections::HashMap,
+    fmt,
     sync::{Mutex, MutexGuard},
 };
 
@@ -15,13 +19,30 @@ pub enum QuotaError {
     Total,
 }
 
+/// Relay-wide allocation counts as the core uses them: take one before an allocation exists,
+/// give it back when the allocation is gone. `&self` because the counts are shared between
+/// servers; `Send + Sync` because each server runs on a worker thread of its own.
+pub trait AllocationQuota: fmt::Debug + Send + Sync {
+    /// Counts one more allocation for `user` unless a cap is reached.
+    fn try_acquire(
+        &self,
+        user: &str,
+        per_user_cap: usize,
+        total_cap: usize,
+    ) -> Result<(), QuotaError>;
+
+    /// Gives back one allocation of `user`.
+    fn release(&self, user: &str);
+}
+
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
     per_user: HashMap<String, usize>,
 }
 
-/// Live allocation counts; cheap to share behind an `Arc`.
+/// Live allocation counts behind one mutex (held for a map update only); cheap to share
+/// behind an `Arc`.
 #[derive(Debug, Default)]
 pub struct QuotaLedger {
     counts: Mutex<Counts>,
@@ -33,8 +54,19 @@ impl QuotaLedger {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one more allocation for `user` unless a cap is reached.
-    pub fn try_acquire(
+    /// Live allocations of `user`.
+    pub fn of_user(&self, user: &str) -> usize {
+        self.lock().per_user.get(user).copied().unwrap_or(0)
+    }
+
+    /// Live allocations in total.
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+}
+
+impl AllocationQuota for QuotaLedger {
+    fn try_acquire(
         &self,
         user: &str,
         per_user_cap: usize,
@@ -53,8 +85,7 @@ impl QuotaLedger {
         Ok(())
     }
 
-    /// Gives back one allocation of `user`.
-    pub fn release(&self, user: &str) {
+    fn release(&self, user: &str) {
         let mut counts = self.lock();
         counts.total = counts.total.saturating_sub(1);
         if let Some(n) = counts.per_user.get_mut(user) {
@@ -63,16 +94,6 @@ impl QuotaLedger {
                 counts.per_user.remove(user);
             }
         }
-    }
-
-    /// Live allocations of `user`.
-    pub fn of_user(&self, user: &str) -> usize {
-        self.lock().per_user.get(user).copied().unwrap_or(0)
-    }
-
-    /// Live allocations in total.
-    pub fn total(&self) -> usize {
-        self.lock().total
     }
 }
 

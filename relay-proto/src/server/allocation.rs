@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::{same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
-use crate::proto::stun::{AddressFamily, TransactionId};
+use crate::stun::{AddressFamily, StunErrorCode, TransactionId};
 
 /// An Allocate waiting for its relay socket.
 #[derive(Debug)]
@@ -24,7 +24,7 @@ pub(super) struct Pending {
     /// ADDITIONAL-ADDRESS-FAMILY), bound once the first one is.
     pub(super) additional_ip: Option<IpAddr>,
     /// ADDRESS-ERROR-CODE (family, code) to add for a refused ADDITIONAL-ADDRESS-FAMILY.
-    pub(super) family_error: Option<(AddressFamily, u16)>,
+    pub(super) family_error: Option<(AddressFamily, StunErrorCode)>,
 }
 
 /// One of the (at most two) relayed addresses of an allocation.

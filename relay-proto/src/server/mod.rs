@@ -7,6 +7,7 @@
 mod allocation;
 mod quota;
 mod relayed;
+mod request;
 #[cfg(test)]
 mod tests;
 
@@ -17,24 +18,25 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, RngCore};
+use rand::{CryptoRng, Rng, RngCore};
 
-use crate::proto::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
-use crate::proto::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
+use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
 
-use crate::proto::policy::PeerPolicy;
-use crate::proto::stun::{
-    attr_type, AddressFamily, Attribute, Class, DecodeError, ErrorCode, Integrity, Message,
-    MessageBuilder, Method, TransactionId,
+use crate::policy::PeerPolicy;
+use crate::stun::{
+    AddressFamily, Attribute, Class, DecodeError, Integrity, Message, MessageBuilder, Method,
+    StunErrorCode, TransactionId,
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
-pub use quota::{QuotaError, QuotaLedger};
+pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
+use request::{
+    AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
+    SendIndication,
+};
 
-/// IANA protocol number of UDP, the only REQUESTED-TRANSPORT supported (RFC 8656 §7.2).
-const PROTOCOL_UDP: u8 = 17;
 /// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 /// Relay sockets asked for per Allocate before giving up with 508.
@@ -79,8 +81,9 @@ pub struct ServerConfig {
     pub max_channels_per_allocation: usize,
     /// Unauthenticated requests per source IP: (burst, per second).
     pub unauthenticated_rate: (u32, u32),
-    /// Allocation counts shared with the other workers' servers (caps are relay-wide).
-    pub quota: Arc<QuotaLedger>,
+    /// Allocation counts shared with the other workers' servers (caps are relay-wide); the core
+    /// only takes and gives back through the trait.
+    pub quota: Arc<dyn AllocationQuota>,
     /// Id of the first allocation; with `allocation_id_stride` this keeps ids unique across
     /// workers (worker i of n: first i + 1, stride n).
     pub first_allocation_id: u64,
@@ -284,12 +287,16 @@ struct Auth {
 }
 
 /// The TURN server state machine.
+///
+/// `R` is the injected randomness (the daemon passes an entropy-seeded `StdRng`, tests a seeded
+/// one). It must be a CSPRNG: it keys the nonces' HMAC and picks relayed ports and Data
+/// indication transaction ids, all of which an attacker must not predict.
 #[derive(Debug)]
-pub struct Server {
+pub struct Server<R> {
     config: ServerConfig,
     relay_v4: Option<IpAddr>,
     relay_v6: Option<IpAddr>,
-    rng: StdRng,
+    rng: R,
     unix_now: u64,
     nonces: NonceIssuer,
     limiter: RateLimiter,
@@ -302,32 +309,14 @@ pub struct Server {
     commands: VecDeque<Command>,
 }
 
-fn reason(code: u16) -> &'static str {
-    match code {
-        400 => "Bad Request",
-        401 => "Unauthenticated",
-        403 => "Forbidden",
-        420 => "Unknown Attribute",
-        437 => "Allocation Mismatch",
-        438 => "Stale Nonce",
-        440 => "Address Family not Supported",
-        441 => "Wrong Credentials",
-        442 => "Unsupported Transport Protocol",
-        443 => "Peer Address Family Mismatch",
-        486 => "Allocation Quota Reached",
-        508 => "Insufficient Capacity",
-        _ => "Server Error",
-    }
-}
-
 fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
-impl Server {
+impl<R: RngCore + CryptoRng> Server<R> {
     /// Creates the server; `now` is the epoch of its nonces, `unix_now` the wall clock for
     /// REST credential expiry.
-    pub fn new(config: ServerConfig, mut rng: StdRng, now: Instant, unix_now: u64) -> Self {
+    pub fn new(config: ServerConfig, mut rng: R, now: Instant, unix_now: u64) -> Self {
         let relay_v4 = config.relay_ips.iter().copied().find(IpAddr::is_ipv4);
         let relay_v6 = config.relay_ips.iter().copied().find(IpAddr::is_ipv6);
         let mut secret = [0u8; 32];
@@ -576,7 +565,7 @@ impl Server {
             }
         }
         if let AllocState::Pending(pending) = &mut alloc.state {
-            pending.family_error = Some((AddressFamily::V6, 508));
+            pending.family_error = Some((AddressFamily::V6, StunErrorCode::InsufficientCapacity));
         }
         self.activate(id, now);
     }
@@ -607,10 +596,7 @@ impl Server {
         if let Some((family, code)) = pending.family_error {
             attrs.push(Attribute::AddressErrorCode {
                 family,
-                error: ErrorCode {
-                    code,
-                    reason: reason(code),
-                },
+                error: code.into(),
             });
         }
         let payload = self.build(&ctx, Class::Success, &attrs);
@@ -625,7 +611,7 @@ impl Server {
     }
 
     /// The relay socket for `id` could not be bound: try another port, or answer 508 after
-    /// [`MAX_BIND_ATTEMPTS`] (for the IPv6 half of a dual allocation: the IPv4 address alone
+    /// `MAX_BIND_ATTEMPTS` (for the IPv6 half of a dual allocation: the IPv4 address alone
     /// with ADDRESS-ERROR-CODE 508).
     pub fn allocation_bind_failed(&mut self, id: AllocationId, now: Instant) {
         let Some(alloc) = self.allocations.get_mut(&id) else {
@@ -680,7 +666,7 @@ impl Server {
                     _ => return,
                 };
                 self.forget_allocation(id);
-                self.respond_error(&ctx, 508, &[]);
+                self.respond_error(&ctx, StunErrorCode::InsufficientCapacity, &[]);
             }
         }
     }
@@ -816,7 +802,7 @@ impl Server {
                         fingerprint: false,
                         auth: None,
                     };
-                    self.respond_error(&ctx, 400, &[]);
+                    self.respond_error(&ctx, StunErrorCode::BadRequest, &[]);
                 }
                 return;
             }
@@ -828,7 +814,9 @@ impl Server {
         match msg.class() {
             Class::Request => self.handle_request(&msg, client, listener, now),
             Class::Indication if msg.method() == Method::SEND => {
-                self.handle_send(&msg, client, listener, now)
+                if let Some(send) = SendIndication::decode(&msg) {
+                    self.handle_send(send, client, listener, now);
+                }
             }
             // Other indications and all responses are dropped (RFC 8489 §6.3.2, §6.3.3).
             _ => {}
@@ -865,7 +853,7 @@ impl Server {
         {
             // Unknown (or indication-only) method as a request: 400.
             if self.limiter.allow(client.ip(), now) {
-                self.respond_error(&ctx, 400, &[]);
+                self.respond_error(&ctx, StunErrorCode::BadRequest, &[]);
             }
             return;
         }
@@ -878,14 +866,21 @@ impl Server {
         let unknown = msg.unknown_comprehension_required();
         if !unknown.is_empty() {
             let list = Attribute::UnknownAttributes(unknown.to_vec());
-            self.respond_error(&ctx, 420, &[list]);
+            self.respond_error(&ctx, StunErrorCode::UnknownAttribute, &[list]);
             return;
         }
+        // Each request is decoded once here; a handler answers a decoding error only after the
+        // checks the RFC puts first (the 5-tuple's allocation: 437, 441).
         match method {
-            Method::ALLOCATE => self.handle_allocate(msg, &ctx, now),
-            Method::REFRESH => self.handle_refresh(msg, &ctx, now),
-            Method::CREATE_PERMISSION => self.handle_create_permission(msg, &ctx, now),
-            _ => self.handle_channel_bind(msg, &ctx, now),
+            Method::ALLOCATE => self.handle_allocate(AllocateRequest::decode(msg), &ctx, now),
+            Method::REFRESH => self.handle_refresh(RefreshRequest::decode(msg), &ctx, now),
+            Method::CREATE_PERMISSION => {
+                self.handle_create_permission(CreatePermissionRequest::decode(msg), &ctx, now)
+            }
+            _ => {
+                let request = ChannelBindRequest::decode(msg, &self.config.channel_range);
+                self.handle_channel_bind(request, &ctx, now)
+            }
         }
     }
 
@@ -897,7 +892,7 @@ impl Server {
         let unknown = msg.unknown_comprehension_required();
         if !unknown.is_empty() {
             let list = Attribute::UnknownAttributes(unknown.to_vec());
-            self.respond_error(ctx, 420, &[list]);
+            self.respond_error(ctx, StunErrorCode::UnknownAttribute, &[list]);
             return;
         }
         let mut reply = ctx.clone();
@@ -923,7 +918,7 @@ impl Server {
             (msg.username(), msg.realm(), msg.nonce())
         else {
             if self.limiter.allow(ctx.client.ip(), now) {
-                self.respond_error(ctx, 400, &[]);
+                self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
             }
             return None;
         };
@@ -961,7 +956,7 @@ impl Server {
                 let realm = self.config.realm.clone();
                 self.respond_error(
                     &signed,
-                    438,
+                    StunErrorCode::StaleNonce,
                     &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
                 );
                 None
@@ -974,7 +969,7 @@ impl Server {
         let realm = self.config.realm.clone();
         self.respond_error(
             ctx,
-            401,
+            StunErrorCode::Unauthenticated,
             &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
         );
     }
@@ -990,7 +985,12 @@ impl Server {
     }
 
     /// Allocate (RFC 8656 §7.2).
-    fn handle_allocate(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_allocate(
+        &mut self,
+        request: Result<AllocateRequest, Rejection>,
+        ctx: &Ctx,
+        now: Instant,
+    ) {
         let Some(auth) = ctx.auth.clone() else {
             return;
         };
@@ -1011,77 +1011,35 @@ impl Server {
                 // While the socket is being bound the response is still to come.
                 return;
             }
-            self.respond_error(ctx, 437, &[]);
+            self.respond_error(ctx, StunErrorCode::AllocationMismatch, &[]);
             return;
         }
-        // Step 3: REQUESTED-TRANSPORT.
-        let transport = msg.attributes().iter().find_map(|a| match a {
-            Attribute::RequestedTransport(p) => Some(*p),
-            _ => None,
-        });
-        match transport {
-            None => return self.respond_error(ctx, 400, &[]),
-            Some(PROTOCOL_UDP) => {}
-            Some(_) => return self.respond_error(ctx, 442, &[]),
-        }
-        // Step 4: this server does not set DF on what it relays (neither the socket path nor
-        // the kernel path), so DONT-FRAGMENT is treated as an unknown comprehension-required
-        // attribute: 420 listing it, and the client may retry without it.
-        if msg.has(attr_type::DONT_FRAGMENT) {
-            let list = Attribute::UnknownAttributes(vec![attr_type::DONT_FRAGMENT]);
-            return self.respond_error(ctx, 420, &[list]);
-        }
-        let requested_family = msg.attributes().iter().find_map(|a| match a {
-            Attribute::RequestedAddressFamily(f) => Some(*f),
-            _ => None,
-        });
-        let additional_family = msg.attributes().iter().find_map(|a| match a {
-            Attribute::AdditionalAddressFamily(f) => Some(*f),
-            _ => None,
-        });
-        let token = msg.has(attr_type::RESERVATION_TOKEN);
-        let even_port = msg.attributes().iter().find_map(|a| match a {
-            Attribute::EvenPort(r) => Some(*r),
-            _ => None,
-        });
-        // Steps 5 and 6: contradictory attribute combinations.
-        if token
-            && (requested_family.is_some() || additional_family.is_some() || even_port.is_some())
-        {
-            return self.respond_error(ctx, 400, &[]);
-        }
-        if requested_family.is_some() && additional_family.is_some() {
-            return self.respond_error(ctx, 400, &[]);
-        }
-        if matches!(additional_family, Some(f) if f != AddressFamily::V6) {
-            return self.respond_error(ctx, 400, &[]);
-        }
-        // RESERVATION-TOKEN: this server never hands out reservations, so every token is
-        // unknown → 508 as §7.2 prescribes for an invalid token. EVEN-PORT with R=1 would need
-        // one too → 508.
-        if token || even_port == Some(true) {
-            return self.respond_error(ctx, 508, &[]);
-        }
+        // Steps 3 to 6: the attributes.
+        let request = match request {
+            Ok(request) => request,
+            Err(rejection) => return self.reject(ctx, rejection),
+        };
         // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
         // client's own family: RFC 6156 relays between families) needs a relay IP of that
         // family, else 440.
-        let relay_ip = match requested_family {
-            None | Some(AddressFamily::V4) => self.relay_v4,
-            Some(AddressFamily::V6) => self.relay_v6,
-            Some(AddressFamily::Other(_)) => None,
+        let relay_ip = match request.family {
+            AddressFamily::V4 => self.relay_v4,
+            AddressFamily::V6 => self.relay_v6,
+            AddressFamily::Other(_) => None,
         };
         let Some(relay_ip) = relay_ip else {
-            return self.respond_error(ctx, 440, &[]);
+            return self.respond_error(ctx, StunErrorCode::AddressFamilyNotSupported, &[]);
         };
         // Step 6, dual allocation: ADDITIONAL-ADDRESS-FAMILY (IPv6) adds an IPv6 relayed
         // address to the IPv4 one. Without an IPv6 relay IP the IPv4 allocation is still made
         // and the IPv6 part is refused with ADDRESS-ERROR-CODE 440.
-        let (additional_ip, family_error) = match additional_family {
-            None => (None, None),
-            Some(_) => match self.relay_v6 {
-                Some(ip) => (Some(ip), None),
-                None => (None, Some((AddressFamily::V6, 440))),
-            },
+        let (additional_ip, family_error) = match (request.dual, self.relay_v6) {
+            (false, _) => (None, None),
+            (true, Some(ip)) => (Some(ip), None),
+            (true, None) => (
+                None,
+                Some((AddressFamily::V6, StunErrorCode::AddressFamilyNotSupported)),
+            ),
         };
         // Step 8: quotas.
         let quota = self.config.quota.try_acquire(
@@ -1091,14 +1049,18 @@ impl Server {
         );
         match quota {
             Ok(()) => {}
-            Err(QuotaError::User) => return self.respond_error(ctx, 486, &[]),
-            Err(QuotaError::Total) => return self.respond_error(ctx, 508, &[]),
+            Err(QuotaError::User) => {
+                return self.respond_error(ctx, StunErrorCode::AllocationQuotaReached, &[])
+            }
+            Err(QuotaError::Total) => {
+                return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[])
+            }
         }
-        let Some(relayed) = self.pick_relayed(relay_ip, even_port.is_some(), &[]) else {
+        let Some(relayed) = self.pick_relayed(relay_ip, request.even_port, &[]) else {
             self.config.quota.release(&auth.username);
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         };
-        let lifetime = self.desired_lifetime(msg.lifetime());
+        let lifetime = self.desired_lifetime(request.lifetime);
         let id = AllocationId(self.next_id);
         self.next_id += self.config.allocation_id_stride.max(1);
         let alloc = Allocation {
@@ -1114,7 +1076,7 @@ impl Server {
                 ctx: ctx.clone(),
                 attempts: 0,
                 failed: Vec::new(),
-                even_port: even_port.is_some(),
+                even_port: request.even_port,
                 binding: Slot::Primary,
                 additional_ip,
                 family_error,
@@ -1145,7 +1107,7 @@ impl Server {
                     .is_some_and(|a| matches!(a.state, AllocState::Active))
             });
         let Some(id) = id else {
-            self.respond_error(ctx, 437, &[]);
+            self.respond_error(ctx, StunErrorCode::AllocationMismatch, &[]);
             return None;
         };
         let same_user = match (&ctx.auth, self.allocations.get(&id)) {
@@ -1153,14 +1115,14 @@ impl Server {
             _ => false,
         };
         if !same_user {
-            self.respond_error(ctx, 441, &[]);
+            self.respond_error(ctx, StunErrorCode::WrongCredentials, &[]);
             return None;
         }
         Some(id)
     }
 
     /// Refresh (RFC 8656 §8).
-    fn handle_refresh(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_refresh(&mut self, request: RefreshRequest, ctx: &Ctx, now: Instant) {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
@@ -1171,21 +1133,17 @@ impl Server {
         }) else {
             return;
         };
-        let requested_family = msg.attributes().iter().find_map(|a| match a {
-            Attribute::RequestedAddressFamily(f) => Some(*f),
-            _ => None,
-        });
         // RFC 8656 §8: a family the allocation has no relayed address of → 443. A dual
         // allocation has one lifetime, so naming either of its families refreshes (or, with
         // LIFETIME 0, deletes) all of it.
-        if matches!(requested_family, Some(f) if !families.contains(&f)) {
-            return self.respond_error(ctx, 443, &[]);
+        if matches!(request.family, Some(f) if !families.contains(&f)) {
+            return self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
         }
-        let lifetime = if msg.lifetime() == Some(0) {
+        let lifetime = if request.lifetime == Some(0) {
             self.remove_allocation(id);
             Duration::ZERO
         } else {
-            let lifetime = self.desired_lifetime(msg.lifetime());
+            let lifetime = self.desired_lifetime(request.lifetime);
             if let Some(alloc) = self.allocations.get_mut(&id) {
                 alloc.expires = now + lifetime;
                 // The kernel's deadlines include the allocation's: move them with it.
@@ -1198,36 +1156,40 @@ impl Server {
         self.respond(ctx, Class::Success, &[Attribute::Lifetime(secs)]);
     }
 
-    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind against the
-    /// allocation's relayed families (443, RFC 8656 §9, §12: each peer needs a relayed address
-    /// of its own family) and the peer policy (403); sends the error and returns false if one
-    /// fails.
+    /// Checks the XOR-PEER-ADDRESSes of CreatePermission / ChannelBind (at least one, their
+    /// decoding saw to that) against the allocation's relayed families (443, RFC 8656 §9, §12:
+    /// each peer needs a relayed address of its own family) and the peer policy (403); sends
+    /// the error and returns false if one fails.
     fn check_peers(&mut self, ctx: &Ctx, relayed: &[SocketAddr], peers: &[SocketAddr]) -> bool {
-        if peers.is_empty() {
-            self.respond_error(ctx, 400, &[]);
-            return false;
-        }
         let has_family = |p: &SocketAddr| relayed.iter().any(|r| same_family(p.ip(), r.ip()));
         if !peers.iter().all(has_family) {
-            self.respond_error(ctx, 443, &[]);
+            self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
             return false;
         }
         if peers.iter().any(|p| !self.peer_allowed(p.ip())) {
-            self.respond_error(ctx, 403, &[]);
+            self.respond_error(ctx, StunErrorCode::Forbidden, &[]);
             return false;
         }
         true
     }
 
     /// CreatePermission (RFC 8656 §10.2): all peers or none.
-    fn handle_create_permission(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_create_permission(
+        &mut self,
+        request: Result<CreatePermissionRequest, Rejection>,
+        ctx: &Ctx,
+        now: Instant,
+    ) {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
         let Some(relayed) = self.relayed_of(id) else {
             return;
         };
-        let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
+        let peers = match request {
+            Ok(request) => request.peers,
+            Err(rejection) => return self.reject(ctx, rejection),
+        };
         if !self.check_peers(ctx, &relayed, &peers) {
             return;
         }
@@ -1244,7 +1206,7 @@ impl Server {
         new_ips.sort_unstable();
         new_ips.dedup();
         if alloc.permissions.len() + new_ips.len() > cap {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         for peer in &peers {
             alloc.install_permission(peer.ip(), now + lifetime, &mut self.commands);
@@ -1253,37 +1215,36 @@ impl Server {
     }
 
     /// ChannelBind (RFC 8656 §12.2).
-    fn handle_channel_bind(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
+    fn handle_channel_bind(
+        &mut self,
+        request: Result<ChannelBindRequest, Rejection>,
+        ctx: &Ctx,
+        now: Instant,
+    ) {
         let Some(id) = self.allocation_for(ctx) else {
             return;
         };
         let Some(relayed) = self.relayed_of(id) else {
             return;
         };
-        let Some(number) = msg
-            .channel_number()
-            .filter(|n| self.config.channel_range.contains(n))
-        else {
-            return self.respond_error(ctx, 400, &[]);
+        let ChannelBindRequest {
+            channel: number,
+            peer,
+        } = match request {
+            Ok(request) => request,
+            Err(rejection) => return self.reject(ctx, rejection),
         };
-        let peers: Vec<SocketAddr> = msg.xor_peer_addresses().collect();
-        if peers.len() > 1 {
-            return self.respond_error(ctx, 400, &[]);
-        }
-        if !self.check_peers(ctx, &relayed, &peers) {
+        if !self.check_peers(ctx, &relayed, &[peer]) {
             return;
         }
-        let Some(peer) = peers.first().copied() else {
-            return;
-        };
         // A channel carries datagrams to one transport address (RFC 8656 §12): port 0 is none.
         if peer.port() == 0 {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         // A channel names a transport address: on a relay IP only a live allocation's relayed
         // port is one (client-to-client); any other port would be a service on the host.
         if !self.peer_reachable(peer) {
-            return self.respond_error(ctx, 403, &[]);
+            return self.respond_error(ctx, StunErrorCode::Forbidden, &[]);
         }
         let cap = self.config.max_permissions_per_allocation;
         let channel_cap = self.config.max_channels_per_allocation;
@@ -1298,15 +1259,15 @@ impl Server {
         if alloc.channels.get(&number).is_some_and(|c| c.peer != peer)
             || alloc.peer_channels.get(&peer).is_some_and(|n| *n != number)
         {
-            return self.respond_error(ctx, 400, &[]);
+            return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         if !alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= cap {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         // Channels (bound or reserved) are capped so one client cannot fill the kernel's
         // shared channel table.
         if !alloc.channels.contains_key(&number) && alloc.channels.len() >= channel_cap {
-            return self.respond_error(ctx, 508, &[]);
+            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         let expires_at = now + channel_lifetime;
         alloc.channels.insert(
@@ -1327,18 +1288,13 @@ impl Server {
     /// Send indication (RFC 8656 §11.2): forwarded if there is a permission, else dropped.
     fn handle_send(
         &mut self,
-        msg: &Message<'_>,
+        send: SendIndication<'_>,
         client: SocketAddr,
         listener: SocketAddr,
         now: Instant,
     ) {
-        if !msg.unknown_comprehension_required().is_empty() {
-            return;
-        }
+        let SendIndication { peer, data } = send;
         let Some(alloc) = self.active_on(client, listener) else {
-            return;
-        };
-        let (Some(peer), Some(data)) = (msg.xor_peer_addresses().next(), msg.data()) else {
             return;
         };
         // Port 0 is no destination; the kernel would refuse the send anyway.
@@ -1389,12 +1345,19 @@ impl Server {
         });
     }
 
-    fn respond_error(&mut self, ctx: &Ctx, code: u16, extra: &[Attribute<'_>]) {
+    /// Answers a request whose decoding failed.
+    fn reject(&mut self, ctx: &Ctx, rejection: Rejection) {
+        if rejection.unknown.is_empty() {
+            self.respond_error(ctx, rejection.code, &[]);
+        } else {
+            let list = Attribute::UnknownAttributes(rejection.unknown);
+            self.respond_error(ctx, rejection.code, &[list]);
+        }
+    }
+
+    fn respond_error(&mut self, ctx: &Ctx, code: StunErrorCode, extra: &[Attribute<'_>]) {
         let mut attrs = Vec::with_capacity(extra.len() + 1);
-        attrs.push(Attribute::ErrorCode(ErrorCode {
-            code,
-            reason: reason(code),
-        }));
+        attrs.push(Attribute::ErrorCode(code.into()));
         attrs.extend_from_slice(extra);
         self.respond(ctx, Class::Error, &attrs);
     }
