@@ -87,6 +87,15 @@ pub struct BenchArgs {
     /// Run in this (debug) build instead of re-running in a release build.
     #[arg(long)]
     no_release: bool,
+    /// coturn's `turnserver` to compare against (default: `turnserver` on PATH), e.g. a
+    /// coturn 4.17 build's build/bin/turnserver.
+    #[arg(long, value_name = "PATH", default_value = "turnserver")]
+    coturn_bin: PathBuf,
+    /// One extra argument for coturn, appended to the benchmark's own; repeat for several
+    /// (e.g. `--coturn-arg=--multiplex-peer --coturn-arg=--udp-gso`). A variant coturn cannot
+    /// run with them is reported n/a with its reason.
+    #[arg(long = "coturn-arg", value_name = "ARG", allow_hyphen_values = true)]
+    coturn_args: Vec<String>,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -243,6 +252,8 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             + (plan.duration + Duration::from_secs(2)) * plan.variants.len() as u32
             + plan.latency_duration,
         bench_object: bench_object.clone(),
+        coturn_bin: args.coturn_bin.clone(),
+        coturn_args: args.coturn_args.clone(),
     };
 
     lab::install_signal_handlers();
@@ -512,58 +523,71 @@ fn run_server_path(
     };
     let kernel = path.is_kernel();
     let setup = Instant::now();
-    let allocations = match if path.is_bare_forwarder() {
-        runner::bare_allocations(lab, max_flows)
+    let (allocations, refused) = if path.is_bare_forwarder() {
+        (runner::bare_allocations(lab, max_flows)?, None)
     } else {
-        runner::allocate(lab, ctx, max_flows, Framing::ChannelData)
-    } {
-        Ok(a) => a,
-        Err(e) => {
-            return Ok(Err(format!(
-                "TURN setup failed: {e:#}\n{}",
-                server.log_tail(8)
-            )))
-        }
+        runner::allocate(lab, ctx, max_flows, Framing::ChannelData)?
     };
+    if allocations.is_empty() {
+        return Ok(Err(format!(
+            "TURN setup failed: {}\n{}",
+            refused.as_deref().unwrap_or("no allocation"),
+            server.log_tail(8)
+        )));
+    }
     // Allocations of their own for the Send variants: a channel to the peer would keep the
     // relay from putting the permission in the kernel on its own (and a client with a channel
     // would use it), so these have a permission and nothing else.
-    let send_allocations = if max_send_flows == 0 || path.is_bare_forwarder() {
-        Vec::new()
+    let (send_allocations, send_refused) = if max_send_flows == 0 || path.is_bare_forwarder() {
+        (Vec::new(), None)
     } else {
-        match runner::allocate(lab, ctx, max_send_flows, Framing::Send) {
-            Ok(a) => a,
-            Err(e) => {
-                return Ok(Err(format!(
-                    "TURN setup (CreatePermission) failed: {e:#}\n{}",
-                    server.log_tail(8)
-                )))
-            }
-        }
+        runner::allocate(lab, ctx, max_send_flows, Framing::Send)?
     };
+    for (what, reason) in [("", &refused), ("Send-variant ", &send_refused)] {
+        if let Some(reason) = reason {
+            println!(
+                "bench: {} refused part of its {what}allocations: {}",
+                path.name(),
+                first_line(reason)
+            );
+        }
+    }
     let setup_s = setup.elapsed().as_secs_f64();
     for &variant in &plan.variants {
         lab::check_stop()?;
         *step += 1;
-        if let Some(reason) = variant.not_applicable(path) {
+        let (senders, senders_refused) = if variant.is_send() {
+            (&send_allocations, &send_refused)
+        } else {
+            (&allocations, &refused)
+        };
+        let reason = variant
+            .not_applicable(path)
+            .map(|r| format!("the {} path forwards {r}", path.name()))
+            .or_else(|| {
+                (senders.len() < variant.flows).then(|| {
+                    format!(
+                        "{} set up {} of the {} allocations it needs: {}",
+                        path.name(),
+                        senders.len(),
+                        variant.flows,
+                        senders_refused.as_deref().unwrap_or("refused")
+                    )
+                })
+            });
+        if let Some(reason) = reason {
             println!(
-                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a ({reason})",
+                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a ({})",
                 *step,
                 round + 1,
                 plan.rounds,
                 path.name(),
-                variant.label()
+                variant.label(),
+                first_line(&reason)
             );
-            if round == 0 {
-                results.not_applicable.push((path, variant));
-            }
+            results.set_not_applicable(path, variant, reason);
             continue;
         }
-        let senders = if variant.is_send() {
-            &send_allocations
-        } else {
-            &allocations
-        };
         let client = runner::client_groups(senders, variant.flows, variant.payload)?;
         let back = variant
             .bidi

@@ -23,9 +23,9 @@ pub struct Results {
     pub latency: Vec<(usize, PathKind, LatencyStats)>,
     /// None: available; Some(reason): unavailable.
     pub availability: BTreeMap<PathKind, Option<String>>,
-    /// Variants a path does not run (the minimal forwarders' both-directions and Send ones;
-    /// `Variant::not_applicable` says why).
-    pub not_applicable: Vec<(PathKind, Variant)>,
+    /// Variants a path does not run, with the reason: the minimal forwarders' both-directions
+    /// and Send ones (`Variant::not_applicable`), and those a server refused the allocations for.
+    pub not_applicable: Vec<(PathKind, Variant, String)>,
     pub elapsed_s: f64,
 }
 
@@ -40,7 +40,7 @@ impl Results {
                     .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
             })
             .unwrap_or_default();
-        let coturn = std::process::Command::new("turnserver")
+        let coturn = std::process::Command::new(&ctx.coturn_bin)
             .arg("--version")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
@@ -59,6 +59,8 @@ impl Results {
                 "cpu_model": cpu_model,
                 "kernel": kernel.trim(),
                 "coturn": coturn,
+                "coturn_bin": ctx.coturn_bin.display().to_string(),
+                "coturn_args": ctx.coturn_args,
                 "relay_bin": ctx.relay_bin.display().to_string(),
                 "lab_notes": notes,
                 "topology": "client ns c0 198.18.1.2-64 <-veth-> relay ns 198.18.1.1 | 198.18.2.1 <-veth-> peer ns 198.18.2.2; ip_forward off; tx checksum offload off on c0/p0; GRO + threaded NAPI on all veth ends (far ends c0/p0: SCHED_FIFO on the generator core)",
@@ -70,6 +72,24 @@ impl Results {
             not_applicable: Vec::new(),
             elapsed_s: 0.0,
         }
+    }
+
+    /// Records that `path` cannot run `variant` (once: the first round's reason is kept).
+    pub fn set_not_applicable(&mut self, path: PathKind, variant: Variant, reason: String) {
+        if !self
+            .not_applicable
+            .iter()
+            .any(|(p, v, _)| *p == path && *v == variant)
+        {
+            self.not_applicable.push((path, variant, reason));
+        }
+    }
+
+    fn not_applicable_reason(&self, path: PathKind, variant: Variant) -> Option<&str> {
+        self.not_applicable
+            .iter()
+            .find(|(p, v, _)| *p == path && *v == variant)
+            .map(|(_, _, r)| r.as_str())
     }
 
     /// (path, variant) → runs, in a stable order.
@@ -297,7 +317,12 @@ pub fn table(results: &Results) -> String {
     let mut rows: Vec<(Variant, PathKind, Option<&Summary>)> = sums
         .iter()
         .map(|s| (s.variant, s.path, Some(s)))
-        .chain(results.not_applicable.iter().map(|(p, v)| (*v, *p, None)))
+        .chain(
+            results
+                .not_applicable
+                .iter()
+                .map(|(p, v, _)| (*v, *p, None)),
+        )
         .collect();
     rows.sort_by_key(|(v, p, _)| (*v, *p));
     for (variant, path, s) in rows {
@@ -308,7 +333,9 @@ pub fn table(results: &Results) -> String {
                 path.name(),
                 variant.label(),
                 "n/a",
-                variant.not_applicable(path).unwrap_or("not run")
+                results
+                    .not_applicable_reason(path, variant)
+                    .unwrap_or("not run")
             );
             continue;
         };
@@ -477,10 +504,8 @@ pub fn json(results: &Results) -> Value {
     let not_applicable: Vec<Value> = results
         .not_applicable
         .iter()
-        .map(|(path, variant)| {
-            json!({"path": path.name(), "variant": variant.label(),
-                   "reason": format!("the {} path forwards {}", path.name(),
-                                     variant.not_applicable(*path).unwrap_or("not run"))})
+        .map(|(path, variant, reason)| {
+            json!({"path": path.name(), "variant": variant.label(), "reason": reason})
         })
         .collect();
     let xdp_over_raw_xdp: Vec<Value> = xdp_over_raw(&sums)

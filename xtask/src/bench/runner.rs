@@ -161,6 +161,9 @@ pub struct Ctx {
     pub server_bound: Duration,
     /// The benchmark's eBPF object (relay-bench-ebpf): the raw XDP forwarder's program.
     pub bench_object: PathBuf,
+    /// coturn's `turnserver` and the arguments appended to the benchmark's own.
+    pub coturn_bin: PathBuf,
+    pub coturn_args: Vec<String>,
 }
 
 /// What one flood measured. Delivered counts come from the far-end sinks (XDP counters on the
@@ -461,18 +464,23 @@ fn wait_ready(
 }
 
 fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
-    if Command::new("turnserver")
+    let bin = ctx.coturn_bin.to_str().ok_or("non-utf-8 coturn path")?;
+    if Command::new(bin)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_err()
     {
-        return Err("turnserver not installed (apt-get install coturn)".to_owned());
+        return Err(if bin == "turnserver" {
+            "turnserver not installed (apt-get install coturn, or --coturn-bin PATH)".to_owned()
+        } else {
+            format!("{bin} does not run (--coturn-bin)")
+        });
     }
     let log_file = ctx.out.join("turnserver.log");
     let _ = std::fs::remove_file(&log_file);
-    let mut command = pinned(&lab.relay, ctx.relay_cpu, "turnserver");
+    let mut command = pinned(&lab.relay, ctx.relay_cpu, bin);
     command.args([
         "-n", // no configuration file: everything is on this command line
         "--listening-ip",
@@ -500,6 +508,7 @@ fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
     ]);
     command.arg(&log_file);
     command.arg("--pidfile").arg(ctx.out.join("turnserver.pid"));
+    command.args(&ctx.coturn_args);
     let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
     let mut server = Server {
         pid: child.id(),
@@ -546,15 +555,20 @@ pub fn peer_socket(lab: &Lab) -> anyhow::Result<Arc<UdpSocket>> {
     Ok(Arc::new(socket))
 }
 
-/// `n` allocations, each with channel 0x4000 bound to the peer socket (`framing` ChannelData)
-/// or only a permission for it (Send), through the server's TURN control plane (Allocate with
-/// REST long-term credentials, then ChannelBind or CreatePermission).
+/// Up to `n` allocations, each with channel 0x4000 bound to the peer socket (`framing`
+/// ChannelData) or only a permission for it (Send), through the server's TURN control plane
+/// (Allocate with REST long-term credentials, then ChannelBind or CreatePermission).
+///
+/// A server may refuse some of them for reasons of its own (a quota, coturn's
+/// `--multiplex-peer` refusing a second channel to one peer address): setup stops at the first
+/// refusal and returns what it got with the reason, so the variants that need no more still run.
+/// Errors of the benchmark itself (sockets, a stop signal) are `Err`.
 pub fn allocate(
     lab: &Lab,
     ctx: &Ctx,
     n: usize,
     framing: Framing,
-) -> anyhow::Result<Vec<Allocation>> {
+) -> anyhow::Result<(Vec<Allocation>, Option<String>)> {
     let sockets = client_sockets(lab, n)?;
     let server = SocketAddr::from((LISTEN_IP, LISTEN_PORT));
     let peer = SocketAddr::from((PEER_IP, PEER_PORT));
@@ -563,7 +577,8 @@ pub fn allocate(
     for (i, socket) in sockets.into_iter().enumerate() {
         check_stop()?;
         if started.elapsed() > Duration::from_secs(120) {
-            bail!("setting up {n} allocations took over 120 s (stopped at {i})");
+            let reason = format!("setting up {n} allocations took over 120 s (stopped at {i})");
+            return Ok((out, Some(reason)));
         }
         let (name, what) = match framing {
             Framing::ChannelData => (format!("bench{i}"), "allocation"),
@@ -575,9 +590,12 @@ pub fn allocate(
             Framing::ChannelData => client.allocate_and_bind(peer, FIRST_CHANNEL),
             Framing::Send => client.allocate_and_permit(peer),
         };
-        out.push(allocation.with_context(|| format!("{what} {i} of {n}"))?);
+        match allocation {
+            Ok(a) => out.push(a),
+            Err(e) => return Ok((out, Some(format!("{what} {} of {n}: {e:#}", i + 1)))),
+        }
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// The minimal forwarders' "allocations" (reference and raw XDP): the same client sockets as
