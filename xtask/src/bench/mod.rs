@@ -16,6 +16,7 @@ pub(crate) mod forwarder;
 pub(crate) mod lab;
 mod loadgen;
 mod measure;
+mod peak;
 pub(crate) mod raw_xdp;
 mod report;
 mod runner;
@@ -96,6 +97,13 @@ pub struct BenchArgs {
     /// run with them is reported n/a with its reason.
     #[arg(long = "coturn-arg", value_name = "ARG", allow_hyphen_values = true)]
     coturn_args: Vec<String>,
+    /// Paced trials per peak zero-loss search (per path, client->peer ChannelData variant and
+    /// round); 0 skips the search. Default: 2 smoke, 4 quick, 6 full.
+    #[arg(long, value_name = "N")]
+    peak_steps: Option<usize>,
+    /// Seconds per paced trial of the peak search. Default: 0.2 smoke, 0.4 quick, 1 full.
+    #[arg(long, value_name = "SECONDS")]
+    peak_trial: Option<f64>,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -105,6 +113,8 @@ struct Plan {
     variants: Vec<Variant>,
     duration: Duration,
     latency_duration: Duration,
+    /// The peak zero-loss search after each client->peer ChannelData flood.
+    search: peak::SearchPlan,
 }
 
 impl Plan {
@@ -122,6 +132,11 @@ impl Plan {
             bidi: false,
             framing: Framing::Send,
         };
+        let search = |steps, trial_ms| peak::SearchPlan {
+            steps,
+            trial: Duration::from_millis(trial_ms),
+            settle: Duration::from_millis(150),
+        };
         let mut plan = if args.smoke {
             Self {
                 mode: "smoke",
@@ -129,6 +144,7 @@ impl Plan {
                 variants: vec![v(120, 1, false), send(120, 1)],
                 duration: Duration::from_millis(500),
                 latency_duration: Duration::from_millis(300),
+                search: search(2, 200),
             }
         } else if args.quick {
             Self {
@@ -143,6 +159,7 @@ impl Plan {
                 ],
                 duration: Duration::from_secs(2),
                 latency_duration: Duration::from_secs(1),
+                search: search(4, 400),
             }
         } else {
             let mut variants = Vec::new();
@@ -163,6 +180,7 @@ impl Plan {
                 variants,
                 duration: Duration::from_secs(5),
                 latency_duration: Duration::from_secs(3),
+                search: search(6, 1000),
             }
         };
         if let Some(r) = args.rounds {
@@ -170,6 +188,12 @@ impl Plan {
         }
         if let Some(d) = args.duration {
             plan.duration = Duration::from_secs_f64(d.clamp(0.1, 120.0));
+        }
+        if let Some(steps) = args.peak_steps {
+            plan.search.steps = steps.min(16);
+        }
+        if let Some(t) = args.peak_trial {
+            plan.search.trial = Duration::from_secs_f64(t.clamp(0.05, 30.0));
         }
         plan
     }
@@ -384,6 +408,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                     None,
                     false,
                     delivery.as_ref(),
+                    None,
                 )?;
                 drop(ceiling_sink);
                 progress(
@@ -615,14 +640,63 @@ fn run_server_path(
             Some(server.pid),
             kernel,
             delivery.as_ref(),
+            None,
         )?;
         progress(*step, total_steps, round, plan, path, variant, &m);
+        let overload_pps = m.pps();
         results.runs.push(Run {
             round,
             path,
             variant,
             m,
         });
+        if variant.searched() && plan.search.steps > 0 {
+            let paced = loadgen::SocketGenerator { batch: 64 };
+            // Receive livelock can hold overload goodput below what the path carries paced.
+            let upper = overload_pps * 1.25;
+            let found = peak::search(&plan.search, upper, |rate| {
+                lab::check_stop()?;
+                let delivery = far.as_deref().map(|f| sink::Delivery {
+                    c2p: &f.peer,
+                    p2c: Some(&f.client),
+                });
+                runner::flood(
+                    lab,
+                    ctx,
+                    &paced,
+                    variant,
+                    runner::client_groups(senders, variant.flows, variant.payload)?,
+                    None,
+                    &[std::sync::Arc::clone(peer)],
+                    Some(server.pid),
+                    kernel,
+                    delivery.as_ref(),
+                    Some(runner::Pace {
+                        rate_pps: rate,
+                        duration: plan.search.trial,
+                        settle: plan.search.settle,
+                    }),
+                )
+            })?;
+            println!(
+                "      round {}/{} {:<9} {:<16} peak zero-loss {}{:.1} kpps ({} paced trials{}; \
+                 search top {:.1} kpps)",
+                round + 1,
+                plan.rounds,
+                path.name(),
+                variant.label(),
+                if found.lower_bound { ">= " } else { "" },
+                found.rate_pps / 1e3,
+                found.trials.len(),
+                if found.generator_limited {
+                    ", generator-limited"
+                } else {
+                    ""
+                },
+                found.upper_pps / 1e3,
+            );
+            results.peaks.push((round, path, variant, found));
+        }
     }
     lab::check_stop()?;
     *step += 1;

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::{
     measure::LatencyStats,
+    peak::Peak,
     runner::{Ctx, Framing, Measurement, PathKind, Variant},
     Plan,
 };
@@ -21,6 +22,8 @@ pub struct Results {
     pub conditions: Value,
     pub runs: Vec<Run>,
     pub latency: Vec<(usize, PathKind, LatencyStats)>,
+    /// Peak zero-loss searches, per round, path and (client->peer ChannelData) variant.
+    pub peaks: Vec<(usize, PathKind, Variant, Peak)>,
     /// None: available; Some(reason): unavailable.
     pub availability: BTreeMap<PathKind, Option<String>>,
     /// Variants a path does not run, with the reason: the minimal forwarders' both-directions
@@ -52,6 +55,16 @@ impl Results {
                 "flood_seconds": plan.duration.as_secs_f64(),
                 "latency_seconds": plan.latency_duration.as_secs_f64(),
                 "latency_rate_pps": ctx.latency_rate,
+                "peak_search": {
+                    "steps": plan.search.steps,
+                    "trial_seconds": plan.search.trial.as_secs_f64(),
+                    "max_loss_percent": 100.0 * super::peak::MAX_LOSS,
+                    "method": "after each client->peer ChannelData flood: paced socket-generator \
+                               trials, log-space bisection from 1.25x that flood's goodput down \
+                               to 1/32 of it; the first trial offers the top; a passing trial \
+                               the generator could not offer in full ends the search (lower \
+                               bound)",
+                },
                 "generator": generator,
                 "generator_cpu": ctx.gen_cpu,
                 "server_cpu": ctx.relay_cpu,
@@ -68,6 +81,7 @@ impl Results {
             }),
             runs: Vec::new(),
             latency: Vec::new(),
+            peaks: Vec::new(),
             availability: BTreeMap::new(),
             not_applicable: Vec::new(),
             elapsed_s: 0.0,
@@ -131,6 +145,48 @@ struct Summary {
     bpf_ns_per_run: Option<f64>,
     /// Delivered rate relative to the generator ceiling for the same payload and flows.
     of_ceiling: Option<f64>,
+    /// Peak zero-loss rate, median over rounds, when searched.
+    peak: Option<PeakSummary>,
+}
+
+struct PeakSummary {
+    median_pps: f64,
+    min_pps: f64,
+    max_pps: f64,
+    /// Some round's search ended at its top or at the generator's reach: "at least".
+    lower_bound: bool,
+    generator_limited: bool,
+    trials: usize,
+}
+
+fn peak_summary(results: &Results, path: PathKind, variant: Variant) -> Option<PeakSummary> {
+    let peaks: Vec<&Peak> = results
+        .peaks
+        .iter()
+        .filter(|(_, p, v, _)| *p == path && *v == variant)
+        .map(|(_, _, _, peak)| peak)
+        .collect();
+    if peaks.is_empty() {
+        return None;
+    }
+    let rates: Vec<f64> = peaks.iter().map(|p| p.rate_pps).collect();
+    Some(PeakSummary {
+        median_pps: median(rates.clone()),
+        min_pps: rates.iter().copied().fold(f64::INFINITY, f64::min),
+        max_pps: rates.iter().copied().fold(0.0, f64::max),
+        lower_bound: peaks.iter().any(|p| p.lower_bound),
+        generator_limited: peaks.iter().any(|p| p.generator_limited),
+        trials: peaks.iter().map(|p| p.trials.len()).sum(),
+    })
+}
+
+/// "0.312", or ">=0.812" when the search could not go higher (Mpps).
+fn peak_cell(p: &PeakSummary) -> String {
+    format!(
+        "{}{:.3}",
+        if p.lower_bound { ">=" } else { "" },
+        p.median_pps / 1e6
+    )
 }
 
 fn summaries(results: &Results) -> Vec<Summary> {
@@ -181,6 +237,7 @@ fn summaries(results: &Results) -> Vec<Summary> {
                 core_ns_per_pkt: median(ms.iter().map(|m| per_pkt(m.core_cpu_ns, m)).collect()),
                 bpf_ns_per_run: (!bpf.is_empty()).then(|| median(bpf)),
                 of_ceiling,
+                peak: peak_summary(results, path, variant),
             }
         })
         .collect()
@@ -298,9 +355,10 @@ pub fn table(results: &Results) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<10} {:<16} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<10} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "path",
         "variant",
+        "0-loss",
         "Mpps med",
         "min",
         "max",
@@ -341,9 +399,10 @@ pub fn table(results: &Results) -> String {
         };
         let _ = writeln!(
             t,
-            "{:<10} {:<16} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6.1} {:>7} {:>8} {:>8.0} {:>8} {:>8} {:>8}",
+            "{:<10} {:<16} {:>8} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>6.1} {:>7} {:>8} {:>8.0} {:>8} {:>8} {:>8}",
             s.path.name(),
             s.variant.label(),
+            s.peak.as_ref().map_or_else(|| "-".to_owned(), peak_cell),
             s.median_pps / 1e6,
             s.min_pps / 1e6,
             s.max_pps / 1e6,
@@ -359,8 +418,11 @@ pub fn table(results: &Results) -> String {
     }
     let _ = writeln!(
         t,
-        "(Mpps: delivered at the far end (XDP sink counters, see \"delivered\" in the JSON), \
-         median/min/max over rounds; offered: what the generator sent; ceil%: share of the generator's own ceiling; proc/core ns: server \
+        "(0-loss: peak zero-loss rate, Mpps: the highest paced offered rate with <= 0.1 % lost \
+         (RFC 2544 throughput), median over rounds, \">=\" where the search reached its top or \
+         the paced generator's reach, \"-\" not searched (both-directions and Send variants); \
+         Mpps: overload goodput, delivered at the far end (XDP sink counters, see \"delivered\" \
+         in the JSON) while the generator offers all it can, median/min/max over rounds; offered: what the generator sent; ceil%: share of the generator's own ceiling; proc/core ns: server \
          process CPU / relay-core busy time per delivered packet; bpf ns: per program run; \
          drops: server socket RcvbufErrors + checksum errors; fe drops: frames the veth \
          towards the far end refused, summed over rounds: non-zero means the far end, not the \
@@ -441,6 +503,14 @@ pub fn json(results: &Results) -> Value {
                     Framing::Send => "send-indication",
                 },
                 "delivered_pps": {"median": s.median_pps, "min": s.min_pps, "max": s.max_pps},
+                "peak_zero_loss_pps": s.peak.as_ref().map(|p| json!({
+                    "median": p.median_pps,
+                    "min": p.min_pps,
+                    "max": p.max_pps,
+                    "lower_bound": p.lower_bound,
+                    "generator_limited": p.generator_limited,
+                    "trials": p.trials,
+                })),
                 "offered_pps_median": s.offered_pps,
                 "loss_percent": s.loss_pct,
                 "share_of_generator_ceiling": s.of_ceiling,
@@ -477,6 +547,25 @@ pub fn json(results: &Results) -> Value {
                 "bpf_run_ns": m.bpf_run_ns,
                 "bpf_runs": m.bpf_runs,
             })
+        })
+        .collect();
+    let peak_searches: Vec<Value> = results
+        .peaks
+        .iter()
+        .map(|(round, path, variant, p)| {
+            let trials: Vec<Value> = p
+                .trials
+                .iter()
+                .map(|t| {
+                    json!({"target_pps": t.target_pps, "offered_pps": t.offered_pps,
+                           "delivered_pps": t.delivered_pps, "loss_percent": 100.0 * t.loss,
+                           "passed": t.passed, "generator_short": t.generator_short})
+                })
+                .collect();
+            json!({"round": round, "path": path.name(), "variant": variant.label(),
+                   "peak_zero_loss_pps": p.rate_pps, "search_top_pps": p.upper_pps,
+                   "lower_bound": p.lower_bound, "generator_limited": p.generator_limited,
+                   "trials": trials})
         })
         .collect();
     let latency: Vec<Value> = results
@@ -526,6 +615,7 @@ pub fn json(results: &Results) -> Value {
         "xdp_over_raw_xdp": xdp_over_raw_xdp,
         "xdp_send_over_xdp_channel_data": xdp_send_over_channel_data,
         "latency": latency,
+        "peak_searches": peak_searches,
         "runs": runs,
     })
 }

@@ -128,6 +128,12 @@ impl Variant {
         format!("{}B x{} {direction}", self.payload, self.flows)
     }
 
+    /// Whether the peak zero-loss search runs after this variant's flood: one direction and
+    /// ChannelData (the comparison; the paced generator drives one direction).
+    pub fn searched(&self) -> bool {
+        !self.bidi && self.framing == Framing::ChannelData
+    }
+
     pub fn is_send(&self) -> bool {
         self.framing == Framing::Send
     }
@@ -676,6 +682,15 @@ fn ticks_ns(ticks: u64) -> u64 {
     ticks * 1_000_000_000 / measure::clk_tck()
 }
 
+/// A paced flood (the socket generator's paced mode): `rate_pps` in each direction, for
+/// `duration`, counted `settle` after the last send.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub rate_pps: f64,
+    pub duration: Duration,
+    pub settle: Duration,
+}
+
 /// Floods `client_groups` (and `peer_group`, for both directions) for the configured time and
 /// measures what crossed: counted by `delivery`'s sinks, else (no sinks) by the receiving
 /// namespaces' UDP counters. `server_pid` None: the generator-ceiling run, whose receiver is in
@@ -695,7 +710,9 @@ pub fn flood(
     server_pid: Option<u32>,
     kernel: bool,
     delivery: Option<&Delivery<'_>>,
+    pace: Option<Pace>,
 ) -> anyhow::Result<Measurement> {
+    let (duration, settle) = pace.map_or((ctx.duration, ctx.settle), |p| (p.duration, p.settle));
     for r in receivers {
         measure::drain(r);
     }
@@ -706,9 +723,10 @@ pub fn flood(
         groups,
         origin,
         payload: variant.payload,
-        duration: ctx.duration,
+        duration,
         max_packets: ctx.max_packets,
         cpu: ctx.gen_cpu,
+        rate_pps: pace.map(|p| p.rate_pps),
     };
     let client_plan = plan(
         client_groups,
@@ -738,7 +756,7 @@ pub fn flood(
         anyhow::Ok((c2p, p2c))
     })?;
     // In-flight datagrams land within the settle time; the rate divides by the send time.
-    std::thread::sleep(ctx.settle);
+    std::thread::sleep(settle);
     // The receivers are not read during the flood (that would cost the generator core); what
     // they queued is counted now, as they are read (see UdpCounters).
     let server_ticks_after = server_pid.and_then(measure::process_ticks);
