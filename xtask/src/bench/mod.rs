@@ -104,6 +104,12 @@ pub struct BenchArgs {
     /// Seconds per paced trial of the peak search. Default: 0.2 smoke, 0.4 quick, 1 full.
     #[arg(long, value_name = "SECONDS")]
     peak_trial: Option<f64>,
+    /// Allocations of the VoIP-shaped variant (default: 50 smoke, 1000 quick, 2000 full).
+    #[arg(long, value_name = "N")]
+    voip_allocations: Option<usize>,
+    /// Datagrams per second per allocation and direction in the VoIP-shaped variant.
+    #[arg(long, value_name = "PPS", default_value_t = 25)]
+    voip_pps: u32,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -124,6 +130,15 @@ impl Plan {
             flows,
             bidi,
             framing: Framing::ChannelData,
+            pps_per_flow: 0,
+        };
+        // VoIP-shaped: 160 B (G.711 at 20 ms), both directions, every allocation paced.
+        let voip = |flows| Variant {
+            payload: 160,
+            flows: args.voip_allocations.unwrap_or(flows).clamp(1, 10_000),
+            bidi: true,
+            framing: Framing::ChannelData,
+            pps_per_flow: args.voip_pps.clamp(1, 1000),
         };
         // Client→peer Send indications, compared with ChannelData of the same size and flows.
         let send = |payload, flows| Variant {
@@ -131,6 +146,7 @@ impl Plan {
             flows,
             bidi: false,
             framing: Framing::Send,
+            pps_per_flow: 0,
         };
         let search = |steps, trial_ms| peak::SearchPlan {
             steps,
@@ -141,10 +157,10 @@ impl Plan {
             Self {
                 mode: "smoke",
                 rounds: 1,
-                variants: vec![v(120, 1, false), send(120, 1)],
+                variants: vec![v(120, 1, false), send(120, 1), voip(50)],
                 duration: Duration::from_millis(500),
                 latency_duration: Duration::from_millis(300),
-                search: search(2, 200),
+                search: search(3, 200),
             }
         } else if args.quick {
             Self {
@@ -156,6 +172,7 @@ impl Plan {
                     v(120, 1, true),
                     send(120, 1),
                     send(120, 1000),
+                    voip(1000),
                 ],
                 duration: Duration::from_secs(2),
                 latency_duration: Duration::from_secs(1),
@@ -174,6 +191,7 @@ impl Plan {
                     }
                 }
             }
+            variants.push(voip(2000));
             Self {
                 mode: "full",
                 rounds: 5,
@@ -274,6 +292,9 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         secret: format!("bench-{:x}", std::process::id()),
         server_bound: Duration::from_secs(30)
             + (plan.duration + Duration::from_secs(2)) * plan.variants.len() as u32
+            + (plan.search.trial + plan.search.settle + Duration::from_secs(1))
+                * (plan.search.steps * plan.variants.iter().filter(|v| v.searched()).count())
+                    as u32
             + plan.latency_duration,
         bench_object: bench_object.clone(),
         coturn_bin: args.coturn_bin.clone(),
@@ -345,6 +366,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         let mut v: Vec<Variant> = plan
             .variants
             .iter()
+            .filter(|v| !v.is_voip())
             .map(|v| Variant { bidi: false, ..*v })
             .collect();
         v.sort();
@@ -629,6 +651,20 @@ fn run_server_path(
             c2p: &f.peer,
             p2c: Some(&f.client),
         });
+        // The VoIP-shaped variant is paced (socket generator): a fixed offered rate.
+        let paced = loadgen::SocketGenerator { batch: 64 };
+        let (generator, pace): (&dyn loadgen::Generator, _) =
+            match variant.voip_rate_per_direction() {
+                Some(rate_pps) => (
+                    &paced,
+                    Some(runner::Pace {
+                        rate_pps,
+                        duration: ctx.duration,
+                        settle: ctx.settle,
+                    }),
+                ),
+                None => (generator, None),
+            };
         let m = runner::flood(
             lab,
             ctx,
@@ -640,7 +676,7 @@ fn run_server_path(
             Some(server.pid),
             kernel,
             delivery.as_ref(),
-            None,
+            pace,
         )?;
         progress(*step, total_steps, round, plan, path, variant, &m);
         let overload_pps = m.pps();

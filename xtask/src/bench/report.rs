@@ -428,6 +428,51 @@ pub fn table(results: &Results) -> String {
          towards the far end refused, summed over rounds: non-zero means the far end, not the \
          server, limited that run)"
     );
+    let voip: Vec<&Summary> = sums.iter().filter(|s| s.variant.is_voip()).collect();
+    if let Some(first) = voip.first() {
+        let v = first.variant;
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "VoIP-shaped ({}): {} allocations, {} B ChannelData, {} pps per allocation each way \
+             (offered {:.1} kpps in all, paced)",
+            v.label(),
+            v.flows,
+            v.payload,
+            v.pps_per_flow,
+            2.0 * v.voip_rate_per_direction().unwrap_or(0.0) / 1e3
+        );
+        let _ = writeln!(
+            t,
+            "{:<10} {:>10} {:>10} {:>7} {:>11} {:>11} {:>10}",
+            "path", "offered", "delivered", "loss%", "proc ns/pkt", "core ns/pkt", "bpf ns/run"
+        );
+        for s in &voip {
+            let _ = writeln!(
+                t,
+                "{:<10} {:>10.1} {:>10.1} {:>7.2} {:>11} {:>11.0} {:>10}",
+                s.path.name(),
+                s.offered_pps / 1e3,
+                s.median_pps / 1e3,
+                s.loss_pct,
+                opt(s.process_ns_per_pkt, 0),
+                s.core_ns_per_pkt,
+                opt(s.bpf_ns_per_run, 0)
+            );
+        }
+        for (path, variant, reason) in &results.not_applicable {
+            if variant.is_voip() {
+                let _ = writeln!(t, "{:<10} n/a ({reason})", path.name());
+            }
+        }
+        let _ = writeln!(
+            t,
+            "(kpps; proc ns/pkt: the server process's CPU time (schedstat of its threads) per \
+             delivered packet, which for the kernel paths is their control plane only; core \
+             ns/pkt: the relay core's busy time (process, softirq, NAPI, other users of the \
+             core) per delivered packet; bpf ns/run: the kernel program's run time per frame)"
+        );
+    }
     let lat = latency_summary(results);
     if !lat.is_empty() {
         let _ = writeln!(t);
@@ -498,6 +543,8 @@ pub fn json(results: &Results) -> Value {
                 "payload": s.variant.payload,
                 "flows": s.variant.flows,
                 "both_directions": s.variant.bidi,
+                "kind": if s.variant.is_voip() { "voip" } else { "flood" },
+                "pps_per_flow_per_direction": s.variant.is_voip().then_some(s.variant.pps_per_flow),
                 "framing": match s.variant.framing {
                     Framing::ChannelData => "channel-data",
                     Framing::Send => "send-indication",
@@ -548,6 +595,35 @@ pub fn json(results: &Results) -> Value {
                 "bpf_runs": m.bpf_runs,
             })
         })
+        .collect();
+    let voip: Vec<Value> = sums
+        .iter()
+        .filter(|s| s.variant.is_voip())
+        .map(|s| {
+            json!({
+                "path": s.path.name(),
+                "variant": s.variant.label(),
+                "allocations": s.variant.flows,
+                "payload": s.variant.payload,
+                "pps_per_allocation_per_direction": s.variant.pps_per_flow,
+                "offered_pps": s.offered_pps,
+                "delivered_pps": s.median_pps,
+                "loss_percent": s.loss_pct,
+                "process_cpu_ns_per_packet": s.process_ns_per_pkt,
+                "relay_core_ns_per_packet": s.core_ns_per_pkt,
+                "bpf_ns_per_run": s.bpf_ns_per_run,
+            })
+        })
+        .chain(
+            results
+                .not_applicable
+                .iter()
+                .filter(|(_, v, _)| v.is_voip())
+                .map(|(path, v, reason)| {
+                    json!({"path": path.name(), "variant": v.label(), "allocations": v.flows,
+                           "not_applicable": reason})
+                }),
+        )
         .collect();
     let peak_searches: Vec<Value> = results
         .peaks
@@ -616,6 +692,7 @@ pub fn json(results: &Results) -> Value {
         "xdp_send_over_xdp_channel_data": xdp_send_over_channel_data,
         "latency": latency,
         "peak_searches": peak_searches,
+        "voip": voip,
         "runs": runs,
     })
 }

@@ -116,6 +116,10 @@ pub struct Variant {
     pub flows: usize,
     pub bidi: bool,
     pub framing: Framing,
+    /// 0: a flood (the generator offers all it can). Otherwise the VoIP-shaped variant: every
+    /// flow paced at this many datagrams per second in each direction, so the offered rate is
+    /// fixed (flows x this, per direction) and every path can carry it.
+    pub pps_per_flow: u32,
 }
 
 impl Variant {
@@ -125,13 +129,27 @@ impl Variant {
             (Framing::ChannelData, true) => "both",
             (Framing::ChannelData, false) => "c>p",
         };
+        if self.is_voip() {
+            return format!("{}B x{} voip", self.payload, self.flows);
+        }
         format!("{}B x{} {direction}", self.payload, self.flows)
+    }
+
+    /// The VoIP-shaped variant: many allocations, each paced at a call's rate.
+    pub fn is_voip(&self) -> bool {
+        self.pps_per_flow > 0
+    }
+
+    /// The paced rate of one direction (VoIP-shaped variant), datagrams per second.
+    pub fn voip_rate_per_direction(&self) -> Option<f64> {
+        self.is_voip()
+            .then(|| self.flows as f64 * f64::from(self.pps_per_flow))
     }
 
     /// Whether the peak zero-loss search runs after this variant's flood: one direction and
     /// ChannelData (the comparison; the paced generator drives one direction).
     pub fn searched(&self) -> bool {
-        !self.bidi && self.framing == Framing::ChannelData
+        !self.bidi && self.framing == Framing::ChannelData && !self.is_voip()
     }
 
     pub fn is_send(&self) -> bool {
@@ -190,7 +208,7 @@ pub struct Measurement {
     /// Frames the veth ends towards the far ends refused (ring full): non-zero means the far
     /// end, not the server, limited part of the flood (see `Lab::xmit_drops`).
     pub far_end_drops: u64,
-    /// Server process utime+stime.
+    /// Server process CPU time (its threads' schedstat run time).
     pub process_cpu_ns: Option<u64>,
     /// Busy time of the relay core (process, softirq, NAPI threads pinned there).
     pub core_cpu_ns: u64,
@@ -640,6 +658,7 @@ struct Snapshot {
     client: UdpCounters,
     relay: UdpCounters,
     peer: UdpCounters,
+    /// Server process CPU time, ns.
     process: Option<u64>,
     core: u64,
     bpf: Option<(u64, u64)>,
@@ -651,7 +670,7 @@ fn snapshot(lab: &Lab, ctx: &Ctx, pid: Option<u32>, kernel: bool) -> anyhow::Res
         client: lab.udp_counters(&lab.client)?,
         relay: lab.udp_counters(&lab.relay)?,
         peer: lab.udp_counters(&lab.peer)?,
-        process: pid.and_then(measure::process_ticks),
+        process: pid.and_then(measure::process_cpu_ns),
         core: measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0),
         bpf: if kernel {
             measure::bpf_run_stats(&lab.relay)
@@ -759,7 +778,7 @@ pub fn flood(
     std::thread::sleep(settle);
     // The receivers are not read during the flood (that would cost the generator core); what
     // they queued is counted now, as they are read (see UdpCounters).
-    let server_ticks_after = server_pid.and_then(measure::process_ticks);
+    let server_ns_after = server_pid.and_then(measure::process_cpu_ns);
     let core_after = measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0);
     for r in receivers {
         measure::drain(r);
@@ -769,7 +788,7 @@ pub fn flood(
         _ => None,
     };
     let mut after = snapshot(lab, ctx, server_pid, kernel)?;
-    after.process = server_ticks_after;
+    after.process = server_ns_after;
     after.core = core_after;
     if std::env::var_os("RELAY_BENCH_DEBUG").is_some() {
         eprintln!(
@@ -807,7 +826,7 @@ pub fn flood(
         csum_errors: client.in_csum_errors + relay.in_csum_errors + peer.in_csum_errors,
         far_end_drops: after.xmit_drops.saturating_sub(before.xmit_drops),
         process_cpu_ns: match (before.process, after.process) {
-            (Some(b), Some(a)) => Some(ticks_ns(a.saturating_sub(b))),
+            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
             _ => None,
         },
         core_cpu_ns: ticks_ns(after.core.saturating_sub(before.core)),
