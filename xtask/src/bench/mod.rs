@@ -98,7 +98,7 @@ pub struct BenchArgs {
     #[arg(long = "coturn-arg", value_name = "ARG", allow_hyphen_values = true)]
     coturn_args: Vec<String>,
     /// Paced trials per peak zero-loss search (per path, client->peer ChannelData variant and
-    /// round); 0 skips the search. Default: 2 smoke, 4 quick, 6 full.
+    /// round); 0 skips the search. Default: 3 smoke, 4 quick, 6 full.
     #[arg(long, value_name = "N")]
     peak_steps: Option<usize>,
     /// Seconds per paced trial of the peak search. Default: 0.2 smoke, 0.4 quick, 1 full.
