@@ -88,7 +88,9 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
     // zero: on a shared 2-core machine a kernel path's 256-frame veth ring overflows whenever
     // another job holds the relay core for a few milliseconds, so three 0.2 s trials may all
     // lose more than 0.1 %; the socket path has its socket buffers to ride that out.
-    let searches = json["peak_searches"].as_array().expect("peak_searches array");
+    let searches = json["peak_searches"]
+        .as_array()
+        .expect("peak_searches array");
     for row in summary.iter().filter(|s| s["kind"] == "flood") {
         let name = row["path"].as_str().unwrap_or("");
         let searched = row["framing"] == "channel-data" && row["both_directions"] == false;
@@ -101,7 +103,10 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
             .as_f64()
             .unwrap_or_else(|| panic!("{name} {}: no peak rate: {row}", row["variant"]));
         assert!(rate.is_finite() && rate >= 0.0, "{name}: peak {rate}");
-        assert!(peak["trials"].as_u64().unwrap_or(0) >= 1, "{name}: no trial");
+        assert!(
+            peak["trials"].as_u64().unwrap_or(0) >= 1,
+            "{name}: no trial"
+        );
         let trials: Vec<&serde_json::Value> = searches
             .iter()
             .filter(|s| s["path"] == name && s["variant"] == row["variant"])
@@ -112,7 +117,10 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
             .filter(|t| t["passed"] == true)
             .filter_map(|t| t["offered_pps"].as_f64())
             .fold(0.0, f64::max);
-        assert_eq!(rate, best_passing, "{name}: peak is not the best passing trial");
+        assert_eq!(
+            rate, best_passing,
+            "{name}: peak is not the best passing trial"
+        );
         for t in &trials {
             let (offered, delivered) = (
                 t["offered_pps"].as_f64().unwrap_or(0.0),
@@ -151,7 +159,10 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
         );
     }
     // Every n/a carries its reason.
-    for na in json["not_applicable"].as_array().expect("not_applicable array") {
+    for na in json["not_applicable"]
+        .as_array()
+        .expect("not_applicable array")
+    {
         assert!(
             na["reason"].as_str().is_some_and(|r| !r.is_empty()),
             "n/a without a reason: {na}"
