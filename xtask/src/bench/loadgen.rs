@@ -239,7 +239,7 @@ impl SocketGenerator {
             .iter()
             .map(|g| Prepared::new(g, plan.payload, self.batch))
             .collect();
-        if groups.is_empty() || !(rate > 0.0) {
+        if groups.is_empty() || !rate.is_finite() || rate <= 0.0 {
             bail!("nothing to send (rate {rate})");
         }
         let mut stats = GenStats::default();
