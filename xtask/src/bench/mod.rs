@@ -39,7 +39,7 @@ use self::{
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Fewer rounds and variants, shorter floods: finishes in about 3 minutes.
+    /// Fewer rounds and variants, shorter floods, 4-trial peak searches: about 4 minutes.
     #[arg(long)]
     quick: bool,
     /// A few seconds: one round, one short flood per path (what the test suite runs).

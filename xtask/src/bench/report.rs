@@ -761,7 +761,7 @@ impl Canvas {
 
 /// Two panels. Top: one group per flood variant, two bars per path: overload goodput (solid,
 /// whiskers min-max over rounds) and peak zero-loss rate (light, "≥" above it when the search
-/// could not go higher), "n/a" where a path does not run the variant. Bottom (when the run had
+/// could not go higher, "0" when no trial passed), "n/a" where a path does not run the variant. Bottom (when the run had
 /// it): the VoIP-shaped variant's CPU per packet, server process and relay core, with loss.
 /// Width and height follow the content; the reasons for n/a are listed under the chart.
 pub fn svg(results: &Results) -> String {
@@ -884,10 +884,19 @@ pub fn svg(results: &Results) -> String {
                     if p.lower_bound { ">= " } else { "" },
                     p.median_pps / 1e6
                 );
-                if p.lower_bound {
+                // "≥": the search could not go higher; "0": no paced trial passed (a bar of no
+                // height would look like a path that was not searched).
+                let mark = if p.lower_bound {
+                    Some("≥")
+                } else if p.median_pps <= 0.0 {
+                    Some("0")
+                } else {
+                    None
+                };
+                if let Some(mark) = mark {
                     let _ = writeln!(
                         c.body,
-                        r#"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle">≥</text>"#,
+                        r#"<text x="{:.1}" y="{:.1}" font-size="9" text-anchor="middle">{mark}</text>"#,
                         px + bar_w / 2.0,
                         py - 2.0
                     );
