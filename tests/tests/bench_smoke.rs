@@ -1,6 +1,8 @@
 //! `cargo xtask bench --smoke`: the benchmark builds its lab, runs every path it can for half a
-//! second, and writes its JSON; every path it reports available delivered traffic. Needs root
-//! (namespaces), like the other lab tests. Bounded: the benchmark runs under `timeout 60`.
+//! second, searches each path's peak zero-loss rate in three short paced trials, runs the
+//! VoIP-shaped variant, and writes its JSON; every path it reports available delivered traffic.
+//! Needs root (namespaces), like the other lab tests. Bounded: the benchmark runs under
+//! `timeout 60` (about 30 s here).
 
 use std::{
     path::{Path, PathBuf},
@@ -81,6 +83,97 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
             );
         }
     }
+    // Peak zero-loss rate: searched for every client->peer ChannelData row, never above what
+    // was offered, and zero exactly when no trial passed. Only the socket path's must be above
+    // zero: on a shared 2-core machine a kernel path's 256-frame veth ring overflows whenever
+    // another job holds the relay core for a few milliseconds, so three 0.2 s trials may all
+    // lose more than 0.1 %; the socket path has its socket buffers to ride that out.
+    let searches = json["peak_searches"]
+        .as_array()
+        .expect("peak_searches array");
+    for row in summary.iter().filter(|s| s["kind"] == "flood") {
+        let name = row["path"].as_str().unwrap_or("");
+        let searched = row["framing"] == "channel-data" && row["both_directions"] == false;
+        let peak = &row["peak_zero_loss_pps"];
+        if name == "generator" || !searched {
+            assert!(peak.is_null(), "{name} {}: unexpected peak", row["variant"]);
+            continue;
+        }
+        let rate = peak["median"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} {}: no peak rate: {row}", row["variant"]));
+        assert!(rate.is_finite() && rate >= 0.0, "{name}: peak {rate}");
+        assert!(
+            peak["trials"].as_u64().unwrap_or(0) >= 1,
+            "{name}: no trial"
+        );
+        let trials: Vec<&serde_json::Value> = searches
+            .iter()
+            .filter(|s| s["path"] == name && s["variant"] == row["variant"])
+            .flat_map(|s| s["trials"].as_array().expect("trials").iter())
+            .collect();
+        let best_passing = trials
+            .iter()
+            .filter(|t| t["passed"] == true)
+            .filter_map(|t| t["offered_pps"].as_f64())
+            .fold(0.0, f64::max);
+        assert_eq!(
+            rate, best_passing,
+            "{name}: peak is not the best passing trial"
+        );
+        for t in &trials {
+            let (offered, delivered) = (
+                t["offered_pps"].as_f64().unwrap_or(0.0),
+                t["delivered_pps"].as_f64().unwrap_or(0.0),
+            );
+            assert!(
+                delivered <= offered * 1.001 + 1.0,
+                "{name}: delivered more than offered: {t}"
+            );
+        }
+        if name == "socket" {
+            assert!(rate > 0.0, "socket path: no paced trial passed:\n{stdout}");
+        }
+    }
+    // The VoIP-shaped variant: socket, XDP and coturn (when available) each report loss and
+    // CPU per packet; the minimal forwarders are n/a with a reason.
+    let voip = json["voip"].as_array().expect("voip array");
+    for name in ["socket", "xdp", "coturn"] {
+        if paths.get(name).is_some_and(|p| p["available"] != true) {
+            continue;
+        }
+        let row = voip
+            .iter()
+            .find(|v| v["path"] == name)
+            .unwrap_or_else(|| panic!("no VoIP-shaped row for {name}:\n{stdout}"));
+        assert!(row["allocations"].as_u64().unwrap_or(0) >= 10, "{row}");
+        let loss = row["loss_percent"].as_f64().expect("loss");
+        assert!((0.0..=100.0).contains(&loss), "{name}: VoIP loss {loss}");
+        assert!(row["delivered_pps"].as_f64().unwrap_or(0.0) > 0.0, "{row}");
+        assert!(row["relay_core_ns_per_packet"].as_f64().is_some(), "{row}");
+        assert!(
+            row["process_cpu_ns_per_packet"]
+                .as_f64()
+                .is_some_and(|ns| ns >= 0.0),
+            "{row}"
+        );
+    }
+    // Every n/a carries its reason.
+    for na in json["not_applicable"]
+        .as_array()
+        .expect("not_applicable array")
+    {
+        assert!(
+            na["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "n/a without a reason: {na}"
+        );
+    }
+    for na in voip.iter().filter(|v| v.get("not_applicable").is_some()) {
+        assert!(na["not_applicable"].as_str().is_some_and(|r| !r.is_empty()));
+    }
+    let svg = std::fs::read_to_string(out.join("bench.svg")).expect("bench.svg");
+    assert!(svg.contains("peak zero-loss") && svg.contains("VoIP-shaped"));
+
     let latency = json["latency"].as_array().expect("latency array");
     assert!(
         latency

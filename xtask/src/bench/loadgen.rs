@@ -49,6 +49,9 @@ pub struct FloodPlan {
     /// Hard cap, so a loop is bounded in count as well as time.
     pub max_packets: u64,
     pub cpu: usize,
+    /// Paced: this many datagrams per second in all (spread over the groups in turn), instead
+    /// of as many as the generator can. Only the socket generator paces.
+    pub rate_pps: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -181,6 +184,9 @@ impl Generator for SocketGenerator {
 
     fn flood(&self, plan: &FloodPlan) -> anyhow::Result<GenStats> {
         pin_current_thread(plan.cpu)?;
+        if let Some(rate) = plan.rate_pps {
+            return self.paced(plan, rate);
+        }
         let mut groups: Vec<Prepared> = plan
             .groups
             .iter()
@@ -209,6 +215,75 @@ impl Generator for SocketGenerator {
             }
             if i % 8 == 0 && started.elapsed() >= plan.duration {
                 break;
+            }
+        }
+        stats.elapsed = started.elapsed();
+        check_stop()?;
+        Ok(stats)
+    }
+}
+
+/// How far a paced sender may fall behind its schedule before the backlog is forgiven (not
+/// sent in a burst): a preempted generator must not turn a paced flood into a line-rate burst.
+const MAX_LAG: Duration = Duration::from_millis(2);
+
+impl SocketGenerator {
+    /// Paced: datagram k leaves at k / rate seconds. Whatever is due is sent at once, up to
+    /// `batch` per sendmmsg, from the next group in turn; so at VoIP rates every flow sends one
+    /// datagram per turn (each at rate / groups), and at a high rate one flow's batches stay
+    /// short (a batch holds what came due since the last call). Between sends it sleeps
+    /// (waits over 200 us) or yields (shorter waits).
+    fn paced(&self, plan: &FloodPlan, rate: f64) -> anyhow::Result<GenStats> {
+        let mut groups: Vec<Prepared> = plan
+            .groups
+            .iter()
+            .map(|g| Prepared::new(g, plan.payload, self.batch))
+            .collect();
+        if groups.is_empty() || !rate.is_finite() || rate <= 0.0 {
+            bail!("nothing to send (rate {rate})");
+        }
+        let mut stats = GenStats::default();
+        let started = Instant::now();
+        // Packets the schedule skipped because the generator fell more than MAX_LAG behind.
+        let mut forgiven: u64 = 0;
+        let max_lag = ((rate * MAX_LAG.as_secs_f64()) as u64).max(self.batch as u64);
+        let mut i = 0;
+        while stats.sent < plan.max_packets {
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let elapsed = started.elapsed();
+            if elapsed >= plan.duration {
+                break;
+            }
+            let scheduled = (rate * elapsed.as_secs_f64()) as u64 + 1;
+            let mut due = scheduled.saturating_sub(stats.sent + forgiven);
+            if due > max_lag {
+                forgiven += due - max_lag;
+                due = max_lag;
+            }
+            if due == 0 {
+                let next = Duration::from_secs_f64((stats.sent + forgiven) as f64 / rate);
+                let wait = next.saturating_sub(elapsed);
+                if wait > Duration::from_micros(200) {
+                    std::thread::sleep(wait - Duration::from_micros(100));
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            let n_groups = groups.len();
+            let group = &mut groups[i % n_groups];
+            i += 1;
+            let want = due
+                .min(plan.max_packets - stats.sent)
+                .min(self.batch as u64) as usize;
+            match group.send(want) {
+                Some(n) => stats.sent += n as u64,
+                None => {
+                    stats.send_errors += 1;
+                    std::thread::yield_now();
+                }
             }
         }
         stats.elapsed = started.elapsed();

@@ -16,6 +16,7 @@ pub(crate) mod forwarder;
 pub(crate) mod lab;
 mod loadgen;
 mod measure;
+mod peak;
 pub(crate) mod raw_xdp;
 mod report;
 mod runner;
@@ -38,7 +39,7 @@ use self::{
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Fewer rounds and variants, shorter floods: finishes in about 3 minutes.
+    /// Fewer rounds and variants, shorter floods, 4-trial peak searches: about 4 minutes.
     #[arg(long)]
     quick: bool,
     /// A few seconds: one round, one short flood per path (what the test suite runs).
@@ -87,6 +88,28 @@ pub struct BenchArgs {
     /// Run in this (debug) build instead of re-running in a release build.
     #[arg(long)]
     no_release: bool,
+    /// coturn's `turnserver` to compare against (default: `turnserver` on PATH), e.g. a
+    /// coturn 4.17 build's build/bin/turnserver.
+    #[arg(long, value_name = "PATH", default_value = "turnserver")]
+    coturn_bin: PathBuf,
+    /// One extra argument for coturn, appended to the benchmark's own; repeat for several
+    /// (e.g. `--coturn-arg=--multiplex-peer --coturn-arg=--udp-gso`). A variant coturn cannot
+    /// run with them is reported n/a with its reason.
+    #[arg(long = "coturn-arg", value_name = "ARG", allow_hyphen_values = true)]
+    coturn_args: Vec<String>,
+    /// Paced trials per peak zero-loss search (per path, client->peer ChannelData variant and
+    /// round); 0 skips the search. Default: 3 smoke, 4 quick, 6 full.
+    #[arg(long, value_name = "N")]
+    peak_steps: Option<usize>,
+    /// Seconds per paced trial of the peak search. Default: 0.2 smoke, 0.4 quick, 1 full.
+    #[arg(long, value_name = "SECONDS")]
+    peak_trial: Option<f64>,
+    /// Allocations of the VoIP-shaped variant (default: 50 smoke, 1000 quick, 2000 full).
+    #[arg(long, value_name = "N")]
+    voip_allocations: Option<usize>,
+    /// Datagrams per second per allocation and direction in the VoIP-shaped variant.
+    #[arg(long, value_name = "PPS", default_value_t = 25)]
+    voip_pps: u32,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -96,6 +119,8 @@ struct Plan {
     variants: Vec<Variant>,
     duration: Duration,
     latency_duration: Duration,
+    /// The peak zero-loss search after each client->peer ChannelData flood.
+    search: peak::SearchPlan,
 }
 
 impl Plan {
@@ -105,6 +130,15 @@ impl Plan {
             flows,
             bidi,
             framing: Framing::ChannelData,
+            pps_per_flow: 0,
+        };
+        // VoIP-shaped: 160 B (G.711 at 20 ms), both directions, every allocation paced.
+        let voip = |flows| Variant {
+            payload: 160,
+            flows: args.voip_allocations.unwrap_or(flows).clamp(1, 10_000),
+            bidi: true,
+            framing: Framing::ChannelData,
+            pps_per_flow: args.voip_pps.clamp(1, 1000),
         };
         // Client→peer Send indications, compared with ChannelData of the same size and flows.
         let send = |payload, flows| Variant {
@@ -112,14 +146,21 @@ impl Plan {
             flows,
             bidi: false,
             framing: Framing::Send,
+            pps_per_flow: 0,
+        };
+        let search = |steps, trial_ms| peak::SearchPlan {
+            steps,
+            trial: Duration::from_millis(trial_ms),
+            settle: Duration::from_millis(150),
         };
         let mut plan = if args.smoke {
             Self {
                 mode: "smoke",
                 rounds: 1,
-                variants: vec![v(120, 1, false), send(120, 1)],
+                variants: vec![v(120, 1, false), send(120, 1), voip(50)],
                 duration: Duration::from_millis(500),
                 latency_duration: Duration::from_millis(300),
+                search: search(3, 200),
             }
         } else if args.quick {
             Self {
@@ -131,9 +172,11 @@ impl Plan {
                     v(120, 1, true),
                     send(120, 1),
                     send(120, 1000),
+                    voip(1000),
                 ],
                 duration: Duration::from_secs(2),
                 latency_duration: Duration::from_secs(1),
+                search: search(4, 400),
             }
         } else {
             let mut variants = Vec::new();
@@ -148,12 +191,14 @@ impl Plan {
                     }
                 }
             }
+            variants.push(voip(2000));
             Self {
                 mode: "full",
                 rounds: 5,
                 variants,
                 duration: Duration::from_secs(5),
                 latency_duration: Duration::from_secs(3),
+                search: search(6, 1000),
             }
         };
         if let Some(r) = args.rounds {
@@ -161,6 +206,12 @@ impl Plan {
         }
         if let Some(d) = args.duration {
             plan.duration = Duration::from_secs_f64(d.clamp(0.1, 120.0));
+        }
+        if let Some(steps) = args.peak_steps {
+            plan.search.steps = steps.min(16);
+        }
+        if let Some(t) = args.peak_trial {
+            plan.search.trial = Duration::from_secs_f64(t.clamp(0.05, 30.0));
         }
         plan
     }
@@ -241,8 +292,13 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         secret: format!("bench-{:x}", std::process::id()),
         server_bound: Duration::from_secs(30)
             + (plan.duration + Duration::from_secs(2)) * plan.variants.len() as u32
+            + (plan.search.trial + plan.search.settle + Duration::from_secs(1))
+                * (plan.search.steps * plan.variants.iter().filter(|v| v.searched()).count())
+                    as u32
             + plan.latency_duration,
         bench_object: bench_object.clone(),
+        coturn_bin: args.coturn_bin.clone(),
+        coturn_args: args.coturn_args.clone(),
     };
 
     lab::install_signal_handlers();
@@ -310,6 +366,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         let mut v: Vec<Variant> = plan
             .variants
             .iter()
+            .filter(|v| !v.is_voip())
             .map(|v| Variant { bidi: false, ..*v })
             .collect();
         v.sort();
@@ -373,6 +430,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                     None,
                     false,
                     delivery.as_ref(),
+                    None,
                 )?;
                 drop(ceiling_sink);
                 progress(
@@ -512,58 +570,71 @@ fn run_server_path(
     };
     let kernel = path.is_kernel();
     let setup = Instant::now();
-    let allocations = match if path.is_bare_forwarder() {
-        runner::bare_allocations(lab, max_flows)
+    let (allocations, refused) = if path.is_bare_forwarder() {
+        (runner::bare_allocations(lab, max_flows)?, None)
     } else {
-        runner::allocate(lab, ctx, max_flows, Framing::ChannelData)
-    } {
-        Ok(a) => a,
-        Err(e) => {
-            return Ok(Err(format!(
-                "TURN setup failed: {e:#}\n{}",
-                server.log_tail(8)
-            )))
-        }
+        runner::allocate(lab, ctx, max_flows, Framing::ChannelData)?
     };
+    if allocations.is_empty() {
+        return Ok(Err(format!(
+            "TURN setup failed: {}\n{}",
+            refused.as_deref().unwrap_or("no allocation"),
+            server.log_tail(8)
+        )));
+    }
     // Allocations of their own for the Send variants: a channel to the peer would keep the
     // relay from putting the permission in the kernel on its own (and a client with a channel
     // would use it), so these have a permission and nothing else.
-    let send_allocations = if max_send_flows == 0 || path.is_bare_forwarder() {
-        Vec::new()
+    let (send_allocations, send_refused) = if max_send_flows == 0 || path.is_bare_forwarder() {
+        (Vec::new(), None)
     } else {
-        match runner::allocate(lab, ctx, max_send_flows, Framing::Send) {
-            Ok(a) => a,
-            Err(e) => {
-                return Ok(Err(format!(
-                    "TURN setup (CreatePermission) failed: {e:#}\n{}",
-                    server.log_tail(8)
-                )))
-            }
-        }
+        runner::allocate(lab, ctx, max_send_flows, Framing::Send)?
     };
+    for (what, reason) in [("", &refused), ("Send-variant ", &send_refused)] {
+        if let Some(reason) = reason {
+            println!(
+                "bench: {} refused part of its {what}allocations: {}",
+                path.name(),
+                first_line(reason)
+            );
+        }
+    }
     let setup_s = setup.elapsed().as_secs_f64();
     for &variant in &plan.variants {
         lab::check_stop()?;
         *step += 1;
-        if let Some(reason) = variant.not_applicable(path) {
+        let (senders, senders_refused) = if variant.is_send() {
+            (&send_allocations, &send_refused)
+        } else {
+            (&allocations, &refused)
+        };
+        let reason = variant
+            .not_applicable(path)
+            .map(|r| format!("the {} path forwards {r}", path.name()))
+            .or_else(|| {
+                (senders.len() < variant.flows).then(|| {
+                    format!(
+                        "{} set up {} of the {} allocations it needs: {}",
+                        path.name(),
+                        senders.len(),
+                        variant.flows,
+                        senders_refused.as_deref().unwrap_or("refused")
+                    )
+                })
+            });
+        if let Some(reason) = reason {
             println!(
-                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a ({reason})",
+                "[{:>3}/{total_steps}] round {}/{} {:<9} {:<16} n/a ({})",
                 *step,
                 round + 1,
                 plan.rounds,
                 path.name(),
-                variant.label()
+                variant.label(),
+                first_line(&reason)
             );
-            if round == 0 {
-                results.not_applicable.push((path, variant));
-            }
+            results.set_not_applicable(path, variant, reason);
             continue;
         }
-        let senders = if variant.is_send() {
-            &send_allocations
-        } else {
-            &allocations
-        };
         let client = runner::client_groups(senders, variant.flows, variant.payload)?;
         let back = variant
             .bidi
@@ -580,6 +651,20 @@ fn run_server_path(
             c2p: &f.peer,
             p2c: Some(&f.client),
         });
+        // The VoIP-shaped variant is paced (socket generator): a fixed offered rate.
+        let paced = loadgen::SocketGenerator { batch: 64 };
+        let (generator, pace): (&dyn loadgen::Generator, _) =
+            match variant.voip_rate_per_direction() {
+                Some(rate_pps) => (
+                    &paced,
+                    Some(runner::Pace {
+                        rate_pps,
+                        duration: ctx.duration,
+                        settle: ctx.settle,
+                    }),
+                ),
+                None => (generator, None),
+            };
         let m = runner::flood(
             lab,
             ctx,
@@ -591,14 +676,63 @@ fn run_server_path(
             Some(server.pid),
             kernel,
             delivery.as_ref(),
+            pace,
         )?;
         progress(*step, total_steps, round, plan, path, variant, &m);
+        let overload_pps = m.pps();
         results.runs.push(Run {
             round,
             path,
             variant,
             m,
         });
+        if variant.searched() && plan.search.steps > 0 {
+            let paced = loadgen::SocketGenerator { batch: 64 };
+            // Receive livelock can hold overload goodput below what the path carries paced.
+            let upper = overload_pps * 1.25;
+            let found = peak::search(&plan.search, upper, |rate| {
+                lab::check_stop()?;
+                let delivery = far.as_deref().map(|f| sink::Delivery {
+                    c2p: &f.peer,
+                    p2c: Some(&f.client),
+                });
+                runner::flood(
+                    lab,
+                    ctx,
+                    &paced,
+                    variant,
+                    runner::client_groups(senders, variant.flows, variant.payload)?,
+                    None,
+                    &[std::sync::Arc::clone(peer)],
+                    Some(server.pid),
+                    kernel,
+                    delivery.as_ref(),
+                    Some(runner::Pace {
+                        rate_pps: rate,
+                        duration: plan.search.trial,
+                        settle: plan.search.settle,
+                    }),
+                )
+            })?;
+            println!(
+                "      round {}/{} {:<9} {:<16} peak zero-loss {}{:.1} kpps ({} paced trials{}; \
+                 search top {:.1} kpps)",
+                round + 1,
+                plan.rounds,
+                path.name(),
+                variant.label(),
+                if found.lower_bound { ">= " } else { "" },
+                found.rate_pps / 1e3,
+                found.trials.len(),
+                if found.generator_limited {
+                    ", generator-limited"
+                } else {
+                    ""
+                },
+                found.upper_pps / 1e3,
+            );
+            results.peaks.push((round, path, variant, found));
+        }
     }
     lab::check_stop()?;
     *step += 1;

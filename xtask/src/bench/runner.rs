@@ -116,6 +116,10 @@ pub struct Variant {
     pub flows: usize,
     pub bidi: bool,
     pub framing: Framing,
+    /// 0: a flood (the generator offers all it can). Otherwise the VoIP-shaped variant: every
+    /// flow paced at this many datagrams per second in each direction, so the offered rate is
+    /// fixed (flows x this, per direction) and every path can carry it.
+    pub pps_per_flow: u32,
 }
 
 impl Variant {
@@ -125,7 +129,27 @@ impl Variant {
             (Framing::ChannelData, true) => "both",
             (Framing::ChannelData, false) => "c>p",
         };
+        if self.is_voip() {
+            return format!("{}B x{} voip", self.payload, self.flows);
+        }
         format!("{}B x{} {direction}", self.payload, self.flows)
+    }
+
+    /// The VoIP-shaped variant: many allocations, each paced at a call's rate.
+    pub fn is_voip(&self) -> bool {
+        self.pps_per_flow > 0
+    }
+
+    /// The paced rate of one direction (VoIP-shaped variant), datagrams per second.
+    pub fn voip_rate_per_direction(&self) -> Option<f64> {
+        self.is_voip()
+            .then(|| self.flows as f64 * f64::from(self.pps_per_flow))
+    }
+
+    /// Whether the peak zero-loss search runs after this variant's flood: one direction and
+    /// ChannelData (the comparison; the paced generator drives one direction).
+    pub fn searched(&self) -> bool {
+        !self.bidi && self.framing == Framing::ChannelData && !self.is_voip()
     }
 
     pub fn is_send(&self) -> bool {
@@ -161,6 +185,9 @@ pub struct Ctx {
     pub server_bound: Duration,
     /// The benchmark's eBPF object (relay-bench-ebpf): the raw XDP forwarder's program.
     pub bench_object: PathBuf,
+    /// coturn's `turnserver` and the arguments appended to the benchmark's own.
+    pub coturn_bin: PathBuf,
+    pub coturn_args: Vec<String>,
 }
 
 /// What one flood measured. Delivered counts come from the far-end sinks (XDP counters on the
@@ -181,7 +208,7 @@ pub struct Measurement {
     /// Frames the veth ends towards the far ends refused (ring full): non-zero means the far
     /// end, not the server, limited part of the flood (see `Lab::xmit_drops`).
     pub far_end_drops: u64,
-    /// Server process utime+stime.
+    /// Server process CPU time (its threads' schedstat run time).
     pub process_cpu_ns: Option<u64>,
     /// Busy time of the relay core (process, softirq, NAPI threads pinned there).
     pub core_cpu_ns: u64,
@@ -461,18 +488,23 @@ fn wait_ready(
 }
 
 fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
-    if Command::new("turnserver")
+    let bin = ctx.coturn_bin.to_str().ok_or("non-utf-8 coturn path")?;
+    if Command::new(bin)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_err()
     {
-        return Err("turnserver not installed (apt-get install coturn)".to_owned());
+        return Err(if bin == "turnserver" {
+            "turnserver not installed (apt-get install coturn, or --coturn-bin PATH)".to_owned()
+        } else {
+            format!("{bin} does not run (--coturn-bin)")
+        });
     }
     let log_file = ctx.out.join("turnserver.log");
     let _ = std::fs::remove_file(&log_file);
-    let mut command = pinned(&lab.relay, ctx.relay_cpu, "turnserver");
+    let mut command = pinned(&lab.relay, ctx.relay_cpu, bin);
     command.args([
         "-n", // no configuration file: everything is on this command line
         "--listening-ip",
@@ -500,6 +532,7 @@ fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
     ]);
     command.arg(&log_file);
     command.arg("--pidfile").arg(ctx.out.join("turnserver.pid"));
+    command.args(&ctx.coturn_args);
     let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
     let mut server = Server {
         pid: child.id(),
@@ -546,15 +579,20 @@ pub fn peer_socket(lab: &Lab) -> anyhow::Result<Arc<UdpSocket>> {
     Ok(Arc::new(socket))
 }
 
-/// `n` allocations, each with channel 0x4000 bound to the peer socket (`framing` ChannelData)
-/// or only a permission for it (Send), through the server's TURN control plane (Allocate with
-/// REST long-term credentials, then ChannelBind or CreatePermission).
+/// Up to `n` allocations, each with channel 0x4000 bound to the peer socket (`framing`
+/// ChannelData) or only a permission for it (Send), through the server's TURN control plane
+/// (Allocate with REST long-term credentials, then ChannelBind or CreatePermission).
+///
+/// A server may refuse some of them for reasons of its own (a quota, coturn's
+/// `--multiplex-peer` refusing a second channel to one peer address): setup stops at the first
+/// refusal and returns what it got with the reason, so the variants that need no more still run.
+/// Errors of the benchmark itself (sockets, a stop signal) are `Err`.
 pub fn allocate(
     lab: &Lab,
     ctx: &Ctx,
     n: usize,
     framing: Framing,
-) -> anyhow::Result<Vec<Allocation>> {
+) -> anyhow::Result<(Vec<Allocation>, Option<String>)> {
     let sockets = client_sockets(lab, n)?;
     let server = SocketAddr::from((LISTEN_IP, LISTEN_PORT));
     let peer = SocketAddr::from((PEER_IP, PEER_PORT));
@@ -563,7 +601,8 @@ pub fn allocate(
     for (i, socket) in sockets.into_iter().enumerate() {
         check_stop()?;
         if started.elapsed() > Duration::from_secs(120) {
-            bail!("setting up {n} allocations took over 120 s (stopped at {i})");
+            let reason = format!("setting up {n} allocations took over 120 s (stopped at {i})");
+            return Ok((out, Some(reason)));
         }
         let (name, what) = match framing {
             Framing::ChannelData => (format!("bench{i}"), "allocation"),
@@ -575,9 +614,12 @@ pub fn allocate(
             Framing::ChannelData => client.allocate_and_bind(peer, FIRST_CHANNEL),
             Framing::Send => client.allocate_and_permit(peer),
         };
-        out.push(allocation.with_context(|| format!("{what} {i} of {n}"))?);
+        match allocation {
+            Ok(a) => out.push(a),
+            Err(e) => return Ok((out, Some(format!("{what} {} of {n}: {e:#}", i + 1)))),
+        }
     }
-    Ok(out)
+    Ok((out, None))
 }
 
 /// The minimal forwarders' "allocations" (reference and raw XDP): the same client sockets as
@@ -616,6 +658,7 @@ struct Snapshot {
     client: UdpCounters,
     relay: UdpCounters,
     peer: UdpCounters,
+    /// Server process CPU time, ns.
     process: Option<u64>,
     core: u64,
     bpf: Option<(u64, u64)>,
@@ -627,7 +670,7 @@ fn snapshot(lab: &Lab, ctx: &Ctx, pid: Option<u32>, kernel: bool) -> anyhow::Res
         client: lab.udp_counters(&lab.client)?,
         relay: lab.udp_counters(&lab.relay)?,
         peer: lab.udp_counters(&lab.peer)?,
-        process: pid.and_then(measure::process_ticks),
+        process: pid.and_then(measure::process_cpu_ns),
         core: measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0),
         bpf: if kernel {
             measure::bpf_run_stats(&lab.relay)
@@ -658,6 +701,15 @@ fn ticks_ns(ticks: u64) -> u64 {
     ticks * 1_000_000_000 / measure::clk_tck()
 }
 
+/// A paced flood (the socket generator's paced mode): `rate_pps` in each direction, for
+/// `duration`, counted `settle` after the last send.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub rate_pps: f64,
+    pub duration: Duration,
+    pub settle: Duration,
+}
+
 /// Floods `client_groups` (and `peer_group`, for both directions) for the configured time and
 /// measures what crossed: counted by `delivery`'s sinks, else (no sinks) by the receiving
 /// namespaces' UDP counters. `server_pid` None: the generator-ceiling run, whose receiver is in
@@ -677,7 +729,9 @@ pub fn flood(
     server_pid: Option<u32>,
     kernel: bool,
     delivery: Option<&Delivery<'_>>,
+    pace: Option<Pace>,
 ) -> anyhow::Result<Measurement> {
+    let (duration, settle) = pace.map_or((ctx.duration, ctx.settle), |p| (p.duration, p.settle));
     for r in receivers {
         measure::drain(r);
     }
@@ -688,9 +742,10 @@ pub fn flood(
         groups,
         origin,
         payload: variant.payload,
-        duration: ctx.duration,
+        duration,
         max_packets: ctx.max_packets,
         cpu: ctx.gen_cpu,
+        rate_pps: pace.map(|p| p.rate_pps),
     };
     let client_plan = plan(
         client_groups,
@@ -720,10 +775,10 @@ pub fn flood(
         anyhow::Ok((c2p, p2c))
     })?;
     // In-flight datagrams land within the settle time; the rate divides by the send time.
-    std::thread::sleep(ctx.settle);
+    std::thread::sleep(settle);
     // The receivers are not read during the flood (that would cost the generator core); what
     // they queued is counted now, as they are read (see UdpCounters).
-    let server_ticks_after = server_pid.and_then(measure::process_ticks);
+    let server_ns_after = server_pid.and_then(measure::process_cpu_ns);
     let core_after = measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0);
     for r in receivers {
         measure::drain(r);
@@ -733,7 +788,7 @@ pub fn flood(
         _ => None,
     };
     let mut after = snapshot(lab, ctx, server_pid, kernel)?;
-    after.process = server_ticks_after;
+    after.process = server_ns_after;
     after.core = core_after;
     if std::env::var_os("RELAY_BENCH_DEBUG").is_some() {
         eprintln!(
@@ -771,7 +826,7 @@ pub fn flood(
         csum_errors: client.in_csum_errors + relay.in_csum_errors + peer.in_csum_errors,
         far_end_drops: after.xmit_drops.saturating_sub(before.xmit_drops),
         process_cpu_ns: match (before.process, after.process) {
-            (Some(b), Some(a)) => Some(ticks_ns(a.saturating_sub(b))),
+            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
             _ => None,
         },
         core_cpu_ns: ticks_ns(after.core.saturating_sub(before.core)),

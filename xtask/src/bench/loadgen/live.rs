@@ -121,6 +121,9 @@ impl Generator for LiveFramesGenerator {
     }
 
     fn flood(&self, plan: &FloodPlan) -> anyhow::Result<GenStats> {
+        if plan.rate_pps.is_some() {
+            bail!("the live-frames generator does not pace (each call injects a burst)");
+        }
         // Namespaces are per thread: a thread of its own enters the origin namespace, so the
         // caller's stays untouched.
         std::thread::scope(|scope| {
