@@ -25,7 +25,9 @@ use crate::{
         peer_key, permission_key, EthHdr, Frame, IpHeader, Ipv4Hdr, Ipv6Hdr, UdpDatagram,
         ETH_HDR_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
-    indication::{check_fingerprint, data_to_client, parse_send, send_to_peer, SEND_INDICATION},
+    indication::{
+        check_fingerprint, data_to_client, parse_send, send_to_peer, sum_framing, SEND_INDICATION,
+    },
     maps::{
         count_allocation, is_listener_port, next_hop, peer_allowed_cached, CHANNELS, CLIENTS,
         PEERS, PERMISSIONS,
@@ -78,8 +80,9 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
                     let relay = unsafe { &*relay };
                     // Parsed here, not inside `send_to_peer`: one subprogram deep at a time
                     // keeps the combined stack within the verifier's 512 bytes.
-                    let send = parse_send(ctx, &udp)?;
+                    let mut send = parse_send(ctx, &udp)?;
                     check_fingerprint(ctx, &udp, &send)?;
+                    sum_framing(ctx, udp.payload_offset, udp.payload_len, &mut send)?;
                     return send_to_peer(ctx, &udp, relay, &send);
                 }
                 // Not a client of this relay: maybe a peer's datagram (below).

@@ -41,6 +41,8 @@ const MAX_ATTRIBUTES: usize = 6;
 const MAX_PREFIX: usize = 96;
 /// Longest tail after DATA's value (its padding and trailing optional attributes).
 const MAX_SUFFIX: usize = 32;
+/// Most words one [`sum_removed_words`] call sums: the longer of prefix and tail.
+const MAX_SUMMED_WORDS: usize = MAX_PREFIX / 4;
 /// Longest message (up to its FINGERPRINT) whose fingerprint the kernel checks: a full
 /// 1500-byte frame's worth; longer fingerprinted indications go to the socket path.
 const MAX_FINGERPRINTED: usize = 1_500;
@@ -80,11 +82,16 @@ pub struct Send {
     peer_ip: [u32; 4],
     peer_family: u8,
     peer_port: u16,
-    /// Offset of DATA's value from the start of the UDP payload, and its length.
-    data_at: usize,
-    data_len: usize,
+    /// Offset of DATA's value from the start of the UDP payload, and its length. 16 bits, as
+    /// every offset in a UDP payload: the entry point keeps this struct on its stack, which
+    /// the verifier limits.
+    data_at: u16,
+    data_len: u16,
     /// Offset of the FINGERPRINT attribute, 0 without one.
-    fingerprint_at: usize,
+    fingerprint_at: u16,
+    /// Checksum change of the UDP payload when only DATA's value stays: every byte in front of
+    /// it and after it leaves.
+    removed: Delta,
 }
 
 /// Client → peer: a Send indication (parsed by [`parse_send`]) from a client with an
@@ -116,72 +123,133 @@ pub fn send_to_peer<C: Packet>(
     }
     let hop = next_hop(permission.peer_hop).ok_or(Reason::PassNoNextHop)?;
 
-    // Checksum: every word in front of the data leaves (the framing is a multiple of four
-    // bytes, so the data keeps its word alignment), and so do the bytes after it.
-    let mut data = Delta::new();
-    let mut word_at = 0;
-    // One buffer for every load: loops may be unrolled, and a buffer per iteration would
-    // cost stack the program lacks.
-    let mut w = [0u8; 4];
-    for _ in 0..MAX_PREFIX / 4 {
-        if word_at >= send.data_at {
-            break;
-        }
-        if !ctx.load(udp.payload_offset + word_at, &mut w) {
-            return Err(Reason::PassMalformedUdp);
-        }
-        data.remove(u16::from_ne_bytes([w[0], w[1]]));
-        data.remove(u16::from_ne_bytes([w[2], w[3]]));
-        word_at += 4;
-    }
-    // After the data: its padding (inside the last word it ends in), then whole words of
-    // trailing attributes. Offsets from the UDP header decide which half of a checksum word a
-    // byte is; the header is 8 bytes, so the payload offset's parity is the same.
-    let data_end = send.data_at + send.data_len;
-    let aligned_end = data_end.next_multiple_of(4);
-    if aligned_end > data_end {
-        let word_start = aligned_end - 4;
-        if !ctx.load(udp.payload_offset + word_start, &mut w) {
-            return Err(Reason::PassMalformedUdp);
-        }
-        for (i, byte) in w.iter().enumerate() {
-            if word_start + i >= data_end {
-                data.remove_byte(*byte, (word_start + i).is_multiple_of(2));
-            }
-        }
-    }
-    let mut word_at = aligned_end;
-    for _ in 0..MAX_SUFFIX / 4 {
-        if word_at >= udp.payload_len {
-            break;
-        }
-        if !ctx.load(udp.payload_offset + word_at, &mut w) {
-            return Err(Reason::PassMalformedUdp);
-        }
-        data.remove(u16::from_ne_bytes([w[0], w[1]]));
-        data.remove(u16::from_ne_bytes([w[2], w[3]]));
-        word_at += 4;
-    }
-
+    let (data_at, data_len) = (usize::from(send.data_at), usize::from(send.data_len));
+    let data_end = data_at + data_len;
     let frame_len = ctx.data_end() - ctx.data();
     let plan = Plan {
         src_ip: relayed_ip,
         dst_ip: &send.peer_ip,
         src_port: relayed_port,
         dst_port: send.peer_port,
-        new_udp_len: UDP_HDR_LEN + send.data_len,
-        data,
+        new_udp_len: UDP_HDR_LEN + data_len,
+        data: send.removed,
         trim: frame_len - (udp.payload_offset + data_end),
         grow: 0,
-        resize: Resize::Strip(send.data_at as u32),
+        resize: Resize::Strip(data_at as u32),
         out_v6: family != FAMILY_IPV4,
     };
     let egress = rewrite(ctx, udp, &plan, hop)?;
-    count_allocation(permission.counters, true, send.data_len as u64);
+    count_allocation(permission.counters, true, data_len as u64);
     Ok(Forward {
         reason: Reason::ForwardSendToPeer,
         egress,
     })
+}
+
+/// What the word-summing loop body needs; `bpf_loop` hands it back by pointer.
+#[repr(C)]
+struct SumState<'a, C> {
+    ctx: &'a C,
+    /// Offset of the first word in the frame.
+    base: usize,
+    sum: Delta,
+    failed: u32,
+}
+
+/// One word leaving the checksummed data: `bpf_loop` calls it once per word, and the verifier
+/// checks it once, however many words there are.
+extern "C" fn remove_word<C: Packet>(index: u64, state: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the `SumState` pointer `sum_removed_words` gave it,
+    // which lives in its caller's frame for the whole loop.
+    let state = unsafe { &mut *state.cast::<SumState<'_, C>>() };
+    let mut w = [0u8; 4];
+    if !state.ctx.load(state.base + (index as usize) * 4, &mut w) {
+        state.failed = 1;
+        return 1;
+    }
+    state.sum.remove(u16::from_ne_bytes([w[0], w[1]]));
+    state.sum.remove(u16::from_ne_bytes([w[2], w[3]]));
+    0
+}
+
+/// Accounts for `words` whole words at frame offset `base` leaving the checksummed data.
+/// `false` if they are not all inside the frame.
+#[inline(always)]
+fn sum_removed_words<C: Packet>(ctx: &C, base: usize, words: usize, sum: &mut Delta) -> bool {
+    if words == 0 {
+        return true;
+    }
+    if words > MAX_SUMMED_WORDS {
+        return false;
+    }
+    let mut state = SumState {
+        ctx,
+        base,
+        sum: *sum,
+        failed: 0,
+    };
+    // SAFETY: the callback is an `extern "C" fn(u64, *mut c_void) -> i64` as the helper
+    // expects, and `state` outlives the call.
+    let looped = unsafe {
+        bpf_loop(
+            words as u32,
+            remove_word::<C> as *mut core::ffi::c_void,
+            (&mut state as *mut SumState<'_, C>).cast(),
+            0,
+        )
+    };
+    if looped < 0 || state.failed != 0 {
+        return false;
+    }
+    *sum = state.sum;
+    true
+}
+
+/// The checksum change of a Send indication's UDP payload when only DATA's value stays
+/// ([`Send::removed`]). Its own subprogram, called from the entry point: the word loop's
+/// frames then stack on neither [`parse_send`]'s nor [`send_to_peer`]'s.
+#[inline(never)]
+pub fn sum_framing<C: Packet>(
+    ctx: &C,
+    payload_offset: usize,
+    payload_len: usize,
+    send: &mut Send,
+) -> Result<(), Reason> {
+    const UNSUPPORTED: Reason = Reason::PassStunUnsupported;
+    let (data_at, data_len, end) = (
+        usize::from(send.data_at),
+        usize::from(send.data_len),
+        payload_len,
+    );
+    // Checksum: every word in front of the data leaves (the framing is a multiple of four
+    // bytes, so the data keeps its word alignment), and so do the bytes after it: the padding
+    // inside the last word the data ends in, then whole words of trailing attributes.
+    // Offsets from the UDP header decide which half of a checksum word a byte is; the header
+    // is 8 bytes, so the payload offset's parity is the same.
+    let mut removed = Delta::new();
+    if !sum_removed_words(ctx, payload_offset, data_at / 4, &mut removed) {
+        return Err(UNSUPPORTED);
+    }
+    let data_end = data_at + data_len;
+    let aligned_end = data_end.next_multiple_of(4);
+    if aligned_end > data_end {
+        let word_start = aligned_end - 4;
+        let mut w = [0u8; 4];
+        if !ctx.load(payload_offset + word_start, &mut w) {
+            return Err(UNSUPPORTED);
+        }
+        for (i, byte) in w.iter().enumerate() {
+            if word_start + i >= data_end {
+                removed.remove_byte(*byte, (word_start + i).is_multiple_of(2));
+            }
+        }
+    }
+    let trailing = (end - aligned_end) / 4;
+    if !sum_removed_words(ctx, payload_offset + aligned_end, trailing, &mut removed) {
+        return Err(UNSUPPORTED);
+    }
+    send.removed = removed;
+    Ok(())
 }
 
 /// A message with a wrong fingerprint is no STUN message (RFC 8489 §7.3): the socket path
@@ -190,7 +258,8 @@ pub fn send_to_peer<C: Packet>(
 /// point, not from [`send_to_peer`], so the CRC loop's frames never stack on that one's.
 #[inline(always)]
 pub fn check_fingerprint<C: Packet>(ctx: &C, udp: &UdpDatagram, send: &Send) -> Result<(), Reason> {
-    if send.fingerprint_at != 0 && !fingerprint_matches(ctx, udp, send.fingerprint_at) {
+    let at = usize::from(send.fingerprint_at);
+    if at != 0 && !fingerprint_matches(ctx, udp, at) {
         return Err(Reason::PassStunUnsupported);
     }
     Ok(())
@@ -364,12 +433,14 @@ pub fn parse_send<C: Packet>(ctx: &C, udp: &UdpDatagram) -> Result<Send, Reason>
         return Err(UNSUPPORTED);
     }
     Ok(Send {
+        removed: Delta::new(),
         peer_ip,
         peer_family,
         peer_port: u16::from_ne_bytes(peer_port),
-        data_at,
-        data_len,
-        fingerprint_at,
+        // Below 64 KiB: offsets inside the UDP payload.
+        data_at: data_at as u16,
+        data_len: data_len as u16,
+        fingerprint_at: fingerprint_at as u16,
     })
 }
 
