@@ -366,6 +366,47 @@ fn fixtures() -> Vec<Fixture> {
             },
         );
     }
+    // Client-to-client between families: allocation 25's client is on IPv6, 26's on IPv4,
+    // both relayed addresses IPv4; each client gets the other's data in its own family.
+    let v6_client = Family {
+        client: addr("[2001:2:0:1::2]:40025"),
+        listener: V6().listener,
+        relayed: addr("198.18.2.1:50025"),
+        peer: addr("198.18.2.1:50026"),
+    };
+    let v4_client = Family {
+        client: addr("198.18.1.2:40026"),
+        listener: v4.listener,
+        relayed: addr("198.18.2.1:50026"),
+        peer: addr("198.18.2.1:50025"),
+    };
+    for (name, from, to, channel, back) in [
+        (
+            "hairpin v6 client -> v4 client",
+            &v6_client,
+            &v4_client,
+            0x4025,
+            0x4026,
+        ),
+        (
+            "hairpin v4 client -> v6 client",
+            &v4_client,
+            &v6_client,
+            0x4026,
+            0x4025,
+        ),
+    ] {
+        add(
+            name,
+            client_frame(from, &channel_data(channel, b"across", 2)).build(),
+            false,
+            Expect::Forward {
+                frame: to_client_frame(to, back, b"across").build(),
+                same_interface: true,
+                reason: Reason::ForwardHairpin,
+            },
+        );
+    }
     let lonely = Family {
         client: addr("198.18.1.2:40007"),
         listener: v4.listener,
@@ -1270,21 +1311,30 @@ fn bindings() -> Vec<ChannelBinding> {
 }
 
 /// Allocations 5 and 6 peer with each other's relayed address; 7's peer is a relayed address
-/// of no allocation. All three are hairpin bindings.
+/// of no allocation; 25 (an IPv6 client) and 26 (an IPv4 one) peer with each other's IPv4
+/// relayed address. All are hairpin bindings.
 fn hairpin_bindings() -> Vec<ChannelBinding> {
     let in_a_minute = Instant::now() + Duration::from_secs(60);
     let listener = V4().listener;
+    let listener6 = V6().listener;
     [
-        (5, 40005, 50005, 50006, 0x4005),
-        (6, 40006, 50006, 50005, 0x4006),
-        (7, 40007, 50007, 50099, 0x4007),
+        (5, "198.18.1.2:40005", 50005, 50006, 0x4005),
+        (6, "198.18.1.2:40006", 50006, 50005, 0x4006),
+        (7, "198.18.1.2:40007", 50007, 50099, 0x4007),
+        // Between families: an IPv6 client and an IPv4 one, both relayed over IPv4.
+        (25, "[2001:2:0:1::2]:40025", 50025, 50026, 0x4025),
+        (26, "198.18.1.2:40026", 50026, 50025, 0x4026),
     ]
     .into_iter()
     .map(
         |(allocation, client, relayed, peer, channel)| ChannelBinding {
             allocation,
-            client: addr(&format!("198.18.1.2:{client}")),
-            listener,
+            client: addr(client),
+            listener: if client.starts_with('[') {
+                listener6
+            } else {
+                listener
+            },
             relayed: addr(&format!("198.18.2.1:{relayed}")),
             peer: addr(&format!("198.18.2.1:{peer}")),
             channel,
