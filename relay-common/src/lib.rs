@@ -152,6 +152,35 @@ pub struct ChannelKey {
     pub reserved: u8,
 }
 
+/// A key of one of the hash maps: plain words, no padding (asserted below), so it can be read
+/// as `u32`s.
+pub trait MapKey: Copy {}
+impl MapKey for ChannelKey {}
+impl MapKey for PeerKey {}
+impl MapKey for ClientKey {}
+impl MapKey for PermissionKey {}
+
+/// A 16-bit digest of a map key (FNV-1a over its 32-bit words, folded), stored in the key's
+/// value by userspace. Preallocated hash maps recycle an element as soon as it is replaced or
+/// deleted, so a program holding a pointer may find it reused for another key mid-read; the
+/// program copies the value and checks the tag before and after (a changed entry is passed
+/// to the socket path, [`Reason::PassEntryChanged`]).
+#[inline(always)]
+pub fn key_tag<K: MapKey>(key: &K) -> u16 {
+    let words = core::mem::size_of::<K>() / 4;
+    let base = (key as *const K).cast::<u32>();
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < words {
+        // SAFETY: `MapKey` types are padding-free `repr(C)` structs of 4-byte-aligned fields
+        // whose size is a multiple of 4; `i` stays below the word count.
+        let word = unsafe { base.add(i).read() };
+        hash = (hash ^ word).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    (hash ^ (hash >> 16)) as u16
+}
+
 /// Value of [`CHANNELS_MAP`]: where a client's channel goes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -171,8 +200,10 @@ pub struct ToPeer {
     pub peer_ip: [u32; 4],
     pub relayed_port: u16,
     pub peer_port: u16,
+    /// [`key_tag`] of the entry's key.
+    pub key_tag: u16,
     /// Always zero.
-    pub reserved: u32,
+    pub reserved: u16,
 }
 
 /// Key of [`PEERS_MAP`]: datagrams from one peer to one relayed transport address.
@@ -209,8 +240,8 @@ pub struct ToClient {
     pub client_port: u16,
     /// Channel number written into the ChannelData header, network order.
     pub channel: u16,
-    /// Always zero.
-    pub reserved: u16,
+    /// [`key_tag`] of the entry's key.
+    pub key_tag: u16,
 }
 
 /// Key of [`CLIENTS_MAP`]: a client's 5-tuple (RFC 8656 §2) on a listener.
@@ -240,8 +271,8 @@ pub struct ToRelay {
     pub relayed_v4_port: u16,
     /// The IPv6 relayed port, 0 without an IPv6 relayed address.
     pub relayed_v6_port: u16,
-    /// Always zero.
-    pub reserved: u16,
+    /// [`key_tag`] of the entry's key.
+    pub key_tag: u16,
     /// The IPv4 relayed address (first word; the rest zero, as in keys).
     pub relayed_v4_ip: [u32; 4],
     pub relayed_v6_ip: [u32; 4],
@@ -303,8 +334,8 @@ pub struct Permission {
     pub client_port: u16,
     /// Index of the peer's [`NextHop`] (the peer IP's, from the relayed address).
     pub peer_hop: u16,
-    /// Always zero.
-    pub reserved: u16,
+    /// [`key_tag`] of the entry's key.
+    pub key_tag: u16,
 }
 
 /// Value of [`NEXT_HOPS_MAP`]: how a frame reaches one destination address, resolved by
@@ -409,6 +440,7 @@ const _: () = assert!(core::mem::size_of::<ToRelay>() == 40);
 const _: () = assert!(core::mem::size_of::<PermissionKey>() == 36);
 const _: () = assert!(core::mem::size_of::<Permission>() == 56);
 const _: () = assert!(POLICY_CACHE_SLOTS.is_power_of_two());
+const _: () = assert!(core::mem::size_of::<PermissionKey>() % 4 == 0);
 const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
 // Padding-free: each size equals the sum of its fields' sizes.
@@ -543,11 +575,14 @@ pub enum Reason {
     /// full: DONT-FRAGMENT, FINGERPRINT, an unknown comprehension-required attribute, a missing
     /// or repeated XOR-PEER-ADDRESS or DATA, lengths that disagree, another address family.
     PassStunUnsupported = 28,
+    /// The map entry changed while the program read it (a preallocated element recycled for
+    /// another key by a concurrent update): its key tag no longer matched.
+    PassEntryChanged = 29,
 }
 
 impl Reason {
     /// Number of reasons, i.e. the number of entries in the verdict counter array.
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 30;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -580,6 +615,7 @@ impl Reason {
         Reason::ForwardDataToClient,
         Reason::PassNoPermission,
         Reason::PassStunUnsupported,
+        Reason::PassEntryChanged,
     ];
 
     /// Counter index of this reason.
@@ -619,6 +655,7 @@ impl Reason {
             Reason::ForwardDataToClient => "forward_data_to_client",
             Reason::PassNoPermission => "pass_no_permission",
             Reason::PassStunUnsupported => "pass_stun_unsupported",
+            Reason::PassEntryChanged => "pass_entry_changed",
         }
     }
 
@@ -687,6 +724,40 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_tags_tell_neighbouring_keys_apart() {
+        let key = ChannelKey {
+            client_ip: [0x0201_12c6, 0, 0, 0],
+            listener_ip: [0x0101_12c6, 0, 0, 0],
+            client_port: 40000u16.to_be(),
+            listener_port: 3478u16.to_be(),
+            channel: 0x4000u16.to_be(),
+            family: FAMILY_IPV4,
+            reserved: 0,
+        };
+        assert_eq!(key_tag(&key), key_tag(&key.clone()));
+        // Keys of neighbouring bindings (next port, next channel, next client) differ.
+        // A bitmap of the 65,536 tags (no_std: no HashSet).
+        let mut seen = [0u64; 1024];
+        let mut distinct = 0;
+        for port in 0..200u16 {
+            for channel in 0..50u16 {
+                let other = ChannelKey {
+                    client_port: (40000 + port).to_be(),
+                    channel: (0x4000 + channel).to_be(),
+                    ..key
+                };
+                let tag = usize::from(key_tag(&other));
+                if seen[tag / 64] & (1 << (tag % 64)) == 0 {
+                    seen[tag / 64] |= 1 << (tag % 64);
+                    distinct += 1;
+                }
+            }
+        }
+        // 10,000 keys in 65,536 tags: some collisions, never a degenerate hash.
+        assert!(distinct > 9_000, "{distinct}");
+    }
 
     #[test]
     fn labels_are_unique_and_indices_round_trip() {

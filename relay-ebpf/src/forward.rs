@@ -29,8 +29,8 @@ use crate::{
         check_fingerprint, data_to_client, parse_send, send_to_peer, sum_framing, SEND_INDICATION,
     },
     maps::{
-        count_allocation, is_listener_port, next_hop, peer_allowed_cached, CHANNELS, CLIENTS,
-        PEERS, PERMISSIONS,
+        count_allocation, is_listener_port, lookup, next_hop, peer_allowed_cached, CHANNELS,
+        CLIENTS, PEERS, PERMISSIONS,
     },
 };
 
@@ -73,11 +73,8 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
     if to_listener {
         match classified {
             // RFC 8656 §11.2: a Send indication from a client.
-            Classified::NotChannelData => match lookup_client(&udp) {
+            Classified::NotChannelData => match lookup_client(&udp)? {
                 Some(relay) => {
-                    // SAFETY: a successful lookup returns a valid, aligned value pointer; the
-                    // element stays allocated (preallocated map) while the program runs.
-                    let relay = unsafe { &*relay };
                     // Parsed here, not inside `send_to_peer`: one subprogram deep at a time
                     // keeps the combined stack within the verifier's 512 bytes.
                     let mut send = parse_send(ctx, &udp)?;
@@ -90,10 +87,7 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
             },
             Classified::Bad(reason) => miss = reason,
             Classified::ChannelData(message) => {
-                if let Some(entry) = lookup_channel(&udp, message.channel) {
-                    // SAFETY: a successful lookup returns a valid, aligned value pointer; the
-                    // element stays allocated (preallocated map) while the program runs.
-                    let entry = unsafe { &*entry };
+                if let Some(entry) = lookup_channel(&udp, message.channel)? {
                     // Called from here, not from `to_peer`: each direction is one subprogram
                     // deep, which keeps the combined stack within the verifier's 512 bytes.
                     if entry.flags & FLAG_HAIRPIN != 0 {
@@ -108,9 +102,7 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
 
     // Peer → client: a datagram to a relayed address from a peer with a bound channel
     // (RFC 8656 §12.6).
-    if let Some(entry) = lookup_peer(&udp) {
-        // SAFETY: as above.
-        let entry = unsafe { &*entry };
+    if let Some(entry) = lookup_peer(&udp)? {
         // A hairpin entry's "peer" is one of this relay's own relayed addresses: only the
         // program itself delivers such traffic (see `hairpin`). From the wire it is a spoofed
         // local source: the stack drops it as martian (IPv4) or hands it to the relay socket,
@@ -122,43 +114,44 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
         return to_client(ctx, &udp, entry);
     }
     // No channel: a peer with a permission gets a Data indication (RFC 8656 §11.3).
-    if let Some(permission) = lookup_permission(&udp) {
-        // SAFETY: as above.
-        return data_to_client(ctx, &udp, unsafe { &*permission });
+    if let Some(permission) = lookup_permission(&udp)? {
+        return data_to_client(ctx, &udp, permission);
     }
     Err(miss)
 }
 
-// Map lookups, each building its key.
+// Map lookups, each building its key; each value is this CPU's stable copy (`maps::lookup`).
+type Found<T> = Result<Option<&'static T>, Reason>;
 
 /// The channel binding of a client's ChannelData on `channel`.
 #[inline(always)]
-fn lookup_channel(udp: &UdpDatagram, channel: u16) -> Option<*const ToPeer> {
-    CHANNELS.get_ptr(udp.channel_key(channel))
+fn lookup_channel(udp: &UdpDatagram, channel: u16) -> Found<ToPeer> {
+    lookup(&CHANNELS, &udp.channel_key(channel))
 }
 
 /// The channel binding of a peer's datagram.
 #[inline(always)]
-fn lookup_peer(udp: &UdpDatagram) -> Option<*const ToClient> {
-    PEERS.get_ptr(udp.peer_key())
+fn lookup_peer(udp: &UdpDatagram) -> Found<ToClient> {
+    lookup(&PEERS, &udp.peer_key())
 }
 
 /// The permission of a peer's datagram (the allocation is the relayed address it went to).
 #[inline(always)]
-fn lookup_permission(udp: &UdpDatagram) -> Option<*const Permission> {
+fn lookup_permission(udp: &UdpDatagram) -> Found<Permission> {
     let (peer_ip, relayed_ip) = udp.addresses();
-    PERMISSIONS.get_ptr(permission_key(
+    let key = permission_key(
         relayed_ip,
         peer_ip,
         u16::from_ne_bytes(udp.udp.dst_port),
         udp.family(),
-    ))
+    );
+    lookup(&PERMISSIONS, &key)
 }
 
 /// The allocation of a client's Send indication.
 #[inline(always)]
-fn lookup_client(udp: &UdpDatagram) -> Option<*const ToRelay> {
-    CLIENTS.get_ptr(udp.client_key())
+fn lookup_client(udp: &UdpDatagram) -> Found<ToRelay> {
+    lookup(&CLIENTS, &udp.client_key())
 }
 
 /// Checks an entry's flags and deadline.
@@ -245,11 +238,9 @@ fn hairpin<C: Packet>(
         entry.peer_port,
         family_of(relayed_v6),
     );
-    let Some(target) = PEERS.get_ptr(key) else {
+    let Some(target) = lookup(&PEERS, &key)? else {
         return Err(Reason::PassHairpinNoChannel);
     };
-    // SAFETY: a successful lookup returns a valid, aligned value pointer (preallocated map).
-    let target = unsafe { &*target };
     usable(target.flags, target.expires_at_ns)?;
     let out_v6 = relayed_v6 != (target.flags & FLAG_TRANSLATE != 0);
     let hop = next_hop(target.next_hop).ok_or(Reason::PassNoNextHop)?;

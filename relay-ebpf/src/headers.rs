@@ -73,19 +73,20 @@ pub enum IpHeader {
 
 /// A UDP datagram located inside a frame.
 ///
-/// `repr(C)` with word-sized fields first: subprograms take it by reference, so the entry
-/// point stores it on its stack, and the verifier accepts the packet pointer in it only as a
-/// whole 8-byte spill.
+/// `repr(C)` with plain words first: subprograms take it by reference, so the entry point
+/// stores it on its stack, and the verifier accepts the packet pointer in it only as a whole
+/// 8-byte spill. A `Result<UdpDatagram, Reason>` keeps its error in the first word; were the
+/// pointer there, LLVM would store it as two 32-bit halves, which the verifier refuses.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UdpDatagram {
-    pub ip: IpHeader,
-    /// The UDP header, copied (the rewrite overwrites it while still needing the old values).
-    pub udp: UdpHdr,
     /// Offset of the UDP payload from the frame start.
     pub payload_offset: usize,
     /// UDP payload length as the UDP header states it.
     pub payload_len: usize,
+    pub ip: IpHeader,
+    /// The UDP header, copied (the rewrite overwrites it while still needing the old values).
+    pub udp: UdpHdr,
 }
 
 impl UdpDatagram {

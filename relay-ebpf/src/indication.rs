@@ -20,7 +20,7 @@ use crate::{
     context::Packet,
     forward::{payload_offset, rewrite, usable, Forward, Plan, Resize},
     headers::{permission_key, Frame, UdpDatagram, UDP_HDR_LEN},
-    maps::{count_allocation, next_hop, peer_allowed_cached, PERMISSIONS},
+    maps::{count_allocation, lookup, next_hop, peer_allowed_cached, PERMISSIONS},
 };
 
 /// STUN header length (RFC 8489 §5).
@@ -112,11 +112,9 @@ pub fn send_to_peer<C: Packet>(
         return Err(Reason::PassNoPermission);
     };
     let pkey = permission_key(*relayed_ip, send.peer_ip, relayed_port, family);
-    let Some(permission) = PERMISSIONS.get_ptr(pkey) else {
+    let Some(permission) = lookup(&PERMISSIONS, &pkey)? else {
         return Err(Reason::PassNoPermission);
     };
-    // SAFETY: as above.
-    let permission: &Permission = unsafe { &*permission };
     usable(permission.flags, permission.expires_at_ns)?;
     if !peer_allowed_cached(family, &send.peer_ip, permission.peer_hop) {
         return Err(Reason::PassPolicyDenied);

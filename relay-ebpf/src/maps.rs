@@ -10,10 +10,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use relay_common::{
-    AllocationCounters, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
-    PolicyVerdict, ToClient, ToPeer, ToRelay, FAMILY_IPV4, LISTENER_PORT_WORDS, MAX_ALLOCATIONS,
-    MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS, MAX_PERMISSIONS, MAX_POLICY_PREFIXES,
-    POLICY_ALLOW, POLICY_CACHE_SLOTS,
+    key_tag, AllocationCounters, ChannelKey, ClientKey, MapKey, NextHop, PeerKey, Permission,
+    PermissionKey, PolicyVerdict, Reason, ToClient, ToPeer, ToRelay, FAMILY_IPV4,
+    LISTENER_PORT_WORDS, MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS,
+    MAX_PERMISSIONS, MAX_POLICY_PREFIXES, POLICY_ALLOW, POLICY_CACHE_SLOTS,
 };
 
 /// Client → peer: which peer a client's channel goes to (`relay_common::CHANNELS_MAP`).
@@ -149,4 +149,94 @@ pub fn count_allocation(slot: u32, to_peer: bool, bytes: u64) {
             counters.to_client_bytes += bytes;
         }
     }
+}
+
+/// This CPU's copies of the entries one packet uses: each lookup copies its value here once
+/// (see [`lookup`]), so nothing the program reads can change under it. One slot per value
+/// type; no path uses two entries of one type.
+#[repr(C)]
+pub struct Scratch {
+    to_peer: ToPeer,
+    to_client: ToClient,
+    permission: Permission,
+    to_relay: ToRelay,
+}
+
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A value of a hash map: where its key tag sits, and its slot in [`Scratch`].
+pub trait Tagged: Sized {
+    /// # Safety
+    /// `entry` must point at a readable value.
+    unsafe fn tag(entry: *const Self) -> u16;
+    fn slot(scratch: &mut Scratch) -> &mut Self;
+}
+
+macro_rules! tagged {
+    ($value:ty, $slot:ident) => {
+        impl Tagged for $value {
+            #[inline(always)]
+            unsafe fn tag(entry: *const Self) -> u16 {
+                // SAFETY: the caller vouches for `entry`; volatile, so the read happens exactly
+                // where it is written (before and after the copy).
+                unsafe { core::ptr::addr_of!((*entry).key_tag).read_volatile() }
+            }
+            #[inline(always)]
+            fn slot(scratch: &mut Scratch) -> &mut Self {
+                &mut scratch.$slot
+            }
+        }
+    };
+}
+tagged!(ToPeer, to_peer);
+tagged!(ToClient, to_client);
+tagged!(Permission, permission);
+tagged!(ToRelay, to_relay);
+
+/// Looks `key` up in `map` and returns a copy of its value that cannot change while the
+/// program runs, or [`Reason::PassEntryChanged`] when the element was recycled for another
+/// key while it was copied.
+///
+/// Preallocated hash maps hand a replaced or deleted element back to their free list at once,
+/// and the next update (on another CPU) may reuse it for another key while this program still
+/// reads it: reading fields one by one could mix two bindings (send one client's data to
+/// another's peer). The value is copied word by word between two reads of its key tag; both
+/// must match the tag of the key looked up.
+#[inline(always)]
+pub fn lookup<K: MapKey, V: Tagged>(
+    map: &HashMap<K, V>,
+    key: &K,
+) -> Result<Option<&'static V>, Reason> {
+    let Some(found) = map.get_ptr(key) else {
+        return Ok(None);
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Reason::PassEntryChanged);
+    };
+    // SAFETY: a successful per-CPU array lookup points at this CPU's copy, which nothing else
+    // touches while this program runs (no preemption in XDP and TC); it lives as long as the
+    // map, i.e. the whole program run.
+    let slot: &'static mut V = V::slot(unsafe { &mut *scratch });
+    let expected = key_tag(key);
+    // SAFETY: a successful hash map lookup returns a pointer to a value of the map's value
+    // size, readable for the whole program run (preallocated elements are never freed, only
+    // reused, which the tag checks detect).
+    unsafe {
+        if V::tag(found) != expected {
+            return Err(Reason::PassEntryChanged);
+        }
+        const { assert!(core::mem::size_of::<V>() % 4 == 0) };
+        let words = core::mem::size_of::<V>() / 4;
+        let (from, to) = (found.cast::<u32>(), (slot as *mut V).cast::<u32>());
+        let mut i = 0;
+        while i < words {
+            to.add(i).write(from.add(i).read_volatile());
+            i += 1;
+        }
+        if V::tag(found) != expected {
+            return Err(Reason::PassEntryChanged);
+        }
+    }
+    Ok(Some(slot))
 }

@@ -1593,8 +1593,46 @@ fn run_fixtures(program: TestProgram) {
         }
         fastpath.set_peer_policy(&policy).expect("kernel policy");
 
+        // An element recycled for another key while the program reads it (preallocated maps
+        // reuse elements at once): the key tag no longer matches, nothing is forwarded with a
+        // mix of two bindings. Simulated by filing the v6 binding's entries under the v4 keys.
+        let (v4_binding, v6_binding) = {
+            let all = bindings();
+            (all[0], all[1])
+        };
+        assert!(v4_binding.client.is_ipv4() && v6_binding.client.is_ipv6());
+        fastpath
+            .file_entries_under_other_keys(&v6_binding, &v4_binding)
+            .expect("misfile entries");
+        for (input, from_peer_side) in [
+            (
+                client_frame(&V4(), &channel_data(CHANNEL_V4, b"recycled", 0)).build(),
+                false,
+            ),
+            (peer_frame(&V4(), b"recycled").build(), true),
+        ] {
+            let before = fastpath.verdict_counters().expect("counters");
+            let ingress = if from_peer_side {
+                peer_index
+            } else {
+                client_index
+            };
+            let out = fastpath
+                .test_run(program, &input, ingress)
+                .expect("test run");
+            let after = fastpath.verdict_counters().expect("counters");
+            let counted: Vec<Reason> = before
+                .iter()
+                .zip(&after)
+                .filter(|(b, a)| a.1 != b.1)
+                .map(|(_, a)| a.0)
+                .collect();
+            assert_eq!((out.action, &out.frame), (pass, &input), "recycled entry");
+            assert_eq!(counted, [Reason::PassEntryChanged]);
+        }
+        installer.install(&mut fastpath, &v4_binding, false);
+
         // Removal: the same frames now go to the socket path; removing twice is fine.
-        let v4_binding = bindings().remove(0);
         fastpath.remove_channel(&v4_binding).expect("remove");
         fastpath.remove_channel(&v4_binding).expect("remove again");
         let input = client_frame(&V4(), &channel_data(CHANNEL_V4, b"gone", 0)).build();

@@ -6,9 +6,9 @@ use std::{
 };
 
 use relay_common::{
-    ip_field, ipv4_field, port_field, ChannelKey, ClientKey, PeerKey, Permission, PermissionKey,
-    ToClient, ToPeer, ToRelay, CHANNEL_MAX, CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED,
-    FLAG_HAIRPIN, FLAG_TRANSLATE,
+    ip_field, ipv4_field, key_tag, port_field, ChannelKey, ClientKey, PeerKey, Permission,
+    PermissionKey, ToClient, ToPeer, ToRelay, CHANNEL_MAX, CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6,
+    FLAG_ENABLED, FLAG_HAIRPIN, FLAG_TRANSLATE,
 };
 
 use super::FastPathError;
@@ -81,17 +81,16 @@ impl PermissionBinding {
             field(self.relayed.ip()),
             port_field(self.relayed.port()),
         );
-        (
-            ClientKey {
-                client_ip: field(self.client.ip()),
-                listener_ip: field(self.listener.ip()),
-                client_port: port_field(self.client.port()),
-                listener_port: port_field(self.listener.port()),
-                family: family(self.client.ip()),
-                reserved: [0; 3],
-            },
-            to_relay,
-        )
+        let key = ClientKey {
+            client_ip: field(self.client.ip()),
+            listener_ip: field(self.listener.ip()),
+            client_port: port_field(self.client.port()),
+            listener_port: port_field(self.listener.port()),
+            family: family(self.client.ip()),
+            reserved: [0; 3],
+        };
+        to_relay.key_tag = key_tag(&key);
+        (key, to_relay)
     }
 
     /// The permission's key.
@@ -122,7 +121,7 @@ impl PermissionBinding {
             listener_port: port_field(self.listener.port()),
             client_port: port_field(self.client.port()),
             peer_hop: hops.peer,
-            reserved: 0,
+            key_tag: key_tag(&self.key()),
         }
     }
 }
@@ -180,6 +179,7 @@ pub(crate) fn entries(
         peer_ip: field(binding.peer.ip()),
         relayed_port: port_field(binding.relayed.port()),
         peer_port: port_field(binding.peer.port()),
+        key_tag: key_tag(&channel_key),
         reserved: 0,
     };
     let peer_key = PeerKey {
@@ -200,7 +200,7 @@ pub(crate) fn entries(
         listener_port: port_field(binding.listener.port()),
         client_port: port_field(binding.client.port()),
         channel: port_field(binding.channel),
-        reserved: 0,
+        key_tag: key_tag(&peer_key),
     };
     Ok((channel_key, to_peer, peer_key, to_client))
 }

@@ -478,8 +478,8 @@ impl FastPath {
     /// hops of its client and peer addresses (written with [`FastPath::set_next_hop`] first)
     /// and whether the peer is another allocation of this relay.
     ///
-    /// Client, listener, relayed and peer address must be of one family: the kernel does not
-    /// translate between IPv4 and IPv6 (such bindings stay on the socket path).
+    /// Client and listener share a family, and so do relayed address and peer; between the
+    /// two sides the kernel translates IPv4 ↔ IPv6.
     pub fn install_channel(
         &mut self,
         binding: &ChannelBinding,
@@ -603,6 +603,33 @@ impl FastPath {
                 .map_err(map_error(LISTENER_PORTS_MAP))?;
         }
         Ok(())
+    }
+
+    /// Fault injection for tests: puts both entries of `from`, as installed (key tags
+    /// included), under the keys of `to`, as a program would find them if it held a pointer to
+    /// an element that a concurrent update recycled for another key. Both must be installed.
+    #[doc(hidden)]
+    pub fn file_entries_under_other_keys(
+        &mut self,
+        from: &ChannelBinding,
+        to: &ChannelBinding,
+    ) -> Result<(), FastPathError> {
+        let (from_channel, _, from_peer, _) = binding::entries(from, BindingHops::default())?;
+        let (to_channel, _, to_peer, _) = binding::entries(to, BindingHops::default())?;
+        let to_peer_value = self
+            .channel_map()?
+            .get(&from_channel, 0)
+            .map_err(map_error(CHANNELS_MAP))?;
+        self.channel_map()?
+            .insert(to_channel, to_peer_value, 0)
+            .map_err(map_error(CHANNELS_MAP))?;
+        let to_client_value = self
+            .peer_map()?
+            .get(&from_peer, 0)
+            .map_err(map_error(PEERS_MAP))?;
+        self.peer_map()?
+            .insert(to_peer, to_client_value, 0)
+            .map_err(map_error(PEERS_MAP))
     }
 
     /// Removes both directions of a channel binding. Entries that are already gone are not an
