@@ -440,7 +440,7 @@ const _: () = assert!(core::mem::size_of::<ToRelay>() == 40);
 const _: () = assert!(core::mem::size_of::<PermissionKey>() == 36);
 const _: () = assert!(core::mem::size_of::<Permission>() == 56);
 const _: () = assert!(POLICY_CACHE_SLOTS.is_power_of_two());
-const _: () = assert!(core::mem::size_of::<PermissionKey>() % 4 == 0);
+const _: () = assert!(core::mem::size_of::<PermissionKey>().is_multiple_of(4));
 const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
 // Padding-free: each size equals the sum of its fields' sizes.
