@@ -226,7 +226,7 @@ pub fn lookup<K: MapKey, V: Tagged>(
         if V::tag(found) != expected {
             return Err(Reason::PassEntryChanged);
         }
-        const { assert!(core::mem::size_of::<V>() % 4 == 0) };
+        const { assert!(core::mem::size_of::<V>().is_multiple_of(4)) };
         let words = core::mem::size_of::<V>() / 4;
         let (from, to) = (found.cast::<u32>(), (slot as *mut V).cast::<u32>());
         let mut i = 0;
