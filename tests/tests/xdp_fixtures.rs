@@ -26,10 +26,15 @@ use relay_tests::{
     require_root,
 };
 
+#[path = "xdp_fixtures/fuzz.rs"]
+mod fuzz;
+
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 /// A host on the client-side link that the relay's XDP_TX case sends to.
@@ -1344,6 +1349,32 @@ fn hairpin_bindings() -> Vec<ChannelBinding> {
     .collect()
 }
 
+/// Every address an installed entry lets the program send to or from.
+fn fuzz_allowed() -> fuzz::Allowed {
+    let mut allowed = fuzz::Allowed {
+        destinations: Default::default(),
+        destination_ips: Default::default(),
+        sources: Default::default(),
+    };
+    let (permissions, channels) = permissions();
+    for binding in bindings()
+        .into_iter()
+        .chain(hairpin_bindings())
+        .chain(channels)
+    {
+        allowed.destinations.extend([binding.client, binding.peer]);
+        allowed.sources.extend([binding.listener, binding.relayed]);
+    }
+    for permission in permissions {
+        allowed.destinations.insert(permission.client);
+        allowed.destination_ips.insert(permission.peer_ip);
+        allowed
+            .sources
+            .extend([permission.listener, permission.relayed]);
+    }
+    allowed
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes
         .chunks(16)
@@ -1592,6 +1623,31 @@ fn run_fixtures(program: TestProgram) {
             assert_eq!(counted, [want]);
         }
         fastpath.set_peer_policy(&policy).expect("kernel policy");
+
+        // Random and mutated frames against everything installed (see `fuzz`).
+        let seeds: Vec<fuzz::Seed> = fixtures
+            .iter()
+            .map(|fixture| fuzz::Seed {
+                frame: fixture.input.clone(),
+                from_peer_side: fixture.from_peer_side,
+            })
+            .collect();
+        let (drop, forwards) = match program {
+            TestProgram::Xdp => (XDP_DROP, [XDP_TX, XDP_REDIRECT]),
+            TestProgram::Tc => (TC_ACT_SHOT, [TC_ACT_REDIRECT, TC_ACT_REDIRECT]),
+        };
+        fuzz::run(
+            &mut fastpath,
+            program,
+            &seeds,
+            (client_index, peer_index),
+            &fuzz_allowed(),
+            &fuzz::Actions {
+                pass,
+                drop,
+                forwards,
+            },
+        );
 
         // An element recycled for another key while the program reads it (preallocated maps
         // reuse elements at once): the key tag no longer matches, nothing is forwarded with a
