@@ -1301,3 +1301,103 @@ fn expired_permissions_stop_kernel_indications() {
         "nothing forwarded after the delete"
     );
 }
+
+/// The id of the XDP program attached to `interface` in `ns`, if any (`ip -d -j link`).
+fn xdp_program_id(ns: &relay_tests::Netns, interface: &str) -> Option<u64> {
+    let out = ns.ip(&["-d", "-j", "link", "show", "dev", interface]);
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    links[0]["xdp"]["prog"]["id"].as_u64()
+}
+
+/// `kill -9` leaves nothing forwarding and a restart attaches cleanly: programs attached
+/// through BPF links go with the process; one attached through netlink (as kernels before 5.9
+/// attach XDP, or `ip link` does) survives it and is replaced by the next relay, which then
+/// carries traffic.
+#[test]
+fn a_killed_relay_leaves_nothing_attached_and_a_restart_replaces_a_stale_program() {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let echo = Echo::start(&lab);
+    let rc = lab.relay_client_if.clone();
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+
+    let relay = start_kernel_relay(&lab, false, "xdp", &[]);
+    assert!(xdp_program_id(&lab.relay, &rc).is_some(), "attached");
+    relay.kill9();
+    assert_eq!(
+        xdp_program_id(&lab.relay, &rc),
+        None,
+        "the link went with the process"
+    );
+
+    // A relay_xdp attached through netlink, left behind by a relay killed with -9.
+    let relay = start_kernel_relay(&lab, false, "xdp", &[]);
+    let stale = xdp_program_id(&lab.relay, &rc).expect("attached");
+    // Pinned in a bpffs of the test's own (`ip netns exec` mounts its own /sys, hiding
+    // /sys/fs/bpf), so `ip link` can attach it through netlink once the relay is gone.
+    let bpffs = BpfFs::mount(&format!("stale-{}-{stale}", lab.relay.name()));
+    let pin = bpffs.path("relay_xdp");
+    relay_tests::run("bpftool", &["prog", "pin", "id", &stale.to_string(), &pin]);
+    relay.kill9();
+    lab.relay
+        .ip(&["link", "set", "dev", &rc, "xdpgeneric", "pinned", &pin]);
+    drop(bpffs);
+    assert_eq!(xdp_program_id(&lab.relay, &rc), Some(stale));
+
+    let relay = start_kernel_relay(&lab, false, "xdp", &[]);
+    let fresh = xdp_program_id(&lab.relay, &rc).expect("attached");
+    assert_ne!(
+        fresh,
+        stale,
+        "the stale program was replaced:\n{}",
+        relay.log()
+    );
+    assert!(
+        relay.log().contains("replaced a stale relay_xdp"),
+        "{}",
+        relay.log()
+    );
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut client = Client::with_socket(socket, server, REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    client.bind_channel(0x4000, echo.addr);
+    assert_eq!(round_trips(&client, 0x4000, 20, "after restart"), 20);
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(
+        a.kernel.to_peer_packets, 20,
+        "the new program forwards: {a:?}"
+    );
+}
+
+/// A bpffs mounted on a fresh directory under /tmp, unmounted and removed on drop.
+struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    fn mount(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("relay-test-bpffs-{tag}"));
+        std::fs::create_dir_all(&dir).expect("bpffs mount point");
+        let path = dir.to_str().expect("UTF-8 path").to_owned();
+        relay_tests::run("mount", &["-t", "bpf", "bpf", &path]);
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("UTF-8 path").to_owned()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let path = self.0.to_str().unwrap_or_default().to_owned();
+        let _ = std::process::Command::new("umount").arg(&path).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

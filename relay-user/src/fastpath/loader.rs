@@ -104,6 +104,11 @@ pub enum FastPathError {
         name: &'static str,
         source: ProgramError,
     },
+    #[error(
+        "another running relay's `relay_xdp` (program id {program_id}) is attached to \
+         {interface}: stop that relay first, or run this one with --fastpath off"
+    )]
+    AlreadyAttached { interface: String, program_id: u32 },
     #[error("cannot read the kernel's information on program `{name}`: {source}")]
     ProgramInfo {
         name: &'static str,
@@ -410,6 +415,7 @@ impl FastPath {
         }
         match mode {
             AttachMode::XdpNative | AttachMode::XdpGeneric => {
+                replace_stale_xdp(interface, ifindex)?;
                 let xdp_mode = if mode == AttachMode::XdpNative {
                     XdpMode::Driver
                 } else {
@@ -426,6 +432,19 @@ impl FastPath {
                 if !tcx {
                     if let Err(error) = tc::qdisc_add_clsact(interface) {
                         tracing::debug!("clsact on {interface}: {error} (may already exist)");
+                    }
+                    // A clsact filter outlives its process: one an earlier relay left behind
+                    // (killed, crashed) would still forward with that relay's last entries.
+                    match tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM) {
+                        Ok(()) => tracing::warn!(
+                            "removed a stale {TC_PROGRAM} filter from {interface}, left by an \
+                             earlier relay that did not exit cleanly"
+                        ),
+                        Err(tc::TcError::IoError(e))
+                            if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => {
+                            tracing::debug!("looking for stale filters on {interface}: {error}")
+                        }
                     }
                 }
                 tc_program(&mut self.ebpf)?
@@ -882,6 +901,46 @@ pub fn is_ethernet(interface: &str) -> bool {
 }
 
 /// Whether link `ifindex` has an Ethernet (MAC) address, asked over rtnetlink.
+/// Detaches a `relay_xdp` (or `relay_xdp_pass`) an earlier relay left attached to
+/// `interface`. XDP attached through netlink (kernels before 5.9, or tools such as `ip link`)
+/// outlives its process: after a `kill -9` or a crash it would go on forwarding with that
+/// relay's last entries. A program attached through a BPF link goes when its owner does, so one
+/// found here that cannot be detached (EBUSY) belongs to a relay that is still running.
+/// Another tool's program is left alone (attaching then fails with a hint).
+fn replace_stale_xdp(interface: &str, ifindex: u32) -> Result<(), FastPathError> {
+    let netlink_error = |source| FastPathError::Netlink {
+        interface: interface.to_owned(),
+        source,
+    };
+    let mut rtnl = super::netlink::Rtnl::open().map_err(netlink_error)?;
+    let Some(attached) = rtnl.xdp_attachment(ifindex).map_err(netlink_error)? else {
+        return Ok(());
+    };
+    let name = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|program| program.id() == attached.program_id)
+        .and_then(|program| program.name_as_str().map(str::to_owned));
+    let Some(name) = name.filter(|name| [XDP_PROGRAM, XDP_PASS_PROGRAM].contains(&name.as_str()))
+    else {
+        return Ok(());
+    };
+    match rtnl.detach_xdp(ifindex, attached) {
+        Ok(()) => {
+            tracing::warn!(
+                "replaced a stale {name} (program id {}) on {interface}, left attached by an \
+                 earlier relay that did not exit cleanly",
+                attached.program_id
+            );
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(FastPathError::AlreadyAttached {
+            interface: interface.to_owned(),
+            program_id: attached.program_id,
+        }),
+        Err(source) => Err(netlink_error(source)),
+    }
+}
+
 fn link_is_ethernet(ifindex: u32) -> std::io::Result<bool> {
     let link = super::netlink::Rtnl::open()?.link(ifindex)?;
     Ok(link.is_some_and(|link| link.mac.is_some()))

@@ -38,6 +38,7 @@ const NLA_TYPE_MASK: u16 = !(0x8000 | 0x4000);
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
+const RTM_SETLINK: u16 = 19;
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
 const RTM_GETADDR: u16 = 22;
@@ -64,6 +65,20 @@ const RTN_LOCAL: u8 = 2;
 // Link attributes and flags (include/uapi/linux/if_link.h, if.h, if_arp.h).
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_MTU: u16 = 4;
+/// Nested XDP attributes of a link (include/uapi/linux/if_link.h).
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_FD: u16 = 1;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_FLAGS: u16 = 3;
+const IFLA_XDP_PROG_ID: u16 = 4;
+const NLA_F_NESTED: u16 = 0x8000;
+/// `XDP_ATTACHED_*` values and the `XDP_FLAGS_*` mode each is detached with.
+const XDP_ATTACHED_DRV: u8 = 1;
+const XDP_ATTACHED_SKB: u8 = 2;
+const XDP_ATTACHED_HW: u8 = 3;
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
 const IFF_UP: u32 = 0x1;
 /// Set by the kernel when the device is up and its operational state is UP or UNKNOWN
 /// (dev_get_flags), i.e. it can carry traffic.
@@ -137,6 +152,14 @@ pub struct Link {
     pub mtu: u32,
     /// Administratively up and operationally able to carry traffic (IFF_UP and IFF_RUNNING).
     pub up: bool,
+}
+
+/// An XDP program attached to an interface, as the link reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpAttachment {
+    pub program_id: u32,
+    /// `XDP_FLAGS_*` of the mode it runs in (driver, generic or offloaded).
+    mode_flags: u32,
 }
 
 /// A neighbour table entry.
@@ -271,6 +294,45 @@ impl Rtnl {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The XDP program attached to `ifindex`, if there is one (in one mode; several at once,
+    /// "multi", is reported as none of them).
+    pub fn xdp_attachment(&mut self, ifindex: u32) -> io::Result<Option<XdpAttachment>> {
+        let index = ifindex_field(ifindex)?;
+        let mut header = [0u8; 16];
+        put(&mut header, 4, &index.to_ne_bytes());
+        let mut attachment = None;
+        self.request(RTM_GETLINK, NLM_F_ACK, &header, &[], |ty, payload| {
+            if ty == RTM_NEWLINK {
+                attachment = parse_xdp_attachment(payload);
+            }
+        })?;
+        Ok(attachment)
+    }
+
+    /// Detaches the program of `attachment` from `ifindex` the way `ip link set dev IFACE xdp
+    /// off` does. Fails with EBUSY when a BPF link holds it (its owner is alive).
+    pub fn detach_xdp(&mut self, ifindex: u32, attachment: XdpAttachment) -> io::Result<()> {
+        let index = ifindex_field(ifindex)?;
+        let mut header = [0u8; 16];
+        put(&mut header, 4, &index.to_ne_bytes());
+        let mut nested = Vec::new();
+        for (ty, value) in [
+            (IFLA_XDP_FD, (-1i32).to_ne_bytes()),
+            (IFLA_XDP_FLAGS, attachment.mode_flags.to_ne_bytes()),
+        ] {
+            nested.extend_from_slice(&8u16.to_ne_bytes());
+            nested.extend_from_slice(&ty.to_ne_bytes());
+            nested.extend_from_slice(&value);
+        }
+        self.request(
+            RTM_SETLINK,
+            NLM_F_ACK,
+            &header,
+            &[(IFLA_XDP | NLA_F_NESTED, nested.as_slice())],
+            |_, _| {},
+        )
     }
 
     /// The neighbour entry for `ip` on `ifindex`, or `None` if the kernel has none.
@@ -620,6 +682,30 @@ fn parse_link(payload: &[u8]) -> Option<Link> {
         mac,
         mtu,
         up: flags & (IFF_UP | IFF_RUNNING) == IFF_UP | IFF_RUNNING,
+    })
+}
+
+/// The XDP program of an RTM_NEWLINK message, if one is attached in a single mode.
+fn parse_xdp_attachment(payload: &[u8]) -> Option<XdpAttachment> {
+    const IFINFOMSG_LEN: usize = 16;
+    let (_, xdp) = Attributes::after(payload, IFINFOMSG_LEN).find(|(ty, _)| *ty == IFLA_XDP)?;
+    let (mut attached, mut program_id) = (0, 0);
+    for (ty, value) in (Attributes { rest: xdp }) {
+        match ty {
+            IFLA_XDP_ATTACHED => attached = *value.first()?,
+            IFLA_XDP_PROG_ID => program_id = u32_at(value, 0)?,
+            _ => {}
+        }
+    }
+    let mode_flags = match attached {
+        XDP_ATTACHED_DRV => XDP_FLAGS_DRV_MODE,
+        XDP_ATTACHED_SKB => XDP_FLAGS_SKB_MODE,
+        XDP_ATTACHED_HW => XDP_FLAGS_HW_MODE,
+        _ => return None,
+    };
+    (program_id != 0).then_some(XdpAttachment {
+        program_id,
+        mode_flags,
     })
 }
 
@@ -1066,6 +1152,53 @@ mod tests {
             state: NUD_REACHABLE,
         };
         assert!(!no_mac.usable());
+    }
+
+    #[test]
+    fn xdp_attachment_of_a_link() {
+        let link = |xdp: &[Vec<u8>]| {
+            let mut payload = vec![0u8; 16];
+            payload.extend_from_slice(&attr(IFLA_MTU, &1500u32.to_ne_bytes()));
+            let nested: Vec<u8> = xdp.concat();
+            payload.extend_from_slice(&attr(IFLA_XDP | NLA_F_NESTED, &nested));
+            payload
+        };
+        let generic = link(&[
+            attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_SKB]),
+            attr(IFLA_XDP_PROG_ID, &77u32.to_ne_bytes()),
+        ]);
+        assert_eq!(
+            parse_xdp_attachment(&generic),
+            Some(XdpAttachment {
+                program_id: 77,
+                mode_flags: XDP_FLAGS_SKB_MODE
+            })
+        );
+        let native = link(&[
+            attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_DRV]),
+            attr(IFLA_XDP_PROG_ID, &78u32.to_ne_bytes()),
+        ]);
+        assert_eq!(
+            parse_xdp_attachment(&native).map(|a| a.mode_flags),
+            Some(XDP_FLAGS_DRV_MODE)
+        );
+        // Nothing attached, several modes at once, a truncated attribute: none.
+        assert_eq!(
+            parse_xdp_attachment(&link(&[attr(IFLA_XDP_ATTACHED, &[0])])),
+            None
+        );
+        assert_eq!(
+            parse_xdp_attachment(&link(&[attr(IFLA_XDP_ATTACHED, &[4])])),
+            None
+        );
+        assert_eq!(
+            parse_xdp_attachment(&link(&[
+                attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_SKB]),
+                attr(IFLA_XDP_PROG_ID, &[1, 2]),
+            ])),
+            None
+        );
+        assert_eq!(parse_xdp_attachment(&[0u8; 16]), None);
     }
 
     #[test]

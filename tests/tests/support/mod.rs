@@ -160,6 +160,16 @@ impl Relay {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends SIGKILL (no cleanup of any kind can run) and waits for the process to be gone;
+    /// returns the log.
+    pub fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Let the reader thread collect the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        self.log()
+    }
+
     /// Sends SIGTERM and waits for a clean exit; returns the log.
     pub fn stop(mut self) -> String {
         self.terminate();
