@@ -127,4 +127,11 @@ pub struct ServeArgs {
     /// Local admin endpoint for `relay ctl` (keep it on loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<SocketAddr>,
+    /// User (name or number) to run as once the fast path is attached and the listeners are
+    /// bound, when started as root (default: nobody). `root` keeps root.
+    #[arg(long, value_name = "USER")]
+    pub user_id: Option<String>,
+    /// Group (name or number) to run as (default: the user's primary group).
+    #[arg(long, value_name = "GROUP")]
+    pub group_id: Option<String>,
 }

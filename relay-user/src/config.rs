@@ -2,7 +2,7 @@
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
 //! `auth-secret`, `allow-peer`, `deny-peer`, `fastpath`, `interface`, `log-level`,
-//! `admin`, `legacy-channels`, `workers`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `user-id`, `group-id`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -39,6 +39,8 @@ pub struct ConfigFile {
     pub legacy_channels: Option<bool>,
     pub workers: Option<usize>,
     pub kernel_bindings: Option<u32>,
+    pub user_id: Option<String>,
+    pub group_id: Option<String>,
 }
 
 impl ConfigFile {
@@ -76,6 +78,8 @@ impl ConfigFile {
         put(&mut self.legacy_channels, upper.legacy_channels);
         put(&mut self.workers, upper.workers);
         put(&mut self.kernel_bindings, upper.kernel_bindings);
+        put(&mut self.user_id, upper.user_id);
+        put(&mut self.group_id, upper.group_id);
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -99,6 +103,8 @@ impl ConfigFile {
             legacy_channels: args.legacy_channels.then_some(true),
             workers: args.workers,
             kernel_bindings: args.kernel_bindings,
+            user_id: args.user_id.clone(),
+            group_id: args.group_id.clone(),
         }
     }
 }
@@ -139,6 +145,10 @@ pub struct Config {
     /// Channel bindings the kernel maps hold; `None` sizes them from the quotas within a
     /// memory budget.
     pub kernel_bindings: Option<u32>,
+    /// The user (name or number) and group the daemon switches to after its privileged start
+    /// when started as root; `None`: `nobody` and its group.
+    pub user_id: Option<String>,
+    pub group_id: Option<String>,
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
@@ -207,6 +217,8 @@ impl Config {
                 Some(0) => bail!("--kernel-bindings must be at least 1"),
                 other => other,
             },
+            user_id: file.user_id,
+            group_id: file.group_id,
             permission_lifetime: None,
             channel_lifetime: None,
         })

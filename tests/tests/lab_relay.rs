@@ -1401,3 +1401,60 @@ impl Drop for BpfFs {
         let _ = std::fs::remove_dir(&self.0);
     }
 }
+
+/// Once started (programs attached, listeners bound), the relay runs as `nobody` with only
+/// CAP_NET_ADMIN (neighbour resolution for next hops), the bounding set cut to it and
+/// `no_new_privs`, and both paths keep working (issue 12: the STUN parser must not run as
+/// root).
+#[test]
+fn the_relay_drops_root_after_its_privileged_start() {
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.force_forwarding_off();
+    lab.add_static_neighbours();
+    let _far = FarEnds::attach(&lab);
+    let echo = Echo::start(&lab);
+    let relay = start_kernel_relay(&lab, false, "xdp", &[]);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", relay.pid())).expect("relay status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534", "{status}");
+    // CAP_NET_ADMIN (12) only: effective, permitted and bounding sets.
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(set), "0000000000001000", "{set}\n{status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert!(relay.log().contains("dropped root"), "{}", relay.log());
+
+    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
+        .parse()
+        .expect("addr");
+    let socket = lab
+        .client
+        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
+    let mut client = Client::with_socket(socket, server, REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    client.bind_channel(0x4000, echo.addr);
+    assert_eq!(round_trips(&client, 0x4000, 20, "unprivileged"), 20);
+    let a = &relay.allocations().allocations[0];
+    assert_eq!(
+        a.kernel.to_peer_packets, 20,
+        "kernel entries installed: {a:?}"
+    );
+    // Map updates after the drop: the allocation moves to the socket path and back.
+    let id = a.id.to_string();
+    for (state, path) in [("off", "socket"), ("on", "kernel")] {
+        let (ok, _, stderr) = relay.ctl(&["fastpath", state, &id]);
+        assert!(ok, "fastpath {state}: {stderr}");
+        assert_eq!(relay.allocations().allocations[0].path, path);
+    }
+    assert_eq!(round_trips(&client, 0x4000, 5, "back in the kernel"), 5);
+}

@@ -4,6 +4,7 @@ mod admin;
 mod host_addresses;
 mod interfaces;
 mod kernel_sync;
+mod privileges;
 mod worker;
 
 use std::{
@@ -132,6 +133,15 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         policy.clone(),
         config.relay_ips.clone(),
     )?));
+    // Everything privileged is done (programs attached, map descriptors open, listeners
+    // bound) and no thread has started yet: drop root.
+    if let Some(identity) =
+        privileges::resolve(config.user_id.as_deref(), config.group_id.as_deref())?
+    {
+        let low_ports =
+            config.listen.iter().any(|a| a.port() < 1024) || *config.port_range.start() < 1024;
+        privileges::drop_to(&identity, low_ports).context("dropping root privileges")?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let monitor = host_addresses::spawn_monitor(
         monitor,

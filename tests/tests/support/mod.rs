@@ -156,6 +156,11 @@ impl Relay {
     }
 
     /// Whether the process is still running.
+    /// The relay's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
