@@ -81,34 +81,25 @@ pub fn drop_to(identity: &Identity, bind_low_ports: bool) -> anyhow::Result<()> 
     }
     cut_bounding_set(keep)?;
     // SAFETY: prctl with these constant arguments only changes this thread's flags.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) },
-        "PR_SET_KEEPCAPS",
-    )?;
+    let result = unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
+    check(result, "PR_SET_KEEPCAPS")?;
     let groups = [identity.gid];
     // SAFETY: `groups` outlives the call and holds exactly one gid.
-    check(unsafe { libc::setgroups(1, groups.as_ptr()) }, "setgroups")?;
+    let result = unsafe { libc::setgroups(1, groups.as_ptr()) };
+    check(result, "setgroups")?;
     // SAFETY: plain syscalls on this (only) thread's credentials.
-    check(
-        unsafe { libc::setresgid(identity.gid, identity.gid, identity.gid) },
-        "setresgid",
-    )?;
+    let result = unsafe { libc::setresgid(identity.gid, identity.gid, identity.gid) };
+    check(result, "setresgid")?;
     // SAFETY: as above.
-    check(
-        unsafe { libc::setresuid(identity.uid, identity.uid, identity.uid) },
-        "setresuid",
-    )?;
+    let result = unsafe { libc::setresuid(identity.uid, identity.uid, identity.uid) };
+    check(result, "setresuid")?;
     set_capabilities(keep)?;
     // SAFETY: prctl with constant arguments.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) },
-        "PR_SET_KEEPCAPS",
-    )?;
+    let result = unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
+    check(result, "PR_SET_KEEPCAPS")?;
     // SAFETY: as above.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        "PR_SET_NO_NEW_PRIVS",
-    )?;
+    let result = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(result, "PR_SET_NO_NEW_PRIVS")?;
     // Root must be gone for good.
     // SAFETY: a plain syscall; it must fail.
     if unsafe { libc::setuid(0) } == 0 {
@@ -193,10 +184,8 @@ fn cut_bounding_set(keep: u32) -> anyhow::Result<()> {
             continue;
         }
         // SAFETY: prctl with plain integer arguments.
-        check(
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) },
-            "PR_CAPBSET_DROP",
-        )?;
+        let result = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        check(result, "PR_CAPBSET_DROP")?;
     }
     Ok(())
 }
