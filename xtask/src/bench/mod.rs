@@ -140,13 +140,18 @@ impl Plan {
             framing: Framing::ChannelData,
             pps_per_flow: args.voip_pps.clamp(1, 1000),
         };
-        // Client→peer Send indications, compared with ChannelData of the same size and flows.
+        // Client→peer Send indications (and with `bidi`, the peer's answers as Data
+        // indications), compared with ChannelData of the same size, flows and directions.
         let send = |payload, flows| Variant {
             payload,
             flows,
             bidi: false,
             framing: Framing::Send,
             pps_per_flow: 0,
+        };
+        let send_data = |payload, flows| Variant {
+            bidi: true,
+            ..send(payload, flows)
         };
         let search = |steps, trial_ms| peak::SearchPlan {
             steps,
@@ -172,6 +177,8 @@ impl Plan {
                     v(120, 1, true),
                     send(120, 1),
                     send(120, 1000),
+                    send_data(120, 1),
+                    send_data(120, 1000),
                     voip(1000),
                 ],
                 duration: Duration::from_secs(2),
@@ -188,6 +195,7 @@ impl Plan {
                     // The Send variants are 120 B; 1200 B would mostly measure copies.
                     if payload == 120 {
                         variants.push(send(payload, flows));
+                        variants.push(send_data(payload, flows));
                     }
                 }
             }
@@ -638,11 +646,11 @@ fn run_server_path(
         let client = runner::client_groups(senders, variant.flows, variant.payload)?;
         let back = variant
             .bidi
-            .then(|| runner::peer_group(peer, &allocations, variant.flows));
+            .then(|| runner::peer_group(peer, senders, variant.flows));
         let mut receivers = vec![std::sync::Arc::clone(peer)];
         if variant.bidi {
             receivers.extend(
-                allocations[..variant.flows]
+                senders[..variant.flows]
                     .iter()
                     .map(|a| std::sync::Arc::clone(&a.socket)),
             );

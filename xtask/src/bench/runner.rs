@@ -103,9 +103,9 @@ impl PathKind {
 pub enum Framing {
     /// ChannelData on a bound channel (RFC 8656 §12): 4 bytes of header.
     ChannelData,
-    /// Send indications on an allocation with a permission and no channel (§10): 36 bytes of
-    /// STUN framing, client→peer only (the server answers a peer with Data indications, which
-    /// the both-directions variants do not measure).
+    /// Send indications on an allocation with a permission and no channel (§11.2): 36 bytes
+    /// of STUN framing client→peer; in the both-directions variant ("send+data") the peer's
+    /// datagrams come back as Data indications (§11.3).
     Send,
 }
 
@@ -125,7 +125,8 @@ pub struct Variant {
 impl Variant {
     pub fn label(&self) -> String {
         let direction = match (self.framing, self.bidi) {
-            (Framing::Send, _) => "send",
+            (Framing::Send, false) => "send",
+            (Framing::Send, true) => "send+data",
             (Framing::ChannelData, true) => "both",
             (Framing::ChannelData, false) => "c>p",
         };
