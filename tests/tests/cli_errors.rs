@@ -77,3 +77,32 @@ fn unknown_interface_is_named() {
         "{stderr}"
     );
 }
+
+/// The systemd unit in deploy/ passes `systemd-analyze verify` (offline: PID 1 need not be
+/// systemd), with its ExecStart pointed at the binary under test.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/systemd/relay.service"
+    ))
+    .expect("deploy/systemd/relay.service");
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    let dir = std::env::temp_dir().join(format!("relay-test-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("unit directory");
+    let path = dir.join("relay.service");
+    let bin = relay_tests::relay_bin();
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/relay", bin.to_str().expect("UTF-8 path")),
+    )
+    .expect("write unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}

@@ -97,6 +97,17 @@ fn start_kernel_relay(lab: &ThreeHosts, v6: bool, mode: &str, extra: &[&str]) ->
 
 /// The relay listening on every address of `listen`.
 fn start_relay_on(lab: &ThreeHosts, v6: bool, listen: &[&str], extra: &[&str]) -> Relay {
+    start_relay_with_env(lab, v6, listen, extra, &[])
+}
+
+/// [`start_relay_on`] with `NAME=VALUE` environment variables for the relay.
+fn start_relay_with_env(
+    lab: &ThreeHosts,
+    v6: bool,
+    listen: &[&str],
+    extra: &[&str],
+    env: &[&str],
+) -> Relay {
     let relay_ns = lab.relay.name().to_owned();
     let (relay_ip, peers) = if v6 {
         (RELAY_PEER_SIDE_IP6, "2001:2:0:2::/64")
@@ -119,7 +130,9 @@ fn start_relay_on(lab: &ThreeHosts, v6: bool, listen: &[&str], extra: &[&str]) -
         "--legacy-channels",
     ]);
     args.extend_from_slice(extra);
-    Relay::start_with(&["ip", "netns", "exec", &relay_ns], &args, 1)
+    let mut prefix = vec!["ip", "netns", "exec", &relay_ns, "env"];
+    prefix.extend_from_slice(env);
+    Relay::start_with(&prefix, &args, 1)
 }
 
 fn kernel_programs_in(ns: &relay_tests::Netns) -> String {
@@ -1304,7 +1317,15 @@ fn expired_permissions_stop_kernel_indications() {
 
 /// The id of the XDP program attached to `interface` in `ns`, if any (`ip -d -j link`).
 fn xdp_program_id(ns: &relay_tests::Netns, interface: &str) -> Option<u64> {
-    let out = ns.ip(&["-d", "-j", "link", "show", "dev", interface]);
+    xdp_program_id_in(ns.name(), interface)
+}
+
+/// [`xdp_program_id`] by namespace name.
+fn xdp_program_id_in(ns: &str, interface: &str) -> Option<u64> {
+    let out = relay_tests::run(
+        "ip",
+        &["-n", ns, "-d", "-j", "link", "show", "dev", interface],
+    );
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
     links[0]["xdp"]["prog"]["id"].as_u64()
 }
@@ -1457,4 +1478,89 @@ fn the_relay_drops_root_after_its_privileged_start() {
         assert_eq!(relay.allocations().allocations[0].path, path);
     }
     assert_eq!(round_trips(&client, 0x4000, 5, "back in the kernel"), 5);
+}
+
+/// systemd readiness (sd_notify): READY=1 arrives only once the listener is bound and the fast
+/// path attached; WATCHDOG=1 follows at half of WATCHDOG_USEC while every worker lives;
+/// STOPPING=1 on SIGTERM. The notify socket is the test's own (PID 1 here is not systemd).
+#[test]
+fn systemd_readiness_watchdog_and_stopping_reach_the_notify_socket() {
+    use std::os::unix::{fs::PermissionsExt, net::UnixDatagram};
+    require_root();
+    let lab = ThreeHosts::new();
+    lab.add_static_neighbours();
+    let dir = std::env::temp_dir().join(format!("relay-test-notify-{}", lab.relay.name()));
+    std::fs::create_dir_all(&dir).expect("notify directory");
+    let path = dir.join("notify");
+    let _ = std::fs::remove_file(&path);
+    let socket = UnixDatagram::bind(&path).expect("notify socket");
+    // The relay sends after it dropped root.
+    for p in [&dir, &path] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
+    let ns = lab.relay.name().to_owned();
+    let listen = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}");
+    let notify_env = format!("NOTIFY_SOCKET={}", path.display());
+    // What is up at the moment READY=1 arrives, read on another thread while the relay starts.
+    let reader = std::thread::spawn({
+        let socket = socket.try_clone().expect("clone");
+        let (rc, rp, ns) = (rc.clone(), rp.clone(), ns.clone());
+        move || {
+            let mut buffer = [0u8; 512];
+            let len = socket.recv(&mut buffer).expect("a notification");
+            let first = String::from_utf8_lossy(&buffer[..len]).into_owned();
+            let attached = [&rc, &rp].map(|dev| xdp_program_id_in(&ns, dev).is_some());
+            let bound = relay_tests::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &ns,
+                    "ss",
+                    "-H",
+                    "-uln",
+                    &format!("sport = :{PORT}"),
+                ],
+            );
+            (first, attached, !bound.stdout.is_empty())
+        }
+    });
+    let relay = start_relay_with_env(
+        &lab,
+        false,
+        &[&listen],
+        &["--fastpath", "xdp", "--interface", &rc, "--interface", &rp],
+        &[&notify_env, "WATCHDOG_USEC=200000"],
+    );
+    let (first, attached, bound) = reader.join().expect("reader");
+    assert!(first.starts_with("READY=1\n"), "{first:?}");
+    assert_eq!(attached, [true, true], "fast path attached before READY=1");
+    assert!(bound, "listener bound before READY=1");
+
+    // Pings every 100 ms.
+    let mut watchdogs = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut buffer = [0u8; 512];
+    while Instant::now() < deadline && watchdogs < 5 {
+        let len = socket.recv(&mut buffer).expect("a notification");
+        if &buffer[..len] == b"WATCHDOG=1" {
+            watchdogs += 1;
+        }
+    }
+    assert_eq!(watchdogs, 5, "{}", relay.log());
+
+    relay.stop();
+    let mut stopping = false;
+    while let Ok(len) = socket.recv(&mut buffer) {
+        if &buffer[..len] == b"STOPPING=1" {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 on SIGTERM");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -25,6 +25,8 @@ const PACKAGES: &[(&str, Option<&str>)] = &[
     ("coturn", None),
     // aioice, a Python TURN client, for Debian's /usr/bin/python3.
     ("python3-aioice", None),
+    // systemd-analyze, which checks the unit file offline (PID 1 need not be systemd).
+    ("systemd", None),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

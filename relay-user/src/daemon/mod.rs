@@ -4,13 +4,17 @@ mod admin;
 mod host_addresses;
 mod interfaces;
 mod kernel_sync;
+mod notify;
 mod privileges;
 mod worker;
 
 use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Instant,
 };
 
@@ -154,6 +158,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     let live_relayed = Arc::new(LiveRelayed::default());
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();
+    let alive_workers = Arc::new(AtomicUsize::new(0));
     for (index, listeners) in sockets.into_iter().enumerate() {
         let mut server_config = server_config(&config, policy.clone());
         server_config.quota = Arc::clone(&quota);
@@ -165,9 +170,13 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         worker_requests.push(requests_tx);
         let kernel = Arc::clone(&kernel);
         let stop = stop_rx.clone();
+        let alive = notify::Alive::new(&alive_workers);
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
-            .spawn(move || run_worker(server_config, listeners, kernel, requests_rx, stop))
+            .spawn(move || {
+                let _alive = alive;
+                run_worker(server_config, listeners, kernel, requests_rx, stop)
+            })
             .context("starting a worker thread")?;
         handles.push(handle);
     }
@@ -183,7 +192,31 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         realm = %config.realm,
         "relay running; stop with SIGINT or SIGTERM"
     );
+    // Listeners are bound, the fast path attached, the workers started: ready (systemd).
+    let notifier = Arc::new(notify::Notifier::from_env());
+    notifier.notify(&format!(
+        "READY=1\nSTATUS=relaying on {} listener(s) with {workers} worker(s)",
+        config.listen.len()
+    ));
+    let watchdog = notify::Notifier::watchdog_interval().map(|every| {
+        let notifier = Arc::clone(&notifier);
+        let alive = Arc::clone(&alive_workers);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                // A dead worker stops the pings: systemd then restarts the relay.
+                if alive.load(Ordering::SeqCst) == workers {
+                    notifier.notify("WATCHDOG=1");
+                }
+            }
+        })
+    });
     let result = wait_for_shutdown().await;
+    notifier.notify("STOPPING=1");
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     let _ = stop_tx.send(true);
     admin_task.abort();
     router.abort();
