@@ -107,8 +107,10 @@ pub const BENCH_SINK_CLASSES: u32 = BENCH_SINK_MAX_RULES + 1;
 
 /// [`BenchSinkConfig::flags`]: drop the frames a rule matched (else count and pass them).
 pub const BENCH_SINK_DROP: u32 = 1;
-/// [`BenchSinkRule::flags`]: match only UDP payloads that start like ChannelData (first two
-/// bits 0b01, RFC 8656 §12), so STUN responses to the same client addresses are passed.
+/// [`BenchSinkRule::flags`]: match only UDP payloads that carry relayed data to a client:
+/// ChannelData (first two bits 0b01, RFC 8656 §12) or a STUN indication (first byte 0x00: a
+/// Data indication, §11.3; a server sends clients no requests), so STUN responses (first byte
+/// 0x01) to the same client addresses are passed to the control plane.
 pub const BENCH_SINK_CHANNEL_DATA: u32 = 1;
 
 /// One class of counted frames: IPv4 UDP to `addr`/`mask`, destination port in

@@ -123,7 +123,8 @@ fn class_of(cfg: &BenchSinkConfig, dst: u32, port: u16, first_byte: Option<u8>) 
         if i as u32 >= cfg.n_rules {
             break;
         }
-        let channel_data = matches!(first_byte, Some(b) if b & 0xc0 == 0x40);
+        // ChannelData, or a Data indication (type 0x0017: first byte 0x00).
+        let channel_data = matches!(first_byte, Some(b) if b & 0xc0 == 0x40 || b == 0x00);
         if dst & rule.mask == rule.addr
             && (rule.port_min..=rule.port_max).contains(&port)
             && (rule.flags & BENCH_SINK_CHANNEL_DATA == 0 || channel_data)
@@ -183,12 +184,17 @@ mod tests {
     }
 
     #[test]
-    fn stun_to_clients_is_not_counted() {
+    fn stun_responses_to_clients_are_not_counted() {
         let cfg = config();
-        // A STUN message starts with 0b00; only ChannelData (0b01) is a benchmark frame.
+        // Responses start with 0x01; ChannelData (0b01) and Data indications (0x00 0x17) are
+        // benchmark frames.
         assert_eq!(
             class_of(&cfg, addr([198, 18, 1, 2]), 40000, Some(0x01)),
             None
+        );
+        assert_eq!(
+            class_of(&cfg, addr([198, 18, 1, 2]), 40000, Some(0x00)),
+            Some(1)
         );
         assert_eq!(class_of(&cfg, addr([198, 18, 1, 2]), 40000, None), None);
     }

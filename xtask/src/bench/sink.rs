@@ -176,7 +176,7 @@ pub fn pass_hook(object: &Arc<Vec<u8>>, ns: &str, dev: &str) -> anyhow::Result<E
 }
 
 /// The far ends of the relay paths: the peer's veth end (client → peer traffic) and the
-/// clients' (peer → client ChannelData; STUN responses pass, so the control plane works).
+/// clients' (peer → client ChannelData and Data indications; STUN responses pass, so the control plane works).
 pub struct FarEnds {
     pub peer: Sink,
     pub client: Sink,
@@ -193,7 +193,7 @@ impl FarEnds {
             &lab.p0,
             &[rule(PEER_IP, 32, peer_port..=peer_port, false)],
         )?;
-        // Client addresses (198.18.1.2 and up, lab.rs), any port, ChannelData only.
+        // Client addresses (198.18.1.2 and up, lab.rs), any port, ChannelData and Data indications.
         let client = Sink::attach(
             object,
             &lab.client,
