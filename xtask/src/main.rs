@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod package;
 mod setup;
 
 #[path = "../../relay-user/build_ebpf.rs"]
@@ -44,6 +45,8 @@ enum Task {
     /// socket forwarders side by side in a namespace lab (root): table on the terminal, JSON +
     /// SVG in bench-results/.
     Bench(bench::BenchArgs),
+    /// Build a Debian package (binary, systemd unit, /etc/relay/relay.toml) in target/debian.
+    Package(package::PackageArgs),
     /// The bench's reference forwarder (started by `cargo xtask bench` in its lab).
     #[command(hide = true)]
     BenchForwarder(bench::forwarder::ForwarderArgs),
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             demo::run(&workspace_root())
         }
         Task::Bench(args) => bench::run(&workspace_root(), args),
+        Task::Package(args) => package::run(&workspace_root(), &args).map(|_| ()),
         Task::BenchForwarder(args) => bench::forwarder::run(&args),
         Task::BenchRawXdp(args) => bench::raw_xdp::run(&args),
     }
