@@ -134,4 +134,8 @@ pub struct ServeArgs {
     /// Group (name or number) to run as (default: the user's primary group).
     #[arg(long, value_name = "GROUP")]
     pub group_id: Option<String>,
+    /// A read-only HTTP listener for `/metrics`, `/healthz` and `/readyz` that may face the
+    /// network (Prometheus, Kubernetes probes); the admin endpoint stays on loopback.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }

@@ -2,7 +2,7 @@
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
 //! `auth-secret`, `allow-peer`, `deny-peer`, `fastpath`, `interface`, `log-level`,
-//! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `user-id`, `group-id`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `user-id`, `group-id`, `metrics`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -41,6 +41,7 @@ pub struct ConfigFile {
     pub kernel_bindings: Option<u32>,
     pub user_id: Option<String>,
     pub group_id: Option<String>,
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ConfigFile {
@@ -80,6 +81,7 @@ impl ConfigFile {
         put(&mut self.kernel_bindings, upper.kernel_bindings);
         put(&mut self.user_id, upper.user_id);
         put(&mut self.group_id, upper.group_id);
+        put(&mut self.metrics, upper.metrics);
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -105,6 +107,7 @@ impl ConfigFile {
             kernel_bindings: args.kernel_bindings,
             user_id: args.user_id.clone(),
             group_id: args.group_id.clone(),
+            metrics: args.metrics,
         }
     }
 }
@@ -149,6 +152,8 @@ pub struct Config {
     /// when started as root; `None`: `nobody` and its group.
     pub user_id: Option<String>,
     pub group_id: Option<String>,
+    /// Read-only listener for `/metrics`, `/healthz` and `/readyz` (may face the network).
+    pub metrics: Option<SocketAddr>,
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
@@ -219,6 +224,7 @@ impl Config {
             },
             user_id: file.user_id,
             group_id: file.group_id,
+            metrics: file.metrics,
             permission_lifetime: None,
             channel_lifetime: None,
         })

@@ -415,3 +415,57 @@ fn raw_http(admin: SocketAddr, request: &str) -> String {
     stream.read_to_string(&mut text).expect("read");
     text
 }
+
+/// One HTTP/1.1 GET or POST; returns the status code and the body.
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `--metrics`: a read-only listener with `/metrics`, `/healthz` and `/readyz` (for Prometheus
+/// and Kubernetes probes), nothing else; the probes answer on the admin endpoint too.
+#[test]
+fn the_metrics_listener_serves_metrics_and_health_only() {
+    let relay = relay_with(&["--metrics", "127.0.0.1:0"]);
+    let log = relay.log();
+    let metrics: SocketAddr = log
+        .split("metrics endpoint on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics endpoint in\n{log}"));
+    for endpoint in [metrics, relay.admin] {
+        for probe in ["/healthz", "/readyz"] {
+            let (status, body) = http(endpoint, "GET", probe);
+            assert_eq!(status, 200, "{probe} on {endpoint}: {body}");
+            assert!(body.contains("\"live\": true"), "{body}");
+        }
+    }
+    let (status, body) = http(metrics, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("relay_allocations "), "{body}");
+    // Nothing that lists users or changes state.
+    assert_eq!(http(metrics, "GET", "/allocations").0, 404);
+    assert_eq!(http(metrics, "POST", "/fastpath/default/off").0, 404);
+    assert_eq!(http(metrics, "POST", "/metrics").0, 405);
+}

@@ -17,6 +17,15 @@ const MAX_REQUEST: usize = 8192;
 /// A client that has not sent its request by then is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// Every route, for `relay ctl`: loopback only.
+    Admin,
+    /// `GET /metrics`, `/healthz`, `/readyz` only (`--metrics`): may face the network.
+    ReadOnly,
+}
+
 /// Binds the admin endpoint. Non-loopback addresses are refused: the API has no
 /// authentication, so it must only be reachable from the host itself.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -29,8 +38,15 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on admin address {addr}: {e}"))
 }
 
-/// Serves admin requests until the core goes away.
-pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>) {
+/// Binds the read-only metrics and health endpoint (`--metrics`), on any address.
+pub async fn bind_read_only(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on metrics address {addr}: {e}"))
+}
+
+/// Serves requests until the core goes away.
+pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>, exposure: Exposure) {
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -42,7 +58,7 @@ pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>) {
         };
         let core = core.clone();
         tokio::spawn(async move {
-            if let Err(error) = handle(stream, core).await {
+            if let Err(error) = handle(stream, core, exposure).await {
                 debug!(%from, %error, "admin request failed");
             }
         });
@@ -69,12 +85,20 @@ impl Response {
     }
 }
 
-async fn handle(mut stream: TcpStream, core: mpsc::Sender<AdminRequest>) -> std::io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    core: mpsc::Sender<AdminRequest>,
+    exposure: Exposure,
+) -> std::io::Result<()> {
     let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
     let response = match head {
         None => Response::error(400, "malformed request"),
+        // Read-only: no state changes and nothing per user, so no Host or header checks.
+        Some(r) if exposure == Exposure::ReadOnly => {
+            read_only_route(&r.method, &r.path, &core).await
+        }
         Some(r) if !r.host.as_deref().is_some_and(local_host) => Response::error(
             403,
             "the admin endpoint answers only requests for a loopback host",
@@ -178,6 +202,18 @@ fn on_off(word: &str) -> Option<bool> {
     }
 }
 
+/// The routes of the `--metrics` listener.
+async fn read_only_route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> Response {
+    match (method, path.trim_matches('/')) {
+        ("GET", "metrics" | "healthz" | "readyz") => route(method, path, core).await,
+        (_, "metrics" | "healthz" | "readyz") => Response::error(405, "method not allowed"),
+        _ => Response::error(
+            404,
+            "no such route (this listener serves /metrics, /healthz, /readyz)",
+        ),
+    }
+}
+
 async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> Response {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let unavailable = || Response::error(503, "the relay is shutting down");
@@ -199,6 +235,17 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
             },
             None => unavailable(),
         },
+        ("GET", [probe @ ("healthz" | "readyz")]) => match ask(core, AdminRequest::Health).await {
+            Some(health) => {
+                let ok = if *probe == "healthz" {
+                    health.live
+                } else {
+                    health.ready
+                };
+                Response::json(if ok { 200 } else { 503 }, &health)
+            }
+            None => unavailable(),
+        },
         ("POST", ["allocations", id, "fastpath", state]) => {
             let (Ok(allocation), Some(on)) = (id.parse::<u64>(), on_off(state)) else {
                 return Response::error(400, "expected /allocations/<id>/fastpath/on|off");
@@ -218,7 +265,7 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
             };
             applied(ask(core, |reply| AdminRequest::SetDefault { on, reply }).await)
         }
-        (_, ["allocations"] | ["metrics"])
+        (_, ["allocations"] | ["metrics"] | ["healthz"] | ["readyz"])
         | (_, ["allocations", _, "fastpath", _])
         | (_, ["fastpath", "default", _]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such route"),

@@ -7,6 +7,11 @@
 //!   and the socket path; the allocation itself is untouched.
 //! - `POST /fastpath/default/on|off`: the path new allocations start on.
 //! - `GET /metrics`: Prometheus text format.
+//! - `GET /healthz`, `GET /readyz`: 200 while every worker runs (and, for readiness, new
+//!   allocations are taken), 503 otherwise; for service managers and Kubernetes probes.
+//!
+//! `--metrics ADDR:PORT` adds a second listener with only the read-only `/metrics`,
+//! `/healthz` and `/readyz`, which may face the network (for Prometheus and probes).
 
 pub mod client;
 pub mod http;
@@ -128,4 +133,15 @@ pub enum AdminRequest {
     },
     /// Prometheus exposition text.
     Metrics(oneshot::Sender<String>),
+    /// Liveness and readiness (`/healthz`, `/readyz`).
+    Health(oneshot::Sender<Health>),
+}
+
+/// What `/healthz` and `/readyz` report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Every worker thread is running (else the relay is broken: restart it).
+    pub live: bool,
+    /// Live, and taking new allocations.
+    pub ready: bool,
 }

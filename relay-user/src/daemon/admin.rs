@@ -2,7 +2,10 @@
 
 use std::{
     fmt::Write as _,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use tokio::sync::mpsc;
@@ -11,7 +14,7 @@ use super::{
     kernel_sync::KernelSync,
     worker::{lock, WorkerRequest, WorkerSnapshot},
 };
-use crate::control::{ask, AdminRequest, AllocationList};
+use crate::control::{ask, AdminRequest, AllocationList, Health};
 use relay_proto::server::AllocationId;
 
 /// Serves requests from the admin endpoint until it goes away.
@@ -19,6 +22,7 @@ pub async fn route(
     mut requests: mpsc::Receiver<AdminRequest>,
     workers: Vec<mpsc::Sender<WorkerRequest>>,
     kernel: Arc<Mutex<KernelSync>>,
+    alive_workers: Arc<AtomicUsize>,
 ) {
     while let Some(request) = requests.recv().await {
         match request {
@@ -63,6 +67,10 @@ pub async fn route(
             }
             AdminRequest::SetDefault { on, reply } => {
                 let _ = reply.send(lock(&kernel).set_default(on));
+            }
+            AdminRequest::Health(reply) => {
+                let live = alive_workers.load(Ordering::SeqCst) == workers.len();
+                let _ = reply.send(Health { live, ready: live });
             }
             AdminRequest::Metrics(reply) => {
                 let mut total = WorkerSnapshot::default();

@@ -97,6 +97,15 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     );
     let admin_listener = control::http::bind(config.admin).await?;
     let admin_addr = admin_listener.local_addr().context("admin address")?;
+    let metrics_listener = match config.metrics {
+        Some(addr) => {
+            let listener = control::http::bind_read_only(addr).await?;
+            let bound = listener.local_addr().context("metrics address")?;
+            info!("metrics endpoint on http://{bound} (/metrics, /healthz, /readyz)");
+            Some(listener)
+        }
+        None => None,
+    };
 
     // Every worker gets one SO_REUSEPORT socket per listen address; the first one fixes the
     // port when the config says 0.
@@ -182,8 +191,24 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     }
 
     let (admin_tx, admin_rx) = mpsc::channel(64);
-    let admin_task = tokio::spawn(control::http::serve(admin_listener, admin_tx));
-    let router = tokio::spawn(admin::route(admin_rx, worker_requests, Arc::clone(&kernel)));
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(control::http::serve(
+            listener,
+            admin_tx.clone(),
+            control::http::Exposure::ReadOnly,
+        ))
+    });
+    let admin_task = tokio::spawn(control::http::serve(
+        admin_listener,
+        admin_tx,
+        control::http::Exposure::Admin,
+    ));
+    let router = tokio::spawn(admin::route(
+        admin_rx,
+        worker_requests,
+        Arc::clone(&kernel),
+        Arc::clone(&alive_workers),
+    ));
     info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
     info!(
         workers,
@@ -219,6 +244,9 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     admin_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     router.abort();
     let mut released = 0;
     for handle in handles {
