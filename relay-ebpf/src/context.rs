@@ -33,7 +33,8 @@ pub trait Packet {
     fn insert(&mut self, len: u32) -> bool;
     /// Makes room for an IP header of the other family (IPv4 → IPv6 when `to_v6`, 20 bytes
     /// more, or back): afterwards every header byte is garbage, the payload keeps its bytes.
-    /// Done before [`Packet::strip`] / [`Packet::insert`].
+    /// Done after [`Packet::strip`] / [`Packet::insert`], which adjust room after the current
+    /// family's header.
     fn change_family(&mut self, to_v6: bool) -> bool;
     /// Removes `len` bytes at the end. Data pointers must be reloaded afterwards.
     fn trim_tail(&mut self, len: usize) -> bool;

@@ -483,30 +483,36 @@ pub fn rewrite<C: Packet>(
         l4.apply_udp(old_check)
     };
 
-    // From here on the frame changes. Trim first: if that fails nothing has changed yet.
+    // From here on the frame changes. A step that fails before anything changed leaves the
+    // frame as it came (pass it); one that fails after leaves it half rewritten (drop it).
+    // The resize comes before the family change: on TC `bpf_skb_adjust_room` refuses to grow
+    // past the ingress MTU while `bpf_skb_change_proto` does not check, so a datagram too
+    // large for the translated frame fails while it is still intact.
+    let failed = |changed: bool| {
+        if changed {
+            Reason::DropRewriteFailed
+        } else {
+            Reason::PassAdjustFailed
+        }
+    };
     if plan.trim > 0 && !ctx.trim_tail(plan.trim) {
-        return Err(Reason::PassAdjustFailed);
+        return Err(failed(false));
     }
     if plan.grow > 0 && !ctx.grow_tail(plan.grow) {
-        return Err(if plan.trim > 0 {
-            Reason::DropRewriteFailed
-        } else {
-            Reason::PassAdjustFailed
-        });
+        return Err(failed(plan.trim > 0));
     }
-    let family_changed = in_v6 == v6 || ctx.change_family(v6);
-    let moved = family_changed
-        && match plan.resize {
-            Resize::Strip(len) => ctx.strip(len),
-            Resize::Insert(len) => ctx.insert(len),
-            Resize::Keep => true,
-        };
+    let moved = match plan.resize {
+        Resize::Strip(len) => ctx.strip(len),
+        Resize::Insert(len) => ctx.insert(len),
+        Resize::Keep => true,
+    };
     if !moved {
-        return Err(if plan.trim > 0 || plan.grow > 0 {
-            Reason::DropRewriteFailed
-        } else {
-            Reason::PassAdjustFailed
-        });
+        return Err(failed(plan.trim > 0 || plan.grow > 0));
+    }
+    if in_v6 != v6 && !ctx.change_family(v6) {
+        return Err(failed(
+            plan.trim > 0 || plan.grow > 0 || plan.resize != Resize::Keep,
+        ));
     }
 
     // Reload: the helpers above invalidated every packet pointer, and every header byte is

@@ -2,12 +2,13 @@
 //!
 //! A client's Send indication to a peer IP with a permission leaves as the bare DATA value from
 //! the relayed address (§11.2); a peer's datagram to an allocation without a channel for it
-//! reaches the client as a Data indication (§11.3). Only plain indications are handled here:
-//! anything unusual (DONT-FRAGMENT, FINGERPRINT, an unknown comprehension-required attribute,
-//! lengths that disagree, ...) is passed to the socket path, which applies the RFC in full.
+//! reaches the client as a Data indication (§11.3). Only plain indications are handled here
+//! (a FINGERPRINT is checked): anything unusual (DONT-FRAGMENT, a FINGERPRINT that does not
+//! verify, an unknown comprehension-required attribute, lengths that disagree, ...) is passed
+//! to the socket path, which applies the RFC in full.
 //!
-//! All parsing goes through the context's load helpers (variable offsets, bounds checked by
-//! the kernel); only fixed offsets are written directly after the frame is resized.
+//! All parsing goes through the context's load helpers (variable offsets, bounds checked);
+//! only fixed offsets are written directly after the frame is resized.
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, generated::bpf_loop};
 use relay_common::{
@@ -307,7 +308,8 @@ extern "C" fn next_attribute<C: Packet>(_index: u64, walk: *mut core::ffi::c_voi
     let kind = u16::from_be_bytes([attribute[0], attribute[1]]);
     let len = u16::from_be_bytes([attribute[2], attribute[3]]);
     let value = walk.offset + 4;
-    let next = u32::from(value) + u32::from(len.next_multiple_of(4));
+    // In 32 bits: a length of 0xfffd..=0xffff padded in 16 would wrap to 0.
+    let next = u32::from(value) + u32::from(len).next_multiple_of(4);
     // FINGERPRINT must be the last attribute (RFC 8489 §14.7).
     if next > u32::from(walk.end) || walk.fingerprint_at != 0 {
         walk.unsupported = 1;

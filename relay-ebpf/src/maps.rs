@@ -125,10 +125,27 @@ pub fn peer_allowed_cached(family: u8, ip: &[u32; 4], next_hop: u16) -> bool {
     allowed
 }
 
-/// The next hop at `index`, if the index is inside the map.
+/// A copy of the next hop at `index` (this CPU's scratch slot), if the index is inside the
+/// map. Userspace rewrites a slot in place when a neighbour or route changes: the frame is
+/// built from one snapshot, read once before the rewrite (a MAC changing mid-copy can still
+/// give one frame a mixed address, which the wire drops; the next one is whole).
 #[inline(always)]
 pub fn next_hop(index: u16) -> Option<&'static NextHop> {
-    NEXT_HOPS.get(u32::from(index))
+    let hop = NEXT_HOPS.get_ptr(u32::from(index))?;
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: both pointers come from successful array lookups (valid, aligned, alive for the
+    // program run); the scratch slot is this CPU's, untouched by anything else meanwhile.
+    unsafe {
+        let slot = core::ptr::addr_of_mut!((*scratch).next_hop);
+        const { assert!(core::mem::size_of::<NextHop>().is_multiple_of(4)) };
+        let (from, to) = (hop.cast::<u32>(), slot.cast::<u32>());
+        let mut i = 0;
+        while i < core::mem::size_of::<NextHop>() / 4 {
+            to.add(i).write(from.add(i).read_volatile());
+            i += 1;
+        }
+        Some(&*slot)
+    }
 }
 
 /// Adds one datagram of `bytes` application bytes to counter slot `slot` on this CPU.
@@ -160,6 +177,7 @@ pub struct Scratch {
     to_client: ToClient,
     permission: Permission,
     to_relay: ToRelay,
+    next_hop: NextHop,
 }
 
 #[map(name = "SCRATCH")]

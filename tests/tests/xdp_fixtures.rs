@@ -1000,6 +1000,17 @@ fn indication_fixtures() -> Vec<Fixture> {
                 stun_message(SEND_INDICATION, tid(33), &[stun_attribute(DATA, b"where")]),
             ),
             (
+                "send indication with an attribute length whose padding wraps 16 bits",
+                {
+                    // SOFTWARE claiming 0xfffd bytes: padded in 16 bits it would be 0 and the
+                    // attribute skipped; it runs past the message instead.
+                    let mut message = send_indication(tid(39), f.peer, b"wrap", &[software()]);
+                    let at = message.len() - software().len();
+                    message[at + 2..at + 4].copy_from_slice(&0xfffdu16.to_be_bytes());
+                    message
+                },
+            ),
+            (
                 "send indication with seven attributes",
                 send_indication(tid(34), f.peer, b"many", &vec![software(); 5]),
             ),

@@ -468,6 +468,7 @@ impl FastPath {
     /// end of a veth that the fast path transmits into needs an XDP program, or veth drops the
     /// frames. Not listed in [`FastPath::attached`]; detached on drop like the rest.
     pub fn attach_pass(&mut self, interface: &str) -> Result<(), FastPathError> {
+        replace_stale_xdp(interface, ifindex(interface)?)?;
         xdp_program(&mut self.ebpf, XDP_PASS_PROGRAM)?
             .attach(interface, XdpMode::Driver)
             .map_err(|source| match source {
@@ -900,7 +901,6 @@ pub fn is_ethernet(interface: &str) -> bool {
     ifindex(interface).is_ok_and(|index| link_is_ethernet(index).unwrap_or(false))
 }
 
-/// Whether link `ifindex` has an Ethernet (MAC) address, asked over rtnetlink.
 /// Detaches a `relay_xdp` (or `relay_xdp_pass`) an earlier relay left attached to
 /// `interface`. XDP attached through netlink (kernels before 5.9, or tools such as `ip link`)
 /// outlives its process: after a `kill -9` or a crash it would go on forwarding with that
@@ -941,6 +941,7 @@ fn replace_stale_xdp(interface: &str, ifindex: u32) -> Result<(), FastPathError>
     }
 }
 
+/// Whether link `ifindex` has an Ethernet (MAC) address, asked over rtnetlink.
 fn link_is_ethernet(ifindex: u32) -> std::io::Result<bool> {
     let link = super::netlink::Rtnl::open()?.link(ifindex)?;
     Ok(link.is_some_and(|link| link.mac.is_some()))
