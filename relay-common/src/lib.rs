@@ -67,6 +67,8 @@ pub const POLICY_CACHE_MAP: &str = "POLICY_CACHE";
 /// Name of the one-entry array holding the peer policy's generation (`u32`): userspace bumps it
 /// after every change of the policy tries, which invalidates every cached verdict.
 pub const POLICY_GENERATION_MAP: &str = "POLICY_GENERATION";
+/// Name of the one-entry array with the [`EntryDigestKey`] userspace draws at load.
+pub const ENTRY_DIGEST_KEY_MAP: &str = "ENTRY_DIGEST_KEY";
 /// Entries of [`POLICY_CACHE_MAP`] per CPU (a power of two).
 pub const POLICY_CACHE_SLOTS: u32 = 4_096;
 
@@ -160,25 +162,92 @@ impl MapKey for PeerKey {}
 impl MapKey for ClientKey {}
 impl MapKey for PermissionKey {}
 
-/// A 16-bit digest of a map key (FNV-1a over its 32-bit words, folded), stored in the key's
-/// value by userspace. Preallocated hash maps recycle an element as soon as it is replaced or
-/// deleted, so a program holding a pointer may find it reused for another key mid-read; the
-/// program copies the value and checks the tag before and after (a changed entry is passed
-/// to the socket path, [`Reason::PassEntryChanged`]).
+/// A value of one of the hash maps: plain words, no padding, with a [`entry_digest`] in the
+/// 32-bit word at [`Digested::DIGEST_WORD`].
+pub trait Digested: Copy {
+    /// Index of the digest among the value's 32-bit words.
+    const DIGEST_WORD: usize;
+    fn digest(&self) -> u32;
+}
+
+macro_rules! digested {
+    ($value:ty) => {
+        impl Digested for $value {
+            const DIGEST_WORD: usize = core::mem::offset_of!($value, digest) / 4;
+            #[inline(always)]
+            fn digest(&self) -> u32 {
+                self.digest
+            }
+        }
+    };
+}
+digested!(ToPeer);
+digested!(ToClient);
+digested!(Permission);
+digested!(ToRelay);
+
+/// Most 32-bit words [`entry_digest`] covers: the longest key and the longest value.
+pub const DIGEST_WORDS: usize = 10 + 16;
+
+/// The random multipliers of [`entry_digest`], drawn by userspace when it loads the programs
+/// and written to [`ENTRY_DIGEST_KEY_MAP`]: without them nobody can aim at a collision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryDigestKey {
+    pub seed: u64,
+    pub multipliers: [u64; DIGEST_WORDS],
+}
+
+impl Default for EntryDigestKey {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            multipliers: [0; DIGEST_WORDS],
+        }
+    }
+}
+
+/// A 32-bit digest of a map entry (key, and value without its digest word): multiply-shift
+/// hashing of 32-bit words with random 64-bit multipliers (strongly universal, Dietzfelbinger;
+/// Thorup), so two different entries collide with probability about 2^-32.
+///
+/// Userspace stores it in every value. Preallocated hash maps hand a replaced or deleted
+/// element back to their free list at once, and a concurrent update (another CPU) may refill
+/// it for another key, in no particular order, while a program still reads it. The program
+/// copies the value once and checks the copy's digest against its key: a copy that mixes two
+/// entries, or belongs to another key, fails (passed to the socket path,
+/// [`Reason::PassEntryChanged`]).
 #[inline(always)]
-pub fn key_tag<K: MapKey>(key: &K) -> u16 {
-    let words = core::mem::size_of::<K>() / 4;
-    let base = (key as *const K).cast::<u32>();
-    let mut hash: u32 = 0x811c_9dc5;
+pub fn entry_digest<K: MapKey, V: Digested>(
+    key: &K,
+    value: &V,
+    digest_key: &EntryDigestKey,
+) -> u32 {
+    const { assert!(core::mem::size_of::<K>() / 4 + core::mem::size_of::<V>() / 4 <= DIGEST_WORDS) };
+    let mut hash = digest_key.seed;
+    let key_words = core::mem::size_of::<K>() / 4;
+    let key_base = (key as *const K).cast::<u32>();
     let mut i = 0;
-    while i < words {
+    while i < key_words {
         // SAFETY: `MapKey` types are padding-free `repr(C)` structs of 4-byte-aligned fields
         // whose size is a multiple of 4; `i` stays below the word count.
-        let word = unsafe { base.add(i).read() };
-        hash = (hash ^ word).wrapping_mul(0x0100_0193);
+        let word = unsafe { key_base.add(i).read() };
+        hash = hash.wrapping_add(u64::from(word).wrapping_mul(digest_key.multipliers[i]));
         i += 1;
     }
-    (hash ^ (hash >> 16)) as u16
+    let value_words = core::mem::size_of::<V>() / 4;
+    let value_base = (value as *const V).cast::<u32>();
+    let mut j = 0;
+    while j < value_words {
+        if j != V::DIGEST_WORD {
+            // SAFETY: as above, for `Digested` values.
+            let word = unsafe { value_base.add(j).read() };
+            hash = hash
+                .wrapping_add(u64::from(word).wrapping_mul(digest_key.multipliers[key_words + j]));
+        }
+        j += 1;
+    }
+    (hash >> 32) as u32
 }
 
 /// Value of [`CHANNELS_MAP`]: where a client's channel goes.
@@ -200,10 +269,8 @@ pub struct ToPeer {
     pub peer_ip: [u32; 4],
     pub relayed_port: u16,
     pub peer_port: u16,
-    /// [`key_tag`] of the entry's key.
-    pub key_tag: u16,
-    /// Always zero.
-    pub reserved: u16,
+    /// [`entry_digest`] of this entry.
+    pub digest: u32,
 }
 
 /// Key of [`PEERS_MAP`]: datagrams from one peer to one relayed transport address.
@@ -240,8 +307,12 @@ pub struct ToClient {
     pub client_port: u16,
     /// Channel number written into the ChannelData header, network order.
     pub channel: u16,
-    /// [`key_tag`] of the entry's key.
-    pub key_tag: u16,
+    /// Always zero.
+    pub reserved: u16,
+    /// [`entry_digest`] of this entry.
+    pub digest: u32,
+    /// Always zero.
+    pub reserved2: u32,
 }
 
 /// Key of [`CLIENTS_MAP`]: a client's 5-tuple (RFC 8656 §2) on a listener.
@@ -271,11 +342,13 @@ pub struct ToRelay {
     pub relayed_v4_port: u16,
     /// The IPv6 relayed port, 0 without an IPv6 relayed address.
     pub relayed_v6_port: u16,
-    /// [`key_tag`] of the entry's key.
-    pub key_tag: u16,
+    /// Always zero.
+    pub reserved: u16,
     /// The IPv4 relayed address (first word; the rest zero, as in keys).
     pub relayed_v4_ip: [u32; 4],
     pub relayed_v6_ip: [u32; 4],
+    /// [`entry_digest`] of this entry.
+    pub digest: u32,
 }
 
 impl ToRelay {
@@ -334,8 +407,12 @@ pub struct Permission {
     pub client_port: u16,
     /// Index of the peer's [`NextHop`] (the peer IP's, from the relayed address).
     pub peer_hop: u16,
-    /// [`key_tag`] of the entry's key.
-    pub key_tag: u16,
+    /// Always zero.
+    pub reserved: u16,
+    /// [`entry_digest`] of this entry.
+    pub digest: u32,
+    /// Always zero.
+    pub reserved2: u32,
 }
 
 /// Value of [`NEXT_HOPS_MAP`]: how a frame reaches one destination address, resolved by
@@ -432,15 +509,17 @@ pub const fn port_value(field: u16) -> u16 {
 const _: () = assert!(core::mem::size_of::<ChannelKey>() == 40);
 const _: () = assert!(core::mem::size_of::<ToPeer>() == 56);
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 40);
-const _: () = assert!(core::mem::size_of::<ToClient>() == 56);
+const _: () = assert!(core::mem::size_of::<ToClient>() == 64);
 const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<PolicyVerdict>() == 24);
 const _: () = assert!(core::mem::size_of::<ClientKey>() == 40);
-const _: () = assert!(core::mem::size_of::<ToRelay>() == 40);
+const _: () = assert!(core::mem::size_of::<ToRelay>() == 44);
 const _: () = assert!(core::mem::size_of::<PermissionKey>() == 36);
-const _: () = assert!(core::mem::size_of::<Permission>() == 56);
+const _: () = assert!(core::mem::size_of::<Permission>() == 64);
 const _: () = assert!(POLICY_CACHE_SLOTS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<PermissionKey>().is_multiple_of(4));
+const _: () = assert!(core::mem::size_of::<EntryDigestKey>() == 8 * (1 + DIGEST_WORDS));
+const _: () = assert!(core::mem::size_of::<ToRelay>().is_multiple_of(4));
 const _: () = assert!(MAX_NEXT_HOPS <= NEXT_HOPS_LIMIT);
 const _: () = assert!(core::mem::size_of::<AllocationCounters>() == 32);
 // Padding-free: each size equals the sum of its fields' sizes.
@@ -450,13 +529,13 @@ const _: () = {
     assert!(size_of::<ChannelKey>() == 2 * IP + 3 * size_of::<u16>() + 2 * size_of::<u8>());
     assert!(size_of::<ToPeer>() == 4 + 2 + 2 + 8 + 2 * IP + 2 * size_of::<u16>() + 4);
     assert!(size_of::<PeerKey>() == 2 * IP + 2 * size_of::<u16>() + size_of::<u8>() + 3);
-    assert!(size_of::<ToClient>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
+    assert!(size_of::<ToClient>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>() + 4 + 4);
     assert!(size_of::<NextHop>() == 4 + 2 + 2 + 6 + 6);
     assert!(size_of::<PolicyVerdict>() == 4 + 2 + 2 + IP);
     assert!(size_of::<ClientKey>() == 2 * IP + 2 * size_of::<u16>() + 4);
-    assert!(size_of::<ToRelay>() == 4 * size_of::<u16>() + 2 * IP);
+    assert!(size_of::<ToRelay>() == 4 * size_of::<u16>() + 2 * IP + 4);
     assert!(size_of::<PermissionKey>() == 2 * IP + size_of::<u16>() + 2);
-    assert!(size_of::<Permission>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>());
+    assert!(size_of::<Permission>() == 4 + 2 + 2 + 8 + 2 * IP + 4 * size_of::<u16>() + 4 + 4);
     assert!(size_of::<AllocationCounters>() == 4 * size_of::<u64>());
 };
 
@@ -694,11 +773,11 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AllocationCounters, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
-        ToClient, ToPeer, ToRelay,
+        AllocationCounters, ChannelKey, ClientKey, EntryDigestKey, NextHop, PeerKey, Permission,
+        PermissionKey, ToClient, ToPeer, ToRelay,
     };
 
-    // SAFETY: all ten are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
+    // SAFETY: all eleven are `#[repr(C)]`, `Copy`, padding-free (asserted above) and made of
     // integers and byte arrays only, so every bit pattern is a valid value.
     unsafe impl aya::Pod for ChannelKey {}
     // SAFETY: as above.
@@ -719,14 +798,50 @@ mod pod {
     unsafe impl aya::Pod for Permission {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AllocationCounters {}
+    // SAFETY: as above (u64 words only).
+    unsafe impl aya::Pod for EntryDigestKey {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Fixed multipliers from a simple generator (userspace draws random ones).
+    fn digest_key() -> EntryDigestKey {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut key = EntryDigestKey {
+            seed: next(),
+            ..EntryDigestKey::default()
+        };
+        for m in key.multipliers.iter_mut() {
+            *m = next();
+        }
+        key
+    }
+
+    fn to_peer(peer_port: u16) -> ToPeer {
+        ToPeer {
+            counters: 3,
+            flags: FLAG_ENABLED,
+            next_hop: 7,
+            expires_at_ns: 123_456_789,
+            relayed_ip: [0x0102_12c6, 0, 0, 0],
+            peer_ip: [0x0202_12c6, 0, 0, 0],
+            relayed_port: 50000u16.to_be(),
+            peer_port: peer_port.to_be(),
+            digest: 0,
+        }
+    }
+
     #[test]
-    fn key_tags_tell_neighbouring_keys_apart() {
+    fn entry_digests_cover_key_and_value_but_not_themselves() {
+        let dk = digest_key();
         let key = ChannelKey {
             client_ip: [0x0201_12c6, 0, 0, 0],
             listener_ip: [0x0101_12c6, 0, 0, 0],
@@ -736,27 +851,80 @@ mod tests {
             family: FAMILY_IPV4,
             reserved: 0,
         };
-        assert_eq!(key_tag(&key), key_tag(&key.clone()));
-        // Keys of neighbouring bindings (next port, next channel, next client) differ.
-        // A bitmap of the 65,536 tags (no_std: no HashSet).
-        let mut seen = [0u64; 1024];
-        let mut distinct = 0;
-        for port in 0..200u16 {
-            for channel in 0..50u16 {
-                let other = ChannelKey {
-                    client_port: (40000 + port).to_be(),
-                    channel: (0x4000 + channel).to_be(),
-                    ..key
-                };
-                let tag = usize::from(key_tag(&other));
-                if seen[tag / 64] & (1 << (tag % 64)) == 0 {
-                    seen[tag / 64] |= 1 << (tag % 64);
-                    distinct += 1;
+        let value = to_peer(9000);
+        let digest = entry_digest(&key, &value, &dk);
+        // The stored digest word is not part of what it covers.
+        let stored = ToPeer { digest, ..value };
+        assert_eq!(entry_digest(&key, &stored, &dk), digest);
+        // Another key, another value of the same key, or a different draw of multipliers.
+        let other_key = ChannelKey {
+            channel: 0x4001u16.to_be(),
+            ..key
+        };
+        assert_ne!(entry_digest(&other_key, &value, &dk), digest);
+        assert_ne!(entry_digest(&key, &to_peer(9001), &dk), digest);
+        let mut other_draw = dk;
+        other_draw.multipliers[0] ^= 1 << 40;
+        assert_ne!(entry_digest(&key, &value, &other_draw), digest);
+    }
+
+    #[test]
+    fn a_copy_mixing_two_entries_fails_its_digest() {
+        // What a program copying an element while another CPU refills it may see: the first
+        // words of one entry and the rest of another, under either key.
+        let dk = digest_key();
+        let key_a = PeerKey {
+            peer_ip: [0x0202_12c6, 0, 0, 0],
+            relayed_ip: [0x0102_12c6, 0, 0, 0],
+            peer_port: 9000u16.to_be(),
+            relayed_port: 50000u16.to_be(),
+            family: FAMILY_IPV4,
+            reserved: [0; 3],
+        };
+        let key_b = PeerKey {
+            peer_port: 9001u16.to_be(),
+            ..key_a
+        };
+        let value = |client: u32, port: u16| ToClient {
+            counters: 1,
+            flags: FLAG_ENABLED,
+            next_hop: 2,
+            expires_at_ns: 99,
+            listener_ip: [0x0101_12c6, 0, 0, 0],
+            client_ip: [client, 0, 0, 0],
+            listener_port: 3478u16.to_be(),
+            client_port: port.to_be(),
+            channel: 0x4000u16.to_be(),
+            ..ToClient::default()
+        };
+        let mut a = value(0x0201_12c6, 40000);
+        a.digest = entry_digest(&key_a, &a, &dk);
+        let mut b = value(0x0301_12c6, 40001);
+        b.digest = entry_digest(&key_b, &b, &dk);
+        let words = core::mem::size_of::<ToClient>() / 4;
+        for split in 1..words {
+            let mut mixed = a;
+            // SAFETY: both are padding-free `repr(C)` values of `words` 4-byte words.
+            unsafe {
+                let (to, from) = (
+                    (&mut mixed as *mut ToClient).cast::<u32>(),
+                    (&b as *const ToClient).cast::<u32>(),
+                );
+                for w in split..words {
+                    *to.add(w) = *from.add(w);
                 }
             }
+            for key in [&key_a, &key_b] {
+                if mixed == a || mixed == b {
+                    continue;
+                }
+                assert_ne!(
+                    entry_digest(key, &mixed, &dk),
+                    mixed.digest,
+                    "split at {split}"
+                );
+            }
         }
-        // 10,000 keys in 65,536 tags: some collisions, never a degenerate hash.
-        assert!(distinct > 9_000, "{distinct}");
     }
 
     #[test]
@@ -783,11 +951,11 @@ mod tests {
     fn preallocated_map_memory_stays_within_budget() {
         // 2 × (48 + 40 + 56 + 16) bytes per binding, plus up to two next hops (24 bytes each)
         // shared by every binding to the same address.
-        assert_eq!(CHANNEL_BINDING_BYTES, 320);
+        assert_eq!(CHANNEL_BINDING_BYTES, 328);
         assert_eq!(NEXT_HOP_BYTES, 24);
         // 48 + 40 (36 rounded up) + 56 + 16.
-        assert_eq!(PERMISSION_BYTES, 160);
-        assert_eq!(CLIENT_ENTRY_BYTES, 48 + 40 + 40 + 16);
+        assert_eq!(PERMISSION_BYTES, 168);
+        assert_eq!(CLIENT_ENTRY_BYTES, 48 + 40 + 48 + 16);
         // An 8-byte per-CPU pointer, then 32 bytes per CPU.
         assert_eq!(allocation_counter_bytes(2), 8 + 64);
         // Hash maps preallocate every entry: the default channel maps and next hops must fit

@@ -26,7 +26,8 @@ use crate::{
         ETH_HDR_LEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_UDP, IPV4_HDR_LEN, IPV6_HDR_LEN, UDP_HDR_LEN,
     },
     indication::{
-        check_fingerprint, data_to_client, parse_send, send_to_peer, sum_framing, SEND_INDICATION,
+        check_fingerprint, data_to_client, parse_send, send_permission, send_to_peer, sum_framing,
+        SEND_INDICATION,
     },
     maps::{
         count_allocation, is_listener_port, lookup, next_hop, peer_allowed_cached, CHANNELS,
@@ -79,8 +80,9 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
                     // keeps the combined stack within the verifier's 512 bytes.
                     let mut send = parse_send(ctx, &udp)?;
                     check_fingerprint(ctx, &udp, &send)?;
+                    let permission = send_permission(relay, &send)?;
                     sum_framing(ctx, udp.payload_offset, udp.payload_len, &mut send)?;
-                    return send_to_peer(ctx, &udp, relay, &send);
+                    return send_to_peer(ctx, &udp, relay, &send, permission);
                 }
                 // Not a client of this relay: maybe a peer's datagram (below).
                 None => miss = Reason::PassNoBinding,
@@ -91,7 +93,8 @@ pub fn process<C: Packet>(ctx: &mut C) -> Result<Forward, Reason> {
                     // Called from here, not from `to_peer`: each direction is one subprogram
                     // deep, which keeps the combined stack within the verifier's 512 bytes.
                     if entry.flags & FLAG_HAIRPIN != 0 {
-                        return hairpin(ctx, &udp, &message, entry);
+                        let target = hairpin_target(entry, other_family(&udp, entry.flags))?;
+                        return hairpin(ctx, &udp, &message, entry, target);
                     }
                     return to_peer(ctx, &udp, &message, entry);
                 }
@@ -215,6 +218,22 @@ fn to_peer<C: Packet>(
     })
 }
 
+/// The channel back of a hairpin entry: the other allocation sees this allocation's relayed
+/// address as its peer (both relayed addresses are of one family, the relay's, IPv6 when
+/// `relayed_v6`). A subprogram of its own, called from the entry point: its key and the digest
+/// check stack on neither the entry point's frame nor [`hairpin`]'s.
+#[inline(never)]
+fn hairpin_target(entry: &ToPeer, relayed_v6: bool) -> Result<&'static ToClient, Reason> {
+    let key = peer_key(
+        entry.relayed_ip,
+        entry.peer_ip,
+        entry.relayed_port,
+        entry.peer_port,
+        family_of(relayed_v6),
+    );
+    lookup(&PEERS, &key)?.ok_or(Reason::PassHairpinNoChannel)
+}
+
 /// Client-to-client through this relay: the peer of `entry` is another allocation's relayed
 /// address. When that allocation has a channel for this allocation's relayed address, the
 /// ChannelData goes straight to its client with that channel number, exactly what the socket
@@ -226,21 +245,10 @@ fn hairpin<C: Packet>(
     udp: &UdpDatagram,
     message: &ChannelData,
     entry: &ToPeer,
+    target: &ToClient,
 ) -> Result<Forward, Reason> {
     usable(entry.flags, entry.expires_at_ns)?;
-    // The other allocation sees this allocation's relayed address as its peer (both relayed
-    // addresses are of one family: the relay's).
     let relayed_v6 = other_family(udp, entry.flags);
-    let key = peer_key(
-        entry.relayed_ip,
-        entry.peer_ip,
-        entry.relayed_port,
-        entry.peer_port,
-        family_of(relayed_v6),
-    );
-    let Some(target) = lookup(&PEERS, &key)? else {
-        return Err(Reason::PassHairpinNoChannel);
-    };
     usable(target.flags, target.expires_at_ns)?;
     let out_v6 = relayed_v6 != (target.flags & FLAG_TRANSLATE != 0);
     let hop = next_hop(target.next_hop).ok_or(Reason::PassNoNextHop)?;

@@ -95,6 +95,23 @@ pub struct Send {
     removed: Delta,
 }
 
+/// The permission a Send indication needs (RFC 8656 §11.2): of the allocation's relayed
+/// address of the peer's family (without one the socket path answers), for the peer's IP.
+/// A subprogram of its own, called from the entry point: its key and the digest check stack
+/// on neither the entry point's frame nor [`send_to_peer`]'s.
+#[inline(never)]
+pub fn send_permission(relay: &ToRelay, send: &Send) -> Result<&'static Permission, Reason> {
+    if relay.flags & FLAG_ENABLED == 0 {
+        return Err(Reason::PassDisabled);
+    }
+    let family = send.peer_family;
+    let Some((relayed_ip, relayed_port)) = relay.relayed(family) else {
+        return Err(Reason::PassNoPermission);
+    };
+    let key = permission_key(*relayed_ip, send.peer_ip, relayed_port, family);
+    lookup(&PERMISSIONS, &key)?.ok_or(Reason::PassNoPermission)
+}
+
 /// Client → peer: a Send indication (parsed by [`parse_send`]) from a client with an
 /// allocation on this listener (`relay`).
 #[inline(never)]
@@ -103,17 +120,10 @@ pub fn send_to_peer<C: Packet>(
     udp: &UdpDatagram,
     relay: &ToRelay,
     send: &Send,
+    permission: &Permission,
 ) -> Result<Forward, Reason> {
-    if relay.flags & FLAG_ENABLED == 0 {
-        return Err(Reason::PassDisabled);
-    }
-    // The relayed address of the peer's family sends it; without one the socket path answers.
     let family = send.peer_family;
     let Some((relayed_ip, relayed_port)) = relay.relayed(family) else {
-        return Err(Reason::PassNoPermission);
-    };
-    let pkey = permission_key(*relayed_ip, send.peer_ip, relayed_port, family);
-    let Some(permission) = lookup(&PERMISSIONS, &pkey)? else {
         return Err(Reason::PassNoPermission);
     };
     usable(permission.flags, permission.expires_at_ns)?;

@@ -10,10 +10,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
 };
 use relay_common::{
-    key_tag, AllocationCounters, ChannelKey, ClientKey, MapKey, NextHop, PeerKey, Permission,
-    PermissionKey, PolicyVerdict, Reason, ToClient, ToPeer, ToRelay, FAMILY_IPV4,
-    LISTENER_PORT_WORDS, MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES, MAX_NEXT_HOPS,
-    MAX_PERMISSIONS, MAX_POLICY_PREFIXES, POLICY_ALLOW, POLICY_CACHE_SLOTS,
+    entry_digest, AllocationCounters, ChannelKey, ClientKey, Digested, EntryDigestKey, MapKey,
+    NextHop, PeerKey, Permission, PermissionKey, PolicyVerdict, Reason, ToClient, ToPeer, ToRelay,
+    FAMILY_IPV4, LISTENER_PORT_WORDS, MAX_ALLOCATIONS, MAX_CHANNEL_BINDINGS, MAX_EGRESS_DEVICES,
+    MAX_NEXT_HOPS, MAX_PERMISSIONS, MAX_POLICY_PREFIXES, POLICY_ALLOW, POLICY_CACHE_SLOTS,
 };
 
 /// Client → peer: which peer a client's channel goes to (`relay_common::CHANNELS_MAP`).
@@ -183,23 +183,14 @@ pub struct Scratch {
 #[map(name = "SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// A value of a hash map: where its key tag sits, and its slot in [`Scratch`].
-pub trait Tagged: Sized {
-    /// # Safety
-    /// `entry` must point at a readable value.
-    unsafe fn tag(entry: *const Self) -> u16;
+/// A value of a hash map and its slot in [`Scratch`].
+pub trait Scratched: Digested {
     fn slot(scratch: &mut Scratch) -> &mut Self;
 }
 
-macro_rules! tagged {
+macro_rules! scratched {
     ($value:ty, $slot:ident) => {
-        impl Tagged for $value {
-            #[inline(always)]
-            unsafe fn tag(entry: *const Self) -> u16 {
-                // SAFETY: the caller vouches for `entry`; volatile, so the read happens exactly
-                // where it is written (before and after the copy).
-                unsafe { core::ptr::addr_of!((*entry).key_tag).read_volatile() }
-            }
+        impl Scratched for $value {
             #[inline(always)]
             fn slot(scratch: &mut Scratch) -> &mut Self {
                 &mut scratch.$slot
@@ -207,22 +198,27 @@ macro_rules! tagged {
         }
     };
 }
-tagged!(ToPeer, to_peer);
-tagged!(ToClient, to_client);
-tagged!(Permission, permission);
-tagged!(ToRelay, to_relay);
+scratched!(ToPeer, to_peer);
+scratched!(ToClient, to_client);
+scratched!(Permission, permission);
+scratched!(ToRelay, to_relay);
+
+/// The multipliers of `relay_common::entry_digest` (`relay_common::ENTRY_DIGEST_KEY_MAP`),
+/// drawn by userspace at load.
+#[map(name = "ENTRY_DIGEST_KEY")]
+static ENTRY_DIGEST_KEY: Array<EntryDigestKey> = Array::with_max_entries(1, 0);
 
 /// Looks `key` up in `map` and returns a copy of its value that cannot change while the
-/// program runs, or [`Reason::PassEntryChanged`] when the element was recycled for another
-/// key while it was copied.
+/// program runs, or [`Reason::PassEntryChanged`] when the copy is not one whole entry of this
+/// key.
 ///
 /// Preallocated hash maps hand a replaced or deleted element back to their free list at once,
-/// and the next update (on another CPU) may reuse it for another key while this program still
-/// reads it: reading fields one by one could mix two bindings (send one client's data to
-/// another's peer). The value is copied word by word between two reads of its key tag; both
-/// must match the tag of the key looked up.
+/// and an update on another CPU may refill it, for another key and in any byte order, while
+/// this program still reads it: reading fields one by one could mix two bindings (send one
+/// client's data to another's peer). The value is copied once, and the copy's digest (keyed
+/// by random multipliers) must match this key and the copied value.
 #[inline(always)]
-pub fn lookup<K: MapKey, V: Tagged>(
+pub fn lookup<K: MapKey, V: Scratched>(
     map: &HashMap<K, V>,
     key: &K,
 ) -> Result<Option<&'static V>, Reason> {
@@ -236,14 +232,10 @@ pub fn lookup<K: MapKey, V: Tagged>(
     // touches while this program runs (no preemption in XDP and TC); it lives as long as the
     // map, i.e. the whole program run.
     let slot: &'static mut V = V::slot(unsafe { &mut *scratch });
-    let expected = key_tag(key);
     // SAFETY: a successful hash map lookup returns a pointer to a value of the map's value
     // size, readable for the whole program run (preallocated elements are never freed, only
-    // reused, which the tag checks detect).
+    // reused, which the digest check detects); the slot is a `V` as well.
     unsafe {
-        if V::tag(found) != expected {
-            return Err(Reason::PassEntryChanged);
-        }
         const { assert!(core::mem::size_of::<V>().is_multiple_of(4)) };
         let words = core::mem::size_of::<V>() / 4;
         let (from, to) = (found.cast::<u32>(), (slot as *mut V).cast::<u32>());
@@ -252,9 +244,19 @@ pub fn lookup<K: MapKey, V: Tagged>(
             to.add(i).write(from.add(i).read_volatile());
             i += 1;
         }
-        if V::tag(found) != expected {
-            return Err(Reason::PassEntryChanged);
-        }
+    }
+    if !digest_matches(key, slot) {
+        return Err(Reason::PassEntryChanged);
     }
     Ok(Some(slot))
+}
+
+/// Whether `copy` is one whole entry of `key`. A subprogram of its own: inlined into the
+/// entry point, the unrolled hash would cost stack the deepest call chain lacks.
+#[inline(never)]
+fn digest_matches<K: MapKey, V: Digested>(key: &K, copy: &V) -> bool {
+    match ENTRY_DIGEST_KEY.get(0) {
+        Some(digest_key) => entry_digest(key, copy, digest_key) == copy.digest(),
+        None => false,
+    }
 }

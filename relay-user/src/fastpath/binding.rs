@@ -6,9 +6,9 @@ use std::{
 };
 
 use relay_common::{
-    ip_field, ipv4_field, key_tag, port_field, ChannelKey, ClientKey, PeerKey, Permission,
-    PermissionKey, ToClient, ToPeer, ToRelay, CHANNEL_MAX, CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6,
-    FLAG_ENABLED, FLAG_HAIRPIN, FLAG_TRANSLATE,
+    ip_field, ipv4_field, port_field, ChannelKey, ClientKey, PeerKey, Permission, PermissionKey,
+    ToClient, ToPeer, ToRelay, CHANNEL_MAX, CHANNEL_MIN, FAMILY_IPV4, FAMILY_IPV6, FLAG_ENABLED,
+    FLAG_HAIRPIN, FLAG_TRANSLATE,
 };
 
 use super::FastPathError;
@@ -89,7 +89,6 @@ impl PermissionBinding {
             family: family(self.client.ip()),
             reserved: [0; 3],
         };
-        to_relay.key_tag = key_tag(&key);
         (key, to_relay)
     }
 
@@ -104,7 +103,7 @@ impl PermissionBinding {
         }
     }
 
-    /// The permission's value, with expiry left zero.
+    /// The permission's value, with expiry and digest left zero (the loader fills them).
     pub(crate) fn value(&self, hops: BindingHops) -> Permission {
         let flags = if family(self.client.ip()) == family(self.peer_ip) {
             FLAG_ENABLED
@@ -121,7 +120,7 @@ impl PermissionBinding {
             listener_port: port_field(self.listener.port()),
             client_port: port_field(self.client.port()),
             peer_hop: hops.peer,
-            key_tag: key_tag(&self.key()),
+            ..Permission::default()
         }
     }
 }
@@ -146,7 +145,8 @@ pub fn supported(binding: &ChannelBinding) -> Result<(), FastPathError> {
     Ok(())
 }
 
-/// The two map entries of `binding`, enabled, with expiry left zero.
+/// The two map entries of `binding`, enabled, with expiry and digests left zero (the loader
+/// fills them).
 pub(crate) fn entries(
     binding: &ChannelBinding,
     hops: BindingHops,
@@ -179,8 +179,7 @@ pub(crate) fn entries(
         peer_ip: field(binding.peer.ip()),
         relayed_port: port_field(binding.relayed.port()),
         peer_port: port_field(binding.peer.port()),
-        key_tag: key_tag(&channel_key),
-        reserved: 0,
+        digest: 0,
     };
     let peer_key = PeerKey {
         peer_ip: field(binding.peer.ip()),
@@ -200,7 +199,7 @@ pub(crate) fn entries(
         listener_port: port_field(binding.listener.port()),
         client_port: port_field(binding.client.port()),
         channel: port_field(binding.channel),
-        key_tag: key_tag(&peer_key),
+        ..ToClient::default()
     };
     Ok((channel_key, to_peer, peer_key, to_client))
 }

@@ -13,12 +13,13 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use relay_common::{
-    allocation_counter_bytes, ChannelKey, ClientKey, NextHop, PeerKey, Permission, PermissionKey,
-    Reason, ToClient, ToPeer, ToRelay, ALLOCATION_COUNTERS_MAP, CHANNELS_MAP,
-    CHANNEL_BINDING_BYTES, CLIENTS_MAP, EGRESS_DEVICES_MAP, FAMILY_IPV4, FAMILY_IPV6,
-    LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT, NEXT_HOPS_MAP, NEXT_HOP_BYTES,
-    PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP, PERMISSIONS_MAP, POLICY_ALLOW, POLICY_DENY,
-    POLICY_GENERATION_MAP, TC_PROGRAM, VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
+    allocation_counter_bytes, entry_digest, ChannelKey, ClientKey, EntryDigestKey, NextHop,
+    PeerKey, Permission, PermissionKey, Reason, ToClient, ToPeer, ToRelay, ALLOCATION_COUNTERS_MAP,
+    CHANNELS_MAP, CHANNEL_BINDING_BYTES, CLIENTS_MAP, EGRESS_DEVICES_MAP, ENTRY_DIGEST_KEY_MAP,
+    FAMILY_IPV4, FAMILY_IPV6, LISTENER_PORTS_MAP, MAX_CHANNEL_BINDINGS, NEXT_HOPS_LIMIT,
+    NEXT_HOPS_MAP, NEXT_HOP_BYTES, PEERS_MAP, PEER_POLICY_V4_MAP, PEER_POLICY_V6_MAP,
+    PERMISSIONS_MAP, POLICY_ALLOW, POLICY_DENY, POLICY_GENERATION_MAP, TC_PROGRAM,
+    VERDICT_COUNTERS_MAP, XDP_PASS_PROGRAM, XDP_PROGRAM,
 };
 
 use super::{
@@ -219,6 +220,8 @@ pub struct FastPath {
     /// The policy prefixes in the kernel now, so [`FastPath::set_policy`] changes only what
     /// differs.
     policy: std::collections::HashMap<ipnet::IpNet, u32>,
+    /// The multipliers of every entry's digest (`relay_common::entry_digest`), drawn at load.
+    digest_key: EntryDigestKey,
 }
 
 impl FastPath {
@@ -252,12 +255,25 @@ impl FastPath {
         }
         let result = tc_program(&mut ebpf)?.load();
         result.map_err(|source| load_error(TC_PROGRAM, source))?;
+        // Fresh multipliers for every load: what an entry's digest is cannot be known outside.
+        let mut digest_key = EntryDigestKey {
+            seed: rand::random(),
+            ..EntryDigestKey::default()
+        };
+        for multiplier in digest_key.multipliers.iter_mut() {
+            *multiplier = rand::random();
+        }
+        let mut keys: Array<&mut aya::maps::MapData, EntryDigestKey> =
+            typed_map(&mut ebpf, ENTRY_DIGEST_KEY_MAP)?;
+        keys.set(0, digest_key, 0)
+            .map_err(map_error(ENTRY_DIGEST_KEY_MAP))?;
         Ok(Self {
             ebpf,
             attached: Vec::new(),
             attached_ifindexes: Vec::new(),
             capacity,
             policy: std::collections::HashMap::new(),
+            digest_key,
         })
     }
 
@@ -507,14 +523,16 @@ impl FastPath {
     ) -> Result<(), FastPathError> {
         let (channel_key, to_peer, peer_key, to_client) = binding::entries(binding, hops)?;
         let expires_at_ns = monotonic_ns(binding.expires_at);
-        let to_peer = ToPeer {
+        let mut to_peer = ToPeer {
             expires_at_ns,
             ..to_peer
         };
-        let to_client = ToClient {
+        to_peer.digest = entry_digest(&channel_key, &to_peer, &self.digest_key);
+        let mut to_client = ToClient {
             expires_at_ns,
             ..to_client
         };
+        to_client.digest = entry_digest(&peer_key, &to_client, &self.digest_key);
 
         // The kernel reads client ChannelData only on listener ports; listeners never change
         // while the relay runs, so a port stays registered once seen.
@@ -564,10 +582,12 @@ impl FastPath {
                 }
             }
         }
-        let value = Permission {
+        let mut value = Permission {
             expires_at_ns: monotonic_ns(permission.expires_at),
             ..permission.value(hops)
         };
+        value.digest = entry_digest(&permission.key(), &value, &self.digest_key);
+        to_relay.digest = entry_digest(&client_key, &to_relay, &self.digest_key);
         let mut permissions: HashMap<&mut aya::maps::MapData, PermissionKey, Permission> =
             typed_map(&mut self.ebpf, PERMISSIONS_MAP)?;
         permissions
