@@ -106,3 +106,41 @@ fn the_systemd_unit_verifies() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
 }
+
+/// deploy/kubernetes/relay.yaml passes kubernetes-validate's strict schema check (offline;
+/// installed by `cargo xtask setup`), and every flag it gives the relay is one `relay serve`
+/// knows.
+#[test]
+fn the_kubernetes_manifest_validates() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/relay.yaml"
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet", path])
+        .output()
+        .expect("python3 -m kubernetes_validate (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = std::fs::read_to_string(path).expect("manifest");
+    let help = std::process::Command::new(relay_tests::relay_bin())
+        .args(["serve", "--help"])
+        .output()
+        .expect("relay serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = manifest
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- --"))
+        .collect();
+    assert!(flags.len() >= 4, "{flags:?}");
+    for flag in flags {
+        assert!(
+            help.contains(&format!("--{flag}")),
+            "relay serve has no --{flag}"
+        );
+    }
+}

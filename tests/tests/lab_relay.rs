@@ -1396,6 +1396,35 @@ fn a_killed_relay_leaves_nothing_attached_and_a_restart_replaces_a_stale_program
         a.kernel.to_peer_packets, 20,
         "the new program forwards: {a:?}"
     );
+
+    // A second relay on the same interface while this one runs: refused, nothing detached.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.relay.name()])
+        .arg(relay_tests::relay_bin())
+        .args([
+            "serve",
+            "--listen",
+            &format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"),
+            "--relay-ip",
+            RELAY_PEER_SIDE_IP,
+            "--admin",
+            "127.0.0.1:0",
+            "--fastpath",
+            "xdp",
+            "--interface",
+            &rc,
+        ])
+        .output()
+        .expect("run a second relay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("another running relay uses"), "{stderr}");
+    assert_eq!(
+        xdp_program_id(&lab.relay, &rc),
+        Some(fresh),
+        "still the running relay's"
+    );
+    assert_eq!(round_trips(&client, 0x4000, 5, "still forwarding"), 5);
 }
 
 /// A bpffs mounted on a fresh directory under /tmp, unmounted and removed on drop.

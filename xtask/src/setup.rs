@@ -31,6 +31,10 @@ const PACKAGES: &[(&str, Option<&str>)] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// kubernetes-validate (PyPI), which checks deploy/kubernetes against the Kubernetes schemas it
+/// ships (offline).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let missing: Vec<String> = PACKAGES
@@ -72,6 +76,26 @@ pub fn run() -> anyhow::Result<()> {
             bail!("installing bpf-linker failed ({status})");
         }
     }
+    if python_module_version("kubernetes_validate").as_deref() == Some(KUBERNETES_VALIDATE_VERSION)
+    {
+        println!("setup: kubernetes-validate {KUBERNETES_VALIDATE_VERSION} present");
+    } else {
+        println!("setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (PyPI)");
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+            ])
+            .status()
+            .context("running python3 -m pip")?;
+        if !status.success() {
+            bail!("installing kubernetes-validate failed ({status})");
+        }
+    }
     println!("setup: done in {:.1?}", started.elapsed());
     Ok(())
 }
@@ -88,6 +112,17 @@ fn package_installed(name: &str, version: Option<&str>) -> bool {
     let installed = fields.next().is_some_and(|s| s.ends_with(" installed"));
     let version_ok = version.is_none_or(|want| fields.next() == Some(want));
     out.status.success() && installed && version_ok
+}
+
+/// `python3 -m MODULE --version`, if the module runs.
+fn python_module_version(module: &str) -> Option<String> {
+    let out = Command::new("python3")
+        .args(["-m", module, "--version"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn bpf_linker_version() -> Option<String> {

@@ -110,6 +110,11 @@ pub enum FastPathError {
          {interface}: stop that relay first, or run this one with --fastpath off"
     )]
     AlreadyAttached { interface: String, program_id: u32 },
+    #[error(
+        "another running relay uses {interface} (it holds {lock}): stop that relay first, or run \
+         this one with --fastpath off"
+    )]
+    InterfaceInUse { interface: String, lock: String },
     #[error("cannot read the kernel's information on program `{name}`: {source}")]
     ProgramInfo {
         name: &'static str,
@@ -222,6 +227,8 @@ pub struct FastPath {
     policy: std::collections::HashMap<ipnet::IpNet, u32>,
     /// The multipliers of every entry's digest (`relay_common::entry_digest`), drawn at load.
     digest_key: EntryDigestKey,
+    /// Locks of the interfaces attached to (released when this is dropped).
+    locks: Vec<InterfaceLock>,
 }
 
 impl FastPath {
@@ -274,6 +281,7 @@ impl FastPath {
             capacity,
             policy: std::collections::HashMap::new(),
             digest_key,
+            locks: Vec::new(),
         })
     }
 
@@ -429,9 +437,12 @@ impl FastPath {
         if !ethernet {
             return Err(FastPathError::NotEthernet(interface.to_owned()));
         }
+        let lock = lock_interface(interface, ifindex)?;
         match mode {
             AttachMode::XdpNative | AttachMode::XdpGeneric => {
-                replace_stale_xdp(interface, ifindex)?;
+                if lock.is_some() {
+                    replace_stale_xdp(interface, ifindex)?;
+                }
                 let xdp_mode = if mode == AttachMode::XdpNative {
                     XdpMode::Driver
                 } else {
@@ -451,7 +462,13 @@ impl FastPath {
                     }
                     // A clsact filter outlives its process: one an earlier relay left behind
                     // (killed, crashed) would still forward with that relay's last entries.
-                    match tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM) {
+                    // With the interface's lock held, no running relay owns one.
+                    let stale = if lock.is_some() {
+                        tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM)
+                    } else {
+                        Err(tc::TcError::IoError(std::io::ErrorKind::NotFound.into()))
+                    };
+                    match stale {
                         Ok(()) => tracing::warn!(
                             "removed a stale {TC_PROGRAM} filter from {interface}, left by an \
                              earlier relay that did not exit cleanly"
@@ -477,6 +494,7 @@ impl FastPath {
             })?;
         self.attached.push((interface.to_owned(), mode));
         self.attached_ifindexes.push(ifindex);
+        self.locks.extend(lock);
         Ok(())
     }
 
@@ -484,7 +502,12 @@ impl FastPath {
     /// end of a veth that the fast path transmits into needs an XDP program, or veth drops the
     /// frames. Not listed in [`FastPath::attached`]; detached on drop like the rest.
     pub fn attach_pass(&mut self, interface: &str) -> Result<(), FastPathError> {
-        replace_stale_xdp(interface, ifindex(interface)?)?;
+        let index = ifindex(interface)?;
+        let lock = lock_interface(interface, index)?;
+        if lock.is_some() {
+            replace_stale_xdp(interface, index)?;
+        }
+        self.locks.extend(lock);
         xdp_program(&mut self.ebpf, XDP_PASS_PROGRAM)?
             .attach(interface, XdpMode::Driver)
             .map_err(|source| match source {
@@ -921,13 +944,63 @@ pub fn is_ethernet(interface: &str) -> bool {
     ifindex(interface).is_ok_and(|index| link_is_ethernet(index).unwrap_or(false))
 }
 
+/// Where the per-interface locks live (created at start, while root).
+const LOCK_DIR: &str = "/run/relay";
+
+/// Proof that no other running relay uses an interface: an exclusive `flock` on
+/// `/run/relay/fastpath-<netns inode>-<ifindex>.lock`, held while this relay is attached there
+/// (the kernel releases it when the process ends, however it ends).
+pub(crate) struct InterfaceLock {
+    _file: std::fs::File,
+}
+
+/// Takes the lock of `interface`; `Ok(None)` when no lock can be made here (the directory is
+/// not writable), in which case nothing attached is ever detached.
+fn lock_interface(interface: &str, ifindex: u32) -> Result<Option<InterfaceLock>, FastPathError> {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    let netns = match std::fs::metadata("/proc/thread-self/ns/net") {
+        Ok(meta) => meta.ino(),
+        Err(_) => return Ok(None),
+    };
+    if let Err(error) = std::fs::create_dir_all(LOCK_DIR) {
+        tracing::warn!(
+            "cannot create {LOCK_DIR} ({error}): stale programs on {interface} cannot be told \
+             from a running relay's and are left alone"
+        );
+        return Ok(None);
+    }
+    let path = format!("{LOCK_DIR}/fastpath-{netns}-{ifindex}.lock");
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(error) => {
+            tracing::warn!("cannot open {path} ({error}): stale programs are left alone");
+            return Ok(None);
+        }
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        return Err(FastPathError::InterfaceInUse {
+            interface: interface.to_owned(),
+            lock: path,
+        });
+    }
+    Ok(Some(InterfaceLock { _file: file }))
+}
+
 /// Detaches a `relay_xdp` (or `relay_xdp_pass`) an earlier relay left attached to
-/// `interface`. XDP attached through netlink (kernels before 5.9, or tools such as `ip link`)
-/// outlives its process: after a `kill -9` or a crash it would go on forwarding with that
-/// relay's last entries. A program attached through a BPF link goes when its owner does, so one
-/// found here that cannot be detached (EBUSY) belongs to a relay that is still running.
-/// Another tool's program is left alone (attaching then fails with a hint).
+/// `interface`; the caller holds the interface's lock, so no running relay owns it. XDP
+/// attached through netlink (kernels before 5.9, or tools such as `ip link`) outlives its
+/// process: after a `kill -9` or a crash it would go on forwarding with that relay's last
+/// entries. The detach names the program (XDP_FLAGS_REPLACE), so a program attached meanwhile
+/// stays; another tool's program is left alone (attaching then fails with a hint).
 fn replace_stale_xdp(interface: &str, ifindex: u32) -> Result<(), FastPathError> {
+    use std::os::fd::AsFd;
     let netlink_error = |source| FastPathError::Netlink {
         interface: interface.to_owned(),
         source,
@@ -936,15 +1009,20 @@ fn replace_stale_xdp(interface: &str, ifindex: u32) -> Result<(), FastPathError>
     let Some(attached) = rtnl.xdp_attachment(ifindex).map_err(netlink_error)? else {
         return Ok(());
     };
-    let name = aya::programs::loaded_programs()
+    let Some(program) = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|program| program.id() == attached.program_id)
-        .and_then(|program| program.name_as_str().map(str::to_owned));
-    let Some(name) = name.filter(|name| [XDP_PROGRAM, XDP_PASS_PROGRAM].contains(&name.as_str()))
     else {
         return Ok(());
     };
-    match rtnl.detach_xdp(ifindex, attached) {
+    let name = program.name_as_str().unwrap_or_default().to_owned();
+    if ![XDP_PROGRAM, XDP_PASS_PROGRAM].contains(&name.as_str()) {
+        return Ok(());
+    }
+    let Ok(fd) = program.fd() else {
+        return Ok(());
+    };
+    match rtnl.detach_xdp(ifindex, attached, fd.as_fd()) {
         Ok(()) => {
             tracing::warn!(
                 "replaced a stale {name} (program id {}) on {interface}, left attached by an \
@@ -953,6 +1031,7 @@ fn replace_stale_xdp(interface: &str, ifindex: u32) -> Result<(), FastPathError>
             );
             Ok(())
         }
+        // Held by a BPF link: its owner is alive (in another namespace's view of the lock).
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(FastPathError::AlreadyAttached {
             interface: interface.to_owned(),
             program_id: attached.program_id,

@@ -71,6 +71,7 @@ const IFLA_XDP_FD: u16 = 1;
 const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_FLAGS: u16 = 3;
 const IFLA_XDP_PROG_ID: u16 = 4;
+const IFLA_XDP_EXPECTED_FD: u16 = 8;
 const NLA_F_NESTED: u16 = 0x8000;
 /// `XDP_ATTACHED_*` values and the `XDP_FLAGS_*` mode each is detached with.
 const XDP_ATTACHED_DRV: u8 = 1;
@@ -79,6 +80,8 @@ const XDP_ATTACHED_HW: u8 = 3;
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
+/// Detach (or replace) only if the program attached is still `IFLA_XDP_EXPECTED_FD`'s.
+const XDP_FLAGS_REPLACE: u32 = 1 << 4;
 const IFF_UP: u32 = 0x1;
 /// Set by the kernel when the device is up and its operational state is UP or UNKNOWN
 /// (dev_get_flags), i.e. it can carry traffic.
@@ -312,15 +315,25 @@ impl Rtnl {
     }
 
     /// Detaches the program of `attachment` from `ifindex` the way `ip link set dev IFACE xdp
-    /// off` does. Fails with EBUSY when a BPF link holds it (its owner is alive).
-    pub fn detach_xdp(&mut self, ifindex: u32, attachment: XdpAttachment) -> io::Result<()> {
+    /// off` does, but only if it is still `program` (a descriptor of it): another program
+    /// attached meanwhile stays (EEXIST). Fails with EBUSY when a BPF link holds it.
+    pub fn detach_xdp(
+        &mut self,
+        ifindex: u32,
+        attachment: XdpAttachment,
+        program: std::os::fd::BorrowedFd<'_>,
+    ) -> io::Result<()> {
         let index = ifindex_field(ifindex)?;
         let mut header = [0u8; 16];
         put(&mut header, 4, &index.to_ne_bytes());
         let mut nested = Vec::new();
         for (ty, value) in [
             (IFLA_XDP_FD, (-1i32).to_ne_bytes()),
-            (IFLA_XDP_FLAGS, attachment.mode_flags.to_ne_bytes()),
+            (
+                IFLA_XDP_FLAGS,
+                (attachment.mode_flags | XDP_FLAGS_REPLACE).to_ne_bytes(),
+            ),
+            (IFLA_XDP_EXPECTED_FD, program.as_raw_fd().to_ne_bytes()),
         ] {
             nested.extend_from_slice(&8u16.to_ne_bytes());
             nested.extend_from_slice(&ty.to_ne_bytes());
