@@ -94,6 +94,16 @@ pub struct ServeArgs {
     /// Allow peers in this CIDR even if the safe default denies it (repeatable).
     #[arg(long = "allow-peer", value_name = "CIDR")]
     pub allow_peer: Vec<ipnet::IpNet>,
+    /// Allow exactly this peer address although it is loopback, unspecified, link-local
+    /// (169.254.169.254), multicast, broadcast or an address of this host, which no
+    /// --allow-peer CIDR opens (repeatable; unsafe: only for test labs and known services).
+    #[arg(long = "allow-peer-unsafe", value_name = "ADDR")]
+    pub allow_peer_unsafe: Vec<IpAddr>,
+    /// NAT64 prefix of this network (RFC 6052 length /32, /40, /48, /56, /64 or /96;
+    /// repeatable): its addresses are denied unless allowed, and the IPv4 address they carry
+    /// must pass the IPv4 policy.
+    #[arg(long = "nat64-prefix", value_name = "CIDR")]
+    pub nat64_prefix: Vec<ipnet::Ipv6Net>,
     /// Deny peers in this CIDR (repeatable; wins over --allow-peer).
     #[arg(long = "deny-peer", value_name = "CIDR")]
     pub deny_peer: Vec<ipnet::IpNet>,

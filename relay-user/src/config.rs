@@ -1,7 +1,7 @@
 //! Daemon configuration: the embedded defaults, then an optional TOML file, then flags.
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
-//! `auth-secret`, `allow-peer`, `deny-peer`, `fastpath`, `interface`, `log-level`,
+//! `auth-secret`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
 //! `admin`, `legacy-channels`, `workers`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use crate::cli::{FastPathMode, ServeArgs};
@@ -32,6 +32,8 @@ pub struct ConfigFile {
     pub auth_secret: Option<Vec<String>>,
     pub allow_peer: Option<Vec<IpNet>>,
     pub deny_peer: Option<Vec<IpNet>>,
+    pub allow_peer_unsafe: Option<Vec<IpAddr>>,
+    pub nat64_prefix: Option<Vec<Ipv6Net>>,
     pub fastpath: Option<FastPathMode>,
     pub interface: Option<Vec<String>>,
     pub log_level: Option<String>,
@@ -69,6 +71,8 @@ impl ConfigFile {
         put(&mut self.auth_secret, upper.auth_secret);
         put(&mut self.allow_peer, upper.allow_peer);
         put(&mut self.deny_peer, upper.deny_peer);
+        put(&mut self.allow_peer_unsafe, upper.allow_peer_unsafe);
+        put(&mut self.nat64_prefix, upper.nat64_prefix);
         put(&mut self.fastpath, upper.fastpath);
         put(&mut self.interface, upper.interface);
         put(&mut self.log_level, upper.log_level);
@@ -92,6 +96,8 @@ impl ConfigFile {
             auth_secret: list(&args.auth_secret),
             allow_peer: list(&args.allow_peer),
             deny_peer: list(&args.deny_peer),
+            allow_peer_unsafe: list(&args.allow_peer_unsafe),
+            nat64_prefix: list(&args.nat64_prefix),
             fastpath: args.fastpath,
             interface: list(&args.interface),
             log_level: args.log_level.clone(),
@@ -127,6 +133,10 @@ pub struct Config {
     pub auth_secrets: Vec<String>,
     pub allow_peer: Vec<IpNet>,
     pub deny_peer: Vec<IpNet>,
+    /// Exact peer addresses allowed past the non-overridable tier.
+    pub allow_peer_unsafe: Vec<IpAddr>,
+    /// NAT64 prefixes (RFC 6052 lengths).
+    pub nat64_prefixes: Vec<Ipv6Net>,
     pub fastpath: FastPathMode,
     pub interfaces: Vec<String>,
     pub log_level: String,
@@ -191,6 +201,17 @@ impl Config {
             auth_secrets,
             allow_peer: file.allow_peer.unwrap_or_default(),
             deny_peer: file.deny_peer.unwrap_or_default(),
+            allow_peer_unsafe: file.allow_peer_unsafe.unwrap_or_default(),
+            nat64_prefixes: {
+                let prefixes = file.nat64_prefix.unwrap_or_default();
+                let mut check = relay_proto::policy::PeerPolicy::safe_default();
+                for prefix in &prefixes {
+                    check
+                        .add_nat64_prefix(*prefix)
+                        .map_err(|e| anyhow::anyhow!("--nat64-prefix {e}"))?;
+                }
+                prefixes
+            },
             fastpath: file.fastpath.unwrap_or(FastPathMode::Off),
             interfaces: file.interface.unwrap_or_default(),
             log_level: file.log_level.unwrap_or_else(|| "info".to_owned()),
@@ -314,5 +335,33 @@ mod tests {
         let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
         file.relay_ip = Some(vec!["0.0.0.0".parse().unwrap()]);
         assert!(Config::resolve(file).is_err());
+    }
+
+    #[test]
+    fn peer_policy_keys_and_bad_nat64_prefix() {
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").expect("default");
+        layers.overlay(
+            ConfigFile::parse(
+                r#"
+                allow-peer-unsafe = ["127.0.0.2"]
+                nat64-prefix = ["64:ff9b:1:abcd::/96"]
+                "#,
+                "test",
+            )
+            .expect("valid file"),
+        );
+        let config = Config::resolve(layers).expect("valid");
+        assert_eq!(
+            config.allow_peer_unsafe,
+            vec!["127.0.0.2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(config.nat64_prefixes.len(), 1);
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.nat64_prefix = Some(vec!["64:ff9b:1::/50".parse().unwrap()]);
+        let err = format!("{:#}", Config::resolve(file).unwrap_err());
+        assert!(
+            err.contains("--nat64-prefix") && err.contains("/96"),
+            "{err}"
+        );
     }
 }

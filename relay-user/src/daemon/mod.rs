@@ -276,6 +276,16 @@ fn peer_policy(config: &Config, listeners: &[IpAddr]) -> PeerPolicy {
     for net in &config.deny_peer {
         policy.deny(*net);
     }
+    for ip in &config.allow_peer_unsafe {
+        warn!(%ip, "--allow-peer-unsafe: peers may reach {ip}, which the safe default never allows");
+        policy.allow_unsafe(*ip);
+    }
+    for prefix in &config.nat64_prefixes {
+        // Validated with the config.
+        if let Err(error) = policy.add_nat64_prefix(*prefix) {
+            warn!("{error}");
+        }
+    }
     let own: Vec<_> = listeners
         .iter()
         .copied()
