@@ -128,6 +128,24 @@ pub struct ServeArgs {
     /// Bindings beyond it stay on the socket path.
     #[arg(long, value_name = "N")]
     pub kernel_bindings: Option<u32>,
+    /// Bytes per second of answers to unauthenticated requests (401, 438, 400, Binding) one
+    /// source IP (IPv6: its /64) may receive from the whole relay; beyond that they are
+    /// dropped and counted (`relay_unauth_refused_total`). Bounds reflection towards a spoofed
+    /// address. Default 131072 (about 1,100 401s a second).
+    #[arg(long, value_name = "BYTES")]
+    pub unauth_rate_bytes: Option<u64>,
+    /// Burst of those answers, in bytes, per source (default 65536). A source the relay has
+    /// not seen recently starts from at most 2048 bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub unauth_burst_bytes: Option<u64>,
+    /// Allocations the whole relay holds (beyond: 508 Insufficient Capacity).
+    #[arg(long, value_name = "N")]
+    pub max_allocations: Option<usize>,
+    /// Allocations one user holds (beyond: 486 Allocation Quota Reached); a TURN REST username
+    /// `expiry:user` counts under its user part. Must be below --max-allocations, so no user can
+    /// take the whole relay.
+    #[arg(long, value_name = "N")]
+    pub max_allocations_per_user: Option<usize>,
     /// Permission lifetime in seconds instead of RFC 8656's 300 (for tests only).
     #[arg(long, value_name = "SECS", hide = true)]
     pub permission_lifetime: Option<u64>,

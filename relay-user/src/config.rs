@@ -2,7 +2,8 @@
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
 //! `auth-secret`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
-//! `admin`, `legacy-channels`, `workers`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
+//! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -41,6 +42,10 @@ pub struct ConfigFile {
     pub legacy_channels: Option<bool>,
     pub workers: Option<usize>,
     pub kernel_bindings: Option<u32>,
+    pub max_allocations: Option<usize>,
+    pub max_allocations_per_user: Option<usize>,
+    pub unauth_rate_bytes: Option<u64>,
+    pub unauth_burst_bytes: Option<u64>,
 }
 
 impl ConfigFile {
@@ -80,6 +85,13 @@ impl ConfigFile {
         put(&mut self.legacy_channels, upper.legacy_channels);
         put(&mut self.workers, upper.workers);
         put(&mut self.kernel_bindings, upper.kernel_bindings);
+        put(&mut self.max_allocations, upper.max_allocations);
+        put(&mut self.unauth_rate_bytes, upper.unauth_rate_bytes);
+        put(&mut self.unauth_burst_bytes, upper.unauth_burst_bytes);
+        put(
+            &mut self.max_allocations_per_user,
+            upper.max_allocations_per_user,
+        );
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -105,6 +117,10 @@ impl ConfigFile {
             legacy_channels: args.legacy_channels.then_some(true),
             workers: args.workers,
             kernel_bindings: args.kernel_bindings,
+            max_allocations: args.max_allocations,
+            max_allocations_per_user: args.max_allocations_per_user,
+            unauth_rate_bytes: args.unauth_rate_bytes,
+            unauth_burst_bytes: args.unauth_burst_bytes,
         }
     }
 }
@@ -149,6 +165,14 @@ pub struct Config {
     /// Channel bindings the kernel maps hold; `None` sizes them from the quotas within a
     /// memory budget.
     pub kernel_bindings: Option<u32>,
+    /// Allocations relay-wide (508 beyond).
+    pub max_allocations: usize,
+    /// Allocations per user, REST usernames by their user part (486 beyond).
+    pub max_allocations_per_user: usize,
+    /// Unauthenticated answers: bytes per second per source, relay-wide.
+    pub unauth_rate_bytes: u64,
+    /// Unauthenticated answers: burst in bytes per source.
+    pub unauth_burst_bytes: u64,
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
@@ -192,6 +216,20 @@ impl Config {
             auth_secrets.iter().all(|s| !s.is_empty()),
             "--auth-secret must not be empty"
         );
+        let max_allocations = file.max_allocations.unwrap_or(DEFAULT_MAX_ALLOCATIONS);
+        ensure!(max_allocations >= 1, "--max-allocations must be at least 1");
+        let max_allocations_per_user = file
+            .max_allocations_per_user
+            .unwrap_or(DEFAULT_MAX_ALLOCATIONS_PER_USER.min(max_allocations.saturating_sub(1)));
+        ensure!(
+            max_allocations_per_user >= 1,
+            "--max-allocations-per-user must be at least 1 (and --max-allocations at least 2)"
+        );
+        ensure!(
+            max_allocations_per_user < max_allocations,
+            "--max-allocations-per-user {max_allocations_per_user} must be below \
+             --max-allocations {max_allocations}: otherwise one user can take every allocation"
+        );
         Ok(Self {
             listen,
             relay_ips,
@@ -228,11 +266,24 @@ impl Config {
                 Some(0) => bail!("--kernel-bindings must be at least 1"),
                 other => other,
             },
+            max_allocations,
+            max_allocations_per_user,
+            unauth_rate_bytes: file
+                .unauth_rate_bytes
+                .unwrap_or(relay_proto::limiter::DEFAULT_RATE_BYTES),
+            unauth_burst_bytes: file
+                .unauth_burst_bytes
+                .unwrap_or(relay_proto::limiter::DEFAULT_BURST_BYTES),
             permission_lifetime: None,
             channel_lifetime: None,
         })
     }
 }
+
+/// Allocations relay-wide unless configured.
+pub const DEFAULT_MAX_ALLOCATIONS: usize = 16_384;
+/// Allocations per user unless configured.
+pub const DEFAULT_MAX_ALLOCATIONS_PER_USER: usize = 64;
 
 /// `LOW-HIGH`, both in 1..=65535, LOW <= HIGH.
 pub fn parse_port_range(text: &str) -> anyhow::Result<RangeInclusive<u16>> {
@@ -363,5 +414,32 @@ mod tests {
             err.contains("--nat64-prefix") && err.contains("/96"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn allocation_caps_one_user_cannot_exhaust() {
+        let config = Config::from_args(&args()).expect("default");
+        assert_eq!(
+            (config.max_allocations, config.max_allocations_per_user),
+            (DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_ALLOCATIONS_PER_USER)
+        );
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.overlay(
+            ConfigFile::parse("max-allocations = 10\nmax-allocations-per-user = 3", "t").unwrap(),
+        );
+        let config = Config::resolve(file).expect("valid");
+        assert_eq!(
+            (config.max_allocations, config.max_allocations_per_user),
+            (10, 3)
+        );
+        // A small relay-wide cap lowers the per-user default below it.
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.max_allocations = Some(10);
+        assert_eq!(Config::resolve(file).unwrap().max_allocations_per_user, 9);
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.max_allocations = Some(10);
+        file.max_allocations_per_user = Some(10);
+        let err = format!("{:#}", Config::resolve(file).unwrap_err());
+        assert!(err.contains("must be below --max-allocations 10"), "{err}");
     }
 }

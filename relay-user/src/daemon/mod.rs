@@ -28,6 +28,7 @@ use crate::{
 use relay_proto::{
     auth::Credentials,
     channel_data::LEGACY_CHANNEL_RANGE,
+    limiter::UnauthLimiter,
     policy::PeerPolicy,
     server::{AllocationQuota, LiveRelayed, QuotaLedger, Server, ServerConfig},
 };
@@ -141,12 +142,18 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     );
     // One ledger for every worker: the caps are relay-wide.
     let quota: Arc<dyn AllocationQuota> = Arc::new(QuotaLedger::default());
+    // One budget for unauthenticated answers: a spoofed victim's limit is relay-wide.
+    let unauth_limiter = Arc::new(UnauthLimiter::new(
+        config.unauth_rate_bytes,
+        config.unauth_burst_bytes,
+    ));
     let live_relayed = Arc::new(LiveRelayed::default());
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();
     for (index, listeners) in sockets.into_iter().enumerate() {
         let mut server_config = server_config(&config, policy.clone());
         server_config.quota = Arc::clone(&quota);
+        server_config.unauth_limiter = Arc::clone(&unauth_limiter);
         server_config.live_relayed = Arc::clone(&live_relayed);
         server_config.first_allocation_id = index as u64 + 1;
         server_config.allocation_id_stride = workers as u64;
@@ -164,7 +171,12 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
 
     let (admin_tx, admin_rx) = mpsc::channel(64);
     let admin_task = tokio::spawn(control::http::serve(admin_listener, admin_tx));
-    let router = tokio::spawn(admin::route(admin_rx, worker_requests, Arc::clone(&kernel)));
+    let router = tokio::spawn(admin::route(
+        admin_rx,
+        worker_requests,
+        Arc::clone(&kernel),
+        unauth_limiter,
+    ));
     info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
     info!(
         workers,
@@ -311,6 +323,8 @@ fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
         policy,
     );
     server.port_range = config.port_range.clone();
+    server.max_allocations = config.max_allocations;
+    server.max_allocations_per_user = config.max_allocations_per_user;
     if config.legacy_channels {
         server.channel_range = LEGACY_CHANNEL_RANGE;
     }
@@ -383,7 +397,7 @@ fn kernel_capacity(config: &Config) -> MapCapacity {
         return MapCapacity::for_bindings(bindings);
     }
     let defaults = ServerConfig::new("", Vec::new(), Credentials::new(""), PeerPolicy::default());
-    let wanted = defaults
+    let wanted = config
         .max_allocations
         .saturating_mul(defaults.max_channels_per_allocation);
     let cpus = aya::util::nr_cpus().unwrap_or(1);
