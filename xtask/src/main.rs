@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 #[path = "../../relay-user/build_ebpf.rs"]
@@ -44,6 +45,10 @@ enum Task {
     /// socket forwarders side by side in a namespace lab (root): table on the terminal, JSON +
     /// SVG in bench-results/.
     Bench(bench::BenchArgs),
+    /// Run the libFuzzer targets of fuzz/ (cargo-fuzz, built with RUSTC_BOOTSTRAP=1): the STUN
+    /// codec with integrity and fingerprint checks, ChannelData, REST usernames, nonces, and a
+    /// stateful target driving the server core.
+    Fuzz(fuzz::FuzzArgs),
     /// The bench's reference forwarder (started by `cargo xtask bench` in its lab).
     #[command(hide = true)]
     BenchForwarder(bench::forwarder::ForwarderArgs),
@@ -69,6 +74,10 @@ fn main() -> anyhow::Result<()> {
             demo::run(&workspace_root())
         }
         Task::Bench(args) => bench::run(&workspace_root(), args),
+        Task::Fuzz(args) => {
+            setup::ensure_cargo_fuzz()?;
+            fuzz::run(&workspace_root(), &args)
+        }
         Task::BenchForwarder(args) => bench::forwarder::run(&args),
         Task::BenchRawXdp(args) => bench::raw_xdp::run(&args),
     }
@@ -138,6 +147,17 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut args = vec!["test", "--workspace", "--locked", "--no-fail-fast", "--"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)?;
+    // Every fuzz target for a short bounded time (a few seconds in all); the long runs are
+    // `cargo xtask fuzz`.
+    for target in fuzz::TARGETS {
+        fuzz::fuzz_one(
+            &workspace_root(),
+            target,
+            fuzz::SUITE_RUNS,
+            60,
+            fuzz::Sanitizer::None,
+        )?;
+    }
     println!(
         "==> all checks and tests passed in {:.1?}",
         started.elapsed()
