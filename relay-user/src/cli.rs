@@ -85,12 +85,21 @@ pub struct ServeArgs {
     /// Authentication realm.
     #[arg(long, value_name = "REALM")]
     pub realm: Option<String>,
-    /// Static long-term credential (repeatable).
+    /// Static long-term credential (repeatable). Visible to every local user in
+    /// /proc/PID/cmdline: prefer --users-file.
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub user: Vec<String>,
-    /// TURN REST API shared secret (repeatable, for rotation).
+    /// TURN REST API shared secret (repeatable, for rotation). Visible to every local user in
+    /// /proc/PID/cmdline: prefer --auth-secret-file or RELAY_AUTH_SECRET.
     #[arg(long = "auth-secret", value_name = "SECRET")]
     pub auth_secret: Vec<String>,
+    /// File with TURN REST API shared secrets, one per line (blank lines and # comments
+    /// ignored); added to --auth-secret and to the RELAY_AUTH_SECRET environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// File with static long-term credentials, one NAME:PASSWORD per line; added to --user.
+    #[arg(long, value_name = "FILE")]
+    pub users_file: Option<PathBuf>,
     /// Allow peers in this CIDR even if the safe default denies it (repeatable).
     #[arg(long = "allow-peer", value_name = "CIDR")]
     pub allow_peer: Vec<ipnet::IpNet>,

@@ -1,7 +1,7 @@
 //! Daemon configuration: the embedded defaults, then an optional TOML file, then flags.
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
-//! `auth-secret`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
+//! `auth-secret`, `auth-secret-file`, `users-file`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
 //! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
 //! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
@@ -9,7 +9,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{bail, ensure, Context};
@@ -31,6 +31,8 @@ pub struct ConfigFile {
     pub realm: Option<String>,
     pub user: Option<Vec<String>>,
     pub auth_secret: Option<Vec<String>>,
+    pub auth_secret_file: Option<PathBuf>,
+    pub users_file: Option<PathBuf>,
     pub allow_peer: Option<Vec<IpNet>>,
     pub deny_peer: Option<Vec<IpNet>>,
     pub allow_peer_unsafe: Option<Vec<IpAddr>>,
@@ -74,6 +76,8 @@ impl ConfigFile {
         put(&mut self.realm, upper.realm);
         put(&mut self.user, upper.user);
         put(&mut self.auth_secret, upper.auth_secret);
+        put(&mut self.auth_secret_file, upper.auth_secret_file);
+        put(&mut self.users_file, upper.users_file);
         put(&mut self.allow_peer, upper.allow_peer);
         put(&mut self.deny_peer, upper.deny_peer);
         put(&mut self.allow_peer_unsafe, upper.allow_peer_unsafe);
@@ -106,6 +110,8 @@ impl ConfigFile {
             realm: args.realm.clone(),
             user: list(&args.user),
             auth_secret: list(&args.auth_secret),
+            auth_secret_file: args.auth_secret_file.clone(),
+            users_file: args.users_file.clone(),
             allow_peer: list(&args.allow_peer),
             deny_peer: list(&args.deny_peer),
             allow_peer_unsafe: list(&args.allow_peer_unsafe),
@@ -173,6 +179,9 @@ pub struct Config {
     pub unauth_rate_bytes: u64,
     /// Unauthenticated answers: burst in bytes per source.
     pub unauth_burst_bytes: u64,
+    /// `--user` or `--auth-secret` was given on the command line (readable in
+    /// /proc/PID/cmdline): the daemon warns.
+    pub secrets_on_command_line: bool,
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
@@ -187,6 +196,12 @@ impl Config {
         }
         layers.overlay(ConfigFile::from_flags(args));
         let mut config = Self::resolve(layers)?;
+        if let Some(secret) = crate::secrets::env_auth_secret() {
+            if !config.auth_secrets.contains(&secret) {
+                config.auth_secrets.push(secret);
+            }
+        }
+        config.secrets_on_command_line = !args.user.is_empty() || !args.auth_secret.is_empty();
         let seconds = |s: Option<u64>| s.map(std::time::Duration::from_secs);
         config.permission_lifetime = seconds(args.permission_lifetime);
         config.channel_lifetime = seconds(args.channel_lifetime);
@@ -205,13 +220,19 @@ impl Config {
         let port_range = parse_port_range(file.port_range.as_deref().unwrap_or("49152-65535"))?;
         let realm = file.realm.unwrap_or_default();
         ensure!(!realm.is_empty(), "the realm must not be empty (--realm)");
-        let users = file
+        let mut users = file
             .user
             .unwrap_or_default()
             .iter()
             .map(|u| parse_user(u))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let auth_secrets = file.auth_secret.unwrap_or_default();
+        if let Some(path) = &file.users_file {
+            users.extend(crate::secrets::read_users(path)?);
+        }
+        let mut auth_secrets = file.auth_secret.unwrap_or_default();
+        if let Some(path) = &file.auth_secret_file {
+            auth_secrets.extend(crate::secrets::read_auth_secrets(path)?);
+        }
         ensure!(
             auth_secrets.iter().all(|s| !s.is_empty()),
             "--auth-secret must not be empty"
@@ -268,6 +289,7 @@ impl Config {
             },
             max_allocations,
             max_allocations_per_user,
+            secrets_on_command_line: false,
             unauth_rate_bytes: file
                 .unauth_rate_bytes
                 .unwrap_or(relay_proto::limiter::DEFAULT_RATE_BYTES),
@@ -313,7 +335,8 @@ pub fn parse_user(text: &str) -> anyhow::Result<StaticUser> {
 fn redact(text: &str) -> String {
     match text.split_once(':') {
         Some((name, _)) => format!("{name}:***"),
-        None => text.to_owned(),
+        // Without a `:` the whole entry may be a password.
+        None => "***".to_owned(),
     }
 }
 

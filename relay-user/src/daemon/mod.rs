@@ -56,16 +56,29 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {
+    if config.secrets_on_command_line {
+        warn!(
+            "--user/--auth-secret on the command line are readable by every local user in \
+             /proc/PID/cmdline: prefer --users-file, --auth-secret-file or RELAY_AUTH_SECRET"
+        );
+    }
     if config.users.is_empty() && config.auth_secrets.is_empty() {
         let password: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
             .take(20)
             .map(char::from)
             .collect();
-        warn!(
-            "no --user or --auth-secret configured: generated the credential relay:{password} \
-             (valid until this process exits)"
-        );
+        // Shown once where the operator looks, never in the (shipped) log.
+        match crate::secrets::announce_generated("relay", &password)? {
+            crate::secrets::Announced::Terminal => {
+                warn!("no credential configured: generated one for user `relay`, shown once above")
+            }
+            crate::secrets::Announced::File(path) => warn!(
+                "no credential configured: generated one for user `relay`; it is in {} \
+                 (mode 0600, valid until this process exits)",
+                path.display()
+            ),
+        }
         config.users.push(StaticUser {
             name: "relay".to_owned(),
             password,
