@@ -60,7 +60,7 @@ const FREE: Entry = Entry {
     used: 0,
 };
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shard {
     /// Allocated on first use, then fixed.
     entries: Vec<Entry>,
@@ -68,7 +68,6 @@ struct Shard {
 }
 
 /// The shared unauthenticated-answer budget; see the module documentation.
-#[derive(Debug)]
 pub struct UnauthLimiter {
     rate: i128,
     burst: i128,
@@ -78,6 +77,18 @@ pub struct UnauthLimiter {
     hasher: RandomState,
     refused_answers: AtomicU64,
     refused_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for UnauthLimiter {
+    // Not the tables: a server's Debug output must stay readable.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnauthLimiter")
+            .field("rate_bytes", &self.rate)
+            .field("burst_bytes", &(self.burst / NANO))
+            .field("sources", &(self.per_shard * SHARDS))
+            .field("refused_answers", &self.refused_answers())
+            .finish()
+    }
 }
 
 impl Default for UnauthLimiter {
@@ -311,6 +322,15 @@ mod tests {
         }
         assert!(limiter.tracked() <= 1_024, "{}", limiter.tracked());
         assert!(victim_bytes <= 20 * 3_000, "{victim_bytes}");
+    }
+
+    #[test]
+    fn debug_output_stays_small() {
+        let limiter = UnauthLimiter::default();
+        limiter.try_send(ip("198.18.0.1"), 100, Instant::now());
+        let text = format!("{limiter:?}");
+        assert!(text.len() < 200, "{text}");
+        assert!(text.contains("rate_bytes: 131072"), "{text}");
     }
 
     #[test]
