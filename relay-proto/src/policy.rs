@@ -1197,4 +1197,145 @@ mod tests {
             assert_eq!(p.is_allowed(ip(addr)), want, "{addr}");
         }
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Prefixes an operator might list, the tier's among them.
+        const NETS: &[&str] = &[
+            "0.0.0.0/0",
+            "::/0",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "169.254.169.254/32",
+            "10.0.0.0/8",
+            "198.18.0.0/15",
+            "8.8.0.0/16",
+            "64:ff9b::/96",
+            "64:ff9b:1::/48",
+            "64:ff9b:1:abcd::/96",
+            "2606:4700::/32",
+            "::ffff:0:0/96",
+            "2002::/16",
+            "fe80::/10",
+            "fd00::/8",
+        ];
+        const NAT64: &[&str] = &[
+            "64:ff9b:1::/48",
+            "64:ff9b:1:ab00::/56",
+            "64:ff9b:1:abcd::/64",
+            "64:ff9b:1:abcd::/96",
+            "2606:4700::/32",
+            "2606:4700:100::/40",
+        ];
+        const ADDRS: &[&str] = &[
+            "127.0.0.2",
+            "169.254.169.254",
+            "8.8.8.8",
+            "10.1.2.3",
+            "fe80::1",
+            "198.18.0.1",
+            "2606:4700::1",
+        ];
+
+        fn policy_strategy() -> impl Strategy<Value = PeerPolicy> {
+            (
+                proptest::sample::subsequence(NETS, 0..5),
+                proptest::sample::subsequence(NETS, 0..3),
+                proptest::sample::subsequence(NAT64, 0..3),
+                proptest::sample::subsequence(ADDRS, 0..3),
+                proptest::sample::subsequence(ADDRS, 0..2),
+            )
+                .prop_map(|(allow, deny, nat64, unsafe_allow, host)| {
+                    let mut p = PeerPolicy::safe_default();
+                    for n in allow {
+                        p.allow(n.parse().unwrap());
+                    }
+                    for n in deny {
+                        p.deny(n.parse().unwrap());
+                    }
+                    for n in nat64 {
+                        p.add_nat64_prefix(n.parse().unwrap()).unwrap();
+                    }
+                    for a in unsafe_allow {
+                        p.allow_unsafe(a.parse().unwrap());
+                    }
+                    p.set_relay_addresses(&["198.18.2.1".parse().unwrap()]);
+                    p.host_addresses()
+                        .replace(host.iter().map(|a| a.parse::<IpAddr>().unwrap()));
+                    p
+                })
+        }
+
+        /// Addresses inside the listed prefixes (with random host bits) and anywhere.
+        fn addr_strategy() -> impl Strategy<Value = IpAddr> {
+            prop_oneof![
+                any::<u32>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(x))),
+                any::<u128>().prop_map(|x| IpAddr::V6(Ipv6Addr::from(x))),
+                (proptest::sample::select(NETS), any::<u128>()).prop_map(|(n, bits)| {
+                    let net: IpNet = n.parse().unwrap();
+                    match net {
+                        IpNet::V4(n) => {
+                            let host = (bits as u32) & !u32::from(n.netmask());
+                            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
+                        }
+                        IpNet::V6(n) => {
+                            let host = bits & !u128::from(n.netmask());
+                            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host))
+                        }
+                    }
+                }),
+                (
+                    proptest::sample::select(NAT64),
+                    proptest::sample::select(
+                        &[
+                            [8u8, 8, 8, 8],
+                            [127, 0, 0, 1],
+                            [169, 254, 169, 254],
+                            [10, 1, 2, 3],
+                            [198, 18, 2, 1],
+                        ][..]
+                    )
+                )
+                    .prop_map(|(prefix, v4)| encode6052(prefix, v4)),
+                proptest::sample::select(ADDRS).prop_map(|a| a.parse().unwrap()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// For any configuration and address, the kernel's longest-prefix verdict never
+            /// allows what `check()` denies.
+            #[test]
+            fn kernel_prefixes_never_more_permissive(
+                policy in policy_strategy(),
+                addrs in proptest::collection::vec(addr_strategy(), 64),
+            ) {
+                let prefixes = policy.kernel_prefixes();
+                for addr in addrs {
+                    let kernel = lpm(&prefixes, addr).expect("/0 entries match every address");
+                    prop_assert!(
+                        !kernel || policy.is_allowed(addr),
+                        "kernel allows {addr}, policy denies it: {:?}",
+                        policy.check(addr)
+                    );
+                }
+            }
+
+            /// No allow CIDR opens the tier; only an exact unsafe address does.
+            #[test]
+            fn the_tier_needs_an_exact_unsafe_address(
+                policy in policy_strategy(),
+                addr in addr_strategy(),
+            ) {
+                let canonical = addr.to_canonical();
+                let in_tier = NON_OVERRIDABLE.iter().any(|(n, _)| n.contains(&addr));
+                if in_tier && policy.is_allowed(addr) {
+                    prop_assert!(policy.allow_unsafe.contains(&canonical), "{addr}");
+                }
+            }
+        }
+    }
 }

@@ -465,4 +465,47 @@ mod tests {
         let err = format!("{:#}", Config::resolve(file).unwrap_err());
         assert!(err.contains("must be below --max-allocations 10"), "{err}");
     }
+
+    #[test]
+    fn hardening_keys_in_a_sample_file() {
+        let dir = std::env::temp_dir().join(format!("relay-config-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let users = dir.join("users");
+        std::fs::write(&users, "bob:builder\n").unwrap();
+        let secrets = dir.join("secrets");
+        std::fs::write(&secrets, "rest-one\nrest-two\n").unwrap();
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        layers.overlay(
+            ConfigFile::parse(
+                &format!(
+                    r#"
+                    user = ["alice:secret"]
+                    users-file = "{}"
+                    auth-secret-file = "{}"
+                    unauth-rate-bytes = 65536
+                    unauth-burst-bytes = 8192
+                    max-allocations = 100
+                    max-allocations-per-user = 10
+                    "#,
+                    users.display(),
+                    secrets.display()
+                ),
+                "test",
+            )
+            .expect("valid file"),
+        );
+        let config = Config::resolve(layers).expect("valid");
+        let names: Vec<&str> = config.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert_eq!(config.auth_secrets, ["rest-one", "rest-two"]);
+        assert_eq!(
+            (config.unauth_rate_bytes, config.unauth_burst_bytes),
+            (65_536, 8_192)
+        );
+        assert_eq!(
+            (config.max_allocations, config.max_allocations_per_user),
+            (100, 10)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
