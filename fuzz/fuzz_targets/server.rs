@@ -7,8 +7,9 @@
 //!   none is pending between steps), and nothing once everything expired;
 //! - every installed channel binding is removed exactly once (no delete without a create, none
 //!   left once everything expired);
-//! - nothing is ever sent to, or bound towards, a peer the policy denies (the relay's own
-//!   addresses only at live relayed ports, RFC 8656 §9 / architecture "Safety defaults").
+//! - nothing is ever sent to, or bound towards, a peer the policy denies at that moment (the
+//!   relay's own addresses only at live relayed ports, RFC 8656 §9 / architecture "Safety
+//!   defaults"), also after the host gained that address at runtime.
 #![no_main]
 
 use std::collections::{BTreeSet, HashMap};
@@ -341,6 +342,19 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
             let data = input.take(len);
             rig.server
                 .handle_peer_datagram(relayed, peer, data, rig.now);
+        }
+        7 => {
+            // The host gains or loses addresses at runtime (netlink): a permission created
+            // before an address became the host's must not reach it afterwards.
+            let hosts = input.pick(&[
+                &["8.8.4.4"][..],
+                &["8.8.4.4", "8.8.8.8"][..],
+                &["10.1.2.3", "2606:4700::1"][..],
+                &[][..],
+            ]);
+            rig.policy
+                .host_addresses()
+                .replace(hosts.iter().map(|h| h.parse::<IpAddr>().expect("literal")));
         }
         _ => {
             let scale = input.pick(&[1u64, 1_000, 30_000, 300_000]);

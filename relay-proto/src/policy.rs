@@ -382,6 +382,23 @@ impl PeerPolicy {
             || (self.host.contains(canonical) && !self.allow_unsafe.contains(&canonical))
     }
 
+    /// Whether a datagram to `ip` would reach the host: `ip` is one of its own addresses
+    /// ([`PeerPolicy::is_own_address`]) or an IPv6 encoding of one (a NAT64, 6to4, Teredo or
+    /// mapped form the network would deliver to it). The server checks this per datagram,
+    /// because the host gains addresses after permissions were granted.
+    pub fn reaches_host(&self, ip: IpAddr) -> bool {
+        if self.is_own_address(ip) {
+            return true;
+        }
+        match ip {
+            IpAddr::V6(v6) => self
+                .embedded(v6)
+                .into_iter()
+                .any(|v4| self.is_own_address(IpAddr::V4(v4))),
+            IpAddr::V4(_) => false,
+        }
+    }
+
     /// Whether `ip` is in a configured deny CIDR (which no exception overrides).
     pub fn explicitly_denied(&self, ip: IpAddr) -> bool {
         let canonical = ip.to_canonical();
@@ -1106,6 +1123,25 @@ mod tests {
         // The embedded forms of the tier stay denied too.
         assert!(!p.is_allowed(ip("::ffff:169.254.169.254")));
         assert!(!p.is_allowed(ip("64:ff9b::7f00:1")));
+    }
+
+    #[test]
+    fn reaches_host_sees_through_ipv6_encodings() {
+        let mut p = PeerPolicy::safe_default();
+        p.add_nat64_prefix(net6("64:ff9b:1:abcd::/96")).unwrap();
+        p.host_addresses().replace([ip("8.8.8.8")]);
+        for addr in [
+            "8.8.8.8",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "64:ff9b:1:abcd::808:808",
+            "2002:808:808::1",
+        ] {
+            assert!(p.reaches_host(ip(addr)), "{addr}");
+        }
+        for addr in ["8.8.4.4", "64:ff9b::808:404", "2606:4700::1"] {
+            assert!(!p.reaches_host(ip(addr)), "{addr}");
+        }
     }
 
     #[test]

@@ -308,6 +308,14 @@ pub struct Server<R> {
     commands: VecDeque<Command>,
 }
 
+/// [`Server::peer_reachable`] on the configuration alone, so it can be lent while an
+/// allocation is borrowed.
+fn reachable(config: &ServerConfig, peer: SocketAddr) -> bool {
+    let own = config.relay_ips.contains(&peer.ip().to_canonical())
+        || config.policy.reaches_host(peer.ip());
+    !own || config.live_relayed.contains(peer)
+}
+
 fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
@@ -703,8 +711,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// service. Checked per datagram because the host gains addresses at runtime: a permission
     /// created before its address became the host's must not reach the host.
     fn peer_reachable(&self, peer: SocketAddr) -> bool {
-        let own = self.is_relay_ip(peer.ip()) || self.config.policy.is_own_address(peer.ip());
-        !own || self.config.live_relayed.contains(peer)
+        reachable(&self.config, peer)
     }
 
     /// Removes an allocation from every index without emitting anything.
@@ -1142,7 +1149,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             if let Some(alloc) = self.allocations.get_mut(&id) {
                 alloc.expires = now + lifetime;
                 // The kernel's deadlines include the allocation's: move them with it.
-                alloc.announce_channels(None, &mut self.commands);
+                let reachable = |peer| reachable(&self.config, peer);
+                alloc.announce_channels(None, &reachable, &mut self.commands);
                 alloc.announce_permissions(&mut self.commands);
             }
             lifetime
@@ -1204,7 +1212,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         for peer in &peers {
-            alloc.install_permission(peer.ip(), now + lifetime, &mut self.commands);
+            let reachable = |peer| reachable(&self.config, peer);
+            alloc.install_permission(peer.ip(), now + lifetime, &reachable, &mut self.commands);
         }
         self.respond(ctx, Class::Success, &[]);
     }
@@ -1276,7 +1285,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
         );
         alloc.peer_channels.insert(peer, number);
         // Installs the permission and (re)announces the binding to the fast path.
-        alloc.install_permission(peer.ip(), now + permission_lifetime, &mut self.commands);
+        let reachable = |peer| reachable(&self.config, peer);
+        alloc.install_permission(
+            peer.ip(),
+            now + permission_lifetime,
+            &reachable,
+            &mut self.commands,
+        );
         self.respond(ctx, Class::Success, &[]);
     }
 
