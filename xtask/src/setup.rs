@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, Option<&str>)] = &[
     ("procps", None),
     ("iputils-ping", None),
     ("util-linux", None),
+    // The C++ compiler libfuzzer-sys builds libFuzzer with (`cargo xtask fuzz`).
+    ("g++", None),
     // coturn 4.6.1: turnutils_uclient / turnutils_peer / turnserver.
     ("coturn", None),
     // aioice, a Python TURN client, for Debian's /usr/bin/python3.
