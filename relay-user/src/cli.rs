@@ -143,8 +143,8 @@ pub struct ServeArgs {
     /// address. Default 131072 (about 1,100 401s a second).
     #[arg(long, value_name = "BYTES")]
     pub unauth_rate_bytes: Option<u64>,
-    /// Burst of those answers, in bytes, per source (default 65536). A source the relay has
-    /// not seen recently starts from at most 2048 bytes.
+    /// Burst of those answers, in bytes, per source (default 65536). A source new to the
+    /// relay's table of 65,536 sources (or evicted from it) starts from at most 2048 bytes.
     #[arg(long, value_name = "BYTES")]
     pub unauth_burst_bytes: Option<u64>,
     /// Allocations the whole relay holds (beyond: 508 Insufficient Capacity).
