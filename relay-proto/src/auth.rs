@@ -7,9 +7,9 @@
 //!
 //! Secrets never appear in `Debug` output.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -161,6 +161,22 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// The name the allocation quotas count under (RFC 8656 §7.2 step 8, 486): a static user's
+    /// own name, or the user part of a TURN REST username `expiry:user`, so every freshly
+    /// minted credential of one user shares that user's quota. A REST username without a user
+    /// part (a bare `expiry`) names nobody and counts as itself.
+    pub fn quota_user<'a>(&self, username: &'a str) -> &'a str {
+        if self.users.contains_key(username) {
+            return username;
+        }
+        match username.split_once(':') {
+            Some((_, user)) if parse_rest_expiry(username).is_some() => user,
+            _ => username,
+        }
+    }
+}
+
 /// Longest REST username accepted (RFC 8489 §14.3: USERNAME is < 509 bytes).
 const MAX_REST_USERNAME: usize = 508;
 
@@ -181,8 +197,9 @@ fn parse_rest_expiry(username: &str) -> Option<u64> {
     expiry.parse::<u64>().ok()
 }
 
-/// `base64(HMAC-SHA1(secret, username))` — the REST API password.
-fn rest_password(secret: &[u8], username: &str) -> Option<String> {
+/// `base64(HMAC-SHA1(secret, username))` — the REST API password (what the application
+/// server hands its clients; public for tests and tools).
+pub fn rest_password(secret: &[u8], username: &str) -> Option<String> {
     let mut mac = HmacSha1::new_from_slice(secret).ok()?;
     mac.update(username.as_bytes());
     Some(STANDARD.encode(mac.finalize().into_bytes()))
@@ -312,115 +329,6 @@ impl NonceIssuer {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Fixed-point scale of the token bucket: one token = 1e9 units, so refill is exact integer
-/// arithmetic (elapsed nanoseconds × tokens per second).
-const TOKEN: u64 = 1_000_000_000;
-
-#[derive(Debug, Clone)]
-struct Bucket {
-    /// Tokens × `TOKEN`.
-    tokens: u64,
-    last_refill: Instant,
-    /// Key of this bucket in the LRU index.
-    lru: u64,
-}
-
-/// Token bucket per source, with bounded memory.
-///
-/// * Sources are keyed per IPv4 address and per IPv6 **/64** (an IPv6 host usually owns a whole
-///   /64, so keying single IPv6 addresses would let one host bypass the limit); IPv4-mapped IPv6
-///   addresses are treated as the IPv4 address.
-/// * Each source starts with `burst` tokens, gains `per_second` tokens per second up to `burst`,
-///   and each allowed request takes one token. `burst == 0` denies everything; `per_second == 0`
-///   never refills.
-/// * At most `max_tracked` sources (at least 1) are tracked; when a new source arrives at the
-///   limit, the least recently seen source is evicted (O(log n) via an LRU index, so a flood of
-///   spoofed sources costs no linear scans). An evicted source starts again with a full bucket.
-/// * Time may be passed out of order; a `now` earlier than the last refill refills nothing.
-#[derive(Debug, Clone)]
-pub struct RateLimiter {
-    burst: u64,
-    per_second: u64,
-    max_tracked: usize,
-    buckets: HashMap<IpAddr, Bucket>,
-    lru: BTreeMap<u64, IpAddr>,
-    next_seq: u64,
-}
-
-impl RateLimiter {
-    pub fn new(burst: u32, per_second: u32, max_tracked: usize) -> Self {
-        Self {
-            burst: u64::from(burst),
-            per_second: u64::from(per_second),
-            max_tracked: max_tracked.max(1),
-            buckets: HashMap::new(),
-            lru: BTreeMap::new(),
-            next_seq: 0,
-        }
-    }
-
-    /// Number of sources currently tracked (never more than `max_tracked`).
-    pub fn tracked(&self) -> usize {
-        self.buckets.len()
-    }
-
-    /// Takes one token for `ip` if available.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let key = rate_key(ip);
-        let seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1);
-        let capacity = self.burst.saturating_mul(TOKEN);
-
-        let bucket = match self.buckets.get_mut(&key) {
-            Some(bucket) => {
-                self.lru.remove(&bucket.lru);
-                bucket
-            }
-            None => {
-                while self.buckets.len() >= self.max_tracked {
-                    let Some((_, oldest)) = self.lru.pop_first() else {
-                        break;
-                    };
-                    self.buckets.remove(&oldest);
-                }
-                self.buckets.entry(key).or_insert(Bucket {
-                    tokens: capacity,
-                    last_refill: now,
-                    lru: seq,
-                })
-            }
-        };
-        bucket.lru = seq;
-        self.lru.insert(seq, key);
-
-        if now > bucket.last_refill {
-            let elapsed = now.duration_since(bucket.last_refill);
-            let added = elapsed
-                .as_nanos()
-                .saturating_mul(u128::from(self.per_second));
-            let added = u64::try_from(added).unwrap_or(u64::MAX);
-            bucket.tokens = bucket.tokens.saturating_add(added).min(capacity);
-            bucket.last_refill = now;
-        }
-        if bucket.tokens >= TOKEN {
-            bucket.tokens -= TOKEN;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-fn rate_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-    }
 }
 
 #[cfg(test)]
@@ -729,90 +637,17 @@ mod tests {
     }
 
     #[test]
-    fn rate_limiter_burst_and_refill() {
-        let t0 = Instant::now();
-        let mut rl = RateLimiter::new(5, 2, 100);
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        for _ in 0..5 {
-            assert!(rl.allow(ip, t0));
-        }
-        assert!(!rl.allow(ip, t0));
-        // 2 tokens/s: one token after 500 ms, not before.
-        assert!(!rl.allow(ip, t0 + Duration::from_millis(499)));
-        assert!(rl.allow(ip, t0 + Duration::from_millis(500)));
-        assert!(!rl.allow(ip, t0 + Duration::from_millis(500)));
-        // Refill caps at burst.
-        let later = t0 + Duration::from_secs(1000);
-        for _ in 0..5 {
-            assert!(rl.allow(ip, later));
-        }
-        assert!(!rl.allow(ip, later));
-        // Time going backwards refills nothing and does not panic.
-        assert!(!rl.allow(ip, t0));
-        // Other sources are independent.
-        assert!(rl.allow("192.0.2.2".parse().unwrap(), later));
-    }
-
-    #[test]
-    fn rate_limiter_edge_params() {
-        let t0 = Instant::now();
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut zero = RateLimiter::new(0, 1000, 10);
-        assert!(!zero.allow(ip, t0));
-        assert!(!zero.allow(ip, t0 + Duration::from_secs(10)));
-        let mut no_refill = RateLimiter::new(1, 0, 10);
-        assert!(no_refill.allow(ip, t0));
-        assert!(!no_refill.allow(ip, t0 + Duration::from_secs(1_000_000)));
-        let mut huge = RateLimiter::new(u32::MAX, u32::MAX, 0);
-        assert!(huge.allow(ip, t0));
-        assert!(huge.allow(ip, t0 + Duration::from_secs(u64::from(u32::MAX))));
-        assert_eq!(huge.tracked(), 1);
-    }
-
-    #[test]
-    fn rate_limiter_ipv6_per_64_and_mapped() {
-        let t0 = Instant::now();
-        let mut rl = RateLimiter::new(1, 1, 100);
-        assert!(rl.allow("2001:db8:1:2::1".parse().unwrap(), t0));
-        assert!(
-            !rl.allow("2001:db8:1:2::ffff".parse().unwrap(), t0),
-            "same /64"
-        );
-        assert!(
-            rl.allow("2001:db8:1:3::1".parse().unwrap(), t0),
-            "other /64"
-        );
-        assert!(rl.allow("192.0.2.1".parse().unwrap(), t0));
-        assert!(
-            !rl.allow("::ffff:192.0.2.1".parse().unwrap(), t0),
-            "mapped = v4"
-        );
-    }
-
-    #[test]
-    fn rate_limiter_bounded_memory_evicts_lru() {
-        let t0 = Instant::now();
-        let mut rl = RateLimiter::new(1, 0, 3);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let c: IpAddr = "192.0.2.3".parse().unwrap();
-        let d: IpAddr = "192.0.2.4".parse().unwrap();
-        assert!(rl.allow(a, t0));
-        assert!(rl.allow(b, t0));
-        assert!(rl.allow(c, t0));
-        assert!(!rl.allow(a, t0)); // a is now most recently seen; b is LRU
-        assert!(rl.allow(d, t0)); // evicts b
-        assert_eq!(rl.tracked(), 3);
-        assert!(!rl.allow(a, t0), "a kept its (empty) bucket");
-        assert!(!rl.allow(c, t0), "c kept its bucket");
-        assert!(rl.allow(b, t0), "b was evicted and starts fresh");
-        assert_eq!(rl.tracked(), 3);
-
-        // A flood of distinct sources never grows the table past the bound.
-        for i in 0..10_000u32 {
-            rl.allow(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), t0);
-            assert!(rl.tracked() <= 3);
-        }
-        assert_eq!(rl.lru.len(), rl.buckets.len());
+    fn quota_user_is_the_rest_user_part() {
+        let mut c = Credentials::new("realm");
+        c.add_user("static:name", "pw");
+        c.add_rest_secret("secret");
+        assert_eq!(c.quota_user("1700000000:alice"), "alice");
+        assert_eq!(c.quota_user("1800000000:alice"), "alice");
+        assert_eq!(c.quota_user("1700000000:a:b"), "a:b");
+        // Static users, bare expiries and names that are not REST usernames count as themselves.
+        assert_eq!(c.quota_user("static:name"), "static:name");
+        assert_eq!(c.quota_user("1700000000"), "1700000000");
+        assert_eq!(c.quota_user("x1:alice"), "x1:alice");
+        assert_eq!(c.quota_user("1700000000:"), "1700000000:");
     }
 }

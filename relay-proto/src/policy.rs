@@ -7,14 +7,23 @@
 //!    every address on every interface, kept current from netlink; compared after IPv4-mapped
 //!    canonicalisation) → denied ([`DenyReason::RelayAddress`]), even if allowed. The server
 //!    lets the relayed-address IPs through for client-to-client relaying and checks their
-//!    ports itself.
+//!    ports itself. A host address found on an interface (not a configured listener or relay
+//!    address) that the operator names exactly with [`PeerPolicy::allow_unsafe`] is not denied
+//!    here.
 //! 2. `p` is in a configured deny CIDR → denied ([`DenyReason::ExplicitDeny`]). Deny always
 //!    wins over allow.
-//! 3. `p` is in a configured allow CIDR → allowed, **except** that if `p` is an IPv6 encoding of
+//! 3. `p` is exactly an address named with [`PeerPolicy::allow_unsafe`]
+//!    (`--allow-peer-unsafe ADDR`) → allowed.
+//! 4. `p` is in the **non-overridable tier** ([`NON_OVERRIDABLE`]: unspecified, loopback,
+//!    link-local including the 169.254.169.254 metadata service, multicast, broadcast) → denied
+//!    with that range's reason, whatever `--allow-peer` says: `--allow-peer 0.0.0.0/0` must not
+//!    open the metadata service or the host's loopback services.
+//! 5. `p` is in a configured allow CIDR → allowed, **except** that if `p` is an IPv6 encoding of
 //!    IPv4 addresses (see below) every embedded IPv4 address must itself pass the full policy
-//!    (steps 1–4 applied to the IPv4 address), else denied ([`DenyReason::EmbeddedIpv4`]).
-//! 4. `p` is in a default-denied range ([`DEFAULT_DENIED`]) → denied with that range's reason.
-//! 5. Otherwise allowed.
+//!    (steps 1–6 applied to the IPv4 address), else denied ([`DenyReason::EmbeddedIpv4`]).
+//! 6. `p` is in a default-denied range ([`DEFAULT_DENIED`]) or in a configured NAT64 prefix
+//!    ([`PeerPolicy::add_nat64_prefix`]) → denied with that range's reason.
+//! 7. Otherwise allowed.
 //!
 //! # IPv6 encodings of IPv4 (decision)
 //!
@@ -29,9 +38,17 @@
 //! XOR `0xffffffff`). So `allow(64:ff9b::/96)` permits `64:ff9b::8.8.8.8` but never
 //! `64:ff9b::169.254.169.254`.
 //!
-//! Not treated as embeddings (no fixed prefix): ISATAP interface identifiers and other
-//! RFC 6052 prefix lengths on operator-chosen NAT64 prefixes. Deny those prefixes explicitly if
-//! the network has them.
+//! NAT64 prefixes follow RFC 6052 §2.2, whose layout depends on the prefix length (/32, /40,
+//! /48, /56, /64 or /96; bits 64..72, the "u" octet, never carry address bits). The well-known
+//! `64:ff9b::/96` has one layout. Inside the local-use `64:ff9b:1::/48` (RFC 8215) the operator
+//! picks the length, most often a /96: an address in a NAT64 prefix configured with
+//! [`PeerPolicy::add_nat64_prefix`] (`--nat64-prefix`) is decoded with that prefix's layout;
+//! any other address in `64:ff9b:1::/48` is decoded with every layout that fits inside it
+//! (/48, /56, /64, /96) and must pass for all of them. Operator prefixes outside
+//! `64:ff9b::/96` and `64:ff9b:1::/48` (e.g. `2001:db8:100::/40`) are embeddings only when
+//! configured with `--nat64-prefix`; then they are denied by default like the well-known ones.
+//!
+//! Not treated as embeddings (no fixed prefix): ISATAP interface identifiers.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -141,6 +158,11 @@ impl fmt::Display for DenyReason {
 
 impl std::error::Error for DenyReason {}
 
+/// A `--nat64-prefix` whose length RFC 6052 §2.2 defines no layout for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("NAT64 prefix {0}: RFC 6052 defines layouts for /32, /40, /48, /56, /64 and /96 only")]
+pub struct InvalidNat64Prefix(pub Ipv6Net);
+
 const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> IpNet {
     IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), len))
 }
@@ -200,7 +222,55 @@ pub const DEFAULT_DENIED: &[(IpNet, DenyReason)] = &[
     (v6(0xff00, 0, 0, 0, 0, 0, 8), DenyReason::Multicast),
 ];
 
-/// The IPv4 addresses an IPv6 address encodes (at most two, for Teredo), or none.
+/// The ranges no `--allow-peer` CIDR overrides (only an exact `--allow-peer-unsafe ADDR`):
+/// what is never a legitimate TURN peer and always a way into the host or its cloud
+/// (unspecified, loopback, link-local with the 169.254.169.254 metadata service, multicast,
+/// broadcast). Every one of them is also in [`DEFAULT_DENIED`], so the kernel's prefix list
+/// holds them.
+pub const NON_OVERRIDABLE: &[(IpNet, DenyReason)] = &[
+    (v4(0, 0, 0, 0, 8), DenyReason::Unspecified),
+    (v4(127, 0, 0, 0, 8), DenyReason::Loopback),
+    (v4(169, 254, 0, 0, 16), DenyReason::LinkLocal),
+    (v4(224, 0, 0, 0, 4), DenyReason::Multicast),
+    (v4(255, 255, 255, 255, 32), DenyReason::Broadcast),
+    (
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
+        DenyReason::Unspecified,
+    ),
+    (
+        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+        DenyReason::Loopback,
+    ),
+    (v6(0xfe80, 0, 0, 0, 0, 0, 10), DenyReason::LinkLocal),
+    (v6(0xff00, 0, 0, 0, 0, 0, 8), DenyReason::Multicast),
+];
+
+/// The local-use NAT64 prefix of RFC 8215, inside which operators choose their own prefix.
+const NAT64_LOCAL_USE: Ipv6Net =
+    Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48);
+
+/// The prefix lengths RFC 6052 §2.2 defines an address layout for.
+pub const RFC6052_PREFIX_LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
+
+/// The IPv4 address in `ip` under the RFC 6052 §2.2 layout of a `prefix_len` prefix (the "u"
+/// octet, bits 64..72, is skipped); `None` for a length without a layout.
+pub fn rfc6052_extract(ip: Ipv6Addr, prefix_len: u8) -> Option<Ipv4Addr> {
+    let o = ip.octets();
+    let v4 = match prefix_len {
+        32 => [o[4], o[5], o[6], o[7]],
+        40 => [o[5], o[6], o[7], o[9]],
+        48 => [o[6], o[7], o[9], o[10]],
+        56 => [o[7], o[9], o[10], o[11]],
+        64 => [o[9], o[10], o[11], o[12]],
+        96 => [o[12], o[13], o[14], o[15]],
+        _ => return None,
+    };
+    Some(Ipv4Addr::from(v4))
+}
+
+/// The IPv4 addresses an IPv6 address encodes under the fixed (well-known) layouts (at most
+/// two, for Teredo), or none. Configured NAT64 prefixes are handled by
+/// [`PeerPolicy::embedded`].
 fn embedded_ipv4(ip: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
     let s = ip.segments();
     let o = ip.octets();
@@ -218,9 +288,6 @@ fn embedded_ipv4(ip: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
     } else if s[0] == 0x64 && s[1] == 0xff9b && is_zero(2..6) {
         // 64:ff9b::/96
         [Some(last32), None]
-    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
-        // 64:ff9b:1::/48, RFC 6052 §2.2 /48 layout: v4 in octets 6,7 and 9,10 (octet 8 is "u").
-        [Some(Ipv4Addr::new(o[6], o[7], o[9], o[10])), None]
     } else if s[0] == 0x2002 {
         // 6to4: 2002:V4ADDR::/48
         [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None]
@@ -273,6 +340,10 @@ impl HostAddresses {
 pub struct PeerPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
+    /// Exact addresses the operator allowed past the non-overridable tier.
+    allow_unsafe: Vec<IpAddr>,
+    /// Configured NAT64 prefixes (RFC 6052 lengths only).
+    nat64: Vec<Ipv6Net>,
     relay_addresses: Vec<IpAddr>,
     host: HostAddresses,
 }
@@ -289,6 +360,8 @@ impl PeerPolicy {
         Self {
             allow: Vec::new(),
             deny: Vec::new(),
+            allow_unsafe: Vec::new(),
+            nat64: Vec::new(),
             relay_addresses: Vec::new(),
             host: HostAddresses::default(),
         }
@@ -299,10 +372,31 @@ impl PeerPolicy {
         &self.host
     }
 
-    /// Whether `ip` is one of the host's own addresses (configured or found on an interface).
+    /// Whether `ip` is one of the host's own addresses (configured or found on an interface)
+    /// that peers may not reach. A host address found on an interface that the operator named
+    /// with [`PeerPolicy::allow_unsafe`] is not; the configured listener and relay addresses
+    /// always are.
     pub fn is_own_address(&self, ip: IpAddr) -> bool {
         let canonical = ip.to_canonical();
-        self.relay_addresses.contains(&canonical) || self.host.contains(canonical)
+        self.relay_addresses.contains(&canonical)
+            || (self.host.contains(canonical) && !self.allow_unsafe.contains(&canonical))
+    }
+
+    /// Whether a datagram to `ip` would reach the host: `ip` is one of its own addresses
+    /// ([`PeerPolicy::is_own_address`]) or an IPv6 encoding of one (a NAT64, 6to4, Teredo or
+    /// mapped form the network would deliver to it). The server checks this per datagram,
+    /// because the host gains addresses after permissions were granted.
+    pub fn reaches_host(&self, ip: IpAddr) -> bool {
+        if self.is_own_address(ip) {
+            return true;
+        }
+        match ip {
+            IpAddr::V6(v6) => self
+                .embedded(v6)
+                .into_iter()
+                .any(|v4| self.is_own_address(IpAddr::V4(v4))),
+            IpAddr::V4(_) => false,
+        }
     }
 
     /// Whether `ip` is in a configured deny CIDR (which no exception overrides).
@@ -328,23 +422,32 @@ impl PeerPolicy {
         prefixes.extend(DEFAULT_DENIED.iter().map(|(net, _)| *net));
         prefixes.extend(self.allow.iter().copied());
         prefixes.extend(self.deny.iter().copied());
+        prefixes.extend(self.nat64.iter().copied().map(IpNet::V6));
         let own: BTreeSet<IpAddr> = self
             .relay_addresses
             .iter()
             .copied()
             .chain(self.host.snapshot())
+            .filter(|ip| self.is_own_address(*ip))
             .collect();
         prefixes.extend(own.iter().map(|ip| host(*ip)));
+        prefixes.extend(self.allow_unsafe.iter().map(|ip| host(*ip)));
         prefixes.sort_unstable();
         prefixes.dedup();
         prefixes
             .into_iter()
             .map(|net| {
-                let is_own = match net {
-                    IpNet::V4(n) => n.prefix_len() == 32 && own.contains(&net.addr()),
-                    IpNet::V6(n) => n.prefix_len() == 128 && own.contains(&net.addr()),
+                let single = match net {
+                    IpNet::V4(n) => n.prefix_len() == 32,
+                    IpNet::V6(n) => n.prefix_len() == 128,
                 };
-                (net, !is_own && self.prefix_allowed(net))
+                // A prefix of one address gets that address's exact verdict.
+                let allowed = if single {
+                    self.check(net.addr()).is_ok()
+                } else {
+                    self.prefix_allowed(net)
+                };
+                (net, allowed)
             })
             .collect()
     }
@@ -355,22 +458,30 @@ impl PeerPolicy {
         if self.deny.iter().any(|d| d.contains(&net)) {
             return false;
         }
-        let embedding = DEFAULT_DENIED.iter().any(|(range, reason)| {
-            range.contains(&net)
-                && matches!(
-                    reason,
-                    DenyReason::Ipv4Mapped
-                        | DenyReason::Ipv4Compatible
-                        | DenyReason::Ipv4Translated
-                        | DenyReason::Nat64
-                        | DenyReason::SixToFour
-                        | DenyReason::Teredo
-                )
-        });
+        if NON_OVERRIDABLE
+            .iter()
+            .any(|(range, _)| range.contains(&net))
+        {
+            return false;
+        }
+        let configured_nat64 = self.nat64.iter().any(|n| IpNet::V6(*n).contains(&net));
+        let embedding = configured_nat64
+            || DEFAULT_DENIED.iter().any(|(range, reason)| {
+                range.contains(&net)
+                    && matches!(
+                        reason,
+                        DenyReason::Ipv4Mapped
+                            | DenyReason::Ipv4Compatible
+                            | DenyReason::Ipv4Translated
+                            | DenyReason::Nat64
+                            | DenyReason::SixToFour
+                            | DenyReason::Teredo
+                    )
+            });
         if self.allow.iter().any(|a| a.contains(&net)) {
             return !embedding;
         }
-        !DEFAULT_DENIED.iter().any(|(range, _)| range.contains(&net))
+        !embedding && !DEFAULT_DENIED.iter().any(|(range, _)| range.contains(&net))
     }
 
     /// Explicitly allows `net`, overriding the default deny (e.g. 198.18.0.0/15 in the test lab).
@@ -388,6 +499,53 @@ impl PeerPolicy {
         if !self.deny.contains(&net) {
             self.deny.push(net);
         }
+    }
+
+    /// Allows exactly `ip` as a peer even though it is in the non-overridable tier
+    /// ([`NON_OVERRIDABLE`]), a default-denied range or among the host's interface addresses
+    /// (`--allow-peer-unsafe ADDR`). Deny CIDRs and the configured listener and relay addresses
+    /// still win.
+    pub fn allow_unsafe(&mut self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        if !self.allow_unsafe.contains(&ip) {
+            self.allow_unsafe.push(ip);
+        }
+    }
+
+    /// Declares `net` a NAT64 prefix of this network (`--nat64-prefix`): its addresses carry an
+    /// IPv4 address in the RFC 6052 §2.2 layout of its length, are denied by default, and when
+    /// allowed pass only if the IPv4 address does. Lengths other than 32, 40, 48, 56, 64 and 96
+    /// have no layout and are refused.
+    pub fn add_nat64_prefix(&mut self, net: Ipv6Net) -> Result<(), InvalidNat64Prefix> {
+        if !RFC6052_PREFIX_LENGTHS.contains(&net.prefix_len()) {
+            return Err(InvalidNat64Prefix(net));
+        }
+        let net = net.trunc();
+        if !self.nat64.contains(&net) {
+            self.nat64.push(net);
+            // Longest first, so the most specific configured prefix decodes an address.
+            self.nat64
+                .sort_by_key(|n| std::cmp::Reverse(n.prefix_len()));
+        }
+        Ok(())
+    }
+
+    /// The IPv4 addresses `ip` carries, every one of which must pass the IPv4 policy: the
+    /// fixed layouts, the configured NAT64 prefix containing it (its length's layout), or for
+    /// the rest of `64:ff9b:1::/48` every layout that fits inside it.
+    fn embedded(&self, ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+        if let Some(prefix) = self.nat64.iter().find(|n| n.contains(&ip)) {
+            return rfc6052_extract(ip, prefix.prefix_len())
+                .into_iter()
+                .collect();
+        }
+        if NAT64_LOCAL_USE.contains(&ip) {
+            return [48, 56, 64, 96]
+                .into_iter()
+                .filter_map(|len| rfc6052_extract(ip, len))
+                .collect();
+        }
+        embedded_ipv4(ip).into_iter().flatten().collect()
     }
 
     /// Replaces the set of the relay's own addresses (listener and relay interface addresses):
@@ -410,15 +568,26 @@ impl PeerPolicy {
         if let Some(net) = self.deny.iter().find(|n| n.contains(&peer)) {
             return Err(DenyReason::ExplicitDeny(*net));
         }
+        if self.allow_unsafe.contains(&canonical) {
+            return Ok(());
+        }
+        if let Some((_, reason)) = NON_OVERRIDABLE.iter().find(|(net, _)| net.contains(&peer)) {
+            return Err(*reason);
+        }
         if self.allow.iter().any(|n| n.contains(&peer)) {
             if let IpAddr::V6(v6) = peer {
-                for embedded in embedded_ipv4(v6).into_iter().flatten() {
+                for embedded in self.embedded(v6) {
                     if self.check(IpAddr::V4(embedded)).is_err() {
                         return Err(DenyReason::EmbeddedIpv4(embedded));
                     }
                 }
             }
             return Ok(());
+        }
+        if let IpAddr::V6(v6) = peer {
+            if self.nat64.iter().any(|n| n.contains(&v6)) {
+                return Err(DenyReason::Nat64);
+            }
         }
         match DEFAULT_DENIED.iter().find(|(net, _)| net.contains(&peer)) {
             Some((_, reason)) => Err(*reason),
@@ -436,6 +605,10 @@ mod tests {
     }
 
     fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn net6(s: &str) -> Ipv6Net {
         s.parse().unwrap()
     }
 
@@ -636,6 +809,8 @@ mod tests {
         p.allow(net("::ffff:0:0:0/96"));
         p.allow(net("64:ff9b::/96"));
         p.allow(net("64:ff9b:1::/48"));
+        p.add_nat64_prefix(net6("64:ff9b:1::/48"))
+            .expect("RFC 6052 length");
         p.allow(net("2002::/16"));
         p.allow(net("2001::/32"));
         let cases: &[(&str, Option<[u8; 4]>)] = &[
@@ -645,8 +820,6 @@ mod tests {
             ("::ffff:0:8.8.8.8", None),
             ("::ffff:0:10.0.0.1", Some([10, 0, 0, 1])),
             ("::8.8.8.8", None),
-            ("::1", Some([0, 0, 0, 1])),
-            ("::", Some([0, 0, 0, 0])),
             ("::10.1.1.1", Some([10, 1, 1, 1])),
             ("64:ff9b::8.8.8.8", None),
             ("64:ff9b::169.254.169.254", Some([169, 254, 169, 254])),
@@ -674,6 +847,9 @@ mod tests {
             };
             assert_eq!(p.check(ip(addr)), expect, "{addr}");
         }
+        // ::1 and :: are in the non-overridable tier before any embedding is looked at.
+        assert_eq!(p.check(ip("::1")), Err(DenyReason::Loopback));
+        assert_eq!(p.check(ip("::")), Err(DenyReason::Unspecified));
         // Allowing the embedded IPv4 range makes the encoded form pass too.
         p.allow(net("10.0.0.0/8"));
         assert!(p.is_allowed(ip("::ffff:10.0.0.1")));
@@ -806,5 +982,396 @@ mod tests {
         // allowed IPv4 address takes the socket path.
         assert!(p.is_allowed(ip("64:ff9b::808:808")));
         assert_eq!(lpm(&prefixes, ip("64:ff9b::808:808")), Some(false));
+    }
+
+    /// RFC 6052 §2.4's table: 192.0.2.33 under each prefix length.
+    #[test]
+    fn rfc6052_layouts_decode_the_rfc_examples() {
+        for (addr, len) in [
+            ("2001:db8:c000:221::", 32),
+            ("2001:db8:1c0:2:21::", 40),
+            ("2001:db8:122:c000:2:2100::", 48),
+            ("2001:db8:122:3c0:0:221::", 56),
+            ("2001:db8:122:344:c0:2:2100:0", 64),
+            ("2001:db8:122:344::192.0.2.33", 96),
+        ] {
+            let v6: Ipv6Addr = addr.parse().unwrap();
+            assert_eq!(
+                rfc6052_extract(v6, len),
+                Some(Ipv4Addr::new(192, 0, 2, 33)),
+                "{addr} /{len}"
+            );
+        }
+        assert_eq!(rfc6052_extract(Ipv6Addr::LOCALHOST, 80), None);
+        let mut p = PeerPolicy::safe_default();
+        assert_eq!(
+            p.add_nat64_prefix(net6("2001:db8::/80")),
+            Err(InvalidNat64Prefix(net6("2001:db8::/80")))
+        );
+    }
+
+    /// Builds `v4` into `prefix` with the RFC 6052 layout of the prefix's length.
+    fn encode6052(prefix: &str, v4: [u8; 4]) -> IpAddr {
+        let prefix = net6(prefix);
+        let mut o = prefix.network().octets();
+        let at: &[usize] = match prefix.prefix_len() {
+            32 => &[4, 5, 6, 7],
+            40 => &[5, 6, 7, 9],
+            48 => &[6, 7, 9, 10],
+            56 => &[7, 9, 10, 11],
+            64 => &[9, 10, 11, 12],
+            _ => &[12, 13, 14, 15],
+        };
+        for (i, byte) in at.iter().zip(v4) {
+            o[*i] = byte;
+        }
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+
+    #[test]
+    fn configured_nat64_prefixes_decode_every_rfc6052_length() {
+        for prefix in [
+            "2606:4700::/32",
+            "2606:4700:100::/40",
+            "64:ff9b:1::/48",
+            "64:ff9b:1:ab00::/56",
+            "64:ff9b:1:abcd::/64",
+            "64:ff9b:1:abcd::/96",
+        ] {
+            let mut p = PeerPolicy::safe_default();
+            p.add_nat64_prefix(net6(prefix)).expect("RFC 6052 length");
+            // Denied by default, whatever they carry.
+            assert_eq!(
+                p.check(encode6052(prefix, [8, 8, 8, 8])),
+                Err(DenyReason::Nat64),
+                "{prefix}"
+            );
+            p.allow(IpNet::V6(net6(prefix)));
+            assert_eq!(
+                p.check(encode6052(prefix, [8, 8, 8, 8])),
+                Ok(()),
+                "{prefix}"
+            );
+            for bad in [
+                [169, 254, 169, 254],
+                [127, 0, 0, 1],
+                [10, 0, 0, 1],
+                [0, 0, 0, 0],
+            ] {
+                assert_eq!(
+                    p.check(encode6052(prefix, bad)),
+                    Err(DenyReason::EmbeddedIpv4(Ipv4Addr::from(bad))),
+                    "{prefix} carrying {bad:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn local_use_nat64_without_a_configured_prefix_checks_every_layout() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("64:ff9b:1::/48"));
+        // A /96 inside the local-use prefix (the usual deployment) carrying the metadata
+        // service: the /96 layout decodes it although no prefix is configured.
+        let metadata = encode6052("64:ff9b:1:abcd::/96", [169, 254, 169, 254]);
+        assert!(
+            matches!(p.check(metadata), Err(DenyReason::EmbeddedIpv4(_))),
+            "{:?}",
+            p.check(metadata)
+        );
+        // Configuring the /96 decodes with its layout only: a public address passes.
+        p.add_nat64_prefix(net6("64:ff9b:1:abcd::/96")).unwrap();
+        assert_eq!(
+            p.check(encode6052("64:ff9b:1:abcd::/96", [8, 8, 8, 8])),
+            Ok(())
+        );
+        assert!(!p.is_allowed(metadata));
+        // Not allowed at all: the default deny names NAT64.
+        let p = PeerPolicy::safe_default();
+        assert_eq!(
+            p.check(encode6052("64:ff9b:1:abcd::/96", [8, 8, 8, 8])),
+            Err(DenyReason::Nat64)
+        );
+    }
+
+    #[test]
+    fn no_allow_cidr_opens_the_non_overridable_tier() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow(net("0.0.0.0/0"));
+        p.allow(net("::/0"));
+        p.allow(net("169.254.169.254/32"));
+        p.allow(net("127.0.0.0/8"));
+        for (addr, reason) in [
+            ("169.254.169.254", DenyReason::LinkLocal),
+            ("127.0.0.1", DenyReason::Loopback),
+            ("127.0.0.2", DenyReason::Loopback),
+            ("0.0.0.0", DenyReason::Unspecified),
+            ("0.1.2.3", DenyReason::Unspecified),
+            ("224.0.0.1", DenyReason::Multicast),
+            ("255.255.255.255", DenyReason::Broadcast),
+            ("::", DenyReason::Unspecified),
+            ("::1", DenyReason::Loopback),
+            ("fe80::1", DenyReason::LinkLocal),
+            ("ff02::1", DenyReason::Multicast),
+        ] {
+            assert_eq!(p.check(ip(addr)), Err(reason), "{addr}");
+        }
+        // Overridable defaults stay overridable.
+        assert!(p.is_allowed(ip("10.0.0.1")));
+        assert!(p.is_allowed(ip("fd00::1")));
+        assert!(p.is_allowed(ip("198.18.0.1")));
+        // The embedded forms of the tier stay denied too.
+        assert!(!p.is_allowed(ip("::ffff:169.254.169.254")));
+        assert!(!p.is_allowed(ip("64:ff9b::7f00:1")));
+    }
+
+    #[test]
+    fn reaches_host_sees_through_ipv6_encodings() {
+        let mut p = PeerPolicy::safe_default();
+        p.add_nat64_prefix(net6("64:ff9b:1:abcd::/96")).unwrap();
+        p.host_addresses().replace([ip("8.8.8.8")]);
+        for addr in [
+            "8.8.8.8",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "64:ff9b:1:abcd::808:808",
+            "2002:808:808::1",
+        ] {
+            assert!(p.reaches_host(ip(addr)), "{addr}");
+        }
+        for addr in ["8.8.4.4", "64:ff9b::808:404", "2606:4700::1"] {
+            assert!(!p.reaches_host(ip(addr)), "{addr}");
+        }
+    }
+
+    #[test]
+    fn allow_unsafe_names_exact_addresses_only() {
+        let mut p = PeerPolicy::safe_default();
+        p.allow_unsafe(ip("127.0.0.2"));
+        p.allow_unsafe(ip("::ffff:169.254.169.254"));
+        assert_eq!(p.check(ip("127.0.0.2")), Ok(()));
+        assert_eq!(p.check(ip("127.0.0.3")), Err(DenyReason::Loopback));
+        assert_eq!(p.check(ip("169.254.169.254")), Ok(()), "canonicalised");
+        assert_eq!(p.check(ip("169.254.169.253")), Err(DenyReason::LinkLocal));
+        // A deny CIDR still wins.
+        p.deny(net("127.0.0.0/8"));
+        assert_eq!(
+            p.check(ip("127.0.0.2")),
+            Err(DenyReason::ExplicitDeny(net("127.0.0.0/8")))
+        );
+        // A host address found on an interface may be named; the relay's own configured
+        // addresses may not.
+        let mut p = PeerPolicy::safe_default();
+        p.set_relay_addresses(&[ip("203.0.113.1")]);
+        p.host_addresses().replace([ip("8.8.4.4"), ip("8.8.8.8")]);
+        p.allow_unsafe(ip("8.8.4.4"));
+        p.allow_unsafe(ip("203.0.113.1"));
+        assert_eq!(p.check(ip("8.8.4.4")), Ok(()));
+        assert!(!p.is_own_address(ip("8.8.4.4")));
+        assert_eq!(
+            p.check(ip("8.8.8.8")),
+            Err(DenyReason::RelayAddress(ip("8.8.8.8")))
+        );
+        assert_eq!(
+            p.check(ip("203.0.113.1")),
+            Err(DenyReason::RelayAddress(ip("203.0.113.1")))
+        );
+    }
+
+    #[test]
+    fn kernel_prefixes_hold_the_tier_nat64_layouts_and_unsafe_addresses() {
+        let mut p = PeerPolicy::safe_default();
+        for n in ["0.0.0.0/0", "::/0", "64:ff9b:1::/48", "2606:4700:100::/40"] {
+            p.allow(net(n));
+        }
+        p.add_nat64_prefix(net6("64:ff9b:1:abcd::/96")).unwrap();
+        p.add_nat64_prefix(net6("2606:4700:100::/40")).unwrap();
+        p.allow_unsafe(ip("127.0.0.2"));
+        p.allow_unsafe(ip("198.18.9.9"));
+        p.set_relay_addresses(&[ip("198.18.2.1")]);
+        p.host_addresses()
+            .replace([ip("198.18.1.1"), ip("198.18.9.9")]);
+        let prefixes = p.kernel_prefixes();
+        let mut extra: Vec<IpAddr> = Vec::new();
+        for prefix in [
+            "64:ff9b:1:abcd::/96",
+            "2606:4700:100::/40",
+            "64:ff9b:1::/48",
+        ] {
+            for v4 in [
+                [8, 8, 8, 8],
+                [169, 254, 169, 254],
+                [127, 0, 0, 1],
+                [1, 1, 1, 1],
+            ] {
+                extra.push(encode6052(prefix, v4));
+            }
+        }
+        let mut allowed = 0;
+        for addr in probes(&prefixes).into_iter().chain(extra) {
+            let kernel = lpm(&prefixes, addr).expect("/0 entries match every address");
+            if kernel {
+                allowed += 1;
+                assert!(p.is_allowed(addr), "kernel allows {addr}, policy denies it");
+            }
+        }
+        assert!(
+            allowed > 1000,
+            "the kernel copy allows almost nothing: {allowed}"
+        );
+        for (addr, want) in [
+            ("127.0.0.2", true),
+            ("127.0.0.3", false),
+            ("169.254.169.254", false),
+            ("198.18.9.9", true),
+            ("198.18.1.1", false),
+            ("198.18.2.1", false),
+            ("fe80::1", false),
+            ("8.8.8.8", true),
+        ] {
+            assert_eq!(lpm(&prefixes, ip(addr)), Some(want), "{addr}");
+            assert_eq!(p.is_allowed(ip(addr)), want, "{addr}");
+        }
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Prefixes an operator might list, the tier's among them.
+        const NETS: &[&str] = &[
+            "0.0.0.0/0",
+            "::/0",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "169.254.169.254/32",
+            "10.0.0.0/8",
+            "198.18.0.0/15",
+            "8.8.0.0/16",
+            "64:ff9b::/96",
+            "64:ff9b:1::/48",
+            "64:ff9b:1:abcd::/96",
+            "2606:4700::/32",
+            "::ffff:0:0/96",
+            "2002::/16",
+            "fe80::/10",
+            "fd00::/8",
+        ];
+        const NAT64: &[&str] = &[
+            "64:ff9b:1::/48",
+            "64:ff9b:1:ab00::/56",
+            "64:ff9b:1:abcd::/64",
+            "64:ff9b:1:abcd::/96",
+            "2606:4700::/32",
+            "2606:4700:100::/40",
+        ];
+        const ADDRS: &[&str] = &[
+            "127.0.0.2",
+            "169.254.169.254",
+            "8.8.8.8",
+            "10.1.2.3",
+            "fe80::1",
+            "198.18.0.1",
+            "2606:4700::1",
+        ];
+
+        fn policy_strategy() -> impl Strategy<Value = PeerPolicy> {
+            (
+                proptest::sample::subsequence(NETS, 0..5),
+                proptest::sample::subsequence(NETS, 0..3),
+                proptest::sample::subsequence(NAT64, 0..3),
+                proptest::sample::subsequence(ADDRS, 0..3),
+                proptest::sample::subsequence(ADDRS, 0..2),
+            )
+                .prop_map(|(allow, deny, nat64, unsafe_allow, host)| {
+                    let mut p = PeerPolicy::safe_default();
+                    for n in allow {
+                        p.allow(n.parse().unwrap());
+                    }
+                    for n in deny {
+                        p.deny(n.parse().unwrap());
+                    }
+                    for n in nat64 {
+                        p.add_nat64_prefix(n.parse().unwrap()).unwrap();
+                    }
+                    for a in unsafe_allow {
+                        p.allow_unsafe(a.parse().unwrap());
+                    }
+                    p.set_relay_addresses(&["198.18.2.1".parse().unwrap()]);
+                    p.host_addresses()
+                        .replace(host.iter().map(|a| a.parse::<IpAddr>().unwrap()));
+                    p
+                })
+        }
+
+        /// Addresses inside the listed prefixes (with random host bits) and anywhere.
+        fn addr_strategy() -> impl Strategy<Value = IpAddr> {
+            prop_oneof![
+                any::<u32>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(x))),
+                any::<u128>().prop_map(|x| IpAddr::V6(Ipv6Addr::from(x))),
+                (proptest::sample::select(NETS), any::<u128>()).prop_map(|(n, bits)| {
+                    let net: IpNet = n.parse().unwrap();
+                    match net {
+                        IpNet::V4(n) => {
+                            let host = (bits as u32) & !u32::from(n.netmask());
+                            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
+                        }
+                        IpNet::V6(n) => {
+                            let host = bits & !u128::from(n.netmask());
+                            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host))
+                        }
+                    }
+                }),
+                (
+                    proptest::sample::select(NAT64),
+                    proptest::sample::select(
+                        &[
+                            [8u8, 8, 8, 8],
+                            [127, 0, 0, 1],
+                            [169, 254, 169, 254],
+                            [10, 1, 2, 3],
+                            [198, 18, 2, 1],
+                        ][..]
+                    )
+                )
+                    .prop_map(|(prefix, v4)| encode6052(prefix, v4)),
+                proptest::sample::select(ADDRS).prop_map(|a| a.parse().unwrap()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// For any configuration and address, the kernel's longest-prefix verdict never
+            /// allows what `check()` denies.
+            #[test]
+            fn kernel_prefixes_never_more_permissive(
+                policy in policy_strategy(),
+                addrs in proptest::collection::vec(addr_strategy(), 64),
+            ) {
+                let prefixes = policy.kernel_prefixes();
+                for addr in addrs {
+                    let kernel = lpm(&prefixes, addr).expect("/0 entries match every address");
+                    prop_assert!(
+                        !kernel || policy.is_allowed(addr),
+                        "kernel allows {addr}, policy denies it: {:?}",
+                        policy.check(addr)
+                    );
+                }
+            }
+
+            /// No allow CIDR opens the tier; only an exact unsafe address does.
+            #[test]
+            fn the_tier_needs_an_exact_unsafe_address(
+                policy in policy_strategy(),
+                addr in addr_strategy(),
+            ) {
+                let canonical = addr.to_canonical();
+                let in_tier = NON_OVERRIDABLE.iter().any(|(n, _)| n.contains(&addr));
+                if in_tier && policy.is_allowed(addr) {
+                    prop_assert!(policy.allow_unsafe.contains(&canonical), "{addr}");
+                }
+            }
+        }
     }
 }

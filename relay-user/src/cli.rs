@@ -85,15 +85,34 @@ pub struct ServeArgs {
     /// Authentication realm.
     #[arg(long, value_name = "REALM")]
     pub realm: Option<String>,
-    /// Static long-term credential (repeatable).
+    /// Static long-term credential (repeatable). Visible to every local user in
+    /// /proc/PID/cmdline: prefer --users-file.
     #[arg(long = "user", value_name = "NAME:PASSWORD")]
     pub user: Vec<String>,
-    /// TURN REST API shared secret (repeatable, for rotation).
+    /// TURN REST API shared secret (repeatable, for rotation). Visible to every local user in
+    /// /proc/PID/cmdline: prefer --auth-secret-file or RELAY_AUTH_SECRET.
     #[arg(long = "auth-secret", value_name = "SECRET")]
     pub auth_secret: Vec<String>,
+    /// File with TURN REST API shared secrets, one per line (blank lines and # comments
+    /// ignored); added to --auth-secret and to the RELAY_AUTH_SECRET environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// File with static long-term credentials, one NAME:PASSWORD per line; added to --user.
+    #[arg(long, value_name = "FILE")]
+    pub users_file: Option<PathBuf>,
     /// Allow peers in this CIDR even if the safe default denies it (repeatable).
     #[arg(long = "allow-peer", value_name = "CIDR")]
     pub allow_peer: Vec<ipnet::IpNet>,
+    /// Allow exactly this peer address although it is loopback, unspecified, link-local
+    /// (169.254.169.254), multicast, broadcast or an address of this host, which no
+    /// --allow-peer CIDR opens (repeatable; unsafe: only for test labs and known services).
+    #[arg(long = "allow-peer-unsafe", value_name = "ADDR")]
+    pub allow_peer_unsafe: Vec<IpAddr>,
+    /// NAT64 prefix of this network (RFC 6052 length /32, /40, /48, /56, /64 or /96;
+    /// repeatable): its addresses are denied unless allowed, and the IPv4 address they carry
+    /// must pass the IPv4 policy.
+    #[arg(long = "nat64-prefix", value_name = "CIDR")]
+    pub nat64_prefix: Vec<ipnet::Ipv6Net>,
     /// Deny peers in this CIDR (repeatable; wins over --allow-peer).
     #[arg(long = "deny-peer", value_name = "CIDR")]
     pub deny_peer: Vec<ipnet::IpNet>,
@@ -118,6 +137,24 @@ pub struct ServeArgs {
     /// Bindings beyond it stay on the socket path.
     #[arg(long, value_name = "N")]
     pub kernel_bindings: Option<u32>,
+    /// Bytes per second of answers to unauthenticated requests (401, 438, 400, Binding) one
+    /// source IP (IPv6: its /64) may receive from the whole relay; beyond that they are
+    /// dropped and counted (`relay_unauth_refused_total`). Bounds reflection towards a spoofed
+    /// address. Default 131072 (about 1,100 401s a second).
+    #[arg(long, value_name = "BYTES")]
+    pub unauth_rate_bytes: Option<u64>,
+    /// Burst of those answers, in bytes, per source (default 65536). A source new to the
+    /// relay's table of 65,536 sources (or evicted from it) starts from at most 2048 bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub unauth_burst_bytes: Option<u64>,
+    /// Allocations the whole relay holds (beyond: 508 Insufficient Capacity).
+    #[arg(long, value_name = "N")]
+    pub max_allocations: Option<usize>,
+    /// Allocations one user holds (beyond: 486 Allocation Quota Reached); a TURN REST username
+    /// `expiry:user` counts under its user part. Must be below --max-allocations, so no user can
+    /// take the whole relay.
+    #[arg(long, value_name = "N")]
+    pub max_allocations_per_user: Option<usize>,
     /// Permission lifetime in seconds instead of RFC 8656's 300 (for tests only).
     #[arg(long, value_name = "SECS", hide = true)]
     pub permission_lifetime: Option<u64>,

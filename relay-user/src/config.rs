@@ -1,18 +1,20 @@
 //! Daemon configuration: the embedded defaults, then an optional TOML file, then flags.
 //!
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
-//! `auth-secret`, `allow-peer`, `deny-peer`, `fastpath`, `interface`, `log-level`,
-//! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `user-id`, `group-id`, `metrics`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `auth-secret`, `auth-secret-file`, `users-file`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
+//! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
+//! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
+//! `metrics`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{bail, ensure, Context};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use crate::cli::{FastPathMode, ServeArgs};
@@ -30,8 +32,12 @@ pub struct ConfigFile {
     pub realm: Option<String>,
     pub user: Option<Vec<String>>,
     pub auth_secret: Option<Vec<String>>,
+    pub auth_secret_file: Option<PathBuf>,
+    pub users_file: Option<PathBuf>,
     pub allow_peer: Option<Vec<IpNet>>,
     pub deny_peer: Option<Vec<IpNet>>,
+    pub allow_peer_unsafe: Option<Vec<IpAddr>>,
+    pub nat64_prefix: Option<Vec<Ipv6Net>>,
     pub fastpath: Option<FastPathMode>,
     pub interface: Option<Vec<String>>,
     pub log_level: Option<String>,
@@ -42,6 +48,10 @@ pub struct ConfigFile {
     pub user_id: Option<String>,
     pub group_id: Option<String>,
     pub metrics: Option<SocketAddr>,
+    pub max_allocations: Option<usize>,
+    pub max_allocations_per_user: Option<usize>,
+    pub unauth_rate_bytes: Option<u64>,
+    pub unauth_burst_bytes: Option<u64>,
 }
 
 impl ConfigFile {
@@ -70,8 +80,12 @@ impl ConfigFile {
         put(&mut self.realm, upper.realm);
         put(&mut self.user, upper.user);
         put(&mut self.auth_secret, upper.auth_secret);
+        put(&mut self.auth_secret_file, upper.auth_secret_file);
+        put(&mut self.users_file, upper.users_file);
         put(&mut self.allow_peer, upper.allow_peer);
         put(&mut self.deny_peer, upper.deny_peer);
+        put(&mut self.allow_peer_unsafe, upper.allow_peer_unsafe);
+        put(&mut self.nat64_prefix, upper.nat64_prefix);
         put(&mut self.fastpath, upper.fastpath);
         put(&mut self.interface, upper.interface);
         put(&mut self.log_level, upper.log_level);
@@ -82,6 +96,13 @@ impl ConfigFile {
         put(&mut self.user_id, upper.user_id);
         put(&mut self.group_id, upper.group_id);
         put(&mut self.metrics, upper.metrics);
+        put(&mut self.max_allocations, upper.max_allocations);
+        put(&mut self.unauth_rate_bytes, upper.unauth_rate_bytes);
+        put(&mut self.unauth_burst_bytes, upper.unauth_burst_bytes);
+        put(
+            &mut self.max_allocations_per_user,
+            upper.max_allocations_per_user,
+        );
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -96,8 +117,12 @@ impl ConfigFile {
             realm: args.realm.clone(),
             user: list(&args.user),
             auth_secret: list(&args.auth_secret),
+            auth_secret_file: args.auth_secret_file.clone(),
+            users_file: args.users_file.clone(),
             allow_peer: list(&args.allow_peer),
             deny_peer: list(&args.deny_peer),
+            allow_peer_unsafe: list(&args.allow_peer_unsafe),
+            nat64_prefix: list(&args.nat64_prefix),
             fastpath: args.fastpath,
             interface: list(&args.interface),
             log_level: args.log_level.clone(),
@@ -108,6 +133,10 @@ impl ConfigFile {
             user_id: args.user_id.clone(),
             group_id: args.group_id.clone(),
             metrics: args.metrics,
+            max_allocations: args.max_allocations,
+            max_allocations_per_user: args.max_allocations_per_user,
+            unauth_rate_bytes: args.unauth_rate_bytes,
+            unauth_burst_bytes: args.unauth_burst_bytes,
         }
     }
 }
@@ -136,6 +165,10 @@ pub struct Config {
     pub auth_secrets: Vec<String>,
     pub allow_peer: Vec<IpNet>,
     pub deny_peer: Vec<IpNet>,
+    /// Exact peer addresses allowed past the non-overridable tier.
+    pub allow_peer_unsafe: Vec<IpAddr>,
+    /// NAT64 prefixes (RFC 6052 lengths).
+    pub nat64_prefixes: Vec<Ipv6Net>,
     pub fastpath: FastPathMode,
     pub interfaces: Vec<String>,
     pub log_level: String,
@@ -154,6 +187,17 @@ pub struct Config {
     pub group_id: Option<String>,
     /// Read-only listener for `/metrics`, `/healthz` and `/readyz` (may face the network).
     pub metrics: Option<SocketAddr>,
+    /// Allocations relay-wide (508 beyond).
+    pub max_allocations: usize,
+    /// Allocations per user, REST usernames by their user part (486 beyond).
+    pub max_allocations_per_user: usize,
+    /// Unauthenticated answers: bytes per second per source, relay-wide.
+    pub unauth_rate_bytes: u64,
+    /// Unauthenticated answers: burst in bytes per source.
+    pub unauth_burst_bytes: u64,
+    /// `--user` or `--auth-secret` was given on the command line (readable in
+    /// /proc/PID/cmdline): the daemon warns.
+    pub secrets_on_command_line: bool,
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
@@ -168,6 +212,12 @@ impl Config {
         }
         layers.overlay(ConfigFile::from_flags(args));
         let mut config = Self::resolve(layers)?;
+        if let Some(secret) = crate::secrets::env_auth_secret() {
+            if !config.auth_secrets.contains(&secret) {
+                config.auth_secrets.push(secret);
+            }
+        }
+        config.secrets_on_command_line = !args.user.is_empty() || !args.auth_secret.is_empty();
         let seconds = |s: Option<u64>| s.map(std::time::Duration::from_secs);
         config.permission_lifetime = seconds(args.permission_lifetime);
         config.channel_lifetime = seconds(args.channel_lifetime);
@@ -186,16 +236,36 @@ impl Config {
         let port_range = parse_port_range(file.port_range.as_deref().unwrap_or("49152-65535"))?;
         let realm = file.realm.unwrap_or_default();
         ensure!(!realm.is_empty(), "the realm must not be empty (--realm)");
-        let users = file
+        let mut users = file
             .user
             .unwrap_or_default()
             .iter()
             .map(|u| parse_user(u))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let auth_secrets = file.auth_secret.unwrap_or_default();
+        if let Some(path) = &file.users_file {
+            users.extend(crate::secrets::read_users(path)?);
+        }
+        let mut auth_secrets = file.auth_secret.unwrap_or_default();
+        if let Some(path) = &file.auth_secret_file {
+            auth_secrets.extend(crate::secrets::read_auth_secrets(path)?);
+        }
         ensure!(
             auth_secrets.iter().all(|s| !s.is_empty()),
             "--auth-secret must not be empty"
+        );
+        let max_allocations = file.max_allocations.unwrap_or(DEFAULT_MAX_ALLOCATIONS);
+        ensure!(max_allocations >= 1, "--max-allocations must be at least 1");
+        let max_allocations_per_user = file
+            .max_allocations_per_user
+            .unwrap_or(DEFAULT_MAX_ALLOCATIONS_PER_USER.min(max_allocations.saturating_sub(1)));
+        ensure!(
+            max_allocations_per_user >= 1,
+            "--max-allocations-per-user must be at least 1 (and --max-allocations at least 2)"
+        );
+        ensure!(
+            max_allocations_per_user < max_allocations,
+            "--max-allocations-per-user {max_allocations_per_user} must be below \
+             --max-allocations {max_allocations}: otherwise one user can take every allocation"
         );
         Ok(Self {
             listen,
@@ -206,6 +276,17 @@ impl Config {
             auth_secrets,
             allow_peer: file.allow_peer.unwrap_or_default(),
             deny_peer: file.deny_peer.unwrap_or_default(),
+            allow_peer_unsafe: file.allow_peer_unsafe.unwrap_or_default(),
+            nat64_prefixes: {
+                let prefixes = file.nat64_prefix.unwrap_or_default();
+                let mut check = relay_proto::policy::PeerPolicy::safe_default();
+                for prefix in &prefixes {
+                    check
+                        .add_nat64_prefix(*prefix)
+                        .map_err(|e| anyhow::anyhow!("--nat64-prefix {e}"))?;
+                }
+                prefixes
+            },
             fastpath: file.fastpath.unwrap_or(FastPathMode::Off),
             interfaces: file.interface.unwrap_or_default(),
             log_level: file.log_level.unwrap_or_else(|| "info".to_owned()),
@@ -225,11 +306,25 @@ impl Config {
             user_id: file.user_id,
             group_id: file.group_id,
             metrics: file.metrics,
+            max_allocations,
+            max_allocations_per_user,
+            secrets_on_command_line: false,
+            unauth_rate_bytes: file
+                .unauth_rate_bytes
+                .unwrap_or(relay_proto::limiter::DEFAULT_RATE_BYTES),
+            unauth_burst_bytes: file
+                .unauth_burst_bytes
+                .unwrap_or(relay_proto::limiter::DEFAULT_BURST_BYTES),
             permission_lifetime: None,
             channel_lifetime: None,
         })
     }
 }
+
+/// Allocations relay-wide unless configured.
+pub const DEFAULT_MAX_ALLOCATIONS: usize = 16_384;
+/// Allocations per user unless configured.
+pub const DEFAULT_MAX_ALLOCATIONS_PER_USER: usize = 64;
 
 /// `LOW-HIGH`, both in 1..=65535, LOW <= HIGH.
 pub fn parse_port_range(text: &str) -> anyhow::Result<RangeInclusive<u16>> {
@@ -259,7 +354,8 @@ pub fn parse_user(text: &str) -> anyhow::Result<StaticUser> {
 fn redact(text: &str) -> String {
     match text.split_once(':') {
         Some((name, _)) => format!("{name}:***"),
-        None => text.to_owned(),
+        // Without a `:` the whole entry may be a password.
+        None => "***".to_owned(),
     }
 }
 
@@ -332,5 +428,103 @@ mod tests {
         let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
         file.relay_ip = Some(vec!["0.0.0.0".parse().unwrap()]);
         assert!(Config::resolve(file).is_err());
+    }
+
+    #[test]
+    fn peer_policy_keys_and_bad_nat64_prefix() {
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").expect("default");
+        layers.overlay(
+            ConfigFile::parse(
+                r#"
+                allow-peer-unsafe = ["127.0.0.2"]
+                nat64-prefix = ["64:ff9b:1:abcd::/96"]
+                "#,
+                "test",
+            )
+            .expect("valid file"),
+        );
+        let config = Config::resolve(layers).expect("valid");
+        assert_eq!(
+            config.allow_peer_unsafe,
+            vec!["127.0.0.2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(config.nat64_prefixes.len(), 1);
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.nat64_prefix = Some(vec!["64:ff9b:1::/50".parse().unwrap()]);
+        let err = format!("{:#}", Config::resolve(file).unwrap_err());
+        assert!(
+            err.contains("--nat64-prefix") && err.contains("/96"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn allocation_caps_one_user_cannot_exhaust() {
+        let config = Config::from_args(&args()).expect("default");
+        assert_eq!(
+            (config.max_allocations, config.max_allocations_per_user),
+            (DEFAULT_MAX_ALLOCATIONS, DEFAULT_MAX_ALLOCATIONS_PER_USER)
+        );
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.overlay(
+            ConfigFile::parse("max-allocations = 10\nmax-allocations-per-user = 3", "t").unwrap(),
+        );
+        let config = Config::resolve(file).expect("valid");
+        assert_eq!(
+            (config.max_allocations, config.max_allocations_per_user),
+            (10, 3)
+        );
+        // A small relay-wide cap lowers the per-user default below it.
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.max_allocations = Some(10);
+        assert_eq!(Config::resolve(file).unwrap().max_allocations_per_user, 9);
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.max_allocations = Some(10);
+        file.max_allocations_per_user = Some(10);
+        let err = format!("{:#}", Config::resolve(file).unwrap_err());
+        assert!(err.contains("must be below --max-allocations 10"), "{err}");
+    }
+
+    #[test]
+    fn hardening_keys_in_a_sample_file() {
+        let dir = std::env::temp_dir().join(format!("relay-config-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let users = dir.join("users");
+        std::fs::write(&users, "bob:builder\n").unwrap();
+        let secrets = dir.join("secrets");
+        std::fs::write(&secrets, "rest-one\nrest-two\n").unwrap();
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        layers.overlay(
+            ConfigFile::parse(
+                &format!(
+                    r#"
+                    user = ["alice:secret"]
+                    users-file = "{}"
+                    auth-secret-file = "{}"
+                    unauth-rate-bytes = 65536
+                    unauth-burst-bytes = 8192
+                    max-allocations = 100
+                    max-allocations-per-user = 10
+                    "#,
+                    users.display(),
+                    secrets.display()
+                ),
+                "test",
+            )
+            .expect("valid file"),
+        );
+        let config = Config::resolve(layers).expect("valid");
+        let names: Vec<&str> = config.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert_eq!(config.auth_secrets, ["rest-one", "rest-two"]);
+        assert_eq!(
+            (config.unauth_rate_bytes, config.unauth_burst_bytes),
+            (65_536, 8_192)
+        );
+        assert_eq!(
+            (config.max_allocations, config.max_allocations_per_user),
+            (100, 10)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod fastpath;
 pub mod net;
+pub mod secrets;
 
 /// The protocol core lives in its own crate (no I/O dependencies); this keeps the
 /// `relay::proto::…` paths of the fast path and the integration tests working.

@@ -1,8 +1,8 @@
 //! `relay serve` on loopback against real third-party TURN clients (coturn's
 //! `turnutils_uclient`, aioice) and against malformed input.
 //!
-//! Peers live on 127.0.0.2, which the relay allows with `--allow-peer 127.0.0.2/32` (loopback
-//! peers are denied by default, and the relay's own 127.0.0.1 always is).
+//! Peers live on 127.0.0.2, which the relay allows with `--allow-peer-unsafe 127.0.0.2` (no
+//! `--allow-peer` CIDR opens loopback, and the relay's own 127.0.0.1 is always denied).
 
 mod support;
 
@@ -30,8 +30,8 @@ fn relay_with(extra: &[&str]) -> Relay {
         "127.0.0.1",
         "--realm",
         REALM,
-        "--allow-peer",
-        "127.0.0.2/32",
+        "--allow-peer-unsafe",
+        "127.0.0.2",
         "--log-level",
         "info",
     ];

@@ -5,7 +5,7 @@
 //! 127/8 is local, so 127.0.0.2 and 127.0.0.3 stand in for two addresses of a multi-homed host;
 //! without IP_PKTINFO the relay would answer both from 127.0.0.1 (the route's choice).
 //!
-//! The echo peer lives on 127.0.0.4, which `--allow-peer 127.0.0.0/8` admits (the relay's own
+//! The echo peer lives on 127.0.0.4, which `--allow-peer-unsafe 127.0.0.4` admits (the relay's own
 //! addresses stay denied whatever is allowed).
 
 mod support;
@@ -82,8 +82,8 @@ fn start(listen: &[&str]) -> Relay {
         "127.0.0.1",
         "--realm",
         REALM,
-        "--allow-peer",
-        "127.0.0.0/8",
+        "--allow-peer-unsafe",
+        PEER_IP,
         "--user",
         "alice:wonderland",
         "--workers",

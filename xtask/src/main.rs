@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod package;
 mod setup;
 
@@ -47,6 +48,10 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Build a Debian package (binary, systemd unit, /etc/relay/relay.toml) in target/debian.
     Package(package::PackageArgs),
+    /// Run the libFuzzer targets of fuzz/ (cargo-fuzz, built with RUSTC_BOOTSTRAP=1): the STUN
+    /// codec with integrity and fingerprint checks, ChannelData, REST usernames, nonces, and a
+    /// stateful target driving the server core.
+    Fuzz(fuzz::FuzzArgs),
     /// The bench's reference forwarder (started by `cargo xtask bench` in its lab).
     #[command(hide = true)]
     BenchForwarder(bench::forwarder::ForwarderArgs),
@@ -73,6 +78,10 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench(args) => bench::run(&workspace_root(), args),
         Task::Package(args) => package::run(&workspace_root(), &args).map(|_| ()),
+        Task::Fuzz(args) => {
+            setup::ensure_cargo_fuzz()?;
+            fuzz::run(&workspace_root(), &args)
+        }
         Task::BenchForwarder(args) => bench::forwarder::run(&args),
         Task::BenchRawXdp(args) => bench::raw_xdp::run(&args),
     }
@@ -142,6 +151,17 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut args = vec!["test", "--workspace", "--locked", "--no-fail-fast", "--"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)?;
+    // Every fuzz target for a short bounded time (a few seconds in all); the long runs are
+    // `cargo xtask fuzz`.
+    for target in fuzz::TARGETS {
+        fuzz::fuzz_one(
+            &workspace_root(),
+            target,
+            fuzz::SUITE_RUNS,
+            60,
+            fuzz::Sanitizer::None,
+        )?;
+    }
     println!(
         "==> all checks and tests passed in {:.1?}",
         started.elapsed()

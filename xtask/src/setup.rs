@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, Option<&str>)] = &[
     ("procps", None),
     ("iputils-ping", None),
     ("util-linux", None),
+    // The C++ compiler libfuzzer-sys builds libFuzzer with (`cargo xtask fuzz`).
+    ("g++", None),
     // coturn 4.6.1: turnutils_uclient / turnutils_peer / turnserver.
     ("coturn", None),
     // aioice, a Python TURN client, for Debian's /usr/bin/python3.
@@ -96,7 +98,28 @@ pub fn run() -> anyhow::Result<()> {
             bail!("installing kubernetes-validate failed ({status})");
         }
     }
+    ensure_cargo_fuzz()?;
     println!("setup: done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// cargo-fuzz, which `cargo xtask fuzz` and the suite's short fuzz runs use (from crates.io;
+/// it drives libFuzzer, which the `libfuzzer-sys` crate builds with the system C++ compiler).
+pub fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    let want = crate::fuzz::CARGO_FUZZ_VERSION;
+    if crate::fuzz::cargo_fuzz_version().as_deref() == Some(want) {
+        println!("setup: cargo-fuzz {want} present");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {want}");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["install", &format!("cargo-fuzz@{want}"), "--locked"])
+        .status()
+        .context("running cargo install cargo-fuzz")?;
+    if !status.success() {
+        bail!("installing cargo-fuzz failed ({status})");
+    }
     Ok(())
 }
 

@@ -112,6 +112,7 @@ impl Allocation {
         &mut self,
         ip: IpAddr,
         expires: Instant,
+        reachable: &dyn Fn(SocketAddr) -> bool,
         commands: &mut VecDeque<Command>,
     ) {
         let entry = self.permissions.entry(ip).or_insert(expires);
@@ -120,7 +121,7 @@ impl Allocation {
         }
         let expires = *entry;
         commands.push_back(self.permission_command(ip, expires));
-        self.announce_channels(Some(ip), commands);
+        self.announce_channels(Some(ip), reachable, commands);
     }
 
     /// (Re)announces every permission to the fast path with its deadline (after the
@@ -148,16 +149,27 @@ impl Allocation {
     /// (Re)announces the bound channels with a live permission (to `only` that peer IP, or
     /// all) to the fast path. Each deadline is the earliest of channel, permission and
     /// allocation expiry, so the kernel never forwards past any of them, even if the daemon is
-    /// late to remove the entry.
+    /// late to remove the entry. A channel whose peer is no longer `reachable` (it became an
+    /// address of the host, or the other allocation of a client-to-client channel is gone) is
+    /// withdrawn from the fast path instead, once; the socket path refuses its datagrams.
     pub(super) fn announce_channels(
         &mut self,
         only: Option<IpAddr>,
+        reachable: &dyn Fn(SocketAddr) -> bool,
         commands: &mut VecDeque<Command>,
     ) {
         let (relayed, additional) = (self.relayed, self.additional);
+        let mut withdrawn = Vec::new();
         for (number, channel) in self.channels.iter_mut() {
             let ip = channel.peer.ip();
             if !channel.bound || only.is_some_and(|only| only != ip) {
+                continue;
+            }
+            if !reachable(channel.peer) {
+                if channel.installed {
+                    channel.installed = false;
+                    withdrawn.push((*number, channel.peer));
+                }
                 continue;
             }
             let Some(permission_expires) = self.permissions.get(&ip) else {
@@ -181,6 +193,9 @@ impl Allocation {
                 channel: *number,
                 expires_at: channel.expires.min(*permission_expires).min(self.expires),
             });
+        }
+        for (number, peer) in withdrawn {
+            commands.push_back(self.delete_channel_command(number, peer));
         }
     }
 

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use rand::{CryptoRng, Rng, RngCore};
 
-use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
+use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer};
 use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+use crate::limiter::UnauthLimiter;
 
 use crate::policy::PeerPolicy;
 use crate::stun::{
@@ -43,8 +44,6 @@ const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 const MAX_BIND_ATTEMPTS: u32 = 4;
 /// Random port picks before scanning the range.
 const RANDOM_PORT_TRIES: u32 = 16;
-/// Source addresses the unauthenticated rate limiter tracks.
-const RATE_LIMIT_TRACKED: usize = 65_536;
 
 /// Server configuration.
 #[derive(Clone, Debug)]
@@ -79,8 +78,9 @@ pub struct ServerConfig {
     pub max_permissions_per_allocation: usize,
     /// Channels (bound or in their reserved period) per allocation (508 above).
     pub max_channels_per_allocation: usize,
-    /// Unauthenticated requests per source IP: (burst, per second).
-    pub unauthenticated_rate: (u32, u32),
+    /// The byte budget of answers to unauthenticated requests per source, shared with the
+    /// other workers' servers (relay-wide).
+    pub unauth_limiter: Arc<UnauthLimiter>,
     /// Allocation counts shared with the other workers' servers (caps are relay-wide); the core
     /// only takes and gives back through the trait.
     pub quota: Arc<dyn AllocationQuota>,
@@ -121,7 +121,7 @@ impl ServerConfig {
             max_allocations_per_user: 64,
             max_permissions_per_allocation: 128,
             max_channels_per_allocation: 16,
-            unauthenticated_rate: (20, 10),
+            unauth_limiter: Arc::new(UnauthLimiter::default()),
             channel_range: CHANNEL_RANGE,
             quota: Arc::new(QuotaLedger::default()),
             first_allocation_id: 1,
@@ -299,7 +299,6 @@ pub struct Server<R> {
     rng: R,
     unix_now: u64,
     nonces: NonceIssuer,
-    limiter: RateLimiter,
     next_id: u64,
     allocations: BTreeMap<AllocationId, Allocation>,
     /// (client, listener) → allocation; the protocol is always UDP.
@@ -307,6 +306,14 @@ pub struct Server<R> {
     /// relayed address (also while its socket is being bound) → allocation
     by_relayed: HashMap<SocketAddr, AllocationId>,
     commands: VecDeque<Command>,
+}
+
+/// [`Server::peer_reachable`] on the configuration alone, so it can be lent while an
+/// allocation is borrowed.
+fn reachable(config: &ServerConfig, peer: SocketAddr) -> bool {
+    let own = config.relay_ips.contains(&peer.ip().to_canonical())
+        || config.policy.reaches_host(peer.ip());
+    !own || config.live_relayed.contains(peer)
 }
 
 fn same_family(a: IpAddr, b: IpAddr) -> bool {
@@ -322,9 +329,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         let nonces = NonceIssuer::new(secret, config.nonce_lifetime, now);
-        let (burst, per_second) = config.unauthenticated_rate;
         Self {
-            limiter: RateLimiter::new(burst, per_second, RATE_LIMIT_TRACKED),
             relay_v4,
             relay_v6,
             rng,
@@ -706,8 +711,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// service. Checked per datagram because the host gains addresses at runtime: a permission
     /// created before its address became the host's must not reach the host.
     fn peer_reachable(&self, peer: SocketAddr) -> bool {
-        let own = self.is_relay_ip(peer.ip()) || self.config.policy.is_own_address(peer.ip());
-        !own || self.config.live_relayed.contains(peer)
+        reachable(&self.config, peer)
     }
 
     /// Removes an allocation from every index without emitting anything.
@@ -723,7 +727,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             }
         }
         self.by_five_tuple.remove(&(alloc.client, alloc.listener));
-        self.config.quota.release(&alloc.username);
+        let quota_user = self.config.credentials.quota_user(&alloc.username);
+        self.config.quota.release(quota_user);
         Some(alloc)
     }
 
@@ -793,7 +798,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 ..
             }) => {
                 // RFC 8489 §6.3.1: malformed requests get 400; anything else is dropped.
-                if class == Class::Request && self.limiter.allow(client.ip(), now) {
+                if class == Class::Request {
                     let ctx = Ctx {
                         client,
                         listener,
@@ -802,7 +807,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                         fingerprint: false,
                         auth: None,
                     };
-                    self.respond_error(&ctx, StunErrorCode::BadRequest, &[]);
+                    self.respond_error_unauth(&ctx, StunErrorCode::BadRequest, &[], now);
                 }
                 return;
             }
@@ -852,9 +857,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         .contains(&method)
         {
             // Unknown (or indication-only) method as a request: 400.
-            if self.limiter.allow(client.ip(), now) {
-                self.respond_error(&ctx, StunErrorCode::BadRequest, &[]);
-            }
+            self.respond_error_unauth(&ctx, StunErrorCode::BadRequest, &[], now);
             return;
         }
         let Some(auth) = self.authenticate(msg, &ctx, now) else {
@@ -886,21 +889,19 @@ impl<R: RngCore + CryptoRng> Server<R> {
 
     /// Binding (RFC 8489 §6.3.1): XOR-MAPPED-ADDRESS, no authentication, rate limited.
     fn handle_binding(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) {
-        if !self.limiter.allow(ctx.client.ip(), now) {
-            return;
-        }
         let unknown = msg.unknown_comprehension_required();
         if !unknown.is_empty() {
             let list = Attribute::UnknownAttributes(unknown.to_vec());
-            self.respond_error(ctx, StunErrorCode::UnknownAttribute, &[list]);
+            self.respond_error_unauth(ctx, StunErrorCode::UnknownAttribute, &[list], now);
             return;
         }
         let mut reply = ctx.clone();
         reply.fingerprint = true;
-        self.respond(
+        self.respond_unauth(
             &reply,
             Class::Success,
             &[Attribute::XorMappedAddress(ctx.client)],
+            now,
         );
     }
 
@@ -909,17 +910,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// limited per source IP and silently dropped over the limit.
     fn authenticate(&mut self, msg: &Message<'_>, ctx: &Ctx, now: Instant) -> Option<Auth> {
         if !msg.has_integrity() && !msg.has_integrity_sha256() {
-            if self.limiter.allow(ctx.client.ip(), now) {
-                self.respond_unauthenticated(ctx, now);
-            }
+            self.respond_unauthenticated(ctx, now);
             return None;
         }
         let (Some(username), Some(_realm), Some(nonce)) =
             (msg.username(), msg.realm(), msg.nonce())
         else {
-            if self.limiter.allow(ctx.client.ip(), now) {
-                self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
-            }
+            self.respond_error_unauth(ctx, StunErrorCode::BadRequest, &[], now);
             return None;
         };
         let sha256 = msg.has_integrity_sha256();
@@ -936,9 +933,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 }
             });
         let Some(key) = key else {
-            if self.limiter.allow(ctx.client.ip(), now) {
-                self.respond_unauthenticated(ctx, now);
-            }
+            self.respond_unauthenticated(ctx, now);
             return None;
         };
         let auth = Auth {
@@ -949,15 +944,18 @@ impl<R: RngCore + CryptoRng> Server<R> {
         match self.nonces.check(nonce, ctx.client, now) {
             NonceCheck::Valid => Some(auth),
             NonceCheck::Stale | NonceCheck::Invalid => {
-                // The request itself was authentic, so the 438 is signed.
+                // The request itself was authentic, so the 438 is signed; but a captured
+                // request replayed from a spoofed source lands here too, so the 438 counts
+                // against that source's unauthenticated budget.
                 let mut signed = ctx.clone();
                 signed.auth = Some(auth);
                 let nonce = self.nonces.issue(ctx.client, now);
                 let realm = self.config.realm.clone();
-                self.respond_error(
+                self.respond_error_unauth(
                     &signed,
                     StunErrorCode::StaleNonce,
                     &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
+                    now,
                 );
                 None
             }
@@ -967,10 +965,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
     fn respond_unauthenticated(&mut self, ctx: &Ctx, now: Instant) {
         let nonce = self.nonces.issue(ctx.client, now);
         let realm = self.config.realm.clone();
-        self.respond_error(
+        self.respond_error_unauth(
             ctx,
             StunErrorCode::Unauthenticated,
             &[Attribute::Realm(&realm), Attribute::Nonce(&nonce)],
+            now,
         );
     }
 
@@ -1042,8 +1041,10 @@ impl<R: RngCore + CryptoRng> Server<R> {
             ),
         };
         // Step 8: quotas.
+        // Keyed on the REST username's user part, so minting credentials buys no quota.
+        let quota_user = self.config.credentials.quota_user(&auth.username);
         let quota = self.config.quota.try_acquire(
-            &auth.username,
+            quota_user,
             self.config.max_allocations_per_user,
             self.config.max_allocations,
         );
@@ -1057,7 +1058,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             }
         }
         let Some(relayed) = self.pick_relayed(relay_ip, request.even_port, &[]) else {
-            self.config.quota.release(&auth.username);
+            let quota_user = self.config.credentials.quota_user(&auth.username);
+            self.config.quota.release(quota_user);
             return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         };
         let lifetime = self.desired_lifetime(request.lifetime);
@@ -1147,7 +1149,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             if let Some(alloc) = self.allocations.get_mut(&id) {
                 alloc.expires = now + lifetime;
                 // The kernel's deadlines include the allocation's: move them with it.
-                alloc.announce_channels(None, &mut self.commands);
+                let reachable = |peer| reachable(&self.config, peer);
+                alloc.announce_channels(None, &reachable, &mut self.commands);
                 alloc.announce_permissions(&mut self.commands);
             }
             lifetime
@@ -1209,7 +1212,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
         }
         for peer in &peers {
-            alloc.install_permission(peer.ip(), now + lifetime, &mut self.commands);
+            let reachable = |peer| reachable(&self.config, peer);
+            alloc.install_permission(peer.ip(), now + lifetime, &reachable, &mut self.commands);
         }
         self.respond(ctx, Class::Success, &[]);
     }
@@ -1281,7 +1285,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
         );
         alloc.peer_channels.insert(peer, number);
         // Installs the permission and (re)announces the binding to the fast path.
-        alloc.install_permission(peer.ip(), now + permission_lifetime, &mut self.commands);
+        let reachable = |peer| reachable(&self.config, peer);
+        alloc.install_permission(
+            peer.ip(),
+            now + permission_lifetime,
+            &reachable,
+            &mut self.commands,
+        );
         self.respond(ctx, Class::Success, &[]);
     }
 
@@ -1353,6 +1363,37 @@ impl<R: RngCore + CryptoRng> Server<R> {
             let list = Attribute::UnknownAttributes(rejection.unknown);
             self.respond_error(ctx, rejection.code, &[list]);
         }
+    }
+
+    /// Answers a request that was not authenticated (or whose nonce failed: 438) within the
+    /// source's relay-wide byte budget ([`UnauthLimiter`], RFC 8656 §21 amplification); over
+    /// it the answer is dropped and counted.
+    fn respond_unauth(&mut self, ctx: &Ctx, class: Class, attrs: &[Attribute<'_>], now: Instant) {
+        let payload = self.build(ctx, class, attrs);
+        if self
+            .config
+            .unauth_limiter
+            .try_send(ctx.client.ip(), payload.len(), now)
+        {
+            self.commands.push_back(Command::SendToClient {
+                listener: ctx.listener,
+                client: ctx.client,
+                payload,
+            });
+        }
+    }
+
+    fn respond_error_unauth(
+        &mut self,
+        ctx: &Ctx,
+        code: StunErrorCode,
+        extra: &[Attribute<'_>],
+        now: Instant,
+    ) {
+        let mut attrs = Vec::with_capacity(extra.len() + 1);
+        attrs.push(Attribute::ErrorCode(code.into()));
+        attrs.extend_from_slice(extra);
+        self.respond_unauth(ctx, Class::Error, &attrs, now);
     }
 
     fn respond_error(&mut self, ctx: &Ctx, code: StunErrorCode, extra: &[Attribute<'_>]) {

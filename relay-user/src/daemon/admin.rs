@@ -15,7 +15,7 @@ use super::{
     worker::{lock, WorkerRequest, WorkerSnapshot},
 };
 use crate::control::{ask, AdminRequest, AllocationList, Health};
-use relay_proto::server::AllocationId;
+use relay_proto::{limiter::UnauthLimiter, server::AllocationId};
 
 /// Serves requests from the admin endpoint until it goes away.
 pub async fn route(
@@ -23,6 +23,7 @@ pub async fn route(
     workers: Vec<mpsc::Sender<WorkerRequest>>,
     kernel: Arc<Mutex<KernelSync>>,
     alive_workers: Arc<AtomicUsize>,
+    unauth: Arc<UnauthLimiter>,
 ) {
     while let Some(request) = requests.recv().await {
         match request {
@@ -84,7 +85,9 @@ pub async fn route(
                         total.allocation_ids.extend(part.allocation_ids);
                     }
                 }
-                let _ = reply.send(metrics(&total, &kernel));
+                let mut text = metrics(&total, &kernel);
+                unauth_metrics(&mut text, &unauth);
+                let _ = reply.send(text);
             }
         }
     }
@@ -166,4 +169,20 @@ fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
         }
     }
     out
+}
+
+/// What the relay-wide unauthenticated-answer budget refused (issue 12 item 2).
+fn unauth_metrics(out: &mut String, limiter: &UnauthLimiter) {
+    let _ = writeln!(
+        out,
+        "# HELP relay_unauth_refused_total Answers to unauthenticated requests (401, 438, 400, \
+         Binding) not sent because their destination's byte budget was spent.\n\
+         # TYPE relay_unauth_refused_total counter\n\
+         relay_unauth_refused_total {}\n\
+         # HELP relay_unauth_refused_bytes_total Bytes of those refused answers.\n\
+         # TYPE relay_unauth_refused_bytes_total counter\n\
+         relay_unauth_refused_bytes_total {}",
+        limiter.refused_answers(),
+        limiter.refused_bytes()
+    );
 }

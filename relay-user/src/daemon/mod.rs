@@ -33,6 +33,7 @@ use crate::{
 use relay_proto::{
     auth::Credentials,
     channel_data::LEGACY_CHANNEL_RANGE,
+    limiter::UnauthLimiter,
     policy::PeerPolicy,
     server::{AllocationQuota, LiveRelayed, QuotaLedger, Server, ServerConfig},
 };
@@ -60,16 +61,29 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {
+    if config.secrets_on_command_line {
+        warn!(
+            "--user/--auth-secret on the command line are readable by every local user in \
+             /proc/PID/cmdline: prefer --users-file, --auth-secret-file or RELAY_AUTH_SECRET"
+        );
+    }
     if config.users.is_empty() && config.auth_secrets.is_empty() {
         let password: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
             .take(20)
             .map(char::from)
             .collect();
-        warn!(
-            "no --user or --auth-secret configured: generated the credential relay:{password} \
-             (valid until this process exits)"
-        );
+        // Shown once where the operator looks, never in the (shipped) log.
+        match crate::secrets::announce_generated("relay", &password)? {
+            crate::secrets::Announced::Terminal => {
+                warn!("no credential configured: generated one for user `relay`, shown once above")
+            }
+            crate::secrets::Announced::File(path) => warn!(
+                "no credential configured: generated one for user `relay`; it is in {} \
+                 (mode 0600, valid until this process exits)",
+                path.display()
+            ),
+        }
         config.users.push(StaticUser {
             name: "relay".to_owned(),
             password,
@@ -164,6 +178,11 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     );
     // One ledger for every worker: the caps are relay-wide.
     let quota: Arc<dyn AllocationQuota> = Arc::new(QuotaLedger::default());
+    // One budget for unauthenticated answers: a spoofed victim's limit is relay-wide.
+    let unauth_limiter = Arc::new(UnauthLimiter::new(
+        config.unauth_rate_bytes,
+        config.unauth_burst_bytes,
+    ));
     let live_relayed = Arc::new(LiveRelayed::default());
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();
@@ -171,6 +190,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     for (index, listeners) in sockets.into_iter().enumerate() {
         let mut server_config = server_config(&config, policy.clone());
         server_config.quota = Arc::clone(&quota);
+        server_config.unauth_limiter = Arc::clone(&unauth_limiter);
         server_config.live_relayed = Arc::clone(&live_relayed);
         server_config.first_allocation_id = index as u64 + 1;
         server_config.allocation_id_stride = workers as u64;
@@ -208,6 +228,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         worker_requests,
         Arc::clone(&kernel),
         Arc::clone(&alive_workers),
+        unauth_limiter,
     ));
     info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
     info!(
@@ -347,6 +368,16 @@ fn peer_policy(config: &Config, listeners: &[IpAddr]) -> PeerPolicy {
     for net in &config.deny_peer {
         policy.deny(*net);
     }
+    for ip in &config.allow_peer_unsafe {
+        warn!(%ip, "--allow-peer-unsafe: peers may reach {ip}, which the safe default never allows");
+        policy.allow_unsafe(*ip);
+    }
+    for prefix in &config.nat64_prefixes {
+        // Validated with the config.
+        if let Err(error) = policy.add_nat64_prefix(*prefix) {
+            warn!("{error}");
+        }
+    }
     let own: Vec<_> = listeners
         .iter()
         .copied()
@@ -372,6 +403,8 @@ fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
         policy,
     );
     server.port_range = config.port_range.clone();
+    server.max_allocations = config.max_allocations;
+    server.max_allocations_per_user = config.max_allocations_per_user;
     if config.legacy_channels {
         server.channel_range = LEGACY_CHANNEL_RANGE;
     }
@@ -444,7 +477,7 @@ fn kernel_capacity(config: &Config) -> MapCapacity {
         return MapCapacity::for_bindings(bindings);
     }
     let defaults = ServerConfig::new("", Vec::new(), Credentials::new(""), PeerPolicy::default());
-    let wanted = defaults
+    let wanted = config
         .max_allocations
         .saturating_mul(defaults.max_channels_per_allocation);
     let cpus = aya::util::nr_cpus().unwrap_or(1);

@@ -155,12 +155,13 @@ impl Relay {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    /// Whether the process is still running.
-    /// The relay's process id.
+    /// The process id (of the relay itself when started through `env` or `ip netns exec`,
+    /// which exec it).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -379,3 +379,47 @@ fn allocate_with_dont_fragment_is_420() {
     assert_eq!(h.server.allocations().count(), 0);
     h.allocate(&mut c);
 }
+
+/// Issue 12 item 3: the per-user cap (486) counts TURN REST credentials by their user part, so
+/// minting a fresh `expiry:user` credential buys no fresh quota; the relay-wide cap (508) is
+/// reached only after the per-user cap let every user in, and both are freed on delete.
+#[test]
+fn rest_quota_is_keyed_on_the_user_part() {
+    let mut h = Harness::with_config(|cfg| {
+        cfg.max_allocations_per_user = 2;
+        cfg.max_allocations = 3;
+    });
+    let expiry = UNIX_NOW + 3600;
+    let mut m1 = Client::rest("192.0.2.10:50000", expiry, "mallory");
+    let mut m2 = Client::rest("192.0.2.10:50001", expiry + 1, "mallory");
+    let mut m3 = Client::rest("192.0.2.10:50002", expiry + 2, "mallory");
+    h.allocate(&mut m1);
+    h.allocate(&mut m2);
+    let reply = h.request(
+        &mut m3,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(UDP)],
+    );
+    let msg = expect_error(&reply, Method::ALLOCATE, 486, Some(&m3.key));
+    assert!(msg.attributes().iter().any(|a| matches!(
+        a,
+        Attribute::ErrorCode(e) if e.reason == "Allocation Quota Reached"
+    )));
+    // Another user still gets in; the one after that finds the relay full.
+    let mut t1 = Client::rest("192.0.2.20:50000", expiry, "trent");
+    let mut t2 = Client::rest("192.0.2.20:50001", expiry, "victor");
+    h.allocate(&mut t1);
+    let reply = h.request(
+        &mut t2,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(UDP)],
+    );
+    let msg = expect_error(&reply, Method::ALLOCATE, 508, Some(&t2.key));
+    assert!(msg.attributes().iter().any(|a| matches!(
+        a,
+        Attribute::ErrorCode(e) if e.reason == "Insufficient Capacity"
+    )));
+    // Deleting one of mallory's allocations (made with another credential) frees her quota.
+    h.refresh(&mut m1, Some(0));
+    h.allocate(&mut m3);
+}

@@ -2,6 +2,7 @@
 //! integrity, another user on the 5-tuple (RFC 8656 §5) and the unauthenticated rate limit.
 
 use super::harness::*;
+use crate::limiter::UnauthLimiter;
 
 /// RFC 8489 §9.2.4: wrong password or unknown user → 401 with a fresh NONCE, unsigned.
 #[test]
@@ -212,18 +213,16 @@ fn sha256_integrity_round_trip() {
     assert_eq!(msg.verify_integrity_sha256(c.key.as_bytes()), Ok(()));
 }
 
-/// Unauthenticated answers are rate limited per source IP (burst, then silence, then refill);
-/// authenticated requests are not affected.
+/// Unauthenticated answers (Binding, 401, 400, 438) are budgeted in bytes per source IP,
+/// relay-wide (issue 12 item 2): the conservative start balance, then silence, then refill at
+/// the configured rate; authenticated requests are not affected.
 #[test]
-fn unauthenticated_requests_are_rate_limited() {
-    let mut h = Harness::with_config(|cfg| cfg.unauthenticated_rate = (5, 1));
+fn unauthenticated_answers_are_budgeted_in_bytes() {
+    // 1000 bytes a second, bursts of 1000: a new source starts with those 1000 bytes.
+    let limiter = Arc::new(UnauthLimiter::new(1_000, 1_000));
+    let shared = Arc::clone(&limiter);
+    let mut h = Harness::with_config(move |cfg| cfg.unauth_limiter = shared);
     let mut c = Client::new("192.0.2.10:50000", ALICE);
-    // The 401 of the challenge uses one token.
-    h.challenge(
-        &mut c,
-        Method::ALLOCATE,
-        &[Attribute::RequestedTransport(UDP)],
-    );
     let binding = |c: &mut Client| {
         let tid = c.tid();
         (
@@ -231,11 +230,18 @@ fn unauthenticated_requests_are_rate_limited() {
             MessageBuilder::new(Class::Request, Method::BINDING, tid).finish(None, true),
         )
     };
-    for _ in 0..4 {
-        let (tid, bytes) = binding(&mut c);
-        h.transact(&c, &bytes, tid);
+    let mut answered = 0;
+    loop {
+        let (_, bytes) = binding(&mut c);
+        match h.client_sends(&c, &bytes).as_slice() {
+            [Command::SendToClient { payload, .. }] => answered += payload.len(),
+            [] => break,
+            other => panic!("unexpected {other:?}"),
+        }
     }
-    // Burst used up: silence for Binding, 401s and 400s alike, from any port of that IP.
+    // The whole start balance and at most one answer of debt.
+    assert!((1_000..1_100).contains(&answered), "{answered}");
+    // Silence for Binding, 401s, 400s and 438s alike, from any port of that IP.
     for _ in 0..10 {
         let (_, bytes) = binding(&mut c);
         assert!(h.client_sends(&c, &bytes).is_empty());
@@ -250,20 +256,39 @@ fn unauthenticated_requests_are_rate_limited() {
         let tid = c.tid();
         let bytes = c.build(tid, Method::SEND, &[], false);
         assert!(h.client_sends(&c, &bytes).is_empty());
+        // Signed, but with a nonce that is not the relay's (a replay from a spoofed source).
+        let mut replay = Client::new("192.0.2.10:50009", ALICE);
+        replay.nonce = Some("A".repeat(32));
+        let tid = replay.tid();
+        let bytes = replay.build(
+            tid,
+            Method::ALLOCATE,
+            &[Attribute::RequestedTransport(UDP)],
+            true,
+        );
+        assert!(h.client_sends(&replay, &bytes).is_empty());
     }
     let mut same_ip = Client::new("192.0.2.10:50001", ALICE);
     let (_, bytes) = binding(&mut same_ip);
     assert!(h.client_sends(&same_ip, &bytes).is_empty());
-    // Another source IP has its own bucket.
+    // Another source IP has its own budget, and gets a 438 for a nonce that is not ours.
     let mut other = Client::new("192.0.2.11:50000", ALICE);
-    let (tid, bytes) = binding(&mut other);
-    h.transact(&other, &bytes, tid);
-    // Authenticated requests still work while the bucket is empty.
-    h.allocate(&mut c);
-    // One token per second comes back.
+    other.nonce = Some("A".repeat(32));
+    let tid = other.tid();
+    let bytes = other.build(
+        tid,
+        Method::ALLOCATE,
+        &[Attribute::RequestedTransport(UDP)],
+        true,
+    );
+    let reply = h.transact(&other, &bytes, tid);
+    expect_signed_error(&reply, Method::ALLOCATE, 438, &other);
+    let refused = limiter.refused_answers();
+    assert!(refused >= 41, "{refused}");
+    // Authenticated requests still work while the budget is spent: the 401 of the challenge
+    // comes once a second has refilled it.
     h.advance(secs(1));
-    let (tid, bytes) = binding(&mut c);
-    h.transact(&c, &bytes, tid);
+    h.allocate(&mut c);
     let (_, bytes) = binding(&mut c);
-    assert!(h.client_sends(&c, &bytes).is_empty());
+    assert_eq!(h.client_sends(&c, &bytes).len(), 1);
 }

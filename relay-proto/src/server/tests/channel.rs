@@ -218,3 +218,39 @@ fn channels_per_allocation_are_capped() {
     // Refreshing an existing channel is not a new one.
     h.channel_bind(&mut c, 0x4001, port(1001));
 }
+
+/// Found by the stateful fuzz target (`cargo xtask fuzz server`): a channel whose peer became an
+/// address of the host (netlink, at runtime) was re-installed in the fast path by every
+/// Refresh. Now the next Refresh withdraws it once, later ones leave it alone, ChannelData to
+/// it is refused, and it comes back when the host loses the address.
+#[test]
+fn a_channel_to_a_peer_that_became_a_host_address_leaves_the_fast_path_once() {
+    let mut host = None;
+    let mut h = Harness::with_config(|cfg| host = Some(cfg.policy.host_addresses().clone()));
+    let host = host.expect("host addresses");
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    let (id, relayed) = h.allocate(&mut c);
+    h.channel_bind(&mut c, 0x4000, peer1());
+    host.replace([peer1().ip()]);
+    let commands = h.refresh(&mut c, Some(600));
+    assert_eq!(
+        commands,
+        vec![delete_binding(id, &c, relayed, peer1(), 0x4000)]
+    );
+    assert_eq!(h.refresh(&mut c, Some(600)), vec![]);
+    assert!(h.channel_data(&c, 0x4000, b"to the host").is_empty());
+    host.replace([]);
+    let t = h.now;
+    let commands = h.refresh(&mut c, Some(600));
+    assert_eq!(
+        commands,
+        vec![create_binding(
+            id,
+            &c,
+            relayed,
+            peer1(),
+            0x4000,
+            t + secs(300)
+        )]
+    );
+}

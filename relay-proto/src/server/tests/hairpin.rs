@@ -80,3 +80,22 @@ fn denied_relay_address_is_403() {
     );
     expect_signed_error(&reply, Method::CREATE_PERMISSION, 403, &c);
 }
+
+/// A client-to-client channel whose other allocation is gone leaves the fast path at the next
+/// Refresh (once) instead of being re-installed towards a port that is now just a port of the
+/// host.
+#[test]
+fn a_channel_to_a_gone_allocation_is_withdrawn_on_refresh() {
+    let mut h = Harness::new();
+    let mut alice = Client::new("192.0.2.10:50000", ALICE);
+    let mut bob = Client::new("192.0.2.11:50000", BOB);
+    let (id_a, relayed_a) = h.allocate(&mut alice);
+    let (_, relayed_b) = h.allocate(&mut bob);
+    h.channel_bind(&mut alice, 0x4001, relayed_b);
+    h.refresh(&mut bob, Some(0));
+    assert_eq!(
+        h.refresh(&mut alice, Some(600)),
+        vec![delete_binding(id_a, &alice, relayed_a, relayed_b, 0x4001)]
+    );
+    assert_eq!(h.refresh(&mut alice, Some(600)), vec![]);
+}
