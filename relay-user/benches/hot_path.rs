@@ -81,7 +81,7 @@ fn bound() -> Bound {
         addr("198.18.2.2:9000"),
     );
     let allocate = [Attribute::RequestedTransport(17)];
-    server.handle_client_datagram(
+    let _ = server.handle_client_datagram(
         client,
         listener,
         &request(Method::ALLOCATE, 1, &allocate, None),
@@ -98,7 +98,7 @@ fn bound() -> Bound {
         .expect("401 with a nonce");
     let key = LongTermKey::derive("alice", REALM, "secret");
     let auth = Some((nonce.as_str(), &key));
-    server.handle_client_datagram(
+    let _ = server.handle_client_datagram(
         client,
         listener,
         &request(Method::ALLOCATE, 2, &allocate, auth),
@@ -116,7 +116,7 @@ fn bound() -> Bound {
         Attribute::ChannelNumber(0x4000),
         Attribute::XorPeerAddress(peer),
     ];
-    server.handle_client_datagram(
+    let _ = server.handle_client_datagram(
         client,
         listener,
         &request(Method::CHANNEL_BIND, 3, &bind, auth),
@@ -172,16 +172,23 @@ fn hot_path(c: &mut Criterion) {
         let mut outbox = Vec::with_capacity(64);
         group.bench_function("client_to_peer", |bench| {
             bench.iter(|| {
-                b.server
-                    .handle_client_datagram(b.client, b.listener, black_box(&message), b.now);
+                let forward = b.server.handle_client_datagram(
+                    b.client,
+                    b.listener,
+                    black_box(&message),
+                    b.now,
+                );
+                black_box(forward);
                 queue(&mut b.server, &mut outbox);
                 outbox.clear();
             })
         });
         group.bench_function("peer_to_client", |bench| {
             bench.iter(|| {
-                b.server
-                    .handle_peer_datagram(b.relayed, b.peer, black_box(&payload), b.now);
+                let forward =
+                    b.server
+                        .handle_peer_datagram(b.relayed, b.peer, black_box(&payload), b.now);
+                black_box(forward);
                 queue(&mut b.server, &mut outbox);
                 outbox.clear();
             })

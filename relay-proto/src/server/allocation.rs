@@ -76,6 +76,8 @@ pub(super) struct Allocation {
     pub(super) channels: BTreeMap<u16, Channel>,
     /// Peer → channel number (bound or reserved).
     pub(super) peer_channels: HashMap<SocketAddr, u16>,
+    /// The deadline of this allocation's live entry in the server's timer heap.
+    pub(super) scheduled: Option<Instant>,
 }
 
 impl Allocation {

@@ -1,15 +1,19 @@
 //! Sans-IO TURN server core (RFC 8656 over UDP, long-term credentials of RFC 8489 §9.2).
 //!
-//! The daemon feeds datagrams and time in and drains [`Command`]s out; the core never reads a
+//! The daemon feeds datagrams and time in and drains [`Command`]s out; relayed data (ChannelData
+//! both ways) comes back as a [`Forward`] decision about the caller's own buffer instead of a
+//! copy (see [`forward`]); expiry runs from a deadline heap (see [`timers`]). The core never reads a
 //! clock, never touches a socket and takes its randomness (ports, nonce secret, Data indication
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod forward;
 mod quota;
 mod relayed;
 mod request;
 #[cfg(test)]
 mod tests;
+mod timers;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -21,7 +25,9 @@ use std::time::{Duration, Instant};
 use rand::{CryptoRng, Rng, RngCore};
 
 use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer, RateLimiter};
-use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+use crate::channel_data::{
+    classify, ChannelData, PacketKind, CHANNEL_DATA_HEADER_LEN, CHANNEL_RANGE,
+};
 
 use crate::policy::PeerPolicy;
 use crate::stun::{
@@ -30,12 +36,14 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
+pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
 use request::{
     AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
     SendIndication,
 };
+use timers::Timers;
 
 /// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
@@ -307,6 +315,8 @@ pub struct Server<R> {
     /// relayed address (also while its socket is being bound) → allocation
     by_relayed: HashMap<SocketAddr, AllocationId>,
     commands: VecDeque<Command>,
+    /// Expiry deadlines of the allocations and what they hold.
+    timers: Timers,
 }
 
 fn same_family(a: IpAddr, b: IpAddr) -> bool {
@@ -335,6 +345,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             by_five_tuple: HashMap::new(),
             by_relayed: HashMap::new(),
             commands: VecDeque::new(),
+            timers: Timers::default(),
             config,
         }
     }
@@ -372,104 +383,131 @@ impl<R: RngCore + CryptoRng> Server<R> {
             })
     }
 
-    /// Earliest deadline at which [`Server::handle_timeout`] has work.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.allocations
-            .values()
-            .filter_map(Allocation::next_deadline)
-            .min()
+    /// Earliest deadline at which [`Server::handle_timeout`] has work; O(1) apart from
+    /// dropping heap entries that later scheduling replaced (each dropped once, O(log n)).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        loop {
+            let (at, id) = self.timers.earliest()?;
+            let live = self
+                .allocations
+                .get(&id)
+                .is_some_and(|a| a.scheduled == Some(at));
+            if live {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
     }
 
     /// Expires allocations, permissions and channels (RFC 8656 §7, §9, §12). Nonces are
-    /// stateless (their age is inside them), so nothing is kept for them.
+    /// stateless (their age is inside them), so nothing is kept for them. Only allocations
+    /// with something due are visited (O(log n) each), however many there are.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<AllocationId> = self
-            .allocations
-            .values()
-            .filter(|a| a.expires <= now)
-            .map(|a| a.id)
-            .collect();
-        for id in expired {
-            self.remove_allocation(id);
-        }
-        for alloc in self.allocations.values_mut() {
+        while let Some((at, id)) = self.timers.pop_due(now) {
+            let Some(alloc) = self.allocations.get_mut(&id) else {
+                continue;
+            };
+            // An entry that later scheduling replaced.
+            if alloc.scheduled != Some(at) {
+                continue;
+            }
+            alloc.scheduled = None;
+            if alloc.expires <= now {
+                self.remove_allocation(id);
+                continue;
+            }
             alloc.expire(now, &mut self.commands);
+            self.schedule(id);
         }
     }
 
-    /// A datagram from a client (STUN or ChannelData) arrived on `listener`.
+    /// Makes the heap's live entry for allocation `id` its next deadline; called after
+    /// anything that may have moved it. The entry it replaces stays in the heap, stale, until
+    /// it comes to the top.
+    fn schedule(&mut self, id: AllocationId) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let next = alloc.next_deadline();
+        if alloc.scheduled != next {
+            alloc.scheduled = next;
+            if let Some(at) = next {
+                self.timers.push(at, id);
+            }
+        }
+    }
+
+    /// A datagram from a client (STUN or ChannelData) arrived on `listener`. ChannelData to a
+    /// live channel comes back as a [`Forward::ToPeer`] about `data` itself; STUN leaves its
+    /// effects as commands.
+    #[must_use = "a Forward is a datagram to send"]
     pub fn handle_client_datagram(
         &mut self,
         client: SocketAddr,
         listener: SocketAddr,
         data: &[u8],
         now: Instant,
-    ) {
+    ) -> Option<Forward> {
         match classify(data) {
-            PacketKind::Stun => self.handle_stun(client, listener, data, now),
+            PacketKind::Stun => {
+                self.handle_stun(client, listener, data, now);
+                None
+            }
             PacketKind::ChannelData => self.handle_channel_data(client, listener, data, now),
-            PacketKind::Other => {}
+            PacketKind::Other => None,
         }
     }
 
     /// ChannelData from the client (RFC 8656 §12.5): forwarded to the bound peer if the
-    /// channel and its permission are live, else dropped.
+    /// channel and its permission are live, else dropped. Allocates nothing.
     fn handle_channel_data(
-        &mut self,
+        &self,
         client: SocketAddr,
         listener: SocketAddr,
         data: &[u8],
         now: Instant,
-    ) {
-        let Ok(cd) = ChannelData::decode(data) else {
-            return;
-        };
-        let Some(alloc) = self.active_on(client, listener) else {
-            return;
-        };
-        let Some(channel) = alloc.channels.get(&cd.channel) else {
-            return;
-        };
+    ) -> Option<Forward> {
+        let cd = ChannelData::decode(data).ok()?;
+        let alloc = self.active_on(client, listener)?;
+        let channel = alloc.channels.get(&cd.channel)?;
         if !channel.bound || channel.expires <= now || !alloc.has_permission(channel.peer.ip(), now)
         {
-            return;
+            return None;
         }
         let peer = channel.peer;
         // RFC 8656 §12: the channel's peer was checked against the allocation's families when
         // it was bound, so its family has a relayed address (possibly not the client's family).
-        let Some(relayed) = alloc.relayed_for(peer.ip()) else {
-            return;
-        };
+        let relayed = alloc.relayed_for(peer.ip())?;
         if !self.peer_reachable(peer) {
-            return;
+            return None;
         }
-        self.commands.push_back(Command::SendToPeer {
+        let start = CHANNEL_DATA_HEADER_LEN;
+        Some(Forward::ToPeer {
             relayed,
             peer,
-            payload: cd.data.to_vec(),
-        });
+            payload: start..start + cd.data.len(),
+        })
     }
 
-    /// A datagram from `peer` arrived on the relay socket bound to `relayed`
-    /// (RFC 8656 §11.6 Data indication, §12.6 ChannelData towards the client).
+    /// A datagram from `peer` arrived on the relay socket bound to `relayed`. With a bound
+    /// channel it goes to the client as ChannelData (RFC 8656 §12.6): a [`Forward::ToClient`]
+    /// naming the header to put in front of `data`, nothing allocated. Without one it goes as a
+    /// Data indication (RFC 8656 §11.6), built and queued as a command.
+    #[must_use = "a Forward is a datagram to send"]
     pub fn handle_peer_datagram(
         &mut self,
         relayed: SocketAddr,
         peer: SocketAddr,
         data: &[u8],
         now: Instant,
-    ) {
-        let Some(id) = self.by_relayed.get(&relayed).copied() else {
-            return;
-        };
-        let Some(alloc) = self.allocations.get(&id) else {
-            return;
-        };
+    ) -> Option<Forward> {
+        let id = self.by_relayed.get(&relayed)?;
+        let alloc = self.allocations.get(id)?;
         if !matches!(alloc.state, AllocState::Active)
             || alloc.expires <= now
             || !alloc.has_permission(peer.ip(), now)
         {
-            return;
+            return None;
         }
         let (listener, client) = (alloc.listener, alloc.client);
         let bound_channel = alloc
@@ -478,30 +516,28 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .and_then(|n| alloc.channels.get(n).map(|c| (*n, c)))
             .filter(|(_, c)| c.bound && c.expires > now)
             .map(|(n, _)| n);
-        let payload = match bound_channel {
-            Some(channel) => {
-                if data.len() > usize::from(u16::MAX) {
-                    return;
-                }
-                ChannelData { channel, data }.encode(false)
-            }
-            None => {
-                // RFC 8656 §11.6: no channel, so a Data indication.
-                let tid = TransactionId::random(&mut self.rng);
-                let mut b = MessageBuilder::new(Class::Indication, Method::DATA, tid);
-                b.add(&Attribute::XorPeerAddress(peer))
-                    .add(&Attribute::Data(data));
-                if b.len() > usize::from(u16::MAX) {
-                    return;
-                }
-                b.finish(None, false)
-            }
-        };
+        if let Some(channel) = bound_channel {
+            let len = u16::try_from(data.len()).ok()?;
+            return Some(Forward::ToClient {
+                listener,
+                client,
+                header: ChannelData::header(channel, len),
+            });
+        }
+        // RFC 8656 §11.6: no channel, so a Data indication.
+        let tid = TransactionId::random(&mut self.rng);
+        let mut b = MessageBuilder::new(Class::Indication, Method::DATA, tid);
+        b.add(&Attribute::XorPeerAddress(peer))
+            .add(&Attribute::Data(data));
+        if b.len() > usize::from(u16::MAX) {
+            return None;
+        }
         self.commands.push_back(Command::SendToClient {
             listener,
             client,
-            payload,
+            payload: b.finish(None, false),
         });
+        None
     }
 
     /// The relay socket for `id` is bound: send the held Allocate success (RFC 8656 §7.2), or,
@@ -603,6 +639,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         if let Some(alloc) = self.allocations.get_mut(&id) {
             alloc.success_response = payload.clone();
         }
+        self.schedule(id);
         self.commands.push_back(Command::SendToClient {
             listener: ctx.listener,
             client: ctx.client,
@@ -1086,8 +1123,10 @@ impl<R: RngCore + CryptoRng> Server<R> {
             permissions: HashMap::new(),
             channels: BTreeMap::new(),
             peer_channels: HashMap::new(),
+            scheduled: None,
         };
         self.allocations.insert(id, alloc);
+        self.schedule(id);
         self.by_five_tuple.insert((ctx.client, ctx.listener), id);
         self.by_relayed.insert(relayed, id);
         self.commands
@@ -1150,6 +1189,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 alloc.announce_channels(None, &mut self.commands);
                 alloc.announce_permissions(&mut self.commands);
             }
+            self.schedule(id);
             lifetime
         };
         let secs = lifetime.as_secs().try_into().unwrap_or(u32::MAX);
@@ -1211,6 +1251,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         for peer in &peers {
             alloc.install_permission(peer.ip(), now + lifetime, &mut self.commands);
         }
+        self.schedule(id);
         self.respond(ctx, Class::Success, &[]);
     }
 
@@ -1282,6 +1323,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         alloc.peer_channels.insert(peer, number);
         // Installs the permission and (re)announces the binding to the fast path.
         alloc.install_permission(peer.ip(), now + permission_lifetime, &mut self.commands);
+        self.schedule(id);
         self.respond(ctx, Class::Success, &[]);
     }
 

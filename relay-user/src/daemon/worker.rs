@@ -31,7 +31,7 @@ use crate::{
     },
 };
 use rand::rngs::StdRng;
-use relay_proto::server::{AllocationId, Command, Server};
+use relay_proto::server::{AllocationId, Command, Forward, Server};
 
 /// Events already queued are handled together before commands are flushed.
 const MAX_EVENTS_PER_WAKE: usize = 256;
@@ -225,17 +225,44 @@ impl Worker {
                             continue;
                         }
                     };
-                    self.server.handle_client_datagram(client, local, data, now);
+                    let forward = self.server.handle_client_datagram(client, local, data, now);
                     self.collect(None);
+                    if let Some(forward) = forward {
+                        self.relay(&forward, data, None);
+                    }
                 }
             }
             Event::Peer { relayed, datagrams } => {
                 for (peer, data) in datagrams.iter() {
-                    self.server.handle_peer_datagram(relayed, peer, data, now);
+                    let forward = self.server.handle_peer_datagram(relayed, peer, data, now);
                     self.collect(Some(relayed));
+                    if let Some(forward) = forward {
+                        self.relay(&forward, data, Some(relayed));
+                    }
                 }
             }
         }
+    }
+
+    /// Queues a relayed datagram the core decided about, counted like the commands.
+    fn relay(&mut self, forward: &Forward, data: &[u8], from_relay: Option<SocketAddr>) {
+        let payload = forward.to_vec(data);
+        let command = match *forward {
+            Forward::ToPeer { relayed, peer, .. } => Command::SendToPeer {
+                relayed,
+                peer,
+                payload,
+            },
+            Forward::ToClient {
+                listener, client, ..
+            } => Command::SendToClient {
+                listener,
+                client,
+                payload,
+            },
+        };
+        self.count(&command, from_relay);
+        self.pending.push_back(command);
     }
 
     /// Moves the server's commands into `pending`, counting relayed data on the socket path:
@@ -243,7 +270,14 @@ impl Worker {
     /// socket is peer data (responses to requests are never caused by one).
     fn collect(&mut self, from_relay: Option<SocketAddr>) {
         while let Some(command) = self.server.next_command() {
-            let counted = match &command {
+            self.count(&command, from_relay);
+            self.pending.push_back(command);
+        }
+    }
+
+    fn count(&mut self, command: &Command, from_relay: Option<SocketAddr>) {
+        {
+            let counted = match command {
                 Command::SendToPeer {
                     relayed, payload, ..
                 } => Some((*relayed, payload.len(), true)),
@@ -259,7 +293,6 @@ impl Worker {
                     self.socket_totals += one;
                 }
             }
-            self.pending.push_back(command);
         }
     }
 
