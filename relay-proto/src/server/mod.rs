@@ -309,7 +309,8 @@ pub struct Server<R> {
     nonces: NonceIssuer,
     limiter: RateLimiter,
     next_id: u64,
-    allocations: BTreeMap<AllocationId, Allocation>,
+    /// Hashed, not ordered: the per-datagram lookups cost the same with 1 or 10,000 entries.
+    allocations: HashMap<AllocationId, Allocation>,
     /// (client, listener) → allocation; the protocol is always UDP.
     by_five_tuple: HashMap<(SocketAddr, SocketAddr), AllocationId>,
     /// relayed address (also while its socket is being bound) → allocation
@@ -341,7 +342,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             unix_now,
             nonces,
             next_id: config.first_allocation_id.max(1),
-            allocations: BTreeMap::new(),
+            allocations: HashMap::new(),
             by_five_tuple: HashMap::new(),
             by_relayed: HashMap::new(),
             commands: VecDeque::new(),
@@ -360,27 +361,30 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.commands.pop_front()
     }
 
-    /// Snapshot of the bound allocations.
+    /// Snapshot of the bound allocations, by id.
     pub fn allocations(&self) -> impl Iterator<Item = AllocationInfo> + '_ {
-        self.allocations
+        let mut active: Vec<&Allocation> = self
+            .allocations
             .values()
             .filter(|a| matches!(a.state, AllocState::Active))
-            .map(|a| AllocationInfo {
-                id: a.id,
-                username: a.username.clone(),
-                client: a.client,
-                listener: a.listener,
-                relayed: a.relayed,
-                additional_relayed: a.additional,
-                expires: a.expires,
-                permissions: a.permissions.keys().copied().collect(),
-                channels: a
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| c.bound)
-                    .map(|(n, c)| (*n, c.peer))
-                    .collect(),
-            })
+            .collect();
+        active.sort_unstable_by_key(|a| a.id);
+        active.into_iter().map(|a| AllocationInfo {
+            id: a.id,
+            username: a.username.clone(),
+            client: a.client,
+            listener: a.listener,
+            relayed: a.relayed,
+            additional_relayed: a.additional,
+            expires: a.expires,
+            permissions: a.permissions.keys().copied().collect(),
+            channels: a
+                .channels
+                .iter()
+                .filter(|(_, c)| c.bound)
+                .map(|(n, c)| (*n, c.peer))
+                .collect(),
+        })
     }
 
     /// Earliest deadline at which [`Server::handle_timeout`] has work; O(1) apart from
