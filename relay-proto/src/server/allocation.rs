@@ -1,10 +1,10 @@
 //! Per-allocation state: permissions (RFC 8656 §9) and channels (RFC 8656 §12).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::{same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
+use super::{effects::Effects, same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
 use crate::stun::{AddressFamily, StunErrorCode, TransactionId};
 
 /// An Allocate waiting for its relay socket.
@@ -114,7 +114,7 @@ impl Allocation {
         &mut self,
         ip: IpAddr,
         expires: Instant,
-        commands: &mut VecDeque<Command>,
+        commands: &mut Effects,
     ) {
         let entry = self.permissions.entry(ip).or_insert(expires);
         if *entry < expires {
@@ -127,7 +127,7 @@ impl Allocation {
 
     /// (Re)announces every permission to the fast path with its deadline (after the
     /// allocation's own deadline moved).
-    pub(super) fn announce_permissions(&self, commands: &mut VecDeque<Command>) {
+    pub(super) fn announce_permissions(&self, commands: &mut Effects) {
         for (ip, expires) in &self.permissions {
             commands.push_back(self.permission_command(*ip, *expires));
         }
@@ -151,11 +151,7 @@ impl Allocation {
     /// all) to the fast path. Each deadline is the earliest of channel, permission and
     /// allocation expiry, so the kernel never forwards past any of them, even if the daemon is
     /// late to remove the entry.
-    pub(super) fn announce_channels(
-        &mut self,
-        only: Option<IpAddr>,
-        commands: &mut VecDeque<Command>,
-    ) {
+    pub(super) fn announce_channels(&mut self, only: Option<IpAddr>, commands: &mut Effects) {
         let (relayed, additional) = (self.relayed, self.additional);
         for (number, channel) in self.channels.iter_mut() {
             let ip = channel.peer.ip();
@@ -198,7 +194,7 @@ impl Allocation {
 
     /// Expires channels (into their reserved period, then gone) and permissions
     /// (RFC 8656 §9, §12), emitting DeleteChannelBinding for whatever leaves the fast path.
-    pub(super) fn expire(&mut self, now: Instant, commands: &mut VecDeque<Command>) {
+    pub(super) fn expire(&mut self, now: Instant, commands: &mut Effects) {
         // (number, peer) of every channel that leaves the fast path, announced at the end.
         let mut uninstalled = Vec::new();
         let mut gone = Vec::new();

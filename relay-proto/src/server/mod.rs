@@ -7,6 +7,7 @@
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod effects;
 mod forward;
 mod quota;
 mod relayed;
@@ -15,7 +16,7 @@ mod request;
 mod tests;
 mod timers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -36,6 +37,7 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
+use effects::Effects;
 pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
@@ -315,7 +317,8 @@ pub struct Server<R> {
     by_five_tuple: HashMap<(SocketAddr, SocketAddr), AllocationId>,
     /// relayed address (also while its socket is being bound) → allocation
     by_relayed: HashMap<SocketAddr, AllocationId>,
-    commands: VecDeque<Command>,
+    /// Commands for the IO layer, and the channel routes they installed.
+    commands: Effects,
     /// Expiry deadlines of the allocations and what they hold.
     timers: Timers,
 }
@@ -345,7 +348,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             allocations: HashMap::new(),
             by_five_tuple: HashMap::new(),
             by_relayed: HashMap::new(),
-            commands: VecDeque::new(),
+            commands: Effects::default(),
             timers: Timers::default(),
             config,
         }
@@ -463,7 +466,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// ChannelData from the client (RFC 8656 §12.5): forwarded to the bound peer if the
-    /// channel and its permission are live, else dropped. Allocates nothing.
+    /// channel and its permission are live, else dropped. One lookup in the routes the
+    /// channel commands installed (see [`effects`]); allocates nothing.
     fn handle_channel_data(
         &self,
         client: SocketAddr,
@@ -472,23 +476,15 @@ impl<R: RngCore + CryptoRng> Server<R> {
         now: Instant,
     ) -> Option<Forward> {
         let cd = ChannelData::decode(data).ok()?;
-        let alloc = self.active_on(client, listener)?;
-        let channel = alloc.channels.get(&cd.channel)?;
-        if !channel.bound || channel.expires <= now || !alloc.has_permission(channel.peer.ip(), now)
-        {
-            return None;
-        }
-        let peer = channel.peer;
-        // RFC 8656 §12: the channel's peer was checked against the allocation's families when
-        // it was bound, so its family has a relayed address (possibly not the client's family).
-        let relayed = alloc.relayed_for(peer.ip())?;
-        if !self.peer_reachable(peer) {
+        let route = self.commands.to_peer(client, listener, cd.channel, now)?;
+        // The host gains addresses at runtime: checked per datagram.
+        if !self.peer_reachable(route.peer) {
             return None;
         }
         let start = CHANNEL_DATA_HEADER_LEN;
         Some(Forward::ToPeer {
-            relayed,
-            peer,
+            relayed: route.relayed,
+            peer: route.peer,
             payload: start..start + cd.data.len(),
         })
     }
@@ -505,6 +501,14 @@ impl<R: RngCore + CryptoRng> Server<R> {
         data: &[u8],
         now: Instant,
     ) -> Option<Forward> {
+        if let Some(route) = self.commands.to_client(relayed, peer, now) {
+            let len = u16::try_from(data.len()).ok()?;
+            return Some(Forward::ToClient {
+                listener: route.listener,
+                client: route.client,
+                header: ChannelData::header(route.channel, len),
+            });
+        }
         let id = self.by_relayed.get(&relayed)?;
         let alloc = self.allocations.get(id)?;
         if !matches!(alloc.state, AllocState::Active)
