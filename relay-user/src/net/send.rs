@@ -12,6 +12,13 @@
 //! datagram the kernel refuses is dropped (UDP promises no delivery). A GSO run the kernel
 //! refuses is sent again datagram by datagram; only EIO, which says the device cannot segment,
 //! turns GSO off for the whole relay.
+//!
+//! With many allocations each relay socket has one or two datagrams per flush, so this is one
+//! `sendmmsg` per socket. io_uring could submit the sends of every socket in one call; measured
+//! on this project's machines (Linux 6.18, 1000 UDP sockets each sending one 120 B datagram per
+//! round on loopback, pinned to one core): `sendmmsg` per socket 892-904 ns per datagram, one
+//! io_uring submission of 1000 IORING_OP_SENDMSG 916-1115 ns. The per-datagram work is the
+//! kernel's UDP send, not the system call, so `sendmmsg` stays.
 
 use std::{
     io,
