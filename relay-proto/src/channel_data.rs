@@ -96,6 +96,15 @@ impl<'a> ChannelData<'a> {
         }
     }
 
+    /// The 4-byte header that makes `len` bytes of data a ChannelData message on `channel`
+    /// (RFC 8656 §12.4), for callers that write it in front of data they already hold.
+    /// `len` is at most 65535 for any UDP datagram.
+    pub fn header(channel: u16, len: u16) -> [u8; CHANNEL_DATA_HEADER_LEN] {
+        let [c0, c1] = channel.to_be_bytes();
+        let [l0, l1] = len.to_be_bytes();
+        [c0, c1, l0, l1]
+    }
+
     /// Encodes into a fresh `Vec`.
     pub fn encode(&self, pad: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(CHANNEL_DATA_HEADER_LEN + self.data.len() + 3);
@@ -118,6 +127,7 @@ mod tests {
         let plain = m.encode(false);
         assert_eq!(plain, [0x4a, 0xbc, 0, 5, b'v', b'o', b'i', b'c', b'e']);
         assert_eq!(ChannelData::decode(&plain), Ok(m));
+        assert_eq!(ChannelData::header(0x4abc, 5), plain[..4]);
         let padded = m.encode(true);
         assert_eq!(padded.len(), 12);
         assert_eq!(ChannelData::decode(&padded), Ok(m));

@@ -148,6 +148,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // Integration tests start the real `relay` binary; `cargo test` builds binaries only for
     // the package whose tests use them, so build every binary first.
     cargo(&["build", "--workspace", "--locked", "--bins"])?;
+    // --workspace, not the default members: the root-only `tests` crate is left out of those
+    // so a plain `cargo test` passes as a normal user; here it must run.
     let mut args = vec!["test", "--workspace", "--locked", "--no-fail-fast", "--"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)?;

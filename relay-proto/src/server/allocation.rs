@@ -1,10 +1,10 @@
 //! Per-allocation state: permissions (RFC 8656 §9) and channels (RFC 8656 §12).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::{same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
+use super::{effects::Effects, same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
 use crate::stun::{AddressFamily, StunErrorCode, TransactionId};
 
 /// An Allocate waiting for its relay socket.
@@ -76,6 +76,8 @@ pub(super) struct Allocation {
     pub(super) channels: BTreeMap<u16, Channel>,
     /// Peer → channel number (bound or reserved).
     pub(super) peer_channels: HashMap<SocketAddr, u16>,
+    /// The deadline of this allocation's live entry in the server's timer heap.
+    pub(super) scheduled: Option<Instant>,
 }
 
 impl Allocation {
@@ -113,7 +115,7 @@ impl Allocation {
         ip: IpAddr,
         expires: Instant,
         reachable: &dyn Fn(SocketAddr) -> bool,
-        commands: &mut VecDeque<Command>,
+        commands: &mut Effects,
     ) {
         let entry = self.permissions.entry(ip).or_insert(expires);
         if *entry < expires {
@@ -126,7 +128,7 @@ impl Allocation {
 
     /// (Re)announces every permission to the fast path with its deadline (after the
     /// allocation's own deadline moved).
-    pub(super) fn announce_permissions(&self, commands: &mut VecDeque<Command>) {
+    pub(super) fn announce_permissions(&self, commands: &mut Effects) {
         for (ip, expires) in &self.permissions {
             commands.push_back(self.permission_command(*ip, *expires));
         }
@@ -156,7 +158,7 @@ impl Allocation {
         &mut self,
         only: Option<IpAddr>,
         reachable: &dyn Fn(SocketAddr) -> bool,
-        commands: &mut VecDeque<Command>,
+        commands: &mut Effects,
     ) {
         let (relayed, additional) = (self.relayed, self.additional);
         let mut withdrawn = Vec::new();
@@ -211,7 +213,7 @@ impl Allocation {
 
     /// Expires channels (into their reserved period, then gone) and permissions
     /// (RFC 8656 §9, §12), emitting DeleteChannelBinding for whatever leaves the fast path.
-    pub(super) fn expire(&mut self, now: Instant, commands: &mut VecDeque<Command>) {
+    pub(super) fn expire(&mut self, now: Instant, commands: &mut Effects) {
         // (number, peer) of every channel that leaves the fast path, announced at the end.
         let mut uninstalled = Vec::new();
         let mut gone = Vec::new();

@@ -1,17 +1,22 @@
 //! Sans-IO TURN server core (RFC 8656 over UDP, long-term credentials of RFC 8489 §9.2).
 //!
-//! The daemon feeds datagrams and time in and drains [`Command`]s out; the core never reads a
+//! The daemon feeds datagrams and time in and drains [`Command`]s out; relayed data (ChannelData
+//! both ways) comes back as a [`Forward`] decision about the caller's own buffer instead of a
+//! copy (see [`forward`]); expiry runs from a deadline heap (see [`timers`]). The core never reads a
 //! clock, never touches a socket and takes its randomness (ports, nonce secret, Data indication
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod effects;
+mod forward;
 mod quota;
 mod relayed;
 mod request;
 #[cfg(test)]
 mod tests;
+mod timers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -21,7 +26,9 @@ use std::time::{Duration, Instant};
 use rand::{CryptoRng, Rng, RngCore};
 
 use crate::auth::{Credentials, LongTermKey, NonceCheck, NonceIssuer};
-use crate::channel_data::{classify, ChannelData, PacketKind, CHANNEL_RANGE};
+use crate::channel_data::{
+    classify, ChannelData, PacketKind, CHANNEL_DATA_HEADER_LEN, CHANNEL_RANGE,
+};
 use crate::limiter::UnauthLimiter;
 
 use crate::policy::PeerPolicy;
@@ -31,12 +38,15 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
+use effects::Effects;
+pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
 use request::{
     AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
     SendIndication,
 };
+use timers::Timers;
 
 /// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
@@ -300,12 +310,16 @@ pub struct Server<R> {
     unix_now: u64,
     nonces: NonceIssuer,
     next_id: u64,
-    allocations: BTreeMap<AllocationId, Allocation>,
+    /// Hashed, not ordered: the per-datagram lookups cost the same with 1 or 10,000 entries.
+    allocations: HashMap<AllocationId, Allocation>,
     /// (client, listener) → allocation; the protocol is always UDP.
     by_five_tuple: HashMap<(SocketAddr, SocketAddr), AllocationId>,
     /// relayed address (also while its socket is being bound) → allocation
     by_relayed: HashMap<SocketAddr, AllocationId>,
-    commands: VecDeque<Command>,
+    /// Commands for the IO layer, and the channel routes they installed.
+    commands: Effects,
+    /// Expiry deadlines of the allocations and what they hold.
+    timers: Timers,
 }
 
 /// [`Server::peer_reachable`] on the configuration alone, so it can be lent while an
@@ -336,10 +350,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
             unix_now,
             nonces,
             next_id: config.first_allocation_id.max(1),
-            allocations: BTreeMap::new(),
+            allocations: HashMap::new(),
             by_five_tuple: HashMap::new(),
             by_relayed: HashMap::new(),
-            commands: VecDeque::new(),
+            commands: Effects::default(),
+            timers: Timers::default(),
             config,
         }
     }
@@ -354,127 +369,158 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.commands.pop_front()
     }
 
-    /// Snapshot of the bound allocations.
+    /// Snapshot of the bound allocations, by id.
     pub fn allocations(&self) -> impl Iterator<Item = AllocationInfo> + '_ {
-        self.allocations
+        let mut active: Vec<&Allocation> = self
+            .allocations
             .values()
             .filter(|a| matches!(a.state, AllocState::Active))
-            .map(|a| AllocationInfo {
-                id: a.id,
-                username: a.username.clone(),
-                client: a.client,
-                listener: a.listener,
-                relayed: a.relayed,
-                additional_relayed: a.additional,
-                expires: a.expires,
-                permissions: a.permissions.keys().copied().collect(),
-                channels: a
-                    .channels
-                    .iter()
-                    .filter(|(_, c)| c.bound)
-                    .map(|(n, c)| (*n, c.peer))
-                    .collect(),
-            })
+            .collect();
+        active.sort_unstable_by_key(|a| a.id);
+        active.into_iter().map(|a| AllocationInfo {
+            id: a.id,
+            username: a.username.clone(),
+            client: a.client,
+            listener: a.listener,
+            relayed: a.relayed,
+            additional_relayed: a.additional,
+            expires: a.expires,
+            permissions: a.permissions.keys().copied().collect(),
+            channels: a
+                .channels
+                .iter()
+                .filter(|(_, c)| c.bound)
+                .map(|(n, c)| (*n, c.peer))
+                .collect(),
+        })
     }
 
-    /// Earliest deadline at which [`Server::handle_timeout`] has work.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.allocations
-            .values()
-            .filter_map(Allocation::next_deadline)
-            .min()
+    /// Earliest deadline at which [`Server::handle_timeout`] has work; O(1) apart from
+    /// dropping heap entries that later scheduling replaced (each dropped once, O(log n)).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        loop {
+            let (at, id) = self.timers.earliest()?;
+            let live = self
+                .allocations
+                .get(&id)
+                .is_some_and(|a| a.scheduled == Some(at));
+            if live {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
     }
 
     /// Expires allocations, permissions and channels (RFC 8656 §7, §9, §12). Nonces are
-    /// stateless (their age is inside them), so nothing is kept for them.
+    /// stateless (their age is inside them), so nothing is kept for them. Only allocations
+    /// with something due are visited (O(log n) each), however many there are.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<AllocationId> = self
-            .allocations
-            .values()
-            .filter(|a| a.expires <= now)
-            .map(|a| a.id)
-            .collect();
-        for id in expired {
-            self.remove_allocation(id);
-        }
-        for alloc in self.allocations.values_mut() {
+        while let Some((at, id)) = self.timers.pop_due(now) {
+            let Some(alloc) = self.allocations.get_mut(&id) else {
+                continue;
+            };
+            // An entry that later scheduling replaced.
+            if alloc.scheduled != Some(at) {
+                continue;
+            }
+            alloc.scheduled = None;
+            if alloc.expires <= now {
+                self.remove_allocation(id);
+                continue;
+            }
             alloc.expire(now, &mut self.commands);
+            self.schedule(id);
         }
     }
 
-    /// A datagram from a client (STUN or ChannelData) arrived on `listener`.
+    /// Makes the heap's live entry for allocation `id` its next deadline; called after
+    /// anything that may have moved it. The entry it replaces stays in the heap, stale, until
+    /// it comes to the top.
+    fn schedule(&mut self, id: AllocationId) {
+        let Some(alloc) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let next = alloc.next_deadline();
+        if alloc.scheduled != next {
+            alloc.scheduled = next;
+            if let Some(at) = next {
+                self.timers.push(at, id);
+            }
+        }
+    }
+
+    /// A datagram from a client (STUN or ChannelData) arrived on `listener`. ChannelData to a
+    /// live channel comes back as a [`Forward::ToPeer`] about `data` itself; STUN leaves its
+    /// effects as commands.
+    #[must_use = "a Forward is a datagram to send"]
     pub fn handle_client_datagram(
         &mut self,
         client: SocketAddr,
         listener: SocketAddr,
         data: &[u8],
         now: Instant,
-    ) {
+    ) -> Option<Forward> {
         match classify(data) {
-            PacketKind::Stun => self.handle_stun(client, listener, data, now),
+            PacketKind::Stun => {
+                self.handle_stun(client, listener, data, now);
+                None
+            }
             PacketKind::ChannelData => self.handle_channel_data(client, listener, data, now),
-            PacketKind::Other => {}
+            PacketKind::Other => None,
         }
     }
 
     /// ChannelData from the client (RFC 8656 §12.5): forwarded to the bound peer if the
-    /// channel and its permission are live, else dropped.
+    /// channel and its permission are live, else dropped. One lookup in the routes the
+    /// channel commands installed (see [`effects`]); allocates nothing.
     fn handle_channel_data(
-        &mut self,
+        &self,
         client: SocketAddr,
         listener: SocketAddr,
         data: &[u8],
         now: Instant,
-    ) {
-        let Ok(cd) = ChannelData::decode(data) else {
-            return;
-        };
-        let Some(alloc) = self.active_on(client, listener) else {
-            return;
-        };
-        let Some(channel) = alloc.channels.get(&cd.channel) else {
-            return;
-        };
-        if !channel.bound || channel.expires <= now || !alloc.has_permission(channel.peer.ip(), now)
-        {
-            return;
+    ) -> Option<Forward> {
+        let cd = ChannelData::decode(data).ok()?;
+        let route = self.commands.to_peer(client, listener, cd.channel, now)?;
+        // The host gains addresses at runtime: checked per datagram.
+        if !self.peer_reachable(route.peer) {
+            return None;
         }
-        let peer = channel.peer;
-        // RFC 8656 §12: the channel's peer was checked against the allocation's families when
-        // it was bound, so its family has a relayed address (possibly not the client's family).
-        let Some(relayed) = alloc.relayed_for(peer.ip()) else {
-            return;
-        };
-        if !self.peer_reachable(peer) {
-            return;
-        }
-        self.commands.push_back(Command::SendToPeer {
-            relayed,
-            peer,
-            payload: cd.data.to_vec(),
-        });
+        let start = CHANNEL_DATA_HEADER_LEN;
+        Some(Forward::ToPeer {
+            relayed: route.relayed,
+            peer: route.peer,
+            payload: start..start + cd.data.len(),
+        })
     }
 
-    /// A datagram from `peer` arrived on the relay socket bound to `relayed`
-    /// (RFC 8656 §11.6 Data indication, §12.6 ChannelData towards the client).
+    /// A datagram from `peer` arrived on the relay socket bound to `relayed`. With a bound
+    /// channel it goes to the client as ChannelData (RFC 8656 §12.6): a [`Forward::ToClient`]
+    /// naming the header to put in front of `data`, nothing allocated. Without one it goes as a
+    /// Data indication (RFC 8656 §11.6), built and queued as a command.
+    #[must_use = "a Forward is a datagram to send"]
     pub fn handle_peer_datagram(
         &mut self,
         relayed: SocketAddr,
         peer: SocketAddr,
         data: &[u8],
         now: Instant,
-    ) {
-        let Some(id) = self.by_relayed.get(&relayed).copied() else {
-            return;
-        };
-        let Some(alloc) = self.allocations.get(&id) else {
-            return;
-        };
+    ) -> Option<Forward> {
+        if let Some(route) = self.commands.to_client(relayed, peer, now) {
+            let len = u16::try_from(data.len()).ok()?;
+            return Some(Forward::ToClient {
+                listener: route.listener,
+                client: route.client,
+                header: ChannelData::header(route.channel, len),
+            });
+        }
+        let id = self.by_relayed.get(&relayed)?;
+        let alloc = self.allocations.get(id)?;
         if !matches!(alloc.state, AllocState::Active)
             || alloc.expires <= now
             || !alloc.has_permission(peer.ip(), now)
         {
-            return;
+            return None;
         }
         let (listener, client) = (alloc.listener, alloc.client);
         let bound_channel = alloc
@@ -483,30 +529,28 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .and_then(|n| alloc.channels.get(n).map(|c| (*n, c)))
             .filter(|(_, c)| c.bound && c.expires > now)
             .map(|(n, _)| n);
-        let payload = match bound_channel {
-            Some(channel) => {
-                if data.len() > usize::from(u16::MAX) {
-                    return;
-                }
-                ChannelData { channel, data }.encode(false)
-            }
-            None => {
-                // RFC 8656 §11.6: no channel, so a Data indication.
-                let tid = TransactionId::random(&mut self.rng);
-                let mut b = MessageBuilder::new(Class::Indication, Method::DATA, tid);
-                b.add(&Attribute::XorPeerAddress(peer))
-                    .add(&Attribute::Data(data));
-                if b.len() > usize::from(u16::MAX) {
-                    return;
-                }
-                b.finish(None, false)
-            }
-        };
+        if let Some(channel) = bound_channel {
+            let len = u16::try_from(data.len()).ok()?;
+            return Some(Forward::ToClient {
+                listener,
+                client,
+                header: ChannelData::header(channel, len),
+            });
+        }
+        // RFC 8656 §11.6: no channel, so a Data indication.
+        let tid = TransactionId::random(&mut self.rng);
+        let mut b = MessageBuilder::new(Class::Indication, Method::DATA, tid);
+        b.add(&Attribute::XorPeerAddress(peer))
+            .add(&Attribute::Data(data));
+        if b.len() > usize::from(u16::MAX) {
+            return None;
+        }
         self.commands.push_back(Command::SendToClient {
             listener,
             client,
-            payload,
+            payload: b.finish(None, false),
         });
+        None
     }
 
     /// The relay socket for `id` is bound: send the held Allocate success (RFC 8656 §7.2), or,
@@ -608,6 +652,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         if let Some(alloc) = self.allocations.get_mut(&id) {
             alloc.success_response = payload.clone();
         }
+        self.schedule(id);
         self.commands.push_back(Command::SendToClient {
             listener: ctx.listener,
             client: ctx.client,
@@ -1088,8 +1133,10 @@ impl<R: RngCore + CryptoRng> Server<R> {
             permissions: HashMap::new(),
             channels: BTreeMap::new(),
             peer_channels: HashMap::new(),
+            scheduled: None,
         };
         self.allocations.insert(id, alloc);
+        self.schedule(id);
         self.by_five_tuple.insert((ctx.client, ctx.listener), id);
         self.by_relayed.insert(relayed, id);
         self.commands
@@ -1153,6 +1200,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 alloc.announce_channels(None, &reachable, &mut self.commands);
                 alloc.announce_permissions(&mut self.commands);
             }
+            self.schedule(id);
             lifetime
         };
         let secs = lifetime.as_secs().try_into().unwrap_or(u32::MAX);
@@ -1215,6 +1263,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             let reachable = |peer| reachable(&self.config, peer);
             alloc.install_permission(peer.ip(), now + lifetime, &reachable, &mut self.commands);
         }
+        self.schedule(id);
         self.respond(ctx, Class::Success, &[]);
     }
 
@@ -1292,6 +1341,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             &reachable,
             &mut self.commands,
         );
+        self.schedule(id);
         self.respond(ctx, Class::Success, &[]);
     }
 

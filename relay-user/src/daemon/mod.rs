@@ -43,10 +43,6 @@ use self::{
     worker::{Worker, WorkerRequest},
 };
 
-/// Batches queued between the socket tasks and a worker before readers wait; with at most 32
-/// datagrams per batch this bounds what a flood can hold in memory.
-const EVENT_QUEUE: usize = 256;
-
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
@@ -293,7 +289,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One worker thread: a single-threaded runtime around the worker's core loop.
+/// One worker thread: a single-threaded runtime around the worker's loop.
 fn run_worker(
     config: ServerConfig,
     listeners: Vec<(SocketAddr, std::net::UdpSocket)>,
@@ -306,19 +302,19 @@ fn run_worker(
         .build()
         .context("starting a worker runtime")?;
     runtime.block_on(async move {
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let server = Server::new(
             config,
             rand::rngs::StdRng::from_entropy(),
             Instant::now(),
             worker::unix_now(),
         );
-        let mut worker = Worker::new(server, events_tx, kernel);
+        let mut worker = Worker::new(server, kernel).context("worker epoll")?;
         for (addr, socket) in listeners {
-            let socket = tokio::net::UdpSocket::from_std(socket).context("listener socket")?;
-            worker.add_listener(addr, Arc::new(socket));
+            worker
+                .add_listener(addr, socket)
+                .with_context(|| format!("listener socket {addr}"))?;
         }
-        Ok(worker.run(events_rx, requests, stop).await)
+        Ok(worker.run(requests, stop).await)
     })
 }
 

@@ -3,22 +3,37 @@
 //!
 //! The kernel spreads clients over the workers' listener sockets by address hash, so a client
 //! always reaches the same worker and no protocol state is shared between workers (only the
-//! quota ledger and the kernel fast path, behind short locks). Socket reader tasks only move
-//! datagram batches into one queue; all protocol state lives in the worker's core loop, and
-//! its fast-path map updates happen in the order its server decided them.
+//! quota ledger and the kernel fast path, behind short locks).
+//!
+//! One loop drives everything. The worker's sockets (listeners and every relay socket) sit in
+//! one epoll instance, which is the only descriptor registered with tokio; a wake asks epoll
+//! which sockets are readable, receives one batch from each into the worker's arena, lets the
+//! core decide about every datagram in place (a [`Forward`] names the socket, the destination
+//! and the bytes; the ChannelData header towards a client goes into the headroom in front of
+//! the datagram), queues the transmits as ranges of the arena, executes the core's control
+//! commands, and flushes all transmits at the end, grouped per socket, as GSO runs and
+//! `sendmmsg` batches. No reader tasks, no channel between sockets and core, no copy of relayed
+//! data. Timers, admin requests and the stop signal are the loop's other inputs; its fast-path
+//! map updates happen in the order the server decided them.
+//!
+//! Why epoll inside tokio and not tokio sockets or a thread of its own: an `AsyncFd` per socket
+//! would need a task or a poll per socket per wake (with 1000 allocations, 1000 polls to find
+//! the few with data); raw epoll reports just the ready ones. Registering the epoll descriptor
+//! with the worker's runtime keeps admin requests, the stop signal and timers as they are
+//! (tokio channels and sleeps) without an eventfd protocol of our own.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex, MutexGuard},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{
-    net::UdpSocket,
+    io::{unix::AsyncFd, Interest},
     sync::{mpsc, oneshot, watch},
-    task::JoinHandle,
 };
 use tracing::{debug, warn};
 
@@ -27,46 +42,20 @@ use crate::{
     control::{AllocationView, ChannelView, PathCounters},
     net::{
         self,
-        batch::{self, Datagrams, Receiver, Transmit},
+        epoll::Epoll,
+        recv::{Arena, Datagram, HEADROOM},
+        send::SendQueue,
     },
 };
 use rand::rngs::StdRng;
-use relay_proto::server::{AllocationId, Command, Server};
+use relay_proto::server::{AllocationId, Command, Forward, Server};
 
-/// Events already queued are handled together before commands are flushed.
-const MAX_EVENTS_PER_WAKE: usize = 256;
-
-/// A batch of datagrams for the core.
-#[derive(Debug)]
-pub enum Event {
-    /// From clients, on a listener socket.
-    Client {
-        /// The address the listener socket is bound to (a wildcard one says nothing about
-        /// which local address each datagram was sent to; the datagrams do).
-        listener: SocketAddr,
-        datagrams: Datagrams,
-    },
-    /// From peers, on the relay socket of an allocation.
-    Peer {
-        relayed: SocketAddr,
-        datagrams: Datagrams,
-    },
-}
-
-/// The local socket a transmit leaves from. A listener is named by the address the client
-/// contacted (never a wildcard); [`listener_socket`] finds the socket serving it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Local {
-    Listener(SocketAddr),
-    Relay(SocketAddr),
-}
-
-/// The relay socket of one allocation and the task reading it.
-struct RelaySocket {
-    id: AllocationId,
-    socket: Arc<UdpSocket>,
-    reader: JoinHandle<()>,
-}
+/// Receive slots of a worker (each a whole 64 KiB datagram or GRO aggregate behind headroom;
+/// only the pages datagrams land in are ever touched). When they are all filled before a wake
+/// ends, the queued transmits are flushed and the slots reused.
+const ARENA_SLOTS: usize = 128;
+/// epoll rounds per wake before timers, admin requests and the stop signal get a turn.
+const IO_ROUNDS: usize = 4;
 
 /// What the admin router asks one worker.
 #[derive(Debug)]
@@ -100,27 +89,6 @@ pub fn lock(kernel: &Mutex<KernelSync>) -> MutexGuard<'_, KernelSync> {
     kernel.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub struct Worker {
-    server: Server<StdRng>,
-    events: mpsc::Sender<Event>,
-    listeners: HashMap<SocketAddr, Arc<UdpSocket>>,
-    readers: Vec<JoinHandle<()>>,
-    relays: HashMap<SocketAddr, RelaySocket>,
-    /// Commands taken from the server, in order, waiting to be executed.
-    pending: VecDeque<Command>,
-    /// Datagrams to send at the end of this wake, per local socket (flushed in batches).
-    outbox: HashMap<Local, Vec<Transmit>>,
-    /// Receive buffers shared by the relay sockets of this worker.
-    relay_receiver: Arc<Mutex<Receiver>>,
-    /// Datagrams the socket path dropped on send (full buffers, refused sends).
-    send_drops: u64,
-    /// What the socket path relayed per live allocation.
-    socket_counters: HashMap<AllocationId, PathCounters>,
-    /// Socket-path totals, including allocations that are gone (for metrics).
-    socket_totals: PathCounters,
-    kernel: Arc<Mutex<KernelSync>>,
-}
-
 /// Seconds since the Unix epoch (REST credential expiry is wall-clock based).
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -129,47 +97,153 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-impl Worker {
-    pub fn new(
-        server: Server<StdRng>,
-        events: mpsc::Sender<Event>,
-        kernel: Arc<Mutex<KernelSync>>,
-    ) -> Self {
-        Self {
-            server,
-            events,
-            listeners: HashMap::new(),
-            readers: Vec::new(),
-            relays: HashMap::new(),
-            pending: VecDeque::new(),
-            outbox: HashMap::new(),
-            relay_receiver: Arc::new(Mutex::new(Receiver::new(RELAY_BATCH, net::MAX_DATAGRAM))),
-            send_drops: 0,
-            socket_counters: HashMap::new(),
-            socket_totals: PathCounters::default(),
-            kernel,
-        }
+/// What a socket of the worker is for.
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    /// A listener bound on this address (possibly a wildcard one).
+    Listener(SocketAddr),
+    /// The relay socket of an allocation.
+    Relay {
+        id: AllocationId,
+        relayed: SocketAddr,
+    },
+}
+
+struct Entry {
+    socket: UdpSocket,
+    generation: u32,
+    role: Role,
+    /// What the socket path relayed through this relay socket.
+    counters: PathCounters,
+}
+
+/// The worker's sockets, named by a token (slot index and generation) that epoll reports and
+/// transmits carry, so a socket closed and its slot reused is never mistaken for the new one.
+#[derive(Default)]
+struct Sockets {
+    entries: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    generation: u32,
+}
+
+impl Sockets {
+    fn insert(&mut self, socket: UdpSocket, role: Role) -> u64 {
+        self.generation = self.generation.wrapping_add(1);
+        let entry = Entry {
+            socket,
+            generation: self.generation,
+            role,
+            counters: PathCounters::default(),
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.entries[index] = Some(entry);
+                index
+            }
+            None => {
+                self.entries.push(Some(entry));
+                self.entries.len() - 1
+            }
+        };
+        (u64::from(self.generation) << 32) | index as u64
     }
 
-    /// Starts reading client datagrams from a bound listener socket.
-    pub fn add_listener(&mut self, addr: SocketAddr, socket: Arc<UdpSocket>) {
-        let reader = tokio::spawn(read_listener(
-            Arc::clone(&socket),
-            addr,
-            self.events.clone(),
-        ));
-        self.readers.push(reader);
-        self.listeners.insert(addr, socket);
+    fn split(token: u64) -> (usize, u32) {
+        ((token & 0xffff_ffff) as usize, (token >> 32) as u32)
+    }
+
+    fn get(&self, token: u64) -> Option<&Entry> {
+        let (index, generation) = Self::split(token);
+        self.entries
+            .get(index)?
+            .as_ref()
+            .filter(|e| e.generation == generation)
+    }
+
+    fn get_mut(&mut self, token: u64) -> Option<&mut Entry> {
+        let (index, generation) = Self::split(token);
+        self.entries
+            .get_mut(index)?
+            .as_mut()
+            .filter(|e| e.generation == generation)
+    }
+
+    fn remove(&mut self, token: u64) -> Option<Entry> {
+        self.get(token)?;
+        let (index, _) = Self::split(token);
+        self.free.push(index);
+        self.entries.get_mut(index)?.take()
+    }
+
+    fn fd(&self, token: u64) -> Option<RawFd> {
+        self.get(token).map(|e| e.socket.as_raw_fd())
+    }
+}
+
+pub struct Worker {
+    server: Server<StdRng>,
+    epoll: AsyncFd<Epoll>,
+    sockets: Sockets,
+    /// Listener address → token.
+    listeners: HashMap<SocketAddr, u64>,
+    /// Relayed address → token of its relay socket.
+    relays: HashMap<SocketAddr, u64>,
+    /// Tokens epoll reported in this round.
+    ready: Vec<u64>,
+    arena: Arena,
+    /// The datagrams of the last receive batch.
+    datagrams: Vec<Datagram>,
+    sends: SendQueue,
+    /// Datagrams the socket path dropped on send (full buffers, refused sends).
+    send_drops: u64,
+    /// Socket-path totals, including allocations that are gone (for metrics).
+    socket_totals: PathCounters,
+    kernel: Arc<Mutex<KernelSync>>,
+}
+
+impl Worker {
+    /// A worker without sockets; must be called inside the worker's runtime.
+    pub fn new(server: Server<StdRng>, kernel: Arc<Mutex<KernelSync>>) -> io::Result<Self> {
+        // SAFETY: the Epoll owns its descriptor (an OwnedFd it never replaces) for its whole
+        // life, which the AsyncFd's is, and its as_raw_fd always returns that descriptor.
+        let epoll = unsafe { AsyncFd::register_with_interest(Epoll::new()?, Interest::READABLE) }?;
+        Ok(Self {
+            server,
+            epoll,
+            sockets: Sockets::default(),
+            listeners: HashMap::new(),
+            relays: HashMap::new(),
+            ready: Vec::with_capacity(256),
+            arena: Arena::new(ARENA_SLOTS, net::MAX_DATAGRAM),
+            datagrams: Vec::with_capacity(net::recv::RECV_BATCH * 64),
+            sends: SendQueue::default(),
+            send_drops: 0,
+            socket_totals: PathCounters::default(),
+            kernel,
+        })
+    }
+
+    /// Starts serving clients on a bound listener socket.
+    pub fn add_listener(&mut self, addr: SocketAddr, socket: UdpSocket) -> io::Result<()> {
+        let fd = socket.as_raw_fd();
+        let token = self.sockets.insert(socket, Role::Listener(addr));
+        if let Err(error) = self.epoll.get_ref().add(fd, token) {
+            self.sockets.remove(token);
+            return Err(error);
+        }
+        self.listeners.insert(addr, token);
+        Ok(())
     }
 
     /// Runs until `stop` turns true, then releases the worker's allocations (their kernel
-    /// entries first) and relay sockets; returns how many allocations it released.
+    /// entries first) and relay sockets; returns how many relay sockets it released.
     pub async fn run(
         mut self,
-        mut events: mpsc::Receiver<Event>,
         mut requests: mpsc::Receiver<WorkerRequest>,
         mut stop: watch::Receiver<bool>,
     ) -> usize {
+        // epoll still had ready sockets when the last wake ended its rounds.
+        let mut io_pending = false;
         loop {
             let deadline = self.server.poll_timeout();
             let timer = async move {
@@ -178,192 +252,270 @@ impl Worker {
                     None => std::future::pending().await,
                 }
             };
+            let mut io = false;
+            let mut timeout = false;
+            let mut request = None;
             tokio::select! {
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
                         break;
                     }
                 }
-                event = events.recv() => {
-                    let Some(event) = event else { break };
-                    let now = Instant::now();
-                    self.server.set_unix_time(unix_now());
-                    self.handle(event, now);
-                    for _ in 1..MAX_EVENTS_PER_WAKE {
-                        match events.try_recv() {
-                            Ok(event) => self.handle(event, now),
-                            Err(_) => break,
-                        }
+                ready = self.epoll.readable(), if !io_pending => match ready {
+                    // Cleared before epoll is asked, so readiness arriving meanwhile wakes
+                    // the loop again.
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        io = true;
                     }
-                }
-                () = timer => {
-                    self.server.handle_timeout(Instant::now());
-                    self.collect(None);
-                }
-                Some(request) = requests.recv() => self.request(request),
+                    Err(error) => {
+                        warn!(%error, "worker epoll failed; worker stopped");
+                        break;
+                    }
+                },
+                () = std::future::ready(()), if io_pending => io = true,
+                () = timer => timeout = true,
+                Some(r) = requests.recv() => request = Some(r),
             }
-            self.execute().await;
+            if io {
+                io_pending = self.poll_io();
+            }
+            if timeout {
+                self.server.handle_timeout(Instant::now());
+                self.drain_commands(None);
+            }
+            if let Some(request) = request {
+                self.request(request);
+            }
+            self.flush();
         }
         self.close()
     }
 
-    fn handle(&mut self, event: Event, now: Instant) {
-        match event {
-            Event::Client {
-                listener,
-                datagrams,
+    /// Receives from every socket epoll reports readable, a batch each, round after round;
+    /// whether sockets were still ready after the last round.
+    fn poll_io(&mut self) -> bool {
+        for _ in 0..IO_ROUNDS {
+            self.ready.clear();
+            match self.epoll.get_mut().ready() {
+                Ok(tokens) => self.ready.extend(tokens),
+                Err(error) => {
+                    warn!(%error, "epoll_wait failed");
+                    return false;
+                }
+            }
+            if self.ready.is_empty() {
+                return false;
+            }
+            let now = Instant::now();
+            self.server.set_unix_time(unix_now());
+            for i in 0..self.ready.len() {
+                let token = self.ready[i];
+                self.receive(token, now);
+            }
+            self.flush();
+        }
+        true
+    }
+
+    /// One receive batch from socket `token`, each datagram decided and queued.
+    fn receive(&mut self, token: u64, now: Instant) {
+        let Some(entry) = self.sockets.get(token) else {
+            return;
+        };
+        let (fd, role) = (entry.socket.as_raw_fd(), entry.role);
+        if self.arena.free() == 0 {
+            self.flush();
+        }
+        self.datagrams.clear();
+        match self.arena.recv(fd, &mut self.datagrams) {
+            Ok(_) => {}
+            Err(error) if transient(&error) => return,
+            Err(error) => {
+                warn!(?role, %error, "receive failed; socket no longer read");
+                self.epoll.get_ref().remove(fd);
+                return;
+            }
+        }
+        for i in 0..self.datagrams.len() {
+            let datagram = self.datagrams[i];
+            match role {
+                Role::Listener(listener) => self.client_datagram(listener, &datagram, now),
+                Role::Relay { relayed, .. } => self.peer_datagram(token, relayed, &datagram, now),
+            }
+        }
+    }
+
+    fn client_datagram(&mut self, listener: SocketAddr, datagram: &Datagram, now: Instant) {
+        // RFC 8656 §2: the 5-tuple holds the server address the client contacted, which on a
+        // wildcard listener only the datagram itself knows.
+        let local = match datagram.to {
+            _ if !listener.ip().is_unspecified() => listener,
+            Some(ip) => SocketAddr::new(ip, listener.port()),
+            None => {
+                debug!(client = %datagram.from, %listener, "no destination address; datagram dropped");
+                return;
+            }
+        };
+        let data = self.arena.bytes().get(datagram.range()).unwrap_or_default();
+        let forward = self
+            .server
+            .handle_client_datagram(datagram.from, local, data, now);
+        if let Some(forward) = forward {
+            self.relay(forward, datagram, None);
+        }
+        self.drain_commands(None);
+    }
+
+    fn peer_datagram(
+        &mut self,
+        token: u64,
+        relayed: SocketAddr,
+        datagram: &Datagram,
+        now: Instant,
+    ) {
+        let data = self.arena.bytes().get(datagram.range()).unwrap_or_default();
+        let forward = self
+            .server
+            .handle_peer_datagram(relayed, datagram.from, data, now);
+        if let Some(forward) = forward {
+            self.relay(forward, datagram, Some(token));
+        }
+        self.drain_commands(Some(token));
+    }
+
+    /// Queues a relayed datagram where the core decided, from where it lies in the arena.
+    fn relay(&mut self, forward: Forward, datagram: &Datagram, from_relay: Option<u64>) {
+        match forward {
+            Forward::ToPeer {
+                relayed,
+                peer,
+                payload,
             } => {
-                let wildcard = listener.ip().is_unspecified();
-                for (client, to, data) in datagrams.iter_with_destination() {
-                    // RFC 8656 §2: the 5-tuple holds the server address the client contacted,
-                    // which on a wildcard listener only the datagram itself knows.
-                    let local = match to {
-                        _ if !wildcard => listener,
-                        Some(ip) => SocketAddr::new(ip, listener.port()),
-                        None => {
-                            debug!(%client, %listener, "no destination address; datagram dropped");
-                            continue;
-                        }
-                    };
-                    self.server.handle_client_datagram(client, local, data, now);
-                    self.collect(None);
-                }
+                let Some(&token) = self.relays.get(&relayed) else {
+                    return;
+                };
+                self.count(token, true, payload.len());
+                self.sends.push_arena(
+                    token,
+                    peer,
+                    None,
+                    datagram.start + payload.start,
+                    payload.len(),
+                );
             }
-            Event::Peer { relayed, datagrams } => {
-                for (peer, data) in datagrams.iter() {
-                    self.server.handle_peer_datagram(relayed, peer, data, now);
-                    self.collect(Some(relayed));
+            Forward::ToClient {
+                listener,
+                client,
+                header,
+            } => {
+                let Some((socket, src)) = listener_socket(&self.listeners, listener) else {
+                    return;
+                };
+                if let Some(token) = from_relay {
+                    self.count(token, false, HEADROOM + datagram.len);
+                }
+                if self.arena.prepend(datagram, header) {
+                    self.sends.push_arena(
+                        socket,
+                        client,
+                        src,
+                        datagram.start - HEADROOM,
+                        datagram.len + HEADROOM,
+                    );
+                } else {
+                    // Not sent alone (the second datagram of a GRO aggregate): no headroom.
+                    let data = self.arena.bytes().get(datagram.range()).unwrap_or_default();
+                    let owned = forward_copy(header, data);
+                    self.sends.push_owned(socket, client, src, owned);
                 }
             }
         }
     }
 
-    /// Moves the server's commands into `pending`, counting relayed data on the socket path:
-    /// every SendToPeer is client data, and a SendToClient caused by a datagram on a relay
-    /// socket is peer data (responses to requests are never caused by one).
-    fn collect(&mut self, from_relay: Option<SocketAddr>) {
+    /// Counts a datagram relayed through relay socket `token`.
+    fn count(&mut self, token: u64, to_peer: bool, len: usize) {
+        if let Some(entry) = self.sockets.get_mut(token) {
+            let one = PathCounters::one(to_peer, len);
+            entry.counters += one;
+            self.socket_totals += one;
+        }
+    }
+
+    /// Executes the server's commands in order (binding a relay socket may make it emit
+    /// more): sends are queued for the flush, fast-path updates are applied at once, so a
+    /// ChannelBind's binding is installed before its success response leaves. `from_relay`
+    /// is the relay socket whose datagram caused them (its Data indications are peer data).
+    fn drain_commands(&mut self, from_relay: Option<u64>) {
         while let Some(command) = self.server.next_command() {
-            let counted = match &command {
-                Command::SendToPeer {
-                    relayed, payload, ..
-                } => Some((*relayed, payload.len(), true)),
-                Command::SendToClient { payload, .. } => {
-                    from_relay.map(|relayed| (relayed, payload.len(), false))
-                }
-                _ => None,
-            };
-            if let Some((relayed, len, to_peer)) = counted {
-                if let Some(relay) = self.relays.get(&relayed) {
-                    let one = PathCounters::one(to_peer, len);
-                    *self.socket_counters.entry(relay.id).or_default() += one;
-                    self.socket_totals += one;
-                }
-            }
-            self.pending.push_back(command);
-        }
-    }
-
-    /// Executes every pending command (binding a relay socket may make the server emit more),
-    /// then flushes the datagrams queued per socket in batches.
-    async fn execute(&mut self) {
-        while let Some(command) = self.pending.pop_front() {
             match command {
                 Command::SendToClient {
                     listener,
                     client,
                     payload,
-                } => self
-                    .outbox
-                    .entry(Local::Listener(listener))
-                    .or_default()
-                    .push(Transmit {
-                        to: client,
-                        src: None,
-                        payload,
-                    }),
+                } => {
+                    if let Some(token) = from_relay {
+                        self.count(token, false, payload.len());
+                    }
+                    match listener_socket(&self.listeners, listener) {
+                        Some((socket, src)) => self.sends.push_owned(socket, client, src, payload),
+                        None => debug!(%listener, "no listener socket; datagram dropped"),
+                    }
+                }
                 Command::SendToPeer {
                     relayed,
                     peer,
                     payload,
-                } => self
-                    .outbox
-                    .entry(Local::Relay(relayed))
-                    .or_default()
-                    .push(Transmit {
-                        to: peer,
-                        src: None,
-                        payload,
-                    }),
-                Command::CreateAllocation { id, relayed } => {
-                    self.open_relay(id, relayed);
-                    self.collect(None);
-                }
+                } => match self.relays.get(&relayed).copied() {
+                    Some(token) => {
+                        self.count(token, true, payload.len());
+                        self.sends.push_owned(token, peer, None, payload);
+                    }
+                    None => debug!(%relayed, "relay socket closed; datagram dropped"),
+                },
+                Command::CreateAllocation { id, relayed } => self.open_relay(id, relayed),
                 Command::DeleteAllocation { id, relayed } => {
                     lock(&self.kernel).apply(&command);
                     self.close_relay(id, relayed);
                 }
-                // Installed before the ChannelBind success queued behind it is sent.
                 Command::CreateChannelBinding { .. }
                 | Command::DeleteChannelBinding { .. }
                 | Command::CreatePermission { .. }
                 | Command::DeletePermission { .. } => lock(&self.kernel).apply(&command),
             }
         }
-        self.flush().await;
     }
 
-    async fn flush(&mut self) {
-        for (local, queue) in self.outbox.iter_mut() {
-            if queue.is_empty() {
-                continue;
-            }
-            let socket = match local {
-                Local::Listener(addr) => {
-                    listener_socket(&self.listeners, *addr).map(|(socket, src)| {
-                        // A wildcard socket must be told the source, or the route picks one.
-                        if src.is_some() {
-                            queue.iter_mut().for_each(|t| t.src = src);
-                        }
-                        socket
-                    })
-                }
-                Local::Relay(addr) => self.relays.get(addr).map(|r| &r.socket),
-            };
-            match socket {
-                Some(socket) => self.send_drops += batch::send_all(socket, queue).await as u64,
-                None => {
-                    debug!(
-                        ?local,
-                        dropped = queue.len(),
-                        "socket closed before sending"
-                    );
-                    queue.clear();
-                }
-            }
+    /// Sends every queued transmit; the arena's slots are free again afterwards.
+    fn flush(&mut self) {
+        if !self.sends.is_empty() {
+            let sockets = &self.sockets;
+            let dropped = self
+                .sends
+                .flush(self.arena.bytes(), |token| sockets.fd(token));
+            self.send_drops += dropped as u64;
         }
-        // Keep the queues of live sockets (their capacity is reused), forget closed ones.
-        let (listeners, relays) = (&self.listeners, &self.relays);
-        self.outbox.retain(|local, _| match local {
-            Local::Listener(addr) => listener_socket(listeners, *addr).is_some(),
-            Local::Relay(addr) => relays.contains_key(addr),
-        });
+        self.arena.clear();
     }
 
     /// Binds the relay socket of a new allocation and tells the server how it went
     /// (RFC 8656 §7.2: the Allocate success is only sent once the address is really ours).
     fn open_relay(&mut self, id: AllocationId, relayed: SocketAddr) {
         let now = Instant::now();
-        match net::bind_udp(relayed) {
-            Ok(socket) => {
-                let socket = Arc::new(socket);
-                let reader = tokio::spawn(read_relay(
-                    Arc::clone(&socket),
-                    relayed,
-                    Arc::clone(&self.relay_receiver),
-                    self.events.clone(),
-                ));
-                self.relays
-                    .insert(relayed, RelaySocket { id, socket, reader });
+        let bound = net::bind_relay(relayed).and_then(|socket| {
+            let fd = socket.as_raw_fd();
+            let token = self.sockets.insert(socket, Role::Relay { id, relayed });
+            match self.epoll.get_ref().add(fd, token) {
+                Ok(()) => Ok(token),
+                Err(error) => {
+                    self.sockets.remove(token);
+                    Err(error)
+                }
+            }
+        });
+        match bound {
+            Ok(token) => {
+                self.relays.insert(relayed, token);
                 debug!(allocation = %id, %relayed, "relay socket bound");
                 self.server.allocation_bound(id, now);
             }
@@ -375,17 +527,18 @@ impl Worker {
     }
 
     fn close_relay(&mut self, id: AllocationId, relayed: SocketAddr) {
-        self.socket_counters.remove(&id);
-        match self.relays.remove(&relayed) {
-            Some(relay) if relay.id == id => {
-                relay.reader.abort();
+        let Some(&token) = self.relays.get(&relayed) else {
+            return;
+        };
+        match self.sockets.get(token).map(|e| e.role) {
+            Some(Role::Relay { id: owner, .. }) if owner == id => {
+                self.relays.remove(&relayed);
+                if let Some(entry) = self.sockets.remove(token) {
+                    self.epoll.get_ref().remove(entry.socket.as_raw_fd());
+                }
                 debug!(allocation = %id, %relayed, "relay socket closed");
             }
-            Some(other) => {
-                warn!(allocation = %id, %relayed, "relay socket belongs to another allocation");
-                self.relays.insert(relayed, other);
-            }
-            None => {}
+            _ => warn!(allocation = %id, %relayed, "relay socket belongs to another allocation"),
         }
     }
 
@@ -423,8 +576,25 @@ impl Worker {
         }
     }
 
+    /// What the socket path relayed per allocation (both relay sockets of a dual one).
+    fn socket_counters(&self) -> HashMap<AllocationId, PathCounters> {
+        let mut counters: HashMap<AllocationId, PathCounters> = HashMap::new();
+        for token in self.relays.values() {
+            if let Some(Entry {
+                role: Role::Relay { id, .. },
+                counters: c,
+                ..
+            }) = self.sockets.get(*token)
+            {
+                *counters.entry(*id).or_default() += *c;
+            }
+        }
+        counters
+    }
+
     fn allocation_views(&self) -> Vec<AllocationView> {
         let now = Instant::now();
+        let counters = self.socket_counters();
         let kernel = lock(&self.kernel);
         self.server
             .allocations()
@@ -451,29 +621,35 @@ impl Worker {
                     "socket"
                 }
                 .to_owned(),
-                socket: self.socket_counters.get(&a.id).copied().unwrap_or_default(),
+                socket: counters.get(&a.id).copied().unwrap_or_default(),
                 kernel: kernel.counters(a.id),
             })
             .collect()
     }
 
-    /// Stops every reader, takes the worker's channels out of the kernel and drops every
-    /// socket; returns how many relay sockets it released.
+    /// Takes the worker's channels out of the kernel and drops every socket; returns how many
+    /// relay sockets it released.
     fn close(&mut self) -> usize {
-        for reader in self.readers.drain(..) {
-            reader.abort();
-        }
         let open = self.relays.len();
         let mut kernel = lock(&self.kernel);
-        for (relayed, relay) in self.relays.drain() {
-            kernel.apply(&Command::DeleteAllocation {
-                id: relay.id,
-                relayed,
-            });
-            relay.reader.abort();
+        for (relayed, token) in self.relays.drain() {
+            if let Some(Role::Relay { id, .. }) = self.sockets.get(token).map(|e| e.role) {
+                kernel.apply(&Command::DeleteAllocation { id, relayed });
+            }
         }
+        drop(kernel);
+        self.listeners.clear();
+        self.sockets = Sockets::default();
         open
     }
+}
+
+/// `header` and `data` as one new datagram (only when the header cannot go into headroom).
+fn forward_copy(header: [u8; HEADROOM], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADROOM + data.len());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    out
 }
 
 /// The listener socket that serves local address `addr` and the source address its transmits
@@ -481,11 +657,11 @@ impl Worker {
 /// of that family and port (source `addr`'s IP). The kernel delivers in the same order: a
 /// socket bound to the specific address wins over the wildcard one.
 fn listener_socket(
-    listeners: &HashMap<SocketAddr, Arc<UdpSocket>>,
+    listeners: &HashMap<SocketAddr, u64>,
     addr: SocketAddr,
-) -> Option<(&Arc<UdpSocket>, Option<IpAddr>)> {
-    if let Some(socket) = listeners.get(&addr) {
-        return Some((socket, None));
+) -> Option<(u64, Option<IpAddr>)> {
+    if let Some(token) = listeners.get(&addr) {
+        return Some((*token, None));
     }
     let any = match addr.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -493,7 +669,7 @@ fn listener_socket(
     };
     listeners
         .get(&SocketAddr::new(any, addr.port()))
-        .map(|socket| (socket, Some(addr.ip())))
+        .map(|token| (*token, Some(addr.ip())))
 }
 
 /// Errors a UDP receive can report for an earlier send (ICMP); the socket itself is fine.
@@ -506,65 +682,4 @@ fn transient(error: &io::Error) -> bool {
             | io::ErrorKind::WouldBlock
     ) || error.raw_os_error() == Some(libc::EHOSTUNREACH)
         || error.raw_os_error() == Some(libc::ENETUNREACH)
-}
-
-/// Slot size for listener sockets: any client datagram fits.
-const LISTENER_SLOT: usize = net::MAX_DATAGRAM;
-/// Relay sockets take fewer datagrams per batch; their receive buffers are shared by all
-/// relay sockets of a worker, so memory does not grow with the number of allocations.
-const RELAY_BATCH: usize = 8;
-
-/// Reads datagram batches from `socket` (bound on `local`) into the worker's queue until the
-/// worker goes away or the socket fails; `event` wraps a batch for the queue. The receive
-/// buffers may be shared with other sockets of this worker's thread: the lock is only held
-/// for one non-blocking `recvmmsg`.
-async fn read_socket(
-    socket: Arc<UdpSocket>,
-    local: SocketAddr,
-    receiver: Arc<Mutex<Receiver>>,
-    events: mpsc::Sender<Event>,
-    event: fn(SocketAddr, Datagrams) -> Event,
-) {
-    loop {
-        if let Err(error) = socket.readable().await {
-            warn!(%local, %error, "socket failed; stopped reading it");
-            return;
-        }
-        let mut datagrams = Datagrams::default();
-        let result = receiver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_recv(&socket, &mut datagrams);
-        match result {
-            Ok(()) => {
-                if events.send(event(local, datagrams)).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) if transient(&error) => {}
-            Err(error) => {
-                warn!(%local, %error, "receive failed; socket stopped");
-                return;
-            }
-        }
-    }
-}
-
-async fn read_listener(socket: Arc<UdpSocket>, listener: SocketAddr, events: mpsc::Sender<Event>) {
-    let receiver = Arc::new(Mutex::new(Receiver::new(batch::RECV_BATCH, LISTENER_SLOT)));
-    let event = |listener, datagrams| Event::Client {
-        listener,
-        datagrams,
-    };
-    read_socket(socket, listener, receiver, events, event).await
-}
-
-async fn read_relay(
-    socket: Arc<UdpSocket>,
-    relayed: SocketAddr,
-    receiver: Arc<Mutex<Receiver>>,
-    events: mpsc::Sender<Event>,
-) {
-    let event = |relayed, datagrams| Event::Peer { relayed, datagrams };
-    read_socket(socket, relayed, receiver, events, event).await
 }

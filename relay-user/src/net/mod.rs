@@ -1,9 +1,16 @@
 //! Sockets: client-facing listeners and per-allocation relay sockets.
 //!
-//! Everything the daemon needs from the OS about UDP lives here ([`batch`] holds the
-//! recvmmsg/sendmmsg/GSO code), so the daemon loop never touches a raw socket call.
+//! Everything the daemon needs from the OS about UDP lives here, so the daemon loop never
+//! touches a raw socket call: [`recv`] reads batches into a worker's arena, [`send`] flushes its
+//! transmit queue, [`epoll`] reports which of its sockets are readable, [`batch`] holds the
+//! socket options and control messages they share.
 
 pub mod batch;
+pub mod epoll;
+pub mod recv;
+pub mod send;
+#[cfg(test)]
+mod tests;
 
 use std::{
     io,
@@ -12,7 +19,6 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 
 /// Receive/send buffer asked for on every socket: bursts of small datagrams must not be dropped
 /// while the core task is busy (the kernel caps it at net.core.rmem_max).
@@ -54,7 +60,7 @@ fn set_header_fields(socket: &Socket, ipv6: bool) {
     }
 }
 
-/// Binds a non-blocking std UDP socket on exactly `addr` (port 0 picks a free port).
+/// Binds a non-blocking UDP listener socket on exactly `addr` (port 0 picks a free port).
 ///
 /// IPv6 sockets are v6-only so an IPv4 listener on the same port can coexist. With
 /// `reuse_port`, several sockets (one per worker) share the address and the kernel spreads
@@ -63,6 +69,17 @@ fn set_header_fields(socket: &Socket, ipv6: bool) {
 /// so each datagram says which local address it was sent to; failing that is an error, since
 /// the relay could not answer from the address the client contacted.
 pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+    bind(addr, reuse_port, GRO.load(Ordering::Relaxed))
+}
+
+/// Binds the relay socket of an allocation on exactly `addr`, without UDP GRO: every peer
+/// datagram then lands in a receive slot of its own, behind the headroom its ChannelData header
+/// is written into (the datagrams of a GRO aggregate follow each other with no room between).
+pub fn bind_relay(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    bind(addr, false, false)
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool, gro: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -80,13 +97,8 @@ pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::
     }
     socket.bind(&addr.into())?;
     // Bursts from one flow arrive as one buffer; the receiver splits them.
-    if GRO.load(Ordering::Relaxed) {
+    if gro {
         batch::enable_gro(&socket);
     }
     Ok(socket.into())
-}
-
-/// Binds a tokio UDP socket on exactly `addr` in the current runtime.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
-    UdpSocket::from_std(bind_udp_std(addr, false)?)
 }

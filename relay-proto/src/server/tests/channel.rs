@@ -254,3 +254,56 @@ fn a_channel_to_a_peer_that_became_a_host_address_leaves_the_fast_path_once() {
         )]
     );
 }
+
+/// The socket path forwards exactly the channels the fast path is told about: the routes
+/// follow the channel commands through a permission's expiry, its renewal and the
+/// allocation's deletion, and ChannelData follows the routes both ways.
+#[test]
+fn channel_routes_follow_the_fast_path_commands() {
+    let mut h = Harness::new();
+    let mut c = Client::new("192.0.2.10:50000", ALICE);
+    let (_, relayed) = h.allocate(&mut c);
+    assert_eq!(h.server.commands.routes(), (0, 0));
+    h.channel_bind(&mut c, 0x4000, peer1());
+    assert_eq!(h.server.commands.routes(), (1, 1));
+    let data = ChannelData {
+        channel: 0x4000,
+        data: b"hi",
+    }
+    .encode(false);
+    assert_eq!(
+        h.client_sends(&c, &data),
+        vec![to_peer(relayed, peer1(), b"hi")]
+    );
+
+    // The permission (300 s) ends before the channel (600 s): the route goes with it.
+    h.advance(secs(301));
+    h.tick();
+    assert_eq!(h.server.commands.routes(), (0, 0));
+    assert!(h.client_sends(&c, &data).is_empty());
+    assert!(h.peer_sends(relayed, peer1(), b"back").is_empty());
+
+    // A new permission for the peer puts the still-bound channel back.
+    let (_, commands) = h.signed_commands(
+        &mut c,
+        Method::CREATE_PERMISSION,
+        &[Attribute::XorPeerAddress(peer1())],
+    );
+    assert!(matches!(commands[0], Command::CreateChannelBinding { .. }));
+    assert_eq!(h.server.commands.routes(), (1, 1));
+    assert_eq!(
+        h.client_sends(&c, &data),
+        vec![to_peer(relayed, peer1(), b"hi")]
+    );
+    let back = h.peer_sends(relayed, peer1(), b"back");
+    let expected = ChannelData {
+        channel: 0x4000,
+        data: b"back",
+    }
+    .encode(false);
+    assert_eq!(back, vec![to_client(&c, expected)]);
+
+    h.refresh(&mut c, Some(0));
+    assert_eq!(h.server.commands.routes(), (0, 0));
+    assert!(h.client_sends(&c, &data).is_empty());
+}

@@ -18,8 +18,8 @@ pub(super) use crate::auth::{Credentials, LongTermKey};
 pub(super) use crate::channel_data::ChannelData;
 pub(super) use crate::policy::PeerPolicy;
 pub(super) use crate::server::{
-    AllocationId, AllocationQuota, Command, QuotaLedger, Server, ServerConfig, CHANNEL_COOLDOWN,
-    MAX_BIND_ATTEMPTS,
+    AllocationId, AllocationQuota, Command, Forward, QuotaLedger, Server, ServerConfig,
+    CHANNEL_COOLDOWN, MAX_BIND_ATTEMPTS,
 };
 pub(super) use crate::stun::{
     attr_type, AddressFamily, Attribute, Class, ErrorCode, Integrity, Message, MessageBuilder,
@@ -82,6 +82,26 @@ pub(super) fn base_config() -> ServerConfig {
     ServerConfig::new(REALM, vec![relay_v4()], credentials, policy)
 }
 
+/// The command that would carry the datagram a [`Forward`] decides about, with its payload
+/// materialised, so the behaviour tests compare one kind of value.
+pub(super) fn as_command(forward: &Forward, data: &[u8]) -> Command {
+    let payload = forward.to_vec(data);
+    match *forward {
+        Forward::ToPeer { relayed, peer, .. } => Command::SendToPeer {
+            relayed,
+            peer,
+            payload,
+        },
+        Forward::ToClient {
+            listener, client, ..
+        } => Command::SendToClient {
+            listener,
+            client,
+            payload,
+        },
+    }
+}
+
 /// The server plus the simulated clock.
 pub(super) struct Harness {
     pub(super) server: Server<StdRng>,
@@ -135,10 +155,15 @@ impl Harness {
     }
 
     /// A datagram from `client` on its listener; returns everything the server emits.
+    /// A relayed datagram (a [`Forward`]) is listed as the command that would carry it, first.
     pub(super) fn client_sends(&mut self, client: &Client, bytes: &[u8]) -> Vec<Command> {
-        self.server
-            .handle_client_datagram(client.addr, client.listener, bytes, self.now);
-        self.drain()
+        let forward =
+            self.server
+                .handle_client_datagram(client.addr, client.listener, bytes, self.now);
+        let mut commands: Vec<Command> =
+            forward.map(|f| as_command(&f, bytes)).into_iter().collect();
+        commands.extend(self.drain());
+        commands
     }
 
     /// A datagram from `peer` to `relayed`; returns everything the server emits.
@@ -148,9 +173,13 @@ impl Harness {
         peer: SocketAddr,
         bytes: &[u8],
     ) -> Vec<Command> {
-        self.server
+        let forward = self
+            .server
             .handle_peer_datagram(relayed, peer, bytes, self.now);
-        self.drain()
+        let mut commands: Vec<Command> =
+            forward.map(|f| as_command(&f, bytes)).into_iter().collect();
+        commands.extend(self.drain());
+        commands
     }
 
     /// Runs the timers at the current time.

@@ -104,13 +104,13 @@ proptest! {
         let peers = [peer1(), peer2(), sa("198.51.100.7:1"), peer_v6()];
         for (from_client, bytes, who, millis) in inputs {
             h.advance(Duration::from_millis(u64::from(millis)));
-            if from_client {
-                h.server.handle_client_datagram(c.addr, c.listener, &bytes, h.now);
+            let commands = if from_client {
+                h.client_sends(&c, &bytes)
             } else {
                 let target = if who % 2 == 0 { relayed } else { sa("203.0.113.1:1") };
-                h.server.handle_peer_datagram(target, peers[usize::from(who)], &bytes, h.now);
-            }
-            for command in h.drain() {
+                h.peer_sends(target, peers[usize::from(who)], &bytes)
+            };
+            for command in commands {
                 // Nothing unauthenticated may change state: only data and answers come out.
                 match command {
                     Command::SendToClient { listener, client, .. } => {
@@ -144,9 +144,12 @@ proptest! {
         let mut h = Harness::new();
         for (bytes, port, relay_port) in inputs {
             let client = SocketAddr::new(ip("192.0.2.10"), port);
-            h.server.handle_client_datagram(client, listener(), &bytes, h.now);
+            // No allocation: nothing may be relayed.
+            let forward = h.server.handle_client_datagram(client, listener(), &bytes, h.now);
+            prop_assert_eq!(forward, None);
             let relayed = SocketAddr::new(relay_v4(), relay_port);
-            h.server.handle_peer_datagram(relayed, peer1(), &bytes, h.now);
+            let forward = h.server.handle_peer_datagram(relayed, peer1(), &bytes, h.now);
+            prop_assert_eq!(forward, None);
             for command in h.drain() {
                 let is_reply =
                     matches!(command, Command::SendToClient { client: to, .. } if to == client);
