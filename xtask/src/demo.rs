@@ -75,6 +75,10 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             .spawn()
             .context("starting turnutils_peer (coturn)")?,
     );
+    // Credentials from a file, as operators should pass them (not readable in /proc/PID/cmdline).
+    let users = out.join("users");
+    std::fs::write(&users, "demo:demo\n").context("writing the demo's users file")?;
+    let users = users.to_str().context("UTF-8 path")?.to_owned();
     let mut relay = Background(
         in_ns(&lab.relay, relay_bin)
             .args([
@@ -85,8 +89,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 "198.18.2.1",
                 "--realm",
                 "demo",
-                "--user",
-                "demo:demo",
+                "--users-file",
+                &users,
                 "--allow-peer",
                 "198.18.2.0/24",
                 "--legacy-channels",
