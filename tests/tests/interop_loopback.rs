@@ -469,3 +469,68 @@ fn the_metrics_listener_serves_metrics_and_health_only() {
     assert_eq!(http(metrics, "POST", "/fastpath/default/off").0, 404);
     assert_eq!(http(metrics, "POST", "/metrics").0, 405);
 }
+
+/// Issue 12 item 8: started with a soft limit of 1024 descriptors and room for 5000
+/// allocations, the relay raises RLIMIT_NOFILE (while still root) to what every allocation being
+/// dual needs; where the hard limit is too low to allow that, the log says how many allocations
+/// fit.
+#[test]
+fn the_open_file_limit_is_raised_for_the_allocation_cap() {
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--realm",
+        REALM,
+        "--max-allocations",
+        "5000",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let soft_limit = |relay: &Relay| -> u64 {
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", relay.pid())).expect("limits");
+        limits
+            .lines()
+            .find(|line| line.starts_with("Max open files"))
+            .and_then(|line| line.split_whitespace().nth(3))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no open-file limit in\n{limits}"))
+    };
+    // The hard limit this test may hand on (root without CAP_SYS_RESOURCE, as in containers,
+    // cannot raise its own).
+    let mut own = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    let needed = 256 + 2 * 5000;
+    let nofile = format!("--nofile=1024:{}", own.rlim_max);
+    let relay = Relay::start_with(&["prlimit", &nofile], &args, 1);
+    if own.rlim_max >= needed {
+        assert!(soft_limit(&relay) >= needed, "{}", relay.log());
+        assert!(
+            relay.log().contains("raised the open-file limit"),
+            "{}",
+            relay.log()
+        );
+    } else {
+        assert_eq!(soft_limit(&relay), own.rlim_max);
+        assert!(
+            relay.log().contains("fewer than --max-allocations"),
+            "{}",
+            relay.log()
+        );
+    }
+    drop(relay);
+
+    let relay = Relay::start_with(&["prlimit", "--nofile=1024:1024"], &args, 1);
+    assert_eq!(soft_limit(&relay), 1024);
+    assert!(
+        relay.log().contains("allows about 384 allocations"),
+        "{}",
+        relay.log()
+    );
+}

@@ -4,6 +4,7 @@ mod admin;
 mod host_addresses;
 mod interfaces;
 mod kernel_sync;
+mod limits;
 mod notify;
 mod privileges;
 mod worker;
@@ -85,6 +86,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             password,
         });
     }
+    // While still root: descriptors for every allocation the caps allow.
+    limits::raise_open_files(limits::needed(config.max_allocations));
     // The fast path comes first: if the operator asked for it and it cannot attach, nothing
     // else should start.
     let fastpath = start_fastpath(&config)?;
@@ -161,8 +164,9 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     if let Some(identity) =
         privileges::resolve(config.user_id.as_deref(), config.group_id.as_deref())?
     {
-        let low_ports =
-            config.listen.iter().any(|a| a.port() < 1024) || *config.port_range.start() < 1024;
+        // Port 0 picks an ephemeral port, never a privileged one.
+        let low_ports = config.listen.iter().any(|a| (1..1024).contains(&a.port()))
+            || *config.port_range.start() < 1024;
         privileges::drop_to(&identity, low_ports).context("dropping root privileges")?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -20,9 +20,14 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Receive/send buffer asked for on every socket: bursts of small datagrams must not be dropped
-/// while the core task is busy (the kernel caps it at net.core.rmem_max).
-const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Receive/send buffer asked for on a listener: bursts of small datagrams from every client of
+/// a worker must not be dropped while the worker is busy (the kernel caps it at
+/// net.core.rmem_max).
+const LISTENER_BUFFER_BYTES: usize = 4 << 20;
+/// Receive/send buffer of a relay socket: one allocation's peers (a few flows), so a fraction of
+/// a listener's. Thousands of relay sockets each allowed 4 MiB could hold gigabytes queued where
+/// an operator raised rmem_max.
+const RELAY_BUFFER_BYTES: usize = 256 << 10;
 
 /// Largest UDP payload the relay reads (a full 64 KiB datagram).
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -69,17 +74,27 @@ fn set_header_fields(socket: &Socket, ipv6: bool) {
 /// so each datagram says which local address it was sent to; failing that is an error, since
 /// the relay could not answer from the address the client contacted.
 pub fn bind_udp_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
-    bind(addr, reuse_port, GRO.load(Ordering::Relaxed))
+    bind(
+        addr,
+        reuse_port,
+        GRO.load(Ordering::Relaxed),
+        LISTENER_BUFFER_BYTES,
+    )
 }
 
 /// Binds the relay socket of an allocation on exactly `addr`, without UDP GRO: every peer
 /// datagram then lands in a receive slot of its own, behind the headroom its ChannelData header
 /// is written into (the datagrams of a GRO aggregate follow each other with no room between).
 pub fn bind_relay(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    bind(addr, false, false)
+    bind(addr, false, false, RELAY_BUFFER_BYTES)
 }
 
-fn bind(addr: SocketAddr, reuse_port: bool, gro: bool) -> io::Result<std::net::UdpSocket> {
+fn bind(
+    addr: SocketAddr,
+    reuse_port: bool,
+    gro: bool,
+    buffer_bytes: usize,
+) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
@@ -88,8 +103,8 @@ fn bind(addr: SocketAddr, reuse_port: bool, gro: bool) -> io::Result<std::net::U
         socket.set_reuse_port(true)?;
     }
     // Best effort: a smaller buffer still works, it only drops earlier under bursts.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
     socket.set_nonblocking(true)?;
     set_header_fields(&socket, addr.is_ipv6());
     if addr.ip().is_unspecified() {
