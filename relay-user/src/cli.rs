@@ -161,6 +161,13 @@ pub struct ServeArgs {
     /// Channel binding lifetime in seconds instead of RFC 8656's 600 (for tests only).
     #[arg(long, value_name = "SECS", hide = true)]
     pub channel_lifetime: Option<u64>,
+    /// Fault injection (for tests only): the first N receive calls of worker 0 fail with
+    /// ENOMEM.
+    #[arg(long, value_name = "N", hide = true)]
+    pub fault_receive_errors: Option<u32>,
+    /// Fault injection (for tests only): worker 0 panics after N client datagrams.
+    #[arg(long, value_name = "N", hide = true)]
+    pub fault_panic_worker_after: Option<u64>,
     /// Local admin endpoint for `relay ctl` (keep it on loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<SocketAddr>,

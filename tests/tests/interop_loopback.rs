@@ -534,3 +534,55 @@ fn the_open_file_limit_is_raised_for_the_allocation_cap() {
         relay.log()
     );
 }
+
+/// Issue 12 item 1: receive errors never stop a listener from being read (it stays in its
+/// SO_REUSEPORT group, so its clients would otherwise go unanswered for good): the worker logs,
+/// backs off and reads on. Injected: the first 5 receives of the only worker fail with ENOMEM.
+#[test]
+fn receive_errors_do_not_stop_a_listener() {
+    let relay = relay_with(&[
+        "--workers",
+        "1",
+        "--user",
+        "alice:wonderland",
+        "--fault-receive-errors",
+        "5",
+    ]);
+    let mut client = Client::new(relay.listener(), REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    let log = relay.log();
+    assert!(
+        log.contains("receive failed; retrying with backoff"),
+        "{log}"
+    );
+    assert_eq!(relay.allocations().allocations.len(), 1);
+}
+
+/// Issue 12 item 1: a worker that dies (here a panic injected after its first client datagram)
+/// takes the relay down with a failure exit, loudly, instead of leaving a relay whose
+/// SO_REUSEPORT group lost a member and whose dead worker's clients are hashed elsewhere; the
+/// service manager then restarts it (systemd: Restart=on-failure, or the watchdog).
+#[test]
+fn a_worker_panic_stops_the_relay_with_a_failure_exit() {
+    let mut relay = relay_with(&["--workers", "1", "--fault-panic-worker-after", "1"]);
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+    let tid = TransactionId([7; 12]);
+    let request = MessageBuilder::new(Class::Request, Method::BINDING, tid).finish(None, true);
+    socket
+        .send_to(&request, relay.listener())
+        .expect("send a Binding request");
+    let status = relay
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the relay kept running:\n{}", relay.log()));
+    assert!(!status.success(), "exit {status}");
+    let log = relay.log();
+    assert!(
+        log.contains("a worker thread stopped unexpectedly"),
+        "{log}"
+    );
+    assert!(
+        log.contains("relay sockets released"),
+        "clean shutdown first:\n{log}"
+    );
+}

@@ -200,11 +200,19 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         let kernel = Arc::clone(&kernel);
         let stop = stop_rx.clone();
         let alive = notify::Alive::new(&alive_workers);
+        let faults = if index == 0 {
+            worker::Faults {
+                receive_errors: config.fault_receive_errors,
+                panic_after_datagrams: config.fault_panic_worker_after,
+            }
+        } else {
+            worker::Faults::default()
+        };
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || {
                 let _alive = alive;
-                run_worker(server_config, listeners, kernel, requests_rx, stop)
+                run_worker(server_config, listeners, kernel, requests_rx, stop, faults)
             })
             .context("starting a worker thread")?;
         handles.push(handle);
@@ -258,7 +266,18 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             }
         })
     });
-    let result = wait_for_shutdown().await;
+    // A worker that ends on its own (a panic, a fatal error) takes the relay down with a
+    // failure exit: its allocations' state is gone with it and its listeners left the
+    // SO_REUSEPORT group, so the kernel would hash its clients to other workers that know
+    // nothing of them. Stopping everything cleanly (kernel entries removed) and letting the
+    // service manager restart the relay is the one state that is whole again.
+    let result = tokio::select! {
+        result = wait_for_shutdown() => result,
+        () = worker_lost(&alive_workers, workers) => Err(anyhow::anyhow!(
+            "a worker thread stopped unexpectedly; the relay stops so that its service \
+             manager restarts it"
+        )),
+    };
     notifier.notify("STOPPING=1");
     if let Some(watchdog) = watchdog {
         watchdog.abort();
@@ -300,6 +319,7 @@ fn run_worker(
     kernel: Arc<Mutex<KernelSync>>,
     requests: mpsc::Receiver<WorkerRequest>,
     stop: watch::Receiver<bool>,
+    faults: worker::Faults,
 ) -> anyhow::Result<usize> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -312,7 +332,7 @@ fn run_worker(
             Instant::now(),
             worker::unix_now(),
         );
-        let mut worker = Worker::new(server, kernel).context("worker epoll")?;
+        let mut worker = Worker::new(server, kernel, faults).context("worker epoll")?;
         for (addr, socket) in listeners {
             worker
                 .add_listener(addr, socket)
@@ -485,6 +505,17 @@ fn kernel_capacity(config: &Config) -> MapCapacity {
     let affordable = DEFAULT_KERNEL_MAP_BUDGET / per_binding.max(1);
     let bindings = wanted.min(affordable).clamp(1, u32::MAX as usize);
     MapCapacity::for_bindings(u32::try_from(bindings).unwrap_or(u32::MAX))
+}
+
+/// Resolves once fewer than `workers` worker threads are alive.
+async fn worker_lost(alive: &AtomicUsize, workers: usize) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if alive.load(Ordering::SeqCst) < workers {
+            return;
+        }
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

@@ -180,8 +180,23 @@ impl Sockets {
     }
 }
 
+/// Faults a test can inject through hidden `relay serve` flags (issue 12: a failure must be
+/// loud and contained, and a test must be able to cause one).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// The first this many receive calls fail with ENOMEM, as the kernel can.
+    pub receive_errors: u32,
+    /// The worker panics after relaying this many client datagrams (0: never).
+    pub panic_after_datagrams: u64,
+}
+
 pub struct Worker {
     server: Server<StdRng>,
+    faults: Faults,
+    /// Client datagrams seen (for [`Faults::panic_after_datagrams`]).
+    client_datagrams: u64,
+    /// Receive errors in a row; the loop backs off while there are any.
+    receive_failures: u32,
     epoll: AsyncFd<Epoll>,
     sockets: Sockets,
     /// Listener address → token.
@@ -203,12 +218,19 @@ pub struct Worker {
 
 impl Worker {
     /// A worker without sockets; must be called inside the worker's runtime.
-    pub fn new(server: Server<StdRng>, kernel: Arc<Mutex<KernelSync>>) -> io::Result<Self> {
+    pub fn new(
+        server: Server<StdRng>,
+        kernel: Arc<Mutex<KernelSync>>,
+        faults: Faults,
+    ) -> io::Result<Self> {
         // SAFETY: the Epoll owns its descriptor (an OwnedFd it never replaces) for its whole
         // life, which the AsyncFd's is, and its as_raw_fd always returns that descriptor.
         let epoll = unsafe { AsyncFd::register_with_interest(Epoll::new()?, Interest::READABLE) }?;
         Ok(Self {
             server,
+            faults,
+            client_datagrams: 0,
+            receive_failures: 0,
             epoll,
             sockets: Sockets::default(),
             listeners: HashMap::new(),
@@ -245,6 +267,9 @@ impl Worker {
         // epoll still had ready sockets when the last wake ended its rounds.
         let mut io_pending = false;
         loop {
+            if let Some(pause) = self.receive_backoff() {
+                tokio::time::sleep(pause).await;
+            }
             let deadline = self.server.poll_timeout();
             let timer = async move {
                 match deadline {
@@ -318,6 +343,14 @@ impl Worker {
         true
     }
 
+    /// How long to pause before the next wake after receive errors in a row: 1 ms doubling up
+    /// to 256 ms, none once a receive succeeds.
+    fn receive_backoff(&self) -> Option<std::time::Duration> {
+        (self.receive_failures > 0).then(|| {
+            std::time::Duration::from_millis(1 << self.receive_failures.min(9).saturating_sub(1))
+        })
+    }
+
     /// One receive batch from socket `token`, each datagram decided and queued.
     fn receive(&mut self, token: u64, now: Instant) {
         let Some(entry) = self.sockets.get(token) else {
@@ -328,13 +361,35 @@ impl Worker {
             self.flush();
         }
         self.datagrams.clear();
-        match self.arena.recv(fd, &mut self.datagrams) {
-            Ok(_) => {}
+        let received = if self.faults.receive_errors > 0 {
+            self.faults.receive_errors -= 1;
+            Err(io::Error::from_raw_os_error(libc::ENOMEM))
+        } else {
+            self.arena.recv(fd, &mut self.datagrams)
+        };
+        match received {
+            Ok(_) => self.receive_failures = 0,
             Err(error) if transient(&error) => return,
             Err(error) => {
-                warn!(?role, %error, "receive failed; socket no longer read");
-                self.epoll.get_ref().remove(fd);
+                // Never stop reading a socket: a listener stays in its SO_REUSEPORT group, and
+                // the kernel keeps hashing its clients to it. The loop backs off instead
+                // (`receive_backoff`), so a lasting error cannot spin the worker.
+                self.receive_failures = self.receive_failures.saturating_add(1);
+                if self.receive_failures.is_power_of_two() {
+                    warn!(
+                        ?role,
+                        %error,
+                        failures = self.receive_failures,
+                        "receive failed; retrying with backoff"
+                    );
+                }
                 return;
+            }
+        }
+        if matches!(role, Role::Listener(_)) && self.faults.panic_after_datagrams > 0 {
+            self.client_datagrams += self.datagrams.len() as u64;
+            if self.client_datagrams >= self.faults.panic_after_datagrams {
+                panic!("fault injected by --fault-panic-worker-after (tests only)");
             }
         }
         for i in 0..self.datagrams.len() {
