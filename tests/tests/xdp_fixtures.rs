@@ -1419,6 +1419,37 @@ fn ifindex(name: &str) -> u32 {
     index
 }
 
+/// Runs `input` through `program` and returns its output with the verdict reasons counted
+/// meanwhile. The counters are global: a frame the lab's interfaces send on their own (IPv6
+/// router solicitations, MLD reports) may reach the attached program during the run and count
+/// a reason of its own; when more than `want` was counted, the run is repeated once.
+fn run_counted(
+    fastpath: &mut FastPath,
+    program: TestProgram,
+    input: &[u8],
+    ingress: u32,
+    want: Reason,
+) -> (relay::fastpath::TestRunOutput, Vec<Reason>) {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let before = fastpath.verdict_counters().expect("counters");
+        let out = fastpath
+            .test_run(program, input, ingress)
+            .expect("test run");
+        let after = fastpath.verdict_counters().expect("counters");
+        let counted: Vec<Reason> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| a.1 != b.1)
+            .map(|(_, a)| a.0)
+            .collect();
+        if counted.len() <= 1 || !counted.contains(&want) || attempt == 2 {
+            return (out, counted);
+        }
+    }
+}
+
 fn run_fixtures(program: TestProgram) {
     require_root();
     let lab = ThreeHosts::new();
@@ -1470,7 +1501,7 @@ fn run_fixtures(program: TestProgram) {
 
     lab.relay.run_inside(move || {
         let mut fastpath = FastPath::load().unwrap_or_else(|e| panic!("load: {e}"));
-        // Attaching registers both interfaces as egress devices; no traffic flows in this test.
+        // Attaching registers both interfaces as egress devices; no test traffic flows.
         for dev in [&client_side, &peer_side] {
             fastpath
                 .attach(dev, AttachMode::XdpNative)
@@ -1505,25 +1536,40 @@ fn run_fixtures(program: TestProgram) {
         let mut tids = Vec::new();
         let fixtures = fixtures();
         for fixture in &fixtures {
-            let before = fastpath.verdict_counters().expect("counters");
-            let slot_before = fixture
-                .counts
-                .map(|(slot, _)| fastpath.counters(slot).expect("allocation counters"));
             let ingress = if fixture.from_peer_side {
                 peer_index
             } else {
                 client_index
             };
-            let out = fastpath
-                .test_run(program, &fixture.input, ingress)
-                .unwrap_or_else(|e| panic!("{}: test run: {e}", fixture.name));
-            let after = fastpath.verdict_counters().expect("counters");
-            let counted: Vec<Reason> = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(_, a)| a.0)
-                .collect();
+            let expected_reason = match &fixture.expect {
+                Expect::Forward { reason, .. } | Expect::Pass(reason) => *reason,
+                Expect::DataIndication { .. } => Reason::ForwardDataToClient,
+            };
+            // The verdict counters are global: a frame the lab's interfaces send on their own
+            // (IPv6 router solicitations, MLD reports) may reach the attached program during a
+            // run and count a reason of its own. Such a run is repeated once.
+            let mut attempt = 0;
+            let (out, counted, slot_before) = loop {
+                attempt += 1;
+                let before = fastpath.verdict_counters().expect("counters");
+                let slot_before = fixture
+                    .counts
+                    .map(|(slot, _)| fastpath.counters(slot).expect("allocation counters"));
+                let out = fastpath
+                    .test_run(program, &fixture.input, ingress)
+                    .unwrap_or_else(|e| panic!("{}: test run: {e}", fixture.name));
+                let after = fastpath.verdict_counters().expect("counters");
+                let counted: Vec<Reason> = before
+                    .iter()
+                    .zip(&after)
+                    .filter(|(b, a)| a.1 != b.1)
+                    .map(|(_, a)| a.0)
+                    .collect();
+                let background = counted.len() > 1 && counted.contains(&expected_reason);
+                if !background || attempt == 2 {
+                    break (out, counted, slot_before);
+                }
+            };
             let (action, frame, reason) = match &fixture.expect {
                 Expect::Forward {
                     frame,
@@ -1620,17 +1666,7 @@ fn run_fixtures(program: TestProgram) {
             (&stricter, Reason::PassPolicyDenied),
         ] {
             fastpath.set_peer_policy(policy).expect("kernel policy");
-            let before = fastpath.verdict_counters().expect("counters");
-            fastpath
-                .test_run(program, &input, client_index)
-                .expect("test run");
-            let after = fastpath.verdict_counters().expect("counters");
-            let counted: Vec<Reason> = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(_, a)| a.0)
-                .collect();
+            let (_, counted) = run_counted(&mut fastpath, program, &input, client_index, want);
             assert_eq!(counted, [want]);
         }
         fastpath.set_peer_policy(&policy).expect("kernel policy");
@@ -1678,22 +1714,18 @@ fn run_fixtures(program: TestProgram) {
             ),
             (peer_frame(&V4(), b"recycled").build(), true),
         ] {
-            let before = fastpath.verdict_counters().expect("counters");
             let ingress = if from_peer_side {
                 peer_index
             } else {
                 client_index
             };
-            let out = fastpath
-                .test_run(program, &input, ingress)
-                .expect("test run");
-            let after = fastpath.verdict_counters().expect("counters");
-            let counted: Vec<Reason> = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(_, a)| a.0)
-                .collect();
+            let (out, counted) = run_counted(
+                &mut fastpath,
+                program,
+                &input,
+                ingress,
+                Reason::PassEntryChanged,
+            );
             assert_eq!((out.action, &out.frame), (pass, &input), "recycled entry");
             assert_eq!(counted, [Reason::PassEntryChanged]);
         }
@@ -1715,18 +1747,8 @@ fn run_fixtures(program: TestProgram) {
         let f = indication_family(false, PERMISSION_ONLY);
         let send = client_frame(&f, &send_indication(tid(50), f.peer, b"gone", &[])).build();
         let data = peer_frame(&f, b"gone").build();
-        let run = |fastpath: &mut FastPath, input: &[u8], ingress| {
-            let before = fastpath.verdict_counters().expect("counters");
-            let out = fastpath
-                .test_run(program, input, ingress)
-                .expect("test run");
-            let after = fastpath.verdict_counters().expect("counters");
-            let counted: Vec<Reason> = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| a.1 != b.1)
-                .map(|(_, a)| a.0)
-                .collect();
+        let run = |fastpath: &mut FastPath, input: &[u8], ingress, want| {
+            let (out, counted) = run_counted(fastpath, program, input, ingress, want);
             assert_eq!((out.action, &out.frame[..]), (pass, input), "after removal");
             counted
         };
@@ -1739,11 +1761,11 @@ fn run_fixtures(program: TestProgram) {
             .remove_permission(permission)
             .expect("remove permission again");
         assert_eq!(
-            run(&mut fastpath, &send, client_index),
+            run(&mut fastpath, &send, client_index, Reason::PassNoPermission),
             [Reason::PassNoPermission]
         );
         assert_eq!(
-            run(&mut fastpath, &data, peer_index),
+            run(&mut fastpath, &data, peer_index, Reason::PassUdpNoMatch),
             [Reason::PassUdpNoMatch]
         );
         fastpath.remove_client(permission).expect("remove client");
@@ -1751,7 +1773,7 @@ fn run_fixtures(program: TestProgram) {
             .remove_client(permission)
             .expect("remove client again");
         assert_eq!(
-            run(&mut fastpath, &send, client_index),
+            run(&mut fastpath, &send, client_index, Reason::PassNoBinding),
             [Reason::PassNoBinding]
         );
     });
