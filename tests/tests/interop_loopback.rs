@@ -586,3 +586,51 @@ fn a_worker_panic_stops_the_relay_with_a_failure_exit() {
         "clean shutdown first:\n{log}"
     );
 }
+
+/// Issue 13, refusals: every error response is counted by method and code in /metrics (no
+/// per-user labels) and logged at debug with the client, the code's reason and the user.
+#[test]
+fn refusals_are_counted_by_method_and_code_and_logged() {
+    let relay = Relay::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--realm",
+        REALM,
+        "--user",
+        "alice:wonderland",
+        "--log-level",
+        "debug",
+    ]);
+    let mut client = Client::new(relay.listener(), REALM);
+    client.login("alice", "wonderland");
+    client.allocate();
+    // A private address: the safe-by-default policy refuses it (403).
+    let denied: SocketAddr = "10.1.2.3:9000".parse().expect("addr");
+    assert_eq!(
+        client.request_error(
+            Method::CREATE_PERMISSION,
+            &[Attribute::XorPeerAddress(denied)]
+        ),
+        Some(403)
+    );
+    assert_eq!(
+        relay.metric("relay_error_responses_total{method=\"allocate\",code=\"401\"}"),
+        1
+    );
+    assert_eq!(
+        relay.metric("relay_error_responses_total{method=\"create_permission\",code=\"403\"}"),
+        1
+    );
+    let log = relay.log();
+    let refusal = log
+        .lines()
+        .find(|line| line.contains("request refused") && line.contains("code=403"))
+        .unwrap_or_else(|| panic!("no 403 refusal logged:\n{log}"));
+    assert!(refusal.contains("user=\"alice\""), "{refusal}");
+    assert!(
+        refusal.contains("method=\"create_permission\""),
+        "{refusal}"
+    );
+}

@@ -320,6 +320,8 @@ pub struct Server<R> {
     commands: Effects,
     /// Expiry deadlines of the allocations and what they hold.
     timers: Timers,
+    /// Error responses sent, by method and code (for metrics; no per-user keys).
+    error_responses: HashMap<(Method, StunErrorCode), u64>,
 }
 
 /// [`Server::peer_reachable`] on the configuration alone, so it can be lent while an
@@ -355,6 +357,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             by_relayed: HashMap::new(),
             commands: Effects::default(),
             timers: Timers::default(),
+            error_responses: HashMap::new(),
             config,
         }
     }
@@ -1433,6 +1436,27 @@ impl<R: RngCore + CryptoRng> Server<R> {
         }
     }
 
+    /// Counts an error response and logs it at debug, with the client, the method, the code
+    /// and the user it concerned: an operator whose users cannot connect sees why.
+    fn note_refusal(&mut self, ctx: &Ctx, code: StunErrorCode) {
+        *self.error_responses.entry((ctx.method, code)).or_insert(0) += 1;
+        tracing::debug!(
+            client = %ctx.client,
+            method = ctx.method.label(),
+            code = code.code(),
+            reason = code.reason(),
+            user = ctx.auth.as_ref().map_or("-", |auth| auth.username.as_str()),
+            "request refused"
+        );
+    }
+
+    /// Error responses sent so far, by method and code.
+    pub fn error_responses(&self) -> impl Iterator<Item = (Method, StunErrorCode, u64)> + '_ {
+        self.error_responses
+            .iter()
+            .map(|(&(method, code), &count)| (method, code, count))
+    }
+
     fn respond_error_unauth(
         &mut self,
         ctx: &Ctx,
@@ -1440,6 +1464,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         extra: &[Attribute<'_>],
         now: Instant,
     ) {
+        self.note_refusal(ctx, code);
         let mut attrs = Vec::with_capacity(extra.len() + 1);
         attrs.push(Attribute::ErrorCode(code.into()));
         attrs.extend_from_slice(extra);
@@ -1447,6 +1472,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     fn respond_error(&mut self, ctx: &Ctx, code: StunErrorCode, extra: &[Attribute<'_>]) {
+        self.note_refusal(ctx, code);
         let mut attrs = Vec::with_capacity(extra.len() + 1);
         attrs.push(Attribute::ErrorCode(code.into()));
         attrs.extend_from_slice(extra);

@@ -104,6 +104,21 @@ impl Method {
     pub const fn value(self) -> u16 {
         self.0
     }
+
+    /// A lower-case name for metrics labels and logs (`other` for methods the relay does not
+    /// serve).
+    pub const fn label(self) -> &'static str {
+        match self.0 {
+            0x001 => "binding",
+            0x003 => "allocate",
+            0x004 => "refresh",
+            0x006 => "send",
+            0x007 => "data",
+            0x008 => "create_permission",
+            0x009 => "channel_bind",
+            _ => "other",
+        }
+    }
 }
 
 /// Interleaves method and class into the 14-bit message type (RFC 8489 §5, figure 3).

@@ -83,10 +83,14 @@ pub async fn route(
                         total.socket_totals += part.socket_totals;
                         total.send_drops += part.send_drops;
                         total.allocation_ids.extend(part.allocation_ids);
+                        for (key, count) in part.error_responses {
+                            *total.error_responses.entry(key).or_insert(0) += count;
+                        }
                     }
                 }
                 let mut text = metrics(&total, &kernel);
                 unauth_metrics(&mut text, &unauth);
+                error_response_metrics(&mut text, &total);
                 let _ = reply.send(text);
             }
         }
@@ -172,6 +176,22 @@ fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
 }
 
 /// What the relay-wide unauthenticated-answer budget refused (issue 12 item 2).
+/// Error responses by method and code (no per-user labels): 401 and 438 start every
+/// allocation, 403 is the peer policy, 486 a user's quota, 508 the relay's capacity.
+fn error_response_metrics(out: &mut String, snapshot: &WorkerSnapshot) {
+    let _ = writeln!(
+        out,
+        "# HELP relay_error_responses_total STUN/TURN error responses sent, by method and code.\n\
+         # TYPE relay_error_responses_total counter"
+    );
+    for ((method, code), count) in &snapshot.error_responses {
+        let _ = writeln!(
+            out,
+            "relay_error_responses_total{{method=\"{method}\",code=\"{code}\"}} {count}"
+        );
+    }
+}
+
 fn unauth_metrics(out: &mut String, limiter: &UnauthLimiter) {
     let _ = writeln!(
         out,

@@ -81,6 +81,8 @@ pub struct WorkerSnapshot {
     pub socket_totals: PathCounters,
     pub send_drops: u64,
     pub allocation_ids: Vec<AllocationId>,
+    /// Error responses sent, by (method label, code).
+    pub error_responses: std::collections::BTreeMap<(&'static str, u16), u64>,
 }
 
 /// Locks the shared fast-path state; a panic elsewhere cannot leave it half-updated in a way
@@ -620,6 +622,12 @@ impl Worker {
                     send_drops: self.send_drops,
                     ..WorkerSnapshot::default()
                 };
+                for (method, code, count) in self.server.error_responses() {
+                    *snapshot
+                        .error_responses
+                        .entry((method.label(), code.code()))
+                        .or_insert(0) += count;
+                }
                 for a in self.server.allocations() {
                     snapshot.allocations += 1;
                     snapshot.permissions += a.permissions.len() as u64;
