@@ -58,6 +58,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn run(mut config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM at any point of the start (a service manager stopping the relay
+    // right after starting it) is a clean stop, never the default action.
+    let mut signals = ShutdownSignals::install()?;
     if config.secrets_on_command_line {
         warn!(
             "--user/--auth-secret on the command line are readable by every local user in \
@@ -272,7 +275,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // nothing of them. Stopping everything cleanly (kernel entries removed) and letting the
     // service manager restart the relay is the one state that is whole again.
     let result = tokio::select! {
-        result = wait_for_shutdown() => result,
+        result = signals.wait() => result,
         () = worker_lost(&alive_workers, workers) => Err(anyhow::anyhow!(
             "a worker thread stopped unexpectedly; the relay stops so that its service \
              manager restarts it"
@@ -518,15 +521,29 @@ async fn worker_lost(alive: &AtomicUsize, workers: usize) {
     }
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM, caught from the start of `run`.
+struct ShutdownSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+        })
     }
-    info!("shutting down");
-    Ok(())
+
+    async fn wait(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        info!("shutting down");
+        Ok(())
+    }
 }
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
