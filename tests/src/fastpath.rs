@@ -101,3 +101,55 @@ impl Installer {
         hops
     }
 }
+
+/// `relay_xdp_pass` on veth ends, for as long as it lives: veth delivers frames that XDP
+/// transmits or redirects into it only if its far end runs an XDP program.
+pub struct FarEnds {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FarEnds {
+    /// On each `(namespace, interface)` end.
+    pub fn attach(ends: &[(&crate::Netns, &str)]) -> Self {
+        let ends: Vec<(String, String)> = ends
+            .iter()
+            .map(|(ns, dev)| (format!("/run/netns/{}", ns.name()), (*dev).to_owned()))
+            .collect();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let mut fastpath = FastPath::load().unwrap_or_else(|e| panic!("load: {e}"));
+            for (ns, dev) in &ends {
+                crate::enter_netns(ns);
+                fastpath
+                    .attach_pass(dev)
+                    .unwrap_or_else(|e| panic!("XDP_PASS on {dev}: {e}"));
+            }
+            ready_tx.send(()).expect("test waits");
+            // Programs stay attached until the test drops this (or panics).
+            let _ = stop_rx.recv();
+        });
+        ready_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("far-end programs attached");
+        Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// On the client's and the peer's ends of a three-host lab.
+    pub fn of(lab: &crate::lab::ThreeHosts) -> Self {
+        Self::attach(&[(&lab.client, &lab.client_if), (&lab.peer, &lab.peer_if)])
+    }
+}
+
+impl Drop for FarEnds {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -12,16 +12,15 @@ use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use relay::fastpath::FastPath;
 use relay_tests::capture::{ip_fields, Capture, IpFields};
 use relay_tests::{
-    enter_netns,
+    fastpath::FarEnds,
     lab::{
         ThreeHosts, CLIENT_IP, PEER_IP, PEER_IP6, RELAY_CLIENT_SIDE_IP, RELAY_CLIENT_SIDE_IP6,
         RELAY_PEER_SIDE_IP, RELAY_PEER_SIDE_IP6,
@@ -32,51 +31,6 @@ use support::{client::Client, uclient, Relay};
 
 const REALM: &str = "lab.test";
 const PORT: &str = "3478";
-
-fn ns_path(ns: &relay_tests::Netns) -> String {
-    format!("/run/netns/{}", ns.name())
-}
-
-/// `relay_xdp_pass` on the client's and the peer's veth ends, for as long as it lives: frames
-/// the fast path redirects into a veth are only delivered if its far end runs XDP.
-struct FarEnds {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FarEnds {
-    fn attach(lab: &ThreeHosts) -> Self {
-        let (client_ns, peer_ns) = (ns_path(&lab.client), ns_path(&lab.peer));
-        let (client_if, peer_if) = (lab.client_if.clone(), lab.peer_if.clone());
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let mut fastpath = FastPath::load().unwrap_or_else(|e| panic!("load: {e}"));
-            enter_netns(&client_ns);
-            fastpath.attach_pass(&client_if).expect("XDP_PASS on c0");
-            enter_netns(&peer_ns);
-            fastpath.attach_pass(&peer_if).expect("XDP_PASS on p0");
-            ready_tx.send(()).expect("test waits");
-            let _ = stop_rx.recv();
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("far-end programs attached");
-        Self {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FarEnds {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
 
 fn start_relay(lab: &ThreeHosts, v6: bool, extra: &[&str]) -> Relay {
     let listen = if v6 {
@@ -212,7 +166,7 @@ fn kernel_path_carries_uclient(mode: &str, v6: bool) {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let relay = start_kernel_relay(&lab, v6, mode, &[]);
     uclient_through(&lab, &relay, v6);
     let metric = |path: &str, direction: &str| {
@@ -281,7 +235,7 @@ fn kernel_path_behind_listener(mode: &str, v6: bool, listen: Listen) {
     require_root();
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
     let (listeners, server): (Vec<String>, &str) = match (listen, v6) {
         (Listen::Wildcard, false) => (vec![format!("0.0.0.0:{PORT}")], RELAY_CLIENT_SIDE_IP),
@@ -448,17 +402,10 @@ fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let relay = start_kernel_relay(&lab, false, "xdp", &[]);
     let echo = Echo::start(&lab);
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut client = Client::with_socket(socket, server, REALM);
-    client.login("alice", "wonderland");
+    let mut client = lab_client(&lab, false);
     client.allocate();
     client.bind_channel(0x4000, echo.addr);
 
@@ -510,11 +457,7 @@ fn toggling_the_fast_path_moves_traffic_without_losing_the_allocation() {
     // Default off: a new allocation starts on the socket path.
     let (ok, _, stderr) = relay.ctl(&["fastpath", "default", "off"]);
     assert!(ok, "{stderr}");
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut second = Client::with_socket(socket, server, REALM);
-    second.login("alice", "wonderland");
+    let mut second = lab_client(&lab, false);
     second.allocate();
     second.bind_channel(0x4001, echo.addr);
     assert_eq!(round_trips(&second, 0x4001, 50, "default-off"), 50);
@@ -537,12 +480,9 @@ fn expired_permissions_and_channels_stop_kernel_forwarding() {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let echo = Echo::start(&lab);
     let (rc, rp) = (lab.relay_client_if.clone(), lab.relay_peer_if.clone());
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
     for lifetime_flag in ["--permission-lifetime", "--channel-lifetime"] {
         let relay = start_relay(
             &lab,
@@ -558,11 +498,7 @@ fn expired_permissions_and_channels_stop_kernel_forwarding() {
                 "2",
             ],
         );
-        let socket = lab
-            .client
-            .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-        let mut client = Client::with_socket(socket, server, REALM);
-        client.login("alice", "wonderland");
+        let mut client = lab_client(&lab, false);
         client.allocate();
         client.bind_channel(0x4000, echo.addr);
         assert_eq!(
@@ -605,7 +541,7 @@ fn client_to_client(mode: &str) {
     require_root();
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
-    let _far = (mode != "off").then(|| FarEnds::attach(&lab));
+    let _far = (mode != "off").then(|| FarEnds::of(&lab));
     let relay = start_kernel_relay(&lab, false, mode, &[]);
     let client_ns = lab.client.name().to_owned();
     let report = uclient(
@@ -676,18 +612,7 @@ fn only_live_relayed_ports_of_the_host_are_peers() {
     require_root();
     let lab = ThreeHosts::new();
     let relay = start_relay(&lab, false, &["--fastpath", "off"]);
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
-    let client = |lab: &ThreeHosts| {
-        let socket = lab
-            .client
-            .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-        let mut client = Client::with_socket(socket, server, REALM);
-        client.login("alice", "wonderland");
-        client
-    };
-    let (mut a, mut b) = (client(&lab), client(&lab));
+    let (mut a, mut b) = (lab_client(&lab, false), lab_client(&lab, false));
     let relayed_a = a.allocate();
     let relayed_b = b.allocate();
     // A service on the relay host, on the relay address: never reachable through the relay.
@@ -781,7 +706,7 @@ fn both_paths_write_the_same_ip_header(v6: bool) {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let relay = start_kernel_relay(&lab, v6, "xdp", &[]);
     let echo = Echo::start_on(&lab, if v6 { PEER_IP6 } else { PEER_IP });
     let (server, client_ip): (SocketAddr, &'static str) = if v6 {
@@ -911,17 +836,10 @@ fn a_full_kernel_map_keeps_bindings_on_the_socket_path() {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let relay = start_kernel_relay(&lab, false, "xdp", &["--kernel-bindings", "2"]);
     let echoes: Vec<Echo> = (0..4).map(|_| Echo::start(&lab)).collect();
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut client = Client::with_socket(socket, server, REALM);
-    client.login("alice", "wonderland");
+    let mut client = lab_client(&lab, false);
     client.allocate();
     for round in 0..2 {
         // The second round refreshes every binding (RFC 8656 §12.2).
@@ -1038,7 +956,7 @@ fn relays_between_families(mode: &str) {
     lab.add_static_neighbours();
     let _far = kernel.then(|| {
         lab.force_forwarding_off();
-        FarEnds::attach(&lab)
+        FarEnds::of(&lab)
     });
     if kernel {
         extra.extend_from_slice(&["--interface", &rc, "--interface", &rp]);
@@ -1167,7 +1085,7 @@ fn indications_through_the_kernel(mode: &str, v6: bool) {
     require_root();
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let relay = start_kernel_relay(&lab, v6, mode, &[]);
     let server = if v6 {
         RELAY_CLIENT_SIDE_IP6
@@ -1242,17 +1160,10 @@ fn expired_permissions_stop_kernel_indications() {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let echo = Echo::start(&lab);
     let relay = start_kernel_relay(&lab, false, "xdp", &["--permission-lifetime", "2"]);
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut client = Client::with_socket(socket, server, REALM);
-    client.login("alice", "wonderland");
+    let mut client = lab_client(&lab, false);
     client.allocate();
     use relay::proto::stun::{Attribute, Method};
     assert_eq!(
@@ -1288,11 +1199,7 @@ fn expired_permissions_stop_kernel_indications() {
     );
 
     // Deleting an allocation takes its indications out of the kernel at once.
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut other = Client::with_socket(socket, server, REALM);
-    other.login("alice", "wonderland");
+    let mut other = lab_client(&lab, false);
     other.allocate();
     assert_eq!(
         other.request_error(
@@ -1340,12 +1247,9 @@ fn a_killed_relay_leaves_nothing_attached_and_a_restart_replaces_a_stale_program
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let echo = Echo::start(&lab);
     let rc = lab.relay_client_if.clone();
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
 
     let relay = start_kernel_relay(&lab, false, "xdp", &[]);
     assert!(xdp_program_id(&lab.relay, &rc).is_some(), "attached");
@@ -1383,11 +1287,7 @@ fn a_killed_relay_leaves_nothing_attached_and_a_restart_replaces_a_stale_program
         "{}",
         relay.log()
     );
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut client = Client::with_socket(socket, server, REALM);
-    client.login("alice", "wonderland");
+    let mut client = lab_client(&lab, false);
     client.allocate();
     client.bind_channel(0x4000, echo.addr);
     assert_eq!(round_trips(&client, 0x4000, 20, "after restart"), 20);
@@ -1462,7 +1362,7 @@ fn the_relay_drops_root_after_its_privileged_start() {
     let lab = ThreeHosts::new();
     lab.force_forwarding_off();
     lab.add_static_neighbours();
-    let _far = FarEnds::attach(&lab);
+    let _far = FarEnds::of(&lab);
     let echo = Echo::start(&lab);
     let relay = start_kernel_relay(&lab, false, "xdp", &[]);
     let status =
@@ -1483,14 +1383,7 @@ fn the_relay_drops_root_after_its_privileged_start() {
     assert_eq!(field("NoNewPrivs:"), "1");
     assert!(relay.log().contains("dropped root"), "{}", relay.log());
 
-    let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
-        .parse()
-        .expect("addr");
-    let socket = lab
-        .client
-        .run_inside(|| UdpSocket::bind((CLIENT_IP, 0)).expect("client socket"));
-    let mut client = Client::with_socket(socket, server, REALM);
-    client.login("alice", "wonderland");
+    let mut client = lab_client(&lab, false);
     client.allocate();
     client.bind_channel(0x4000, echo.addr);
     assert_eq!(round_trips(&client, 0x4000, 20, "unprivileged"), 20);

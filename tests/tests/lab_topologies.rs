@@ -14,15 +14,14 @@ use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use relay::fastpath::FastPath;
 use relay_tests::{
-    enter_netns,
+    fastpath::FarEnds,
     lab::{
         force_forwarding_off, OneNic, ThreeHosts, CLIENT_IP, ONE_NIC_PEER_IP, ONE_NIC_PEER_IP6,
         ONE_NIC_PEER_NET, ONE_NIC_PEER_NET6, ONE_NIC_RELAY_IP, ONE_NIC_RELAY_IP6, PEER_IP,
@@ -36,56 +35,6 @@ const REALM: &str = "lab.test";
 const PORT: &str = "3478";
 /// The channel the hand-driven flows use.
 const CHANNEL: u16 = 0x4000;
-
-fn ns_path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name())
-}
-
-/// `relay_xdp_pass` on veth ends, for as long as it lives: veth delivers frames that XDP
-/// transmits or redirects into it only if its far end runs an XDP program.
-struct FarEnds {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl FarEnds {
-    fn attach(ends: &[(&Netns, &str)]) -> Self {
-        let ends: Vec<(String, String)> = ends
-            .iter()
-            .map(|(ns, dev)| (ns_path(ns), (*dev).to_owned()))
-            .collect();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let mut fastpath = FastPath::load().unwrap_or_else(|e| panic!("load: {e}"));
-            for (ns, dev) in &ends {
-                enter_netns(ns);
-                fastpath
-                    .attach_pass(dev)
-                    .unwrap_or_else(|e| panic!("XDP_PASS on {dev}: {e}"));
-            }
-            ready_tx.send(()).expect("test waits");
-            // Programs stay attached until the test drops this (or panics).
-            let _ = stop_rx.recv();
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("far-end programs attached");
-        Self {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for FarEnds {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
 
 /// `relay serve` in `ns`, listening on `listen`, relaying from `relay_ip` to `peers`.
 fn start_relay(ns: &Netns, listen: &str, relay_ip: &str, peers: &str, extra: &[&str]) -> Relay {
@@ -413,7 +362,7 @@ fn three_hosts_running(lab: &ThreeHosts, extra_forwarding_off: &[&str]) -> Runni
     let mut devs = vec![lab.relay_client_if.as_str(), lab.relay_peer_if.as_str()];
     devs.extend_from_slice(extra_forwarding_off);
     force_forwarding_off(&lab.relay, &devs);
-    let far = FarEnds::attach(&[(&lab.client, &lab.client_if), (&lab.peer, &lab.peer_if)]);
+    let far = FarEnds::of(lab);
     let relay = start_relay(
         &lab.relay,
         &format!("{RELAY_CLIENT_SIDE_IP}:{PORT}"),

@@ -1420,23 +1420,30 @@ fn ifindex(name: &str) -> u32 {
 }
 
 /// Runs `input` through `program` and returns its output with the verdict reasons counted
-/// meanwhile. The counters are global: a frame the lab's interfaces send on their own (IPv6
-/// router solicitations, MLD reports) may reach the attached program during the run and count
-/// a reason of its own; when more than `want` was counted, the run is repeated once.
+/// meanwhile, and allocation counter slot `slot`'s counters from just before the run. The
+/// verdict counters are global: a frame the lab's interfaces send on their own (IPv6 router
+/// solicitations, MLD reports) may reach the attached program during the run and count a
+/// reason of its own; when more than `want` was counted, the run is repeated once.
 fn run_counted(
     fastpath: &mut FastPath,
     program: TestProgram,
     input: &[u8],
     ingress: u32,
     want: Reason,
-) -> (relay::fastpath::TestRunOutput, Vec<Reason>) {
+    slot: Option<u32>,
+) -> (
+    relay::fastpath::TestRunOutput,
+    Vec<Reason>,
+    Option<relay_common::AllocationCounters>,
+) {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let before = fastpath.verdict_counters().expect("counters");
+        let slot_before = slot.map(|slot| fastpath.counters(slot).expect("allocation counters"));
         let out = fastpath
             .test_run(program, input, ingress)
-            .expect("test run");
+            .unwrap_or_else(|e| panic!("test run: {e}"));
         let after = fastpath.verdict_counters().expect("counters");
         let counted: Vec<Reason> = before
             .iter()
@@ -1445,7 +1452,7 @@ fn run_counted(
             .map(|(_, a)| a.0)
             .collect();
         if counted.len() <= 1 || !counted.contains(&want) || attempt == 2 {
-            return (out, counted);
+            return (out, counted, slot_before);
         }
     }
 }
@@ -1545,31 +1552,14 @@ fn run_fixtures(program: TestProgram) {
                 Expect::Forward { reason, .. } | Expect::Pass(reason) => *reason,
                 Expect::DataIndication { .. } => Reason::ForwardDataToClient,
             };
-            // The verdict counters are global: a frame the lab's interfaces send on their own
-            // (IPv6 router solicitations, MLD reports) may reach the attached program during a
-            // run and count a reason of its own. Such a run is repeated once.
-            let mut attempt = 0;
-            let (out, counted, slot_before) = loop {
-                attempt += 1;
-                let before = fastpath.verdict_counters().expect("counters");
-                let slot_before = fixture
-                    .counts
-                    .map(|(slot, _)| fastpath.counters(slot).expect("allocation counters"));
-                let out = fastpath
-                    .test_run(program, &fixture.input, ingress)
-                    .unwrap_or_else(|e| panic!("{}: test run: {e}", fixture.name));
-                let after = fastpath.verdict_counters().expect("counters");
-                let counted: Vec<Reason> = before
-                    .iter()
-                    .zip(&after)
-                    .filter(|(b, a)| a.1 != b.1)
-                    .map(|(_, a)| a.0)
-                    .collect();
-                let background = counted.len() > 1 && counted.contains(&expected_reason);
-                if !background || attempt == 2 {
-                    break (out, counted, slot_before);
-                }
-            };
+            let (out, counted, slot_before) = run_counted(
+                &mut fastpath,
+                program,
+                &fixture.input,
+                ingress,
+                expected_reason,
+                fixture.counts.map(|(slot, _)| slot),
+            );
             let (action, frame, reason) = match &fixture.expect {
                 Expect::Forward {
                     frame,
@@ -1666,7 +1656,8 @@ fn run_fixtures(program: TestProgram) {
             (&stricter, Reason::PassPolicyDenied),
         ] {
             fastpath.set_peer_policy(policy).expect("kernel policy");
-            let (_, counted) = run_counted(&mut fastpath, program, &input, client_index, want);
+            let (_, counted, _) =
+                run_counted(&mut fastpath, program, &input, client_index, want, None);
             assert_eq!(counted, [want]);
         }
         fastpath.set_peer_policy(&policy).expect("kernel policy");
@@ -1719,12 +1710,13 @@ fn run_fixtures(program: TestProgram) {
             } else {
                 client_index
             };
-            let (out, counted) = run_counted(
+            let (out, counted, _) = run_counted(
                 &mut fastpath,
                 program,
                 &input,
                 ingress,
                 Reason::PassEntryChanged,
+                None,
             );
             assert_eq!((out.action, &out.frame), (pass, &input), "recycled entry");
             assert_eq!(counted, [Reason::PassEntryChanged]);
@@ -1748,7 +1740,7 @@ fn run_fixtures(program: TestProgram) {
         let send = client_frame(&f, &send_indication(tid(50), f.peer, b"gone", &[])).build();
         let data = peer_frame(&f, b"gone").build();
         let run = |fastpath: &mut FastPath, input: &[u8], ingress, want| {
-            let (out, counted) = run_counted(fastpath, program, input, ingress, want);
+            let (out, counted, _) = run_counted(fastpath, program, input, ingress, want, None);
             assert_eq!((out.action, &out.frame[..]), (pass, input), "after removal");
             counted
         };
