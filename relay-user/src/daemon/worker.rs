@@ -465,6 +465,7 @@ impl Worker {
                 listener,
                 client,
                 header,
+                ..
             } => {
                 let Some((socket, src)) = listener_socket(&self.listeners, listener) else {
                     return;
@@ -510,6 +511,7 @@ impl Worker {
                     listener,
                     client,
                     payload,
+                    ..
                 } => {
                     if let Some(token) = from_relay {
                         self.count(token, false, payload.len());
