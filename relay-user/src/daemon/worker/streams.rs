@@ -209,6 +209,8 @@ impl Worker {
                 }
             }
         }
+        // Fair turns: the rest in the next round.
+        self.unfinished_streams.push(token);
     }
 
     /// Hands every whole message of connection `token`'s input to the core.
