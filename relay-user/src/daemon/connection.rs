@@ -31,6 +31,8 @@ const MAX_INPUT: usize = MAX_STREAM_MESSAGE + READ_CHUNK;
 pub const MAX_OUTPUT: usize = 256 * 1024;
 /// Bytes read per connection per wake, so one fast sender cannot starve the worker's others.
 const READ_BUDGET: usize = 256 * 1024;
+/// Buffer capacity a connection keeps between reads; beyond it an empty buffer is freed.
+const IDLE_BUFFER: usize = 2048;
 /// Plaintext handed to rustls at a time, so its own buffer stays about one chunk.
 const TLS_WRITE_CHUNK: usize = 16 * 1024;
 
@@ -191,13 +193,26 @@ impl Connection {
         &self.input
     }
 
+    /// After the whole messages were handled: an emptied input gives its buffer back, so an
+    /// idle connection holds no read buffer (a busy one reallocates per read, which is cheap
+    /// next to the read itself).
+    pub fn release_input(&mut self) {
+        if self.input_start == self.input.len() {
+            self.input_start = 0;
+            self.input.clear();
+            if self.input.capacity() > IDLE_BUFFER {
+                self.input = Vec::new();
+            }
+        }
+    }
+
     fn compact_input(&mut self) {
         if self.input_start > 0 {
             self.input.drain(..self.input_start);
             self.input_start = 0;
         }
-        if self.input.is_empty() && self.input.capacity() > READ_CHUNK {
-            // An idle connection keeps no large buffer.
+        if self.input.is_empty() && self.input.capacity() > IDLE_BUFFER {
+            // An idle connection keeps no large buffer (thousands of them wait on a relay).
             self.input = Vec::new();
         }
     }
@@ -272,7 +287,7 @@ impl Connection {
         if self.output.len() - self.output_start <= MAX_OUTPUT / 2 {
             self.full_since = None;
         }
-        if done && self.output.capacity() > 4 * READ_CHUNK {
+        if done && self.output.capacity() > IDLE_BUFFER {
             self.output = Vec::new();
             self.output_start = 0;
         }

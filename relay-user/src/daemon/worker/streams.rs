@@ -220,6 +220,7 @@ impl Worker {
                 return Ok(());
             };
             let Some(range) = connection.next_message()? else {
+                connection.release_input();
                 return Ok(());
             };
             connection.last_message = Some(now);
