@@ -504,6 +504,18 @@ impl<R: RngCore + CryptoRng> Server<R> {
         }
     }
 
+    /// Whether the 5-tuple holds an allocation (bound or being bound); a TCP/TLS connection
+    /// without one may be closed when idle.
+    pub fn has_allocation(
+        &self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        transport: Transport,
+    ) -> bool {
+        self.by_five_tuple
+            .contains_key(&(client, listener, transport))
+    }
+
     /// The client's TCP or TLS connection closed: its allocation ends with it (RFC 8656 §5),
     /// kernel entries and relay sockets released through the usual commands.
     pub fn connection_closed(

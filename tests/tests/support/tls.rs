@@ -10,7 +10,7 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SerialNumber,
 };
 use rustls::{
@@ -34,7 +34,8 @@ pub struct Leaf {
 /// files the relay reads (`cert.pem`, `key.pem`) and the file clients trust (`ca.pem`).
 pub struct TestPki {
     dir: PathBuf,
-    ca: Issuer<'static, KeyPair>,
+    ca: Certificate,
+    ca_key: KeyPair,
     ca_der: CertificateDer<'static>,
     next_serial: u64,
 }
@@ -60,7 +61,8 @@ impl TestPki {
         std::fs::write(dir.join("ca.pem"), cert.pem()).expect("write ca.pem");
         Self {
             dir,
-            ca: Issuer::new(params, key),
+            ca: cert,
+            ca_key: key,
             ca_der,
             next_serial: 1,
         }
@@ -82,7 +84,7 @@ impl TestPki {
         params.serial_number = Some(SerialNumber::from(self.next_serial));
         self.next_serial += 1;
         let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).expect("leaf certificate");
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
