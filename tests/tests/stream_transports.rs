@@ -27,7 +27,7 @@ use relay_tests::{
 use serde_json::Value;
 use support::{
     client::Client, echo_peer, free_tcp_port, free_udp_port, run_aioice_over, stream::StreamClient,
-    tls::TestPki, uclient, AioiceTransport, Relay, UclientReport,
+    tls::TestPki, uclient_stream, AioiceTransport, Relay,
 };
 
 const PEER_IP: &str = "127.0.0.2";
@@ -120,15 +120,16 @@ fn rest_credential(user: &str) -> (String, String) {
     (username, password)
 }
 
-/// uclient against the echo peer on 127.0.0.2:`peer_port` with `sessions` x `messages` of
-/// 200 B, 5 ms apart, plus `extra` flags; asserts zero loss.
+/// uclient against the echo peer on 127.0.0.2:`peer_port` with 4 sessions x 100 messages of
+/// 200 B, 5 ms apart, plus `extra` flags; asserts zero loss. Returns the messages sent (over a
+/// repeated TLS run too).
 fn uclient_loopback(
     relay: &Relay,
     server: SocketAddr,
     peer_port: u16,
     extra: &[&str],
     label: &str,
-) -> UclientReport {
+) -> u64 {
     let port = server.port().to_string();
     let peer_port = peer_port.to_string();
     let mut args = vec![
@@ -154,7 +155,7 @@ fn uclient_loopback(
     ];
     args.extend_from_slice(extra);
     args.push("127.0.0.1");
-    let report = uclient(&[], &args);
+    let (report, sent) = uclient_stream(&[], &args);
     assert_eq!(
         report.lost,
         Some(0),
@@ -168,7 +169,7 @@ fn uclient_loopback(
         "{label}: {}",
         report.output
     );
-    report
+    sent
 }
 
 /// coturn's client over TCP (`-t`) and TLS (`-t -S`, the certificate checked against the test
@@ -178,7 +179,8 @@ fn uclient_loopback(
 #[test]
 fn uclient_over_tcp_and_tls_with_channel_data_and_send_indications_loses_nothing() {
     let (pki, _) = TestPki::installed("relay-uclient");
-    let s = relay_with(&pki, &[]);
+    // uclient binds channels past 0x4FFF (RFC 5766's range), as in the UDP interop tests.
+    let s = relay_with(&pki, &["--legacy-channels"]);
     let peer_port = free_udp_port(PEER_IP);
     let _peer = echo_peer(&[], PEER_IP, peer_port);
     let ca = pki.ca_path();
@@ -193,7 +195,7 @@ fn uclient_over_tcp_and_tls_with_channel_data_and_send_indications_loses_nothing
             vec!["-t", "-S", "-E", ca, "-s"],
         ),
     ];
-    std::thread::scope(|scope| {
+    let sent = std::thread::scope(|scope| {
         let handles: Vec<_> = runs
             .iter()
             .map(|(label, server, extra)| {
@@ -201,20 +203,22 @@ fn uclient_over_tcp_and_tls_with_channel_data_and_send_indications_loses_nothing
                 scope.spawn(move || uclient_loopback(relay, *server, peer_port, extra, label))
             })
             .collect();
-        for handle in handles {
-            handle.join().expect("uclient run");
-        }
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("uclient run"))
+            .sum::<u64>()
     });
     let relay = &s.relay;
-    // 4 runs x 400 messages each way, all through relay sockets.
+    // Every message each way went through relay sockets (4 runs x 400, plus a repeated run).
     assert_eq!(
         relay.metric("relay_relayed_packets_total{path=\"socket\",direction=\"to_peer\"}"),
-        1600
+        sent
     );
     assert_eq!(
         relay.metric("relay_relayed_packets_total{path=\"socket\",direction=\"to_client\"}"),
-        1600
+        sent
     );
+    assert_eq!(relay.metric("relay_stream_send_drops_total"), 0);
     // uclient closed its connections: they and their allocations are gone.
     for transport in ["tcp", "tls"] {
         let gauge = format!("relay_connections{{transport=\"{transport}\"}}");
@@ -777,6 +781,7 @@ fn lab_fast_path_forwards_udp_clients_while_tcp_and_tls_clients_use_the_socket_p
         ),
     ];
     let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut sent_by: BTreeMap<&str, u64> = BTreeMap::new();
     std::thread::scope(|scope| {
         let handles: Vec<_> = runs
             .iter()
@@ -804,7 +809,10 @@ fn lab_fast_path_forwards_udp_clients_while_tcp_and_tls_clients_use_the_socket_p
                     ];
                     args.extend(extra.iter().map(String::as_str));
                     args.push(RELAY_CLIENT_SIDE_IP);
-                    (*label, uclient(&["ip", "netns", "exec", client_ns], &args))
+                    (
+                        *label,
+                        uclient_stream(&["ip", "netns", "exec", client_ns], &args),
+                    )
                 })
             })
             .collect();
@@ -823,7 +831,8 @@ fn lab_fast_path_forwards_udp_clients_while_tcp_and_tls_clients_use_the_socket_p
             std::thread::sleep(Duration::from_millis(200));
         }
         for handle in handles {
-            let (label, report) = handle.join().expect("uclient run");
+            let (label, (report, sent)) = handle.join().expect("uclient run");
+            sent_by.insert(label, sent);
             assert_eq!(
                 report.lost,
                 Some(0),
@@ -853,24 +862,93 @@ fn lab_fast_path_forwards_udp_clients_while_tcp_and_tls_clients_use_the_socket_p
         "{seen:?}"
     );
 
-    // Relay-wide: the UDP client's 400 + 20 in the kernel, the TCP/TLS clients' 800 + 40 in
-    // relay sockets.
+    // Relay-wide: the UDP clients' messages (uclient's 400 and the held client's 20) in the
+    // kernel, the TCP/TLS clients' (800, or more after a repeated TLS run, and 40) in relay
+    // sockets.
     let metric = |path: &str, direction: &str| {
         relay.metric(&format!(
             "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}}"
         ))
     };
-    assert_eq!(metric("kernel", "to_peer"), 420, "{}", relay.log());
-    assert_eq!(metric("kernel", "to_client"), 420);
-    assert_eq!(metric("socket", "to_peer"), 840);
-    assert_eq!(metric("socket", "to_client"), 840);
+    let kernel = 20 + sent_by["udp"];
+    let socket = 40 + sent_by["tcp"] + sent_by["tls"];
+    assert_eq!(metric("kernel", "to_peer"), kernel, "{}", relay.log());
+    assert_eq!(metric("kernel", "to_client"), kernel);
+    assert_eq!(metric("socket", "to_peer"), socket);
+    assert_eq!(metric("socket", "to_client"), socket);
     for ns in [&lab.client, &lab.peer] {
         assert_eq!(ns.udp_counter("InCsumErrors"), 0, "{}", ns.name());
     }
+    // The stream clients' allocations end with their connections (uclient's UDP allocations
+    // live on until they expire: UDP has no connection to close).
     drop((tcp_client, tls_client));
     udp.delete();
-    assert_eq!(
-        relay.wait_metric("relay_allocations", 0, Duration::from_secs(5)),
-        0
-    );
+    for transport in ["tcp", "tls"] {
+        let gauge = format!("relay_allocations_by_transport{{transport=\"{transport}\"}}");
+        assert_eq!(relay.wait_metric(&gauge, 0, Duration::from_secs(5)), 0);
+        let gauge = format!("relay_connections{{transport=\"{transport}\"}}");
+        assert_eq!(relay.wait_metric(&gauge, 0, Duration::from_secs(5)), 0);
+    }
+}
+
+/// The tests' own client pipelines bursts over TCP and TLS (ChannelData and Send indications,
+/// odd sizes so padding matters) to coturn's echo peer: every message comes back, in order,
+/// intact. This is the strict zero-loss check of the relay's stream writer (uclient's TLS
+/// reader is the weaker witness, see `support::uclient_stream`).
+#[test]
+fn pipelined_bursts_over_tcp_and_tls_come_back_complete_and_in_order() {
+    let (pki, _) = TestPki::installed("relay-burst");
+    let s = relay_with(&pki, &[]);
+    let peer_port = free_udp_port(PEER_IP);
+    let _peer = echo_peer(&[], PEER_IP, peer_port);
+    let echo: SocketAddr = format!("{PEER_IP}:{peer_port}").parse().expect("addr");
+    let clients = [
+        StreamClient::tcp(s.tcp, REALM),
+        StreamClient::tls(s.tls, REALM, pki.client_config(&[])),
+    ];
+    for mut client in clients {
+        client.login("alice", "wonderland");
+        client.allocate();
+        client.bind_channel(0x4000, echo);
+        // 10 bursts of 30 messages written back to back, then read back.
+        for burst in 0..10u32 {
+            let mut expected = Vec::new();
+            let mut bytes = Vec::new();
+            for i in 0..30u32 {
+                let n = burst * 30 + i;
+                let size = 101 + usize::try_from(n % 7).expect("small") * 97;
+                let mut payload = n.to_be_bytes().to_vec();
+                payload.resize(size, u8::try_from(n % 251).expect("small"));
+                if n % 2 == 0 {
+                    bytes.extend(support::stream::channel_data(0x4000, &payload));
+                    expected.push((0x4000, payload));
+                } else {
+                    let mut b = relay::proto::stun::MessageBuilder::new(
+                        Class::Indication,
+                        Method::SEND,
+                        relay::proto::stun::TransactionId([7; 12]),
+                    );
+                    b.add(&Attribute::XorPeerAddress(echo))
+                        .add(&Attribute::Data(&payload));
+                    bytes.extend(b.finish(None, true));
+                    // A peer with a channel answers as ChannelData.
+                    expected.push((0x4000, payload));
+                }
+            }
+            client.send_raw(&bytes).expect("write the burst");
+            for (i, want) in expected.into_iter().enumerate() {
+                let got = client.next_data();
+                assert_eq!(
+                    got.as_ref()
+                        .map(|(ch, d)| (*ch, d.len(), d.get(..4).map(<[u8]>::to_vec))),
+                    Ok((want.0, want.1.len(), Some(want.1[..4].to_vec()))),
+                    "burst {burst} message {i} to {}\n{}",
+                    client.server,
+                    s.relay.log()
+                );
+                assert_eq!(got, Ok(want));
+            }
+        }
+    }
+    assert_eq!(s.relay.metric("relay_stream_send_drops_total"), 0);
 }

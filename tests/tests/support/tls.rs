@@ -84,7 +84,9 @@ impl TestPki {
         params.serial_number = Some(SerialNumber::from(self.next_serial));
         self.next_serial += 1;
         let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).expect("leaf certificate");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("leaf certificate");
         Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
