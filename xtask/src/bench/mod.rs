@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// Datagrams per second per allocation and direction in the VoIP-shaped variant.
     #[arg(long, value_name = "PPS", default_value_t = 25)]
     voip_pps: u32,
+    /// Run only the mode's variants with these labels, comma-separated (as the table prints
+    /// them, e.g. `--variants "120B x1 c>p,120B x1000 c>p"`): a shorter run for profiling.
+    #[arg(long, value_delimiter = ',', value_name = "LABELS")]
+    variants: Option<Vec<String>>,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -221,6 +225,10 @@ impl Plan {
         if let Some(t) = args.peak_trial {
             plan.search.trial = Duration::from_secs_f64(t.clamp(0.05, 30.0));
         }
+        if let Some(labels) = &args.variants {
+            plan.variants
+                .retain(|v| labels.iter().any(|l| l.trim() == v.label()));
+        }
         plan
     }
 }
@@ -254,6 +262,12 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let json_path = args.json.clone().unwrap_or_else(|| out.join("bench.json"));
 
     let plan = Plan::from_args(&args);
+    if plan.variants.is_empty() {
+        bail!(
+            "--variants matched none of the {} mode's variants",
+            plan.mode
+        );
+    }
     let paths: Vec<PathKind> = match &args.paths {
         Some(list) => list
             .iter()
