@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod channel_data;
+pub mod framing;
 pub mod limiter;
 pub mod policy;
 pub mod server;

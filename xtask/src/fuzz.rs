@@ -19,6 +19,7 @@ pub const TARGETS: &[&str] = &[
     "rest_username",
     "nonce",
     "server",
+    "stream_framing",
 ];
 
 /// Executions per target in `cargo xtask test` (a few seconds for all of them).

@@ -17,9 +17,9 @@ use std::{
 use rustls::ServerConnection;
 
 use super::connection_limits::ConnectionSlot;
-use crate::{
-    net::framing::{next_frame, stream_padding, FramingError, MAX_STREAM_MESSAGE},
-    proto::Transport,
+use crate::proto::{
+    framing::{next_frame, stream_padding, FramingError, MAX_STREAM_MESSAGE},
+    Transport,
 };
 
 /// Bytes read per read call.

@@ -7,7 +7,6 @@
 
 pub mod batch;
 pub mod epoll;
-pub mod framing;
 pub mod recv;
 pub mod send;
 #[cfg(test)]
