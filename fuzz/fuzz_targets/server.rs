@@ -25,6 +25,7 @@ use relay_proto::{
     policy::PeerPolicy,
     server::{AllocationQuota, Command, LiveRelayed, QuotaLedger, Server, ServerConfig},
     stun::{AddressFamily, Attribute, Class, Message, MessageBuilder, Method, TransactionId},
+    Transport,
 };
 
 const REALM: &str = "relay.fuzz";
@@ -245,12 +246,14 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
     } else {
         sa(LISTENERS[1])
     };
-    match input.byte() % 8 {
+    // The same addresses over UDP, TCP and TLS are three 5-tuples (RFC 8656 §5).
+    let transport = input.pick(&[Transport::Udp, Transport::Udp, Transport::Tcp, Transport::Tls]);
+    match input.byte() % 9 {
         0 => {
             let len = usize::from(input.byte());
             let data = input.take(len).to_vec();
             rig.server
-                .handle_client_datagram(client, listener, &data, rig.now);
+                .handle_client_message(client, listener, transport, &data, rig.now);
         }
         1 | 2 => {
             let tid = rig.tid();
@@ -308,7 +311,7 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
                 b.finish(Some(key.as_bytes()), flags & 128 != 0)
             };
             rig.server
-                .handle_client_datagram(client, listener, &bytes, rig.now);
+                .handle_client_message(client, listener, transport, &bytes, rig.now);
         }
         3 => {
             let channel = input.pick(&[0x4000u16, 0x4001, 0x4fff]);
@@ -316,7 +319,7 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
             let data = input.take(len);
             let bytes = ChannelData { channel, data }.encode(input.byte() & 1 == 0);
             rig.server
-                .handle_client_datagram(client, listener, &bytes, rig.now);
+                .handle_client_message(client, listener, transport, &bytes, rig.now);
         }
         4 => {
             let peer = sa(input.pick(&PEERS));
@@ -328,7 +331,7 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
                 .add(&Attribute::Data(data));
             let bytes = b.finish(None, false);
             rig.server
-                .handle_client_datagram(client, listener, &bytes, rig.now);
+                .handle_client_message(client, listener, transport, &bytes, rig.now);
         }
         5 => {
             let relayed: Vec<SocketAddr> = rig.relayed.iter().copied().collect();
@@ -355,6 +358,10 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
             rig.policy
                 .host_addresses()
                 .replace(hosts.iter().map(|h| h.parse::<IpAddr>().expect("literal")));
+        }
+        8 => {
+            // A TCP/TLS client's connection closes: its allocation ends (RFC 8656 §5).
+            rig.server.connection_closed(client, listener, transport);
         }
         _ => {
             let scale = input.pick(&[1u64, 1_000, 30_000, 300_000]);

@@ -31,6 +31,8 @@ const MAX_INPUT: usize = MAX_STREAM_MESSAGE + READ_CHUNK;
 pub const MAX_OUTPUT: usize = 256 * 1024;
 /// Bytes read per connection per wake, so one fast sender cannot starve the worker's others.
 const READ_BUDGET: usize = 256 * 1024;
+/// Plaintext put into TLS records between two socket writes.
+const TLS_BATCH: usize = 64 * 1024;
 /// Buffer capacity a connection keeps between reads; beyond it an empty buffer is freed.
 const IDLE_BUFFER: usize = 2048;
 
@@ -288,17 +290,24 @@ impl Connection {
                 if self.output_start == self.output.len() || tls.is_handshaking() {
                     break self.output_start == self.output.len();
                 }
-                // One message, one record (see `message_ends`); rustls' buffer then holds one
-                // record at most, since the loop writes it out before taking the next.
-                let end = self
-                    .message_ends
-                    .pop_front()
-                    .unwrap_or(self.output.len())
-                    .min(self.output.len());
-                match tls.writer().write(&self.output[self.output_start..end]) {
-                    Ok(n) if n == end - self.output_start => self.output_start = end,
-                    Ok(_) => return Err(CloseReason::Tls),
-                    Err(_) => return Err(CloseReason::Tls),
+                // One message, one record (see `message_ends`), but a batch of records per
+                // write: the socket write above sends them together (rustls writes its
+                // records vectored), so a record per message costs no system call per
+                // message. A batch is at most TLS_BATCH bytes, so rustls' buffer stays small.
+                let mut batch = 0;
+                while batch < TLS_BATCH && self.output_start < self.output.len() {
+                    let end = self
+                        .message_ends
+                        .pop_front()
+                        .unwrap_or(self.output.len())
+                        .min(self.output.len());
+                    match tls.writer().write(&self.output[self.output_start..end]) {
+                        Ok(n) if n == end - self.output_start => {
+                            batch += n;
+                            self.output_start = end;
+                        }
+                        Ok(_) | Err(_) => return Err(CloseReason::Tls),
+                    }
                 }
             },
         };
