@@ -29,6 +29,8 @@ pub struct Results {
     /// Variants a path does not run, with the reason: the minimal forwarders' both-directions
     /// and Send ones (`Variant::not_applicable`), and those a server refused the allocations for.
     pub not_applicable: Vec<(PathKind, Variant, String)>,
+    /// The stream-client variant (TCP/TLS clients), relay and coturn.
+    pub stream: super::stream::StreamResults,
     pub elapsed_s: f64,
 }
 
@@ -84,6 +86,7 @@ impl Results {
             peaks: Vec::new(),
             availability: BTreeMap::new(),
             not_applicable: Vec::new(),
+            stream: Default::default(),
             elapsed_s: 0.0,
         }
     }
@@ -529,6 +532,7 @@ pub fn table(results: &Results) -> String {
             let _ = writeln!(t, "{}: unavailable (reason below)", path.name());
         }
     }
+    t.push_str(&super::stream::table(&results.stream));
     t
 }
 
@@ -694,6 +698,7 @@ pub fn json(results: &Results) -> Value {
         "peak_searches": peak_searches,
         "voip": voip,
         "runs": runs,
+        "stream": super::stream::json(&results.stream),
     })
 }
 
@@ -1134,6 +1139,7 @@ mod tests {
             peaks: Vec::new(),
             availability: BTreeMap::new(),
             not_applicable: Vec::new(),
+            stream: Default::default(),
             elapsed_s: 1.0,
         };
         let paths = COLORS.map(|(p, _)| p);
