@@ -1263,6 +1263,53 @@ fn target(r: &StreamResults) -> BTreeMap<&'static str, Option<bool>> {
         .collect()
 }
 
+/// One group of the SVG's stream panel: its label ("tcp x1") and each server's relayed pps
+/// per relay core (by the path whose colour it takes; None: n/a).
+pub type SvgGroup = (String, Vec<(PathKind, Option<f64>)>);
+
+/// The SVG's stream panel: its groups, and one line of handshakes per second per server and
+/// transport.
+pub fn svg_data(r: &StreamResults) -> (Vec<SvgGroup>, Vec<String>) {
+    let floods = flood_summaries(r);
+    let mut groups: Vec<SvgGroup> = Vec::new();
+    let Some(plan) = &r.plan else {
+        return (groups, Vec::new());
+    };
+    for &transport in &plan.transports {
+        for &connections in &plan.connections {
+            let bars = r
+                .servers
+                .iter()
+                .map(|&server| {
+                    let v = floods
+                        .iter()
+                        .find(|f| {
+                            f.server == server
+                                && f.transport == transport
+                                && f.connections == connections
+                        })
+                        .and_then(|f| f.pps_per_core);
+                    (server.path(), v)
+                })
+                .collect();
+            groups.push((format!("{} x{connections}", transport.name()), bars));
+        }
+    }
+    let lines = handshake_summaries(r)
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {}: {:.0} handshakes/s ({} per relay core-s)",
+                h.server.name(),
+                h.transport.name(),
+                h.per_s,
+                h.per_core_s.map_or("-".to_owned(), |v| format!("{v:.0}"))
+            )
+        })
+        .collect();
+    (groups, lines)
+}
+
 /// The stream section of the terminal/markdown table.
 pub fn table(r: &StreamResults) -> String {
     let mut t = String::new();
