@@ -171,6 +171,7 @@ impl Plan {
             warmup: Duration::from_millis(warmup_ms),
             window: Duration::from_millis(window_ms),
             handshake_workers: 8,
+            p2c: true,
         };
         let search = |steps, trial_ms| peak::SearchPlan {
             steps,
@@ -580,6 +581,7 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 round,
                 plan.rounds,
                 far.as_ref().ok(),
+                &peer,
                 &mut results.stream,
             )?;
         }

@@ -23,7 +23,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     os::fd::{AsRawFd, FromRawFd},
     path::{Path, PathBuf},
     sync::{
@@ -43,6 +43,7 @@ use serde_json::{json, Value};
 
 use super::{
     lab::{self, check_stop, pin_current_thread, Lab, LISTEN_IP, PEER_IP, STOP},
+    loadgen::{self, FloodPlan, Generator as _, SendGroup},
     measure,
     runner::{self, Ctx, PathKind, StreamListen, LISTEN_PORT, PEER_PORT},
     sink::{FarEnds, FLOOD_CLASS},
@@ -145,6 +146,8 @@ pub struct StreamPlan {
     pub window: Duration,
     /// Concurrent handshaking clients (threads on the generator core).
     pub handshake_workers: usize,
+    /// Also peer->client after each client->peer flood.
+    pub p2c: bool,
 }
 
 impl StreamPlan {
@@ -166,8 +169,13 @@ pub struct FloodMeasure {
     pub process_cpu_ns: Option<u64>,
     /// The generator thread's CPU time in the window.
     pub generator_cpu_ns: Option<u64>,
-    /// Frames written in the whole run (warm-up and tail included), for the count bound.
+    /// Frames written in the whole run (warm-up and tail included), for the count bound; for
+    /// peer->client, datagrams the peer sent.
     pub total_frames: u64,
+    /// Peer->client: the peer sends 120 B datagrams to the relayed addresses (paced) and the
+    /// clients count the ChannelData frames they read; `offered` is then the peer's rate over
+    /// its whole run times the window.
+    pub p2c: bool,
 }
 
 impl FloodMeasure {
@@ -229,6 +237,8 @@ pub struct StreamResults {
     pub not_applicable: BTreeMap<(StreamServer, StreamTransport), String>,
     pub plan: Option<StreamPlan>,
     pub servers: Vec<StreamServer>,
+    /// Failures that cost one measurement, not the transport (a peer->client flood).
+    pub notes: Vec<String>,
 }
 
 /// The run's TLS material: a self-signed certificate and its key as PEM files in a private
@@ -559,7 +569,7 @@ fn session(
     ctx: &Ctx,
     index: usize,
     name: &str,
-) -> anyhow::Result<turn::Client<StreamTransportConn>> {
+) -> anyhow::Result<(turn::Client<StreamTransportConn>, SocketAddr)> {
     let timeout = Duration::from_secs(3);
     let conn = connect(transport, tls, index, timeout)?;
     let (user, pass) = turn::rest_credentials(&ctx.secret, name);
@@ -573,8 +583,8 @@ fn session(
         user,
         &pass,
     );
-    client.allocate()?;
-    Ok(client)
+    let relayed = client.allocate()?;
+    Ok((client, relayed))
 }
 
 /// Whether the server answers a Binding request over `transport` (its stream listener is up).
@@ -728,12 +738,39 @@ struct Env<'a> {
     plan: &'a StreamPlan,
     tls: &'a TlsMaterial,
     far: Option<&'a FarEnds>,
+    /// The peer's socket (source of the peer->client floods).
+    peer: &'a Arc<UdpSocket>,
     /// The server process.
     pid: u32,
 }
 
-/// Sets up `connections` allocations over `transport`, each with channel 0x4000 bound to the
-/// peer, then floods 120 B ChannelData over all of them and measures a window.
+/// `connections` allocations over `transport`, each with channel 0x4000 bound to the peer:
+/// the connections and the relayed addresses.
+fn setup(
+    env: Env<'_>,
+    transport: StreamTransport,
+    connections: usize,
+) -> anyhow::Result<(Vec<Conn>, Vec<SocketAddrV4>)> {
+    let peer = SocketAddr::from((PEER_IP, PEER_PORT));
+    let mut conns = Vec::with_capacity(connections);
+    let mut relayed = Vec::with_capacity(connections);
+    for i in 0..connections {
+        check_stop()?;
+        let name = format!("bench-{}{i}", transport.name());
+        let (mut client, addr) = session(transport, env.tls, env.ctx, i, &name)
+            .with_context(|| format!("allocation {} of {connections}", i + 1))?;
+        client.bind_channel(peer, FIRST_CHANNEL)?;
+        conns.push(client.into_transport().conn);
+        match addr {
+            SocketAddr::V4(v4) => relayed.push(v4),
+            SocketAddr::V6(_) => bail!("an IPv6 relayed address in an IPv4 lab"),
+        }
+    }
+    Ok((conns, relayed))
+}
+
+/// Sets up `connections` allocations over `transport`, then floods 120 B ChannelData over all
+/// of them and measures a window.
 fn flood(
     env: Env<'_>,
     transport: StreamTransport,
@@ -743,20 +780,11 @@ fn flood(
         lab,
         ctx,
         plan,
-        tls,
         far,
         pid,
+        ..
     } = env;
-    let peer = SocketAddr::from((PEER_IP, PEER_PORT));
-    let mut conns = Vec::with_capacity(connections);
-    for i in 0..connections {
-        check_stop()?;
-        let name = format!("bench-{}{i}", transport.name());
-        let mut client = session(transport, tls, ctx, i, &name)
-            .with_context(|| format!("allocation {} of {connections}", i + 1))?;
-        client.bind_channel(peer, FIRST_CHANNEL)?;
-        conns.push(client.into_transport().conn);
-    }
+    let (mut conns, _) = setup(env, transport, connections)?;
     let frame_len = 4 + PAYLOAD;
     let mut frame = FIRST_CHANNEL.to_be_bytes().to_vec();
     frame.extend_from_slice(&(PAYLOAD as u16).to_be_bytes());
@@ -800,6 +828,140 @@ fn flood(
             process_cpu_ns: since(m0.process, m1.process),
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: written.load(Ordering::Relaxed) / frame_len as u64,
+            p2c: false,
+        })
+    })
+}
+
+/// Reads every connection, non-blocking, polling when none has data, and counts the
+/// ChannelData frames in `frames`, until `until`.
+fn receive_loop(conns: &mut [Conn], until: Instant, frames: &AtomicU64) -> anyhow::Result<()> {
+    for c in conns.iter() {
+        c.tcp().set_nonblocking(true)?;
+    }
+    let mut bufs: Vec<Vec<u8>> = conns.iter().map(|_| Vec::with_capacity(1 << 17)).collect();
+    let mut fds: Vec<libc::pollfd> = conns
+        .iter()
+        .map(|c| libc::pollfd {
+            fd: c.tcp().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut chunk = vec![0u8; 1 << 16];
+    while Instant::now() < until && !STOP.load(Ordering::Relaxed) {
+        let mut progressed = false;
+        for (c, buf) in conns.iter_mut().zip(bufs.iter_mut()) {
+            // Up to 16 reads per connection and turn, so one busy connection cannot starve
+            // the deadline check.
+            for _ in 0..16 {
+                match c.read(&mut chunk) {
+                    Ok(0) => bail!("the server closed a connection during the flood"),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e).context("reading from the server"),
+                }
+            }
+            let mut at = 0;
+            let mut counted = 0;
+            while let Some(n) = frame_len(&buf[at..])? {
+                if buf[at] >> 6 == 0b01 {
+                    counted += 1;
+                }
+                at += n;
+            }
+            buf.drain(..at);
+            frames.fetch_add(counted, Ordering::Relaxed);
+        }
+        if !progressed {
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd we own for the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
+            if rc < 0 && std::io::Error::last_os_error().kind() != ErrorKind::Interrupted {
+                bail!("poll: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Peer->client: sets up `connections` allocations over `transport`; the peer sends 120 B
+/// datagrams to their relayed addresses at `rate_pps` (paced: an unpaced flood would take the
+/// generator core from the clients that must read the stream), the clients count the
+/// ChannelData they read over the window.
+fn flood_p2c(
+    env: Env<'_>,
+    transport: StreamTransport,
+    connections: usize,
+    rate_pps: f64,
+) -> anyhow::Result<FloodMeasure> {
+    let Env {
+        ctx,
+        plan,
+        pid,
+        lab,
+        ..
+    } = env;
+    let (mut conns, relayed) = setup(env, transport, connections)?;
+    let run = plan.warmup + plan.window + Duration::from_millis(100);
+    let peer_plan = FloodPlan {
+        groups: vec![SendGroup {
+            socket: Arc::clone(env.peer),
+            dests: relayed,
+            prefix: Vec::new(),
+        }],
+        origin: loadgen::origin(&lab.peer, &lab.p0, &lab.relay, &lab.r_p),
+        payload: PAYLOAD,
+        duration: run,
+        max_packets: (run.as_secs_f64() * rate_pps * 1.1) as u64 + 1,
+        cpu: ctx.gen_cpu,
+        rate_pps: Some(rate_pps),
+    };
+    let frames = AtomicU64::new(0);
+    let tid = AtomicI32::new(0);
+    let peer_tid = AtomicI32::new(0);
+    let gen_cpu = ctx.gen_cpu;
+    // The receivers run a little longer than the peer, so the window never sees them stop.
+    let until = Instant::now() + run + Duration::from_millis(100);
+    std::thread::scope(|scope| {
+        let receiver = scope.spawn(|| {
+            pin_current_thread(gen_cpu)?;
+            tid.store(gettid(), Ordering::SeqCst);
+            receive_loop(&mut conns, until, &frames)
+        });
+        let sender = scope.spawn(|| {
+            peer_tid.store(gettid(), Ordering::SeqCst);
+            loadgen::SocketGenerator { batch: 64 }.flood(&peer_plan)
+        });
+        std::thread::sleep(plan.warmup);
+        let ids: Vec<i32> = [tid.load(Ordering::SeqCst), peer_tid.load(Ordering::SeqCst)]
+            .into_iter()
+            .filter(|t| *t != 0)
+            .collect();
+        let ids = if ids.len() == 2 { ids } else { Vec::new() };
+        let (m0, f0) = (mark(ctx, pid, &ids), frames.load(Ordering::Relaxed));
+        std::thread::sleep(plan.window);
+        let (m1, f1) = (mark(ctx, pid, &ids), frames.load(Ordering::Relaxed));
+        let sent = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("peer generator panicked"))??;
+        receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream receiver panicked"))??;
+        let window_s = m1.at.duration_since(m0.at).as_secs_f64();
+        let offered_pps = sent.sent as f64 / sent.elapsed.as_secs_f64().max(1e-9);
+        Ok(FloodMeasure {
+            window_s,
+            offered: (offered_pps * window_s) as u64,
+            delivered: f1.saturating_sub(f0),
+            core_cpu_ns: ticks_ns(m1.core.saturating_sub(m0.core)),
+            process_cpu_ns: since(m0.process, m1.process),
+            generator_cpu_ns: since(m0.generator, m1.generator),
+            total_frames: sent.sent,
+            p2c: true,
         })
     })
 }
@@ -847,7 +1009,7 @@ fn handshakes(
                     // whose close the server has not processed yet.
                     let name = format!("bench-hs{}-{round}-{i}", transport.name());
                     match session(transport, tls, ctx, i as usize, &name) {
-                        Ok(client) => {
+                        Ok((client, _)) => {
                             completed.fetch_add(1, Ordering::Relaxed);
                             if let Ok(mut seen) = tls_seen.lock() {
                                 if seen.is_none() {
@@ -915,6 +1077,7 @@ pub fn run_round(
     round: usize,
     rounds: usize,
     far: Option<&FarEnds>,
+    peer: &Arc<UdpSocket>,
     results: &mut StreamResults,
 ) -> anyhow::Result<()> {
     let mut order = servers.to_vec();
@@ -950,6 +1113,7 @@ pub fn run_round(
             plan,
             tls,
             far,
+            peer,
             pid: running.pid,
         };
         for &transport in &plan.transports {
@@ -1009,9 +1173,43 @@ pub fn run_round(
                     opt_k(m.pps_per_core()),
                     share(m.generator_share())
                 );
+                // Peer->client offered at 1.5x what this server relayed client->peer: above
+                // what it carries, so the server sets the rate, not the pacing.
+                let rate = (1.5 * m.pps()).clamp(10_000.0, 1.5e6);
                 results
                     .floods
                     .push((round, server, transport, connections, m));
+                if !plan.p2c {
+                    continue;
+                }
+                check_stop()?;
+                match scoped_in_ns(&lab.client, || flood_p2c(env, transport, connections, rate)) {
+                    Ok(m) => {
+                        println!(
+                            "      {} {} x{connections} p>c 120B: relayed {:>8.1} kpps of {:.1} \
+                             offered, relay core {:>3.0}% ({} kpps/core), generator {}",
+                            tag(server),
+                            transport.name(),
+                            m.pps() / 1e3,
+                            m.offered as f64 / m.window_s.max(1e-9) / 1e3,
+                            100.0 * m.core_share(),
+                            opt_k(m.pps_per_core()),
+                            share(m.generator_share())
+                        );
+                        results
+                            .floods
+                            .push((round, server, transport, connections, m));
+                    }
+                    Err(e) => {
+                        let note = format!(
+                            "{} {} x{connections} peer->client: {e:#}",
+                            server.name(),
+                            transport.name()
+                        );
+                        println!("      {} {}", tag(server), note);
+                        results.notes.push(note);
+                    }
+                }
             }
             if results.not_applicable.contains_key(&(server, transport)) {
                 continue;
@@ -1088,6 +1286,7 @@ struct FloodSummary {
     server: StreamServer,
     transport: StreamTransport,
     connections: usize,
+    p2c: bool,
     pps: f64,
     offered_pps: f64,
     pps_per_core: Option<f64>,
@@ -1099,20 +1298,21 @@ struct FloodSummary {
 }
 
 fn flood_summaries(r: &StreamResults) -> Vec<FloodSummary> {
-    let mut groups: BTreeMap<(StreamTransport, usize, StreamServer), Vec<&FloodMeasure>> =
-        BTreeMap::new();
+    type Key = (StreamTransport, bool, usize, StreamServer);
+    let mut groups: BTreeMap<Key, Vec<&FloodMeasure>> = BTreeMap::new();
     for (_, server, transport, connections, m) in &r.floods {
         groups
-            .entry((*transport, *connections, *server))
+            .entry((*transport, m.p2c, *connections, *server))
             .or_default()
             .push(m);
     }
     groups
         .into_iter()
-        .map(|((transport, connections, server), ms)| FloodSummary {
+        .map(|((transport, p2c, connections, server), ms)| FloodSummary {
             server,
             transport,
             connections,
+            p2c,
             pps: median(ms.iter().map(|m| m.pps()).collect()).unwrap_or(0.0),
             offered_pps: median(
                 ms.iter()
@@ -1209,10 +1409,16 @@ fn ratios(r: &StreamResults) -> BTreeMap<String, f64> {
             c.server == StreamServer::Coturn
                 && c.transport == f.transport
                 && c.connections == f.connections
+                && c.p2c == f.p2c
         }) else {
             continue;
         };
-        let key = format!("{}_x{}", f.transport.name(), f.connections);
+        let key = format!(
+            "{}_x{}{}",
+            f.transport.name(),
+            f.connections,
+            if f.p2c { "_p2c" } else { "" }
+        );
         put(format!("{key}_relayed_pps"), Some(f.pps), Some(c.pps));
         put(
             format!("{key}_relayed_pps_per_core"),
@@ -1252,7 +1458,11 @@ fn target(r: &StreamResults) -> BTreeMap<&'static str, Option<bool>> {
             let prefix = format!("{}_x", t.name());
             let mine: Vec<f64> = ratios
                 .iter()
-                .filter(|(k, _)| k.starts_with(&prefix) && k.ends_with("_relayed_pps_per_core"))
+                .filter(|(k, _)| {
+                    k.starts_with(&prefix)
+                        && !k.contains("_p2c")
+                        && k.ends_with("_relayed_pps_per_core")
+                })
                 .map(|(_, v)| *v)
                 .collect();
             (
@@ -1287,6 +1497,7 @@ pub fn svg_data(r: &StreamResults) -> (Vec<SvgGroup>, Vec<String>) {
                             f.server == server
                                 && f.transport == transport
                                 && f.connections == connections
+                                && !f.p2c
                         })
                         .and_then(|f| f.pps_per_core);
                     (server.path(), v)
@@ -1322,16 +1533,17 @@ pub fn table(r: &StreamResults) -> String {
     );
     let _ = writeln!(
         t,
-        "| server | transport | conns | relayed kpps | kpps/relay core | relay core | ns/pkt (process) | generator | offered kpps |"
+        "| server | transport | conns | direction | relayed kpps | kpps/relay core | relay core | ns/pkt (process) | generator | offered kpps |"
     );
-    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for f in flood_summaries(r) {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {:.1} | {} | {:.0}% | {} | {}{} | {:.1} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {:.0}% | {} | {}{} | {:.1} |",
             f.server.name(),
             f.transport.name(),
             f.connections,
+            if f.p2c { "p>c" } else { "c>p" },
             f.pps / 1e3,
             opt_k(f.pps_per_core),
             100.0 * f.core_share,
@@ -1390,6 +1602,9 @@ pub fn table(r: &StreamResults) -> String {
             first_line(reason)
         );
     }
+    for note in &r.notes {
+        let _ = writeln!(t, "  note: {}", first_line(note));
+    }
     for ((server, transport), reason) in &r.not_applicable {
         let _ = writeln!(
             t,
@@ -1426,6 +1641,10 @@ pub fn json(r: &StreamResults) -> Value {
             "warmup_seconds": plan.warmup.as_secs_f64(),
             "window_seconds": plan.window.as_secs_f64(),
             "handshake_workers": plan.handshake_workers,
+            "peer_to_client": plan.p2c.then_some("after each client->peer flood, the peer sends \
+                120 B datagrams to the relayed addresses paced at 1.5x that flood's relayed rate \
+                (socket generator, generator core); the clients read the streams and count the \
+                ChannelData (generator core too: its share covers both threads)"),
             "ports": { "tcp": TCP_PORT, "tls": TLS_PORT },
             "relay": "relay serve --fastpath off (the socket path serves stream clients) with \
                       --listen-tcp, --listen-tls, --tls-cert, --tls-key",
@@ -1459,13 +1678,14 @@ pub fn json(r: &StreamResults) -> Value {
             "relay_core_busy_ns": m.core_cpu_ns,
             "process_cpu_ns": m.process_cpu_ns,
             "generator_cpu_ns": m.generator_cpu_ns,
-            "frames_written_total": m.total_frames,
+            "direction": if m.p2c { "peer->client" } else { "client->peer" },
+            "sent_total": m.total_frames,
         })).collect::<Vec<_>>(),
         "summary": flood_summaries(r).iter().map(|f| json!({
             "server": f.server.name(),
             "transport": f.transport.name(),
             "connections": f.connections,
-            "direction": "client->peer",
+            "direction": if f.p2c { "peer->client" } else { "client->peer" },
             "delivered_pps": f.pps,
             "offered_pps": f.offered_pps,
             "relayed_pps_per_core": f.pps_per_core,
@@ -1493,6 +1713,7 @@ pub fn json(r: &StreamResults) -> Value {
         "ratios_relay_over_coturn": ratios(r),
         "target": "relay >= 2x coturn 4.6.1 on relayed pps (per relay core) over TCP and TLS",
         "target_met": target(r),
+        "notes": r.notes,
         "not_applicable": r.not_applicable.iter().map(|((s, t), reason)| json!({
             "server": s.name(),
             "transport": t.name(),
