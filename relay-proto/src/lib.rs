@@ -13,3 +13,6 @@ pub mod limiter;
 pub mod policy;
 pub mod server;
 pub mod stun;
+pub mod transport;
+
+pub use transport::Transport;

@@ -52,6 +52,10 @@ pub enum CtlCommand {
         #[arg(value_name = "ALLOCATION|on|off")]
         second: String,
     },
+    /// Re-read the TLS certificate and key (as SIGHUP does): new handshakes use them, open
+    /// connections keep theirs. Exits non-zero with the reason if the files are unusable (the
+    /// running certificate then stays).
+    Reload,
 }
 
 /// Which kernel fast path to use.
@@ -76,6 +80,35 @@ pub struct ServeArgs {
     /// Client-facing UDP listener address (repeatable).
     #[arg(long = "listen", value_name = "ADDR:PORT")]
     pub listen: Vec<SocketAddr>,
+    /// Client-facing TCP listener address (repeatable): TURN over TCP (RFC 8656 §5); the
+    /// relayed side stays UDP.
+    #[arg(long = "listen-tcp", value_name = "ADDR:PORT")]
+    pub listen_tcp: Vec<SocketAddr>,
+    /// Client-facing TLS listener address (repeatable), e.g. 0.0.0.0:443: TURN over TLS 1.2
+    /// or 1.3 (RFC 8656 §5, `turns:`); needs --tls-cert and --tls-key.
+    #[arg(long = "listen-tls", value_name = "ADDR:PORT")]
+    pub listen_tls: Vec<SocketAddr>,
+    /// PEM file with the TLS certificate chain (leaf first). Re-read on SIGHUP and
+    /// `relay ctl reload`.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the TLS private key (PKCS#8, PKCS#1 or SEC1). Re-read with the certificate.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// TCP and TLS client connections the whole relay holds (beyond: closed at once).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// TCP and TLS client connections from one source IP (IPv6: its /64). Users behind one
+    /// NAT share an address, so keep it generous.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a new TCP/TLS connection has to finish its TLS handshake and send its first
+    /// complete STUN message (slowloris); default 10.
+    #[arg(long, value_name = "SECS")]
+    pub stream_handshake_timeout: Option<u64>,
+    /// Seconds a TCP/TLS connection without an allocation may stay silent; default 60.
+    #[arg(long, value_name = "SECS")]
+    pub stream_idle_timeout: Option<u64>,
     /// Address relayed transport addresses are allocated on (repeatable: one IPv4, one IPv6).
     #[arg(long = "relay-ip", value_name = "IP")]
     pub relay_ip: Vec<IpAddr>,

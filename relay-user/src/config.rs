@@ -4,7 +4,8 @@
 //! `auth-secret`, `auth-secret-file`, `users-file`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
 //! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
 //! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
-//! `metrics`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `metrics`, `listen-tcp`, `listen-tls`, `tls-cert`, `tls-key`, `max-connections`,
+//! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -27,6 +28,14 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ConfigFile {
     pub listen: Option<Vec<SocketAddr>>,
+    pub listen_tcp: Option<Vec<SocketAddr>>,
+    pub listen_tls: Option<Vec<SocketAddr>>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub stream_handshake_timeout: Option<u64>,
+    pub stream_idle_timeout: Option<u64>,
     pub relay_ip: Option<Vec<IpAddr>>,
     pub port_range: Option<String>,
     pub realm: Option<String>,
@@ -75,6 +84,20 @@ impl ConfigFile {
             }
         }
         put(&mut self.listen, upper.listen);
+        put(&mut self.listen_tcp, upper.listen_tcp);
+        put(&mut self.listen_tls, upper.listen_tls);
+        put(&mut self.tls_cert, upper.tls_cert);
+        put(&mut self.tls_key, upper.tls_key);
+        put(&mut self.max_connections, upper.max_connections);
+        put(
+            &mut self.max_connections_per_ip,
+            upper.max_connections_per_ip,
+        );
+        put(
+            &mut self.stream_handshake_timeout,
+            upper.stream_handshake_timeout,
+        );
+        put(&mut self.stream_idle_timeout, upper.stream_idle_timeout);
         put(&mut self.relay_ip, upper.relay_ip);
         put(&mut self.port_range, upper.port_range);
         put(&mut self.realm, upper.realm);
@@ -112,6 +135,14 @@ impl ConfigFile {
         }
         Self {
             listen: list(&args.listen),
+            listen_tcp: list(&args.listen_tcp),
+            listen_tls: list(&args.listen_tls),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            stream_handshake_timeout: args.stream_handshake_timeout,
+            stream_idle_timeout: args.stream_idle_timeout,
             relay_ip: list(&args.relay_ip),
             port_range: args.port_range.clone(),
             realm: args.realm.clone(),
@@ -158,6 +189,8 @@ impl std::fmt::Debug for StaticUser {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    /// TCP and TLS client listeners, and what their connections may do.
+    pub streams: StreamConfig,
     pub relay_ips: Vec<IpAddr>,
     pub port_range: RangeInclusive<u16>,
     pub realm: String,
@@ -232,7 +265,42 @@ impl Config {
     /// Checks every key and turns the merged layer into a `Config`.
     pub fn resolve(file: ConfigFile) -> anyhow::Result<Self> {
         let listen = file.listen.unwrap_or_default();
-        ensure!(!listen.is_empty(), "no listener: set --listen ADDR:PORT");
+        let streams = StreamConfig {
+            listen_tcp: file.listen_tcp.unwrap_or_default(),
+            listen_tls: file.listen_tls.unwrap_or_default(),
+            tls: match (file.tls_cert, file.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    bail!("--tls-cert needs --tls-key (the certificate's private key)")
+                }
+                (None, Some(_)) => bail!("--tls-key needs --tls-cert (the certificate chain)"),
+            },
+            max_connections: file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections_per_ip: file
+                .max_connections_per_ip
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+            handshake_timeout: std::time::Duration::from_secs(
+                file.stream_handshake_timeout.unwrap_or(10),
+            ),
+            idle_timeout: std::time::Duration::from_secs(file.stream_idle_timeout.unwrap_or(60)),
+        };
+        ensure!(
+            !listen.is_empty() || !streams.listen_tcp.is_empty() || !streams.listen_tls.is_empty(),
+            "no listener: set --listen ADDR:PORT (UDP), --listen-tcp or --listen-tls"
+        );
+        ensure!(
+            streams.listen_tls.is_empty() || streams.tls.is_some(),
+            "--listen-tls needs a certificate: set --tls-cert PEM and --tls-key PEM"
+        );
+        ensure!(
+            streams.max_connections >= 1 && streams.max_connections_per_ip >= 1,
+            "--max-connections and --max-connections-per-ip must be at least 1"
+        );
+        ensure!(
+            !streams.handshake_timeout.is_zero() && !streams.idle_timeout.is_zero(),
+            "--stream-handshake-timeout and --stream-idle-timeout must be at least 1 second"
+        );
         let relay_ips = file.relay_ip.unwrap_or_default();
         ensure!(!relay_ips.is_empty(), "no relay address: set --relay-ip IP");
         if let Some(ip) = relay_ips.iter().find(|ip| ip.is_unspecified()) {
@@ -274,6 +342,7 @@ impl Config {
         );
         Ok(Self {
             listen,
+            streams,
             relay_ips,
             port_range,
             realm,
@@ -326,6 +395,33 @@ impl Config {
             fault_panic_worker_after: 0,
         })
     }
+}
+
+/// TCP/TLS client connections relay-wide unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// TCP/TLS client connections per source address unless configured (a NAT's users share one).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 512;
+
+/// The certificate and key files of the TLS listeners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TCP and TLS client transports (RFC 8656 §5).
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    pub listen_tcp: Vec<SocketAddr>,
+    pub listen_tls: Vec<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    /// Connections relay-wide and per source address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// For the TLS handshake and the first complete STUN message.
+    pub handshake_timeout: std::time::Duration,
+    /// For a connection without an allocation.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Allocations relay-wide unless configured.

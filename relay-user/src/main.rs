@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
                 print!("{text}");
             }),
             CtlCommand::Fastpath { first, second } => client::fastpath(ctl.admin, &first, &second),
+            CtlCommand::Reload => client::reload(ctl.admin),
         },
     };
     match result {

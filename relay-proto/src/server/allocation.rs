@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{effects::Effects, same_family, AllocationId, Command, Ctx, CHANNEL_COOLDOWN};
 use crate::stun::{AddressFamily, StunErrorCode, TransactionId};
+use crate::Transport;
 
 /// An Allocate waiting for its relay socket.
 #[derive(Debug)]
@@ -59,6 +60,7 @@ pub(super) struct Allocation {
     pub(super) username: String,
     pub(super) client: SocketAddr,
     pub(super) listener: SocketAddr,
+    pub(super) transport: Transport,
     /// The relayed transport address of the requested family (IPv4 in a dual allocation).
     pub(super) relayed: SocketAddr,
     /// The IPv6 relayed transport address of a dual allocation (RFC 8656 §7.2
@@ -101,6 +103,7 @@ impl Allocation {
             id: self.id,
             client: self.client,
             listener: self.listener,
+            transport: self.transport,
             // Only a peer of one of the allocation's families ever gets a channel.
             relayed: self.relayed_for(peer.ip()).unwrap_or(self.relayed),
             peer,
@@ -141,6 +144,7 @@ impl Allocation {
             id: self.id,
             client: self.client,
             listener: self.listener,
+            transport: self.transport,
             // A dual allocation relays each family from its own address (RFC 8656 §7.2).
             relayed: self.relayed_for(ip).unwrap_or(self.relayed),
             peer_ip: ip,
@@ -190,6 +194,7 @@ impl Allocation {
                 id: self.id,
                 client: self.client,
                 listener: self.listener,
+                transport: self.transport,
                 relayed,
                 peer: channel.peer,
                 channel: *number,

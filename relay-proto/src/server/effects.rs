@@ -15,6 +15,7 @@ use std::{
 };
 
 use super::Command;
+use crate::Transport;
 
 /// Where a client's ChannelData on one channel goes.
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +30,7 @@ pub(super) struct PeerRoute {
 pub(super) struct ClientRoute {
     pub(super) listener: SocketAddr,
     pub(super) client: SocketAddr,
+    pub(super) transport: Transport,
     pub(super) channel: u16,
     pub(super) expires: Instant,
 }
@@ -37,8 +39,8 @@ pub(super) struct ClientRoute {
 #[derive(Debug, Default)]
 pub(super) struct Effects {
     queue: VecDeque<Command>,
-    /// (client, listener, channel) → route.
-    to_peer: HashMap<(SocketAddr, SocketAddr, u16), PeerRoute>,
+    /// (client, listener, transport, channel) → route.
+    to_peer: HashMap<(SocketAddr, SocketAddr, Transport, u16), PeerRoute>,
     /// (relayed, peer) → route.
     to_client: HashMap<(SocketAddr, SocketAddr), ClientRoute>,
 }
@@ -49,6 +51,7 @@ impl Effects {
             Command::CreateChannelBinding {
                 client,
                 listener,
+                transport,
                 relayed,
                 peer,
                 channel,
@@ -57,7 +60,7 @@ impl Effects {
             } => {
                 let expires = expires_at;
                 self.to_peer.insert(
-                    (client, listener, channel),
+                    (client, listener, transport, channel),
                     PeerRoute {
                         relayed,
                         peer,
@@ -69,6 +72,7 @@ impl Effects {
                     ClientRoute {
                         listener,
                         client,
+                        transport,
                         channel,
                         expires,
                     },
@@ -77,12 +81,13 @@ impl Effects {
             Command::DeleteChannelBinding {
                 client,
                 listener,
+                transport,
                 relayed,
                 peer,
                 channel,
                 ..
             } => {
-                self.to_peer.remove(&(client, listener, channel));
+                self.to_peer.remove(&(client, listener, transport, channel));
                 self.to_client.remove(&(relayed, peer));
             }
             _ => {}
@@ -99,11 +104,12 @@ impl Effects {
         &self,
         client: SocketAddr,
         listener: SocketAddr,
+        transport: Transport,
         channel: u16,
         now: Instant,
     ) -> Option<&PeerRoute> {
         self.to_peer
-            .get(&(client, listener, channel))
+            .get(&(client, listener, transport, channel))
             .filter(|r| r.expires > now)
     }
 

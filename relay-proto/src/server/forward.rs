@@ -11,6 +11,7 @@
 use std::{net::SocketAddr, ops::Range};
 
 use crate::channel_data::CHANNEL_DATA_HEADER_LEN;
+use crate::Transport;
 
 /// Where one received datagram goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +33,9 @@ pub enum Forward {
         listener: SocketAddr,
         /// client transport address
         client: SocketAddr,
+        /// the client's transport: over TCP/TLS the message goes on the client's connection,
+        /// padded to a multiple of 4 bytes (RFC 8656 §12.5)
+        transport: Transport,
         /// the ChannelData header to prepend
         header: [u8; CHANNEL_DATA_HEADER_LEN],
     },

@@ -30,6 +30,7 @@ use crate::channel_data::{
     classify, ChannelData, PacketKind, CHANNEL_DATA_HEADER_LEN, CHANNEL_RANGE,
 };
 use crate::limiter::UnauthLimiter;
+use crate::Transport;
 
 use crate::policy::PeerPolicy;
 use crate::stun::{
@@ -160,6 +161,8 @@ pub enum Command {
         listener: SocketAddr,
         /// client address
         client: SocketAddr,
+        /// the client's transport: a datagram, or a message on its connection
+        transport: Transport,
         /// datagram
         payload: Vec<u8>,
     },
@@ -201,6 +204,8 @@ pub enum Command {
         client: SocketAddr,
         /// listener address
         listener: SocketAddr,
+        /// the client's transport (the kernel forwards only UDP clients)
+        transport: Transport,
         /// relayed address
         relayed: SocketAddr,
         /// peer address
@@ -218,6 +223,8 @@ pub enum Command {
         client: SocketAddr,
         /// listener address
         listener: SocketAddr,
+        /// the client's transport
+        transport: Transport,
         /// relayed address
         relayed: SocketAddr,
         /// peer address
@@ -236,6 +243,8 @@ pub enum Command {
         client: SocketAddr,
         /// listener address
         listener: SocketAddr,
+        /// the client's transport (the kernel forwards only UDP clients)
+        transport: Transport,
         /// relayed address
         relayed: SocketAddr,
         /// the permitted peer IP
@@ -265,6 +274,8 @@ pub struct AllocationInfo {
     pub client: SocketAddr,
     /// listener (server) transport address
     pub listener: SocketAddr,
+    /// the client's transport
+    pub transport: Transport,
     /// relayed transport address (of the requested family; IPv4 in a dual allocation)
     pub relayed: SocketAddr,
     /// the IPv6 relayed transport address of a dual allocation
@@ -282,6 +293,7 @@ pub struct AllocationInfo {
 struct Ctx {
     client: SocketAddr,
     listener: SocketAddr,
+    transport: Transport,
     method: Method,
     tid: TransactionId,
     fingerprint: bool,
@@ -312,8 +324,8 @@ pub struct Server<R> {
     next_id: u64,
     /// Hashed, not ordered: the per-datagram lookups cost the same with 1 or 10,000 entries.
     allocations: HashMap<AllocationId, Allocation>,
-    /// (client, listener) → allocation; the protocol is always UDP.
-    by_five_tuple: HashMap<(SocketAddr, SocketAddr), AllocationId>,
+    /// (client, listener, transport) → allocation: the 5-tuple (RFC 8656 §2).
+    by_five_tuple: HashMap<(SocketAddr, SocketAddr, Transport), AllocationId>,
     /// relayed address (also while its socket is being bound) → allocation
     by_relayed: HashMap<SocketAddr, AllocationId>,
     /// Commands for the IO layer, and the channel routes they installed.
@@ -385,6 +397,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             username: a.username.clone(),
             client: a.client,
             listener: a.listener,
+            transport: a.transport,
             relayed: a.relayed,
             additional_relayed: a.additional,
             expires: a.expires,
@@ -452,8 +465,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         }
     }
 
-    /// A datagram from a client (STUN or ChannelData) arrived on `listener`. ChannelData to a
-    /// live channel comes back as a [`Forward::ToPeer`] about `data` itself; STUN leaves its
+    /// A UDP datagram from a client (STUN or ChannelData) arrived on `listener`. ChannelData to
+    /// a live channel comes back as a [`Forward::ToPeer`] about `data` itself; STUN leaves its
     /// effects as commands.
     #[must_use = "a Forward is a datagram to send"]
     pub fn handle_client_datagram(
@@ -463,13 +476,60 @@ impl<R: RngCore + CryptoRng> Server<R> {
         data: &[u8],
         now: Instant,
     ) -> Option<Forward> {
+        self.handle_client_message(client, listener, Transport::Udp, data, now)
+    }
+
+    /// One client message (a datagram, or one message the IO layer framed out of a TCP/TLS
+    /// stream, RFC 8656 §5) on `listener` over `transport`; as
+    /// [`Server::handle_client_datagram`] otherwise. Stream messages may carry ChannelData
+    /// padding (RFC 8656 §12.5), which is not forwarded.
+    #[must_use = "a Forward is a datagram to send"]
+    pub fn handle_client_message(
+        &mut self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        transport: Transport,
+        data: &[u8],
+        now: Instant,
+    ) -> Option<Forward> {
         match classify(data) {
             PacketKind::Stun => {
-                self.handle_stun(client, listener, data, now);
+                self.handle_stun(client, listener, transport, data, now);
                 None
             }
-            PacketKind::ChannelData => self.handle_channel_data(client, listener, data, now),
+            PacketKind::ChannelData => {
+                self.handle_channel_data(client, listener, transport, data, now)
+            }
             PacketKind::Other => None,
+        }
+    }
+
+    /// Whether the 5-tuple holds an allocation (bound or being bound); a TCP/TLS connection
+    /// without one may be closed when idle.
+    pub fn has_allocation(
+        &self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        transport: Transport,
+    ) -> bool {
+        self.by_five_tuple
+            .contains_key(&(client, listener, transport))
+    }
+
+    /// The client's TCP or TLS connection closed: its allocation ends with it (RFC 8656 §5),
+    /// kernel entries and relay sockets released through the usual commands.
+    pub fn connection_closed(
+        &mut self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        transport: Transport,
+    ) {
+        if let Some(id) = self
+            .by_five_tuple
+            .get(&(client, listener, transport))
+            .copied()
+        {
+            self.remove_allocation(id);
         }
     }
 
@@ -480,11 +540,14 @@ impl<R: RngCore + CryptoRng> Server<R> {
         &self,
         client: SocketAddr,
         listener: SocketAddr,
+        transport: Transport,
         data: &[u8],
         now: Instant,
     ) -> Option<Forward> {
         let cd = ChannelData::decode(data).ok()?;
-        let route = self.commands.to_peer(client, listener, cd.channel, now)?;
+        let route = self
+            .commands
+            .to_peer(client, listener, transport, cd.channel, now)?;
         // The host gains addresses at runtime: checked per datagram.
         if !self.peer_reachable(route.peer) {
             return None;
@@ -514,6 +577,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return Some(Forward::ToClient {
                 listener: route.listener,
                 client: route.client,
+                transport: route.transport,
                 header: ChannelData::header(route.channel, len),
             });
         }
@@ -525,7 +589,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         {
             return None;
         }
-        let (listener, client) = (alloc.listener, alloc.client);
+        let (listener, client, transport) = (alloc.listener, alloc.client, alloc.transport);
         let bound_channel = alloc
             .peer_channels
             .get(&peer)
@@ -537,6 +601,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return Some(Forward::ToClient {
                 listener,
                 client,
+                transport,
                 header: ChannelData::header(channel, len),
             });
         }
@@ -551,6 +616,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.commands.push_back(Command::SendToClient {
             listener,
             client,
+            transport,
             payload: b.finish(None, false),
         });
         None
@@ -659,6 +725,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.commands.push_back(Command::SendToClient {
             listener: ctx.listener,
             client: ctx.client,
+            transport: ctx.transport,
             payload,
         });
     }
@@ -731,8 +798,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .map(|a| a.relayed_addresses().collect())
     }
 
-    fn active_on(&self, client: SocketAddr, listener: SocketAddr) -> Option<&Allocation> {
-        let id = self.by_five_tuple.get(&(client, listener))?;
+    fn active_on(
+        &self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        transport: Transport,
+    ) -> Option<&Allocation> {
+        let id = self.by_five_tuple.get(&(client, listener, transport))?;
         self.allocations
             .get(id)
             .filter(|a| matches!(a.state, AllocState::Active))
@@ -774,7 +846,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 self.by_relayed.remove(&relayed);
             }
         }
-        self.by_five_tuple.remove(&(alloc.client, alloc.listener));
+        self.by_five_tuple
+            .remove(&(alloc.client, alloc.listener, alloc.transport));
         let quota_user = self.config.credentials.quota_user(&alloc.username);
         self.config.quota.release(quota_user);
         Some(alloc)
@@ -835,7 +908,14 @@ impl<R: RngCore + CryptoRng> Server<R> {
 
     // ---- STUN ----
 
-    fn handle_stun(&mut self, client: SocketAddr, listener: SocketAddr, data: &[u8], now: Instant) {
+    fn handle_stun(
+        &mut self,
+        client: SocketAddr,
+        listener: SocketAddr,
+        transport: Transport,
+        data: &[u8],
+        now: Instant,
+    ) {
         let msg = match Message::decode(data) {
             Ok(msg) => msg,
             Err(DecodeError::NotStun) => return,
@@ -850,6 +930,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                     let ctx = Ctx {
                         client,
                         listener,
+                        transport,
                         method,
                         tid: transaction_id,
                         fingerprint: false,
@@ -865,10 +946,10 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return;
         }
         match msg.class() {
-            Class::Request => self.handle_request(&msg, client, listener, now),
+            Class::Request => self.handle_request(&msg, client, listener, transport, now),
             Class::Indication if msg.method() == Method::SEND => {
                 if let Some(send) = SendIndication::decode(&msg) {
-                    self.handle_send(send, client, listener, now);
+                    self.handle_send(send, client, listener, transport, now);
                 }
             }
             // Other indications and all responses are dropped (RFC 8489 §6.3.2, §6.3.3).
@@ -881,11 +962,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
         msg: &Message<'_>,
         client: SocketAddr,
         listener: SocketAddr,
+        transport: Transport,
         now: Instant,
     ) {
         let mut ctx = Ctx {
             client,
             listener,
+            transport,
             method: msg.method(),
             tid: msg.transaction_id(),
             fingerprint: msg.has_fingerprint(),
@@ -1043,7 +1126,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
         };
         // Step 2: an allocation on this 5-tuple already. A retransmission of the request that
         // created it gets the same success again.
-        if let Some(id) = self.by_five_tuple.get(&(ctx.client, ctx.listener)).copied() {
+        if let Some(id) = self
+            .by_five_tuple
+            .get(&(ctx.client, ctx.listener, ctx.transport))
+            .copied()
+        {
             let Some(alloc) = self.allocations.get(&id) else {
                 return;
             };
@@ -1052,6 +1139,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                     self.commands.push_back(Command::SendToClient {
                         listener: ctx.listener,
                         client: ctx.client,
+                        transport: ctx.transport,
                         payload: alloc.success_response.clone(),
                     });
                 }
@@ -1118,6 +1206,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             username: auth.username.clone(),
             client: ctx.client,
             listener: ctx.listener,
+            transport: ctx.transport,
             relayed,
             additional: None,
             lifetime,
@@ -1140,7 +1229,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         };
         self.allocations.insert(id, alloc);
         self.schedule(id);
-        self.by_five_tuple.insert((ctx.client, ctx.listener), id);
+        self.by_five_tuple
+            .insert((ctx.client, ctx.listener, ctx.transport), id);
         self.by_relayed.insert(relayed, id);
         self.commands
             .push_back(Command::CreateAllocation { id, relayed });
@@ -1151,7 +1241,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
     fn allocation_for(&mut self, ctx: &Ctx) -> Option<AllocationId> {
         let id = self
             .by_five_tuple
-            .get(&(ctx.client, ctx.listener))
+            .get(&(ctx.client, ctx.listener, ctx.transport))
             .copied()
             .filter(|id| {
                 self.allocations
@@ -1354,10 +1444,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
         send: SendIndication<'_>,
         client: SocketAddr,
         listener: SocketAddr,
+        transport: Transport,
         now: Instant,
     ) {
         let SendIndication { peer, data } = send;
-        let Some(alloc) = self.active_on(client, listener) else {
+        let Some(alloc) = self.active_on(client, listener, transport) else {
             return;
         };
         // Port 0 is no destination; the kernel would refuse the send anyway.
@@ -1404,6 +1495,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.commands.push_back(Command::SendToClient {
             listener: ctx.listener,
             client: ctx.client,
+            transport: ctx.transport,
             payload,
         });
     }
@@ -1420,17 +1512,21 @@ impl<R: RngCore + CryptoRng> Server<R> {
 
     /// Answers a request that was not authenticated (or whose nonce failed: 438) within the
     /// source's relay-wide byte budget ([`UnauthLimiter`], RFC 8656 §21 amplification); over
-    /// it the answer is dropped and counted.
+    /// it the answer is dropped and counted. A TCP or TLS client completed a handshake from its
+    /// address, so it cannot be a spoofed victim: its answers are not budgeted (its
+    /// connection count is limited instead).
     fn respond_unauth(&mut self, ctx: &Ctx, class: Class, attrs: &[Attribute<'_>], now: Instant) {
         let payload = self.build(ctx, class, attrs);
-        if self
-            .config
-            .unauth_limiter
-            .try_send(ctx.client.ip(), payload.len(), now)
+        if ctx.transport.is_stream()
+            || self
+                .config
+                .unauth_limiter
+                .try_send(ctx.client.ip(), payload.len(), now)
         {
             self.commands.push_back(Command::SendToClient {
                 listener: ctx.listener,
                 client: ctx.client,
+                transport: ctx.transport,
                 payload,
             });
         }

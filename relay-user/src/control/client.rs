@@ -84,8 +84,10 @@ pub fn render(list: &AllocationList) -> String {
         // Last, so scripts that count columns keep working: the address the client contacted
         // (RFC 8656 §2 5-tuple), which tells apart the addresses a wildcard listener serves.
         "LISTENER",
+        // The client's transport (udp, tcp, tls): stream clients are always on the socket path.
+        "TRANSPORT",
     ];
-    let rows: Vec<[String; 13]> = list.allocations.iter().map(row).collect();
+    let rows: Vec<[String; 14]> = list.allocations.iter().map(row).collect();
     let mut widths = header.map(str::len);
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r.iter()) {
@@ -113,7 +115,7 @@ pub fn render(list: &AllocationList) -> String {
     out
 }
 
-fn row(a: &AllocationView) -> [String; 13] {
+fn row(a: &AllocationView) -> [String; 14] {
     let channels = a
         .channels
         .iter()
@@ -147,10 +149,22 @@ fn row(a: &AllocationView) -> [String; 13] {
         a.kernel.bytes().to_string(),
         format!("{}s", a.expires_in_secs),
         a.listener.clone(),
+        a.transport.clone(),
     ]
 }
 
 /// `relay ctl fastpath on|off ALLOCATION` and `relay ctl fastpath default on|off`.
+/// `relay ctl reload`.
+pub fn reload(admin: SocketAddr) -> anyhow::Result<()> {
+    let body = request(admin, "POST", "/reload")?;
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or(body);
+    println!("{message}");
+    Ok(())
+}
+
 pub fn fastpath(admin: SocketAddr, first: &str, second: &str) -> anyhow::Result<()> {
     let state = |word: &str| match word {
         "on" | "off" => Ok(word.to_owned()),

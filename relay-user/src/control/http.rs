@@ -259,13 +259,18 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
                 .await,
             )
         }
+        ("POST", ["reload"]) => match ask(core, AdminRequest::Reload).await {
+            Some(Ok(message)) => Response::json(200, &serde_json::json!({ "message": message })),
+            Some(Err(message)) => Response::error(409, &message),
+            None => unavailable(),
+        },
         ("POST", ["fastpath", "default", state]) => {
             let Some(on) = on_off(state) else {
                 return Response::error(400, "expected /fastpath/default/on|off");
             };
             applied(ask(core, |reply| AdminRequest::SetDefault { on, reply }).await)
         }
-        (_, ["allocations"] | ["metrics"] | ["healthz"] | ["readyz"])
+        (_, ["allocations"] | ["metrics"] | ["healthz"] | ["readyz"] | ["reload"])
         | (_, ["allocations", _, "fastpath", _])
         | (_, ["fastpath", "default", _]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such route"),

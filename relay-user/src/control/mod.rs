@@ -79,6 +79,9 @@ pub struct AllocationView {
     pub user: String,
     pub client: String,
     pub listener: String,
+    /// The client's transport: `udp`, `tcp` or `tls` (absent in answers of older relays).
+    #[serde(default = "udp")]
+    pub transport: String,
     /// The relayed transport address (of the requested family; IPv4 in a dual allocation).
     pub relayed: String,
     /// The IPv6 relayed transport address of a dual allocation (RFC 8656 §7.2
@@ -93,6 +96,10 @@ pub struct AllocationView {
     pub path: String,
     pub socket: PathCounters,
     pub kernel: PathCounters,
+}
+
+fn udp() -> String {
+    "udp".to_owned()
 }
 
 /// The answer to `GET /allocations`.
@@ -135,6 +142,9 @@ pub enum AdminRequest {
     Metrics(oneshot::Sender<String>),
     /// Liveness and readiness (`/healthz`, `/readyz`).
     Health(oneshot::Sender<Health>),
+    /// Re-read what can change at runtime (the TLS certificate): what was reloaded, or why
+    /// nothing was.
+    Reload(oneshot::Sender<Result<String, String>>),
 }
 
 /// What `/healthz` and `/readyz` report.

@@ -11,7 +11,9 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{
+    connection_limits::ConnectionLimits,
     kernel_sync::KernelSync,
+    tls::TlsCertificates,
     worker::{lock, WorkerRequest, WorkerSnapshot},
 };
 use crate::control::{ask, AdminRequest, AllocationList, Health};
@@ -24,6 +26,8 @@ pub async fn route(
     kernel: Arc<Mutex<KernelSync>>,
     alive_workers: Arc<AtomicUsize>,
     unauth: Arc<UnauthLimiter>,
+    tls: Option<Arc<TlsCertificates>>,
+    connection_limits: Arc<ConnectionLimits>,
 ) {
     while let Some(request) = requests.recv().await {
         match request {
@@ -69,6 +73,9 @@ pub async fn route(
             AdminRequest::SetDefault { on, reply } => {
                 let _ = reply.send(lock(&kernel).set_default(on));
             }
+            AdminRequest::Reload(reply) => {
+                let _ = reply.send(reload(tls.as_deref()).map_err(|e| format!("{e:#}")));
+            }
             AdminRequest::Health(reply) => {
                 let live = alive_workers.load(Ordering::SeqCst) == workers.len();
                 let _ = reply.send(Health { live, ready: live });
@@ -86,11 +93,23 @@ pub async fn route(
                         for (key, count) in part.error_responses {
                             *total.error_responses.entry(key).or_insert(0) += count;
                         }
+                        for (key, count) in part.allocations_by_transport {
+                            *total.allocations_by_transport.entry(key).or_insert(0) += count;
+                        }
+                        for (key, count) in part.connections {
+                            *total.connections.entry(key).or_insert(0) += count;
+                        }
+                        for (key, count) in part.connections_closed {
+                            *total.connections_closed.entry(key).or_insert(0) += count;
+                        }
+                        total.stream_send_drops += part.stream_send_drops;
+                        total.stream_buffered_bytes += part.stream_buffered_bytes;
                     }
                 }
                 let mut text = metrics(&total, &kernel);
                 unauth_metrics(&mut text, &unauth);
                 error_response_metrics(&mut text, &total);
+                stream_metrics(&mut text, &total, &connection_limits);
                 let _ = reply.send(text);
             }
         }
@@ -173,6 +192,82 @@ fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
         }
     }
     out
+}
+
+/// Re-reads what can change at runtime: for now the TLS certificate (SIGHUP and
+/// `relay ctl reload`). Open connections keep the certificate they were established with.
+pub fn reload(tls: Option<&TlsCertificates>) -> anyhow::Result<String> {
+    match tls {
+        Some(tls) => {
+            tls.reload()?;
+            tracing::info!("TLS certificate reloaded; new connections use it");
+            Ok("reloaded the TLS certificate and key; new connections use them".to_owned())
+        }
+        None => Ok(
+            "nothing to reload: no TLS listener is configured (a reload re-reads the \
+                    TLS certificate and key)"
+                .to_owned(),
+        ),
+    }
+}
+
+/// TCP/TLS clients (issue 11): allocations and connections by transport, why connections
+/// ended, refusals at the caps, queue drops and buffered bytes; no per-user labels.
+fn stream_metrics(out: &mut String, snapshot: &WorkerSnapshot, limits: &ConnectionLimits) {
+    let _ = writeln!(
+        out,
+        "# HELP relay_allocations_by_transport Live allocations by client transport.\n\
+         # TYPE relay_allocations_by_transport gauge"
+    );
+    for transport in ["udp", "tcp", "tls"] {
+        let n = snapshot
+            .allocations_by_transport
+            .get(transport)
+            .copied()
+            .unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "relay_allocations_by_transport{{transport=\"{transport}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_connections Open TCP and TLS client connections.\n\
+         # TYPE relay_connections gauge"
+    );
+    for transport in ["tcp", "tls"] {
+        let n = snapshot.connections.get(transport).copied().unwrap_or(0);
+        let _ = writeln!(out, "relay_connections{{transport=\"{transport}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP relay_connections_closed_total TCP and TLS client connections closed, by \
+         transport and reason.\n\
+         # TYPE relay_connections_closed_total counter"
+    );
+    for ((transport, reason), n) in &snapshot.connections_closed {
+        let _ = writeln!(
+            out,
+            "relay_connections_closed_total{{transport=\"{transport}\",reason=\"{reason}\"}} {n}"
+        );
+    }
+    let (total, per_source) = limits.refused();
+    let _ = writeln!(
+        out,
+        "# HELP relay_connections_refused_total TCP and TLS connections closed at accept by \
+         --max-connections (total) or --max-connections-per-ip (per_ip).\n\
+         # TYPE relay_connections_refused_total counter\n\
+         relay_connections_refused_total{{reason=\"total\"}} {total}\n\
+         relay_connections_refused_total{{reason=\"per_ip\"}} {per_source}\n\
+         # HELP relay_stream_send_drops_total Messages to TCP/TLS clients dropped because \
+         their send queue was full.\n\
+         # TYPE relay_stream_send_drops_total counter\n\
+         relay_stream_send_drops_total {}\n\
+         # HELP relay_stream_buffered_bytes Bytes held in TCP/TLS connection buffers.\n\
+         # TYPE relay_stream_buffered_bytes gauge\n\
+         relay_stream_buffered_bytes {}",
+        snapshot.stream_send_drops, snapshot.stream_buffered_bytes
+    );
 }
 
 /// What the relay-wide unauthenticated-answer budget refused (issue 12 item 2).

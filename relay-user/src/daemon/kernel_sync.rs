@@ -36,6 +36,7 @@ use crate::{
     proto::{
         policy::PeerPolicy,
         server::{AllocationId, Command},
+        Transport,
     },
 };
 
@@ -135,9 +136,14 @@ impl KernelSync {
         self.fastpath.is_some() && self.overrides.get(&id).copied().unwrap_or(self.default_on)
     }
 
-    /// Applies one protocol-core command; commands that do not concern the kernel are ignored.
+    /// Applies one protocol-core command; commands that do not concern the kernel are ignored,
+    /// and so is everything about a TCP/TLS client: the kernel rewrites UDP datagrams, it never
+    /// forwards into a stream (issue 11), so such an allocation stays on the socket path.
     pub fn apply(&mut self, command: &Command) {
         match command {
+            Command::CreateChannelBinding { transport, .. }
+            | Command::CreatePermission { transport, .. }
+                if *transport != Transport::Udp => {}
             Command::CreateChannelBinding {
                 id,
                 client,
@@ -146,6 +152,7 @@ impl KernelSync {
                 peer,
                 channel,
                 expires_at,
+                ..
             } => {
                 let binding = ChannelBinding {
                     allocation: id.0,
@@ -182,6 +189,7 @@ impl KernelSync {
                 relayed,
                 peer_ip,
                 expires_at,
+                ..
             } => {
                 let permission = PermissionBinding {
                     allocation: id.0,

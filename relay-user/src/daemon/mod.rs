@@ -1,12 +1,15 @@
 //! The `relay serve` daemon: wires config, sockets, protocol core and fast path together.
 
 mod admin;
+mod connection;
+mod connection_limits;
 mod host_addresses;
 mod interfaces;
 mod kernel_sync;
 mod limits;
 mod notify;
 mod privileges;
+mod tls;
 mod worker;
 
 use std::{
@@ -37,6 +40,7 @@ use relay_proto::{
     limiter::UnauthLimiter,
     policy::PeerPolicy,
     server::{AllocationQuota, LiveRelayed, QuotaLedger, Server, ServerConfig},
+    Transport,
 };
 
 use self::{
@@ -61,6 +65,15 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM at any point of the start (a service manager stopping the relay
     // right after starting it) is a clean stop, never the default action.
     let mut signals = ShutdownSignals::install()?;
+    // SIGHUP's default action ends the process: caught from the start too.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing SIGHUP handler")?;
+    // A certificate that cannot be used stops the start, naming the file, before anything
+    // else is set up.
+    let tls = match &config.streams.tls {
+        Some(files) => Some(Arc::new(tls::TlsCertificates::load(files.clone())?)),
+        None => None,
+    };
     if config.secrets_on_command_line {
         warn!(
             "--user/--auth-secret on the command line are readable by every local user in \
@@ -90,7 +103,10 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         });
     }
     // While still root: descriptors for every allocation the caps allow.
-    limits::raise_open_files(limits::needed(config.max_allocations));
+    // (and one per TCP/TLS connection the caps allow).
+    limits::raise_open_files(
+        limits::needed(config.max_allocations) + config.streams.max_connections as u64,
+    );
     // The fast path comes first: if the operator asked for it and it cannot attach, nothing
     // else should start.
     let fastpath = start_fastpath(&config)?;
@@ -146,6 +162,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             info!("listening on udp {bound}");
         }
     }
+    let streams = bind_stream_listeners(&config, workers)?;
     let own_addresses = interfaces::listener_ips(&config.listen)
         .context("listing the host addresses a wildcard listener serves")?;
 
@@ -168,7 +185,12 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         privileges::resolve(config.user_id.as_deref(), config.group_id.as_deref())?
     {
         // Port 0 picks an ephemeral port, never a privileged one.
-        let low_ports = config.listen.iter().any(|a| (1..1024).contains(&a.port()))
+        let low_ports = config
+            .listen
+            .iter()
+            .chain(&config.streams.listen_tcp)
+            .chain(&config.streams.listen_tls)
+            .any(|a| (1..1024).contains(&a.port()))
             || *config.port_range.start() < 1024;
         privileges::drop_to(&identity, low_ports).context("dropping root privileges")?;
     }
@@ -190,7 +212,17 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();
     let alive_workers = Arc::new(AtomicUsize::new(0));
-    for (index, listeners) in sockets.into_iter().enumerate() {
+    let connection_limits = Arc::new(connection_limits::ConnectionLimits::new(
+        config.streams.max_connections,
+        config.streams.max_connections_per_ip,
+    ));
+    let stream_env = worker::StreamEnv {
+        tls: tls.clone(),
+        limits: Arc::clone(&connection_limits),
+        handshake_timeout: config.streams.handshake_timeout,
+        idle_timeout: config.streams.idle_timeout,
+    };
+    for ((index, listeners), stream_listeners) in sockets.into_iter().enumerate().zip(streams) {
         let mut server_config = server_config(&config, policy.clone());
         server_config.quota = Arc::clone(&quota);
         server_config.unauth_limiter = Arc::clone(&unauth_limiter);
@@ -211,10 +243,16 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         } else {
             worker::Faults::default()
         };
+        let env = stream_env.clone();
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || {
                 let _alive = alive;
+                let listeners = WorkerListeners {
+                    udp: listeners,
+                    streams: stream_listeners,
+                    env,
+                };
                 run_worker(server_config, listeners, kernel, requests_rx, stop, faults)
             })
             .context("starting a worker thread")?;
@@ -240,6 +278,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         Arc::clone(&kernel),
         Arc::clone(&alive_workers),
         unauth_limiter,
+        tls.clone(),
+        connection_limits,
     ));
     info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
     info!(
@@ -253,7 +293,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     let notifier = Arc::new(notify::Notifier::from_env());
     notifier.notify(&format!(
         "READY=1\nSTATUS=relaying on {} listener(s) with {workers} worker(s)",
-        config.listen.len()
+        config.listen.len() + config.streams.listen_tcp.len() + config.streams.listen_tls.len()
     ));
     let watchdog = notify::Notifier::watchdog_interval().map(|every| {
         let notifier = Arc::clone(&notifier);
@@ -274,6 +314,14 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // SO_REUSEPORT group, so the kernel would hash its clients to other workers that know
     // nothing of them. Stopping everything cleanly (kernel entries removed) and letting the
     // service manager restart the relay is the one state that is whole again.
+    let reloads = tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            info!("SIGHUP: reloading");
+            if let Err(error) = admin::reload(tls.as_deref()) {
+                warn!("{error:#}");
+            }
+        }
+    });
     let result = tokio::select! {
         result = signals.wait() => result,
         () = worker_lost(&alive_workers, workers) => Err(anyhow::anyhow!(
@@ -281,6 +329,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
              manager restarts it"
         )),
     };
+    reloads.abort();
     notifier.notify("STOPPING=1");
     if let Some(watchdog) = watchdog {
         watchdog.abort();
@@ -315,10 +364,54 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The listener sockets of one worker, and what its TCP/TLS clients need.
+struct WorkerListeners {
+    udp: Vec<(SocketAddr, std::net::UdpSocket)>,
+    streams: Vec<(std::net::TcpListener, Transport)>,
+    env: worker::StreamEnv,
+}
+
+/// One SO_REUSEPORT TCP listener per worker for every `--listen-tcp` and `--listen-tls`
+/// address (the first fixes the port when the config says 0): the kernel spreads connections
+/// over the workers.
+fn bind_stream_listeners(
+    config: &Config,
+    workers: usize,
+) -> anyhow::Result<Vec<Vec<(std::net::TcpListener, Transport)>>> {
+    let mut per_worker: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
+    let listeners = config
+        .streams
+        .listen_tcp
+        .iter()
+        .map(|a| (*a, Transport::Tcp))
+        .chain(
+            config
+                .streams
+                .listen_tls
+                .iter()
+                .map(|a| (*a, Transport::Tls)),
+        );
+    for (addr, transport) in listeners {
+        let mut bound = addr;
+        for worker in per_worker.iter_mut() {
+            let listener = net::bind_tcp_listener(bound, true).with_context(|| {
+                format!("cannot listen on {transport} {addr} (in use, or not local?)")
+            })?;
+            bound = listener.local_addr().context("listener address")?;
+            worker.push((listener, transport));
+        }
+        info!(
+            "listening on {transport} {bound} (TURN over {})",
+            transport.label().to_uppercase()
+        );
+    }
+    Ok(per_worker)
+}
+
 /// One worker thread: a single-threaded runtime around the worker's loop.
 fn run_worker(
     config: ServerConfig,
-    listeners: Vec<(SocketAddr, std::net::UdpSocket)>,
+    listeners: WorkerListeners,
     kernel: Arc<Mutex<KernelSync>>,
     requests: mpsc::Receiver<WorkerRequest>,
     stop: watch::Receiver<bool>,
@@ -335,11 +428,17 @@ fn run_worker(
             Instant::now(),
             worker::unix_now(),
         );
-        let mut worker = Worker::new(server, kernel, faults).context("worker epoll")?;
-        for (addr, socket) in listeners {
+        let mut worker =
+            Worker::new(server, kernel, faults, listeners.env).context("worker epoll")?;
+        for (addr, socket) in listeners.udp {
             worker
                 .add_listener(addr, socket)
                 .with_context(|| format!("listener socket {addr}"))?;
+        }
+        for (listener, transport) in listeners.streams {
+            worker
+                .add_stream_listener(listener, transport)
+                .with_context(|| format!("{transport} listener socket"))?;
         }
         Ok(worker.run(requests, stop).await)
     })

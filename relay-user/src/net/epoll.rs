@@ -35,14 +35,29 @@ impl Epoll {
 
     /// Reports `socket` readable under `token` until [`Epoll::remove`].
     pub fn add(&self, socket: RawFd, token: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
+        self.control(libc::EPOLL_CTL_ADD, socket, token, false)
+    }
+
+    /// Reports `socket` readable, and also writable when `writable`, from now on (a stream
+    /// connection watches writability only while it has output the kernel did not take).
+    pub fn watch(&self, socket: RawFd, token: u64, writable: bool) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, socket, token, writable)
+    }
+
+    fn control(
+        &self,
+        op: libc::c_int,
+        socket: RawFd,
+        token: u64,
+        writable: bool,
+    ) -> io::Result<()> {
+        let mut events = libc::EPOLLIN as u32;
+        if writable {
+            events |= libc::EPOLLOUT as u32;
+        }
+        let mut event = libc::epoll_event { events, u64: token };
         // SAFETY: `event` is a valid epoll_event for the duration of the call.
-        let rc = unsafe {
-            libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut event)
-        };
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, socket, &mut event) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -62,8 +77,9 @@ impl Epoll {
         };
     }
 
-    /// The tokens of the sockets readable now, without waiting (at most [`EVENTS`]).
-    pub fn ready(&mut self) -> io::Result<impl Iterator<Item = u64> + '_> {
+    /// The sockets ready now, without waiting (at most [`EVENTS`]): each token with whether it
+    /// is writable (and not only readable, or closed, which a read reports).
+    pub fn ready(&mut self) -> io::Result<impl Iterator<Item = (u64, bool)> + '_> {
         // SAFETY: `events` has room for its length of epoll_events, which the kernel fills.
         let n = unsafe {
             libc::epoll_wait(
@@ -80,7 +96,11 @@ impl Epoll {
             }
         }
         let n = usize::try_from(n).unwrap_or(0);
-        Ok(self.events.iter().take(n).map(|e| e.u64))
+        Ok(self
+            .events
+            .iter()
+            .take(n)
+            .map(|e| (e.u64, e.events & libc::EPOLLOUT as u32 != 0)))
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod epoll;
+pub mod framing;
 pub mod recv;
 pub mod send;
 #[cfg(test)]
@@ -115,5 +116,27 @@ fn bind(
     if gro {
         batch::enable_gro(&socket);
     }
+    Ok(socket.into())
+}
+
+/// Connections waiting to be accepted per TCP/TLS listener socket.
+const TCP_BACKLOG: i32 = 1024;
+
+/// Binds a non-blocking TCP listener for TURN over TCP or TLS on exactly `addr`; with
+/// `reuse_port` one per worker, and the kernel spreads connections over them. IPv6 sockets
+/// are v6-only, as for UDP. SO_REUSEADDR lets a restarted relay bind while old connections
+/// of its predecessor are in TIME_WAIT.
+pub fn bind_tcp_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(TCP_BACKLOG)?;
     Ok(socket.into())
 }

@@ -278,7 +278,7 @@ impl TlsMaterial {
                 .with_context(|| format!("writing {}", path.display()))
         };
         write(&material.cert, &certified.cert.pem(), 0o644)?;
-        write(&material.key, &certified.signing_key.serialize_pem(), 0o600)?;
+        write(&material.key, &certified.key_pair.serialize_pem(), 0o600)?;
         Ok(material)
     }
 }

@@ -25,6 +25,7 @@ pub(super) use crate::stun::{
     attr_type, AddressFamily, Attribute, Class, ErrorCode, Integrity, Message, MessageBuilder,
     Method, TransactionId, MAGIC_COOKIE,
 };
+pub(super) use crate::Transport;
 
 pub(super) const REALM: &str = "relay.test";
 pub(super) const ALICE: (&str, &str) = ("alice", "alice-password");
@@ -93,10 +94,14 @@ pub(super) fn as_command(forward: &Forward, data: &[u8]) -> Command {
             payload,
         },
         Forward::ToClient {
-            listener, client, ..
+            listener,
+            client,
+            transport,
+            ..
         } => Command::SendToClient {
             listener,
             client,
+            transport,
             payload,
         },
     }
@@ -157,9 +162,13 @@ impl Harness {
     /// A datagram from `client` on its listener; returns everything the server emits.
     /// A relayed datagram (a [`Forward`]) is listed as the command that would carry it, first.
     pub(super) fn client_sends(&mut self, client: &Client, bytes: &[u8]) -> Vec<Command> {
-        let forward =
-            self.server
-                .handle_client_datagram(client.addr, client.listener, bytes, self.now);
+        let forward = self.server.handle_client_message(
+            client.addr,
+            client.listener,
+            client.transport,
+            bytes,
+            self.now,
+        );
         let mut commands: Vec<Command> =
             forward.map(|f| as_command(&f, bytes)).into_iter().collect();
         commands.extend(self.drain());
@@ -344,6 +353,8 @@ impl Harness {
 pub(super) struct Client {
     pub(super) addr: SocketAddr,
     pub(super) listener: SocketAddr,
+    /// UDP unless a test makes it a TCP/TLS client ([`Client::over`]).
+    pub(super) transport: Transport,
     pub(super) username: String,
     pub(super) key: LongTermKey,
     pub(super) nonce: Option<String>,
@@ -355,6 +366,7 @@ impl Client {
         Self {
             addr: sa(addr),
             listener: listener(),
+            transport: Transport::Udp,
             username: username.to_owned(),
             key: LongTermKey::derive(username, REALM, password),
             nonce: None,
@@ -369,6 +381,12 @@ impl Client {
         mac.update(username.as_bytes());
         let password = STANDARD.encode(mac.finalize().into_bytes());
         Self::new(addr, (username.as_str(), password.as_str()))
+    }
+
+    /// The same client over another transport (its messages then arrive framed from a stream).
+    pub(super) fn over(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 
     pub(super) fn tid(&mut self) -> TransactionId {
@@ -411,9 +429,14 @@ pub(super) fn one_reply(commands: Vec<Command>, client: &Client, tid: Transactio
         [Command::SendToClient {
             listener,
             client: to,
+            transport,
             payload,
         }] => {
             assert_eq!(*listener, client.listener, "sent from the listener");
+            assert_eq!(
+                *transport, client.transport,
+                "sent over the client's transport"
+            );
             assert_eq!(*to, client.addr, "sent to the client");
             let msg = Message::decode(payload).expect("the response decodes");
             assert_eq!(
@@ -494,6 +517,7 @@ pub(super) fn to_client(client: &Client, payload: Vec<u8>) -> Command {
     Command::SendToClient {
         listener: client.listener,
         client: client.addr,
+        transport: client.transport,
         payload,
     }
 }
@@ -510,6 +534,7 @@ pub(super) fn create_binding(
         id,
         client: client.addr,
         listener: client.listener,
+        transport: client.transport,
         relayed,
         peer,
         channel,
@@ -528,6 +553,7 @@ pub(super) fn delete_binding(
         id,
         client: client.addr,
         listener: client.listener,
+        transport: client.transport,
         relayed,
         peer,
         channel,
@@ -541,9 +567,13 @@ pub(super) fn data_indication(commands: &[Command], client: &Client, peer: Socke
         [Command::SendToClient {
             listener,
             client: to,
+            transport,
             payload,
         }] => {
-            assert_eq!((*listener, *to), (client.listener, client.addr));
+            assert_eq!(
+                (*listener, *to, *transport),
+                (client.listener, client.addr, client.transport)
+            );
             let msg = Message::decode(payload).expect("Data indication decodes");
             assert_eq!(
                 (msg.class(), msg.method()),

@@ -22,3 +22,4 @@ mod malformed;
 mod permission;
 mod properties;
 mod refresh;
+mod stream;

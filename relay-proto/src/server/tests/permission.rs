@@ -85,6 +85,7 @@ fn permission_commands_follow_the_permissions() {
         id,
         client,
         listener,
+        transport: Transport::Udp,
         relayed,
         peer_ip: peer.ip(),
         expires_at,

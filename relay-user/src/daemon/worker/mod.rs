@@ -16,16 +16,25 @@
 //! data. Timers, admin requests and the stop signal are the loop's other inputs; its fast-path
 //! map updates happen in the order the server decided them.
 //!
+//! TCP and TLS clients (RFC 8656 §5) live in the same loop: their listener and connection
+//! sockets sit in the same epoll; each connection's byte stream is framed into messages that
+//! the core handles like datagrams, and whatever goes to such a client is queued on its
+//! connection (see [`streams`]). Their relayed side is the same UDP relay sockets.
+//!
 //! Why epoll inside tokio and not tokio sockets or a thread of its own: an `AsyncFd` per socket
 //! would need a task or a poll per socket per wake (with 1000 allocations, 1000 polls to find
 //! the few with data); raw epoll reports just the ready ones. Registering the epoll descriptor
 //! with the worker's runtime keeps admin requests, the stop signal and timers as they are
 //! (tokio channels and sleeps) without an eventfd protocol of our own.
 
+mod streams;
+
+pub use streams::StreamEnv;
+
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     os::fd::{AsRawFd, RawFd},
     sync::{Arc, Mutex, MutexGuard},
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -37,7 +46,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::kernel_sync::KernelSync;
+use super::{connection::Connection, kernel_sync::KernelSync};
 use crate::{
     control::{AllocationView, ChannelView, PathCounters},
     net::{
@@ -48,7 +57,10 @@ use crate::{
     },
 };
 use rand::rngs::StdRng;
-use relay_proto::server::{AllocationId, Command, Forward, Server};
+use relay_proto::{
+    server::{AllocationId, Command, Forward, Server},
+    Transport,
+};
 
 /// Receive slots of a worker (each a whole 64 KiB datagram or GRO aggregate behind headroom;
 /// only the pages datagrams land in are ever touched). When they are all filled before a wake
@@ -82,7 +94,17 @@ pub struct WorkerSnapshot {
     pub send_drops: u64,
     pub allocation_ids: Vec<AllocationId>,
     /// Error responses sent, by (method label, code).
-    pub error_responses: std::collections::BTreeMap<(&'static str, u16), u64>,
+    pub error_responses: BTreeMap<(&'static str, u16), u64>,
+    /// Allocations by client transport (udp, tcp, tls).
+    pub allocations_by_transport: BTreeMap<&'static str, u64>,
+    /// Open TCP/TLS connections by transport.
+    pub connections: BTreeMap<&'static str, u64>,
+    /// Closed TCP/TLS connections by (transport, reason).
+    pub connections_closed: BTreeMap<(&'static str, &'static str), u64>,
+    /// Messages to TCP/TLS clients dropped for a full send queue.
+    pub stream_send_drops: u64,
+    /// Bytes the open connections hold in their own buffers.
+    pub stream_buffered_bytes: u64,
 }
 
 /// Locks the shared fast-path state; a panic elsewhere cannot leave it half-updated in a way
@@ -102,17 +124,38 @@ pub fn unix_now() -> u64 {
 /// What a socket of the worker is for.
 #[derive(Clone, Copy, Debug)]
 enum Role {
-    /// A listener bound on this address (possibly a wildcard one).
+    /// A UDP listener bound on this address (possibly a wildcard one).
     Listener(SocketAddr),
     /// The relay socket of an allocation.
     Relay {
         id: AllocationId,
         relayed: SocketAddr,
     },
+    /// A TCP listener for TCP or TLS clients.
+    StreamListener { transport: Transport },
+    /// A TCP or TLS client connection.
+    Stream,
+}
+
+/// The socket itself.
+enum Io {
+    Udp(UdpSocket),
+    Listener(TcpListener),
+    Stream(Box<Connection>),
+}
+
+impl Io {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Io::Udp(socket) => socket.as_raw_fd(),
+            Io::Listener(listener) => listener.as_raw_fd(),
+            Io::Stream(connection) => connection.stream().as_raw_fd(),
+        }
+    }
 }
 
 struct Entry {
-    socket: UdpSocket,
+    socket: Io,
     generation: u32,
     role: Role,
     /// What the socket path relayed through this relay socket.
@@ -129,7 +172,7 @@ struct Sockets {
 }
 
 impl Sockets {
-    fn insert(&mut self, socket: UdpSocket, role: Role) -> u64 {
+    fn insert(&mut self, socket: Io, role: Role) -> u64 {
         self.generation = self.generation.wrapping_add(1);
         let entry = Entry {
             socket,
@@ -177,8 +220,20 @@ impl Sockets {
         self.entries.get_mut(index)?.take()
     }
 
+    /// The descriptor of UDP socket `token` (transmits only ever name UDP sockets).
     fn fd(&self, token: u64) -> Option<RawFd> {
-        self.get(token).map(|e| e.socket.as_raw_fd())
+        match self.get(token).map(|e| &e.socket) {
+            Some(Io::Udp(socket)) => Some(socket.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// Connection `token`.
+    fn stream_mut(&mut self, token: u64) -> Option<&mut Connection> {
+        match self.get_mut(token).map(|e| &mut e.socket) {
+            Some(Io::Stream(connection)) => Some(connection),
+            _ => None,
+        }
     }
 }
 
@@ -205,8 +260,18 @@ pub struct Worker {
     listeners: HashMap<SocketAddr, u64>,
     /// Relayed address → token of its relay socket.
     relays: HashMap<SocketAddr, u64>,
-    /// Tokens epoll reported in this round.
-    ready: Vec<u64>,
+    /// Tokens epoll reported in this round, with whether each is writable.
+    ready: Vec<(u64, bool)>,
+    /// What TCP/TLS clients need: certificates, caps, timeouts.
+    stream_env: StreamEnv,
+    /// (client, local address, transport) → connection token.
+    streams: HashMap<(SocketAddr, SocketAddr, Transport), u64>,
+    /// Connections with output queued since the last flush.
+    dirty_streams: Vec<u64>,
+    /// Closed connections by (transport, reason), for metrics.
+    streams_closed: BTreeMap<(&'static str, &'static str), u64>,
+    /// Messages to stream clients dropped for a full queue.
+    stream_drops: u64,
     arena: Arena,
     /// The datagrams of the last receive batch.
     datagrams: Vec<Datagram>,
@@ -224,6 +289,7 @@ impl Worker {
         server: Server<StdRng>,
         kernel: Arc<Mutex<KernelSync>>,
         faults: Faults,
+        stream_env: StreamEnv,
     ) -> io::Result<Self> {
         // SAFETY: the Epoll owns its descriptor (an OwnedFd it never replaces) for its whole
         // life, which the AsyncFd's is, and its as_raw_fd always returns that descriptor.
@@ -238,6 +304,11 @@ impl Worker {
             listeners: HashMap::new(),
             relays: HashMap::new(),
             ready: Vec::with_capacity(256),
+            stream_env,
+            streams: HashMap::new(),
+            dirty_streams: Vec::new(),
+            streams_closed: BTreeMap::new(),
+            stream_drops: 0,
             arena: Arena::new(ARENA_SLOTS, net::MAX_DATAGRAM),
             datagrams: Vec::with_capacity(net::recv::RECV_BATCH * 64),
             sends: SendQueue::default(),
@@ -250,7 +321,7 @@ impl Worker {
     /// Starts serving clients on a bound listener socket.
     pub fn add_listener(&mut self, addr: SocketAddr, socket: UdpSocket) -> io::Result<()> {
         let fd = socket.as_raw_fd();
-        let token = self.sockets.insert(socket, Role::Listener(addr));
+        let token = self.sockets.insert(Io::Udp(socket), Role::Listener(addr));
         if let Err(error) = self.epoll.get_ref().add(fd, token) {
             self.sockets.remove(token);
             return Err(error);
@@ -268,6 +339,9 @@ impl Worker {
     ) -> usize {
         // epoll still had ready sockets when the last wake ended its rounds.
         let mut io_pending = false;
+        // Connection deadlines (handshake, idle, stalled) are checked once a second.
+        let mut sweep = tokio::time::interval(streams::SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some(pause) = self.receive_backoff() {
                 tokio::time::sleep(pause).await;
@@ -282,6 +356,7 @@ impl Worker {
             let mut io = false;
             let mut timeout = false;
             let mut request = None;
+            let mut sweep_due = false;
             tokio::select! {
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
@@ -303,6 +378,7 @@ impl Worker {
                 () = std::future::ready(()), if io_pending => io = true,
                 () = timer => timeout = true,
                 Some(r) = requests.recv() => request = Some(r),
+                _ = sweep.tick(), if !self.streams.is_empty() => sweep_due = true,
             }
             if io {
                 io_pending = self.poll_io();
@@ -313,6 +389,9 @@ impl Worker {
             }
             if let Some(request) = request {
                 self.request(request);
+            }
+            if sweep_due {
+                self.sweep_streams(Instant::now());
             }
             self.flush();
         }
@@ -337,8 +416,13 @@ impl Worker {
             let now = Instant::now();
             self.server.set_unix_time(unix_now());
             for i in 0..self.ready.len() {
-                let token = self.ready[i];
-                self.receive(token, now);
+                let (token, writable) = self.ready[i];
+                match self.sockets.get(token).map(|e| e.role) {
+                    Some(Role::StreamListener { transport }) => self.accept(token, transport, now),
+                    Some(Role::Stream) => self.stream_ready(token, writable, now),
+                    Some(_) => self.receive(token, now),
+                    None => {}
+                }
             }
             self.flush();
         }
@@ -358,7 +442,7 @@ impl Worker {
         let Some(entry) = self.sockets.get(token) else {
             return;
         };
-        let (fd, role) = (entry.socket.as_raw_fd(), entry.role);
+        let (fd, role) = (entry.socket.raw_fd(), entry.role);
         if self.arena.free() == 0 {
             self.flush();
         }
@@ -399,6 +483,7 @@ impl Worker {
             match role {
                 Role::Listener(listener) => self.client_datagram(listener, &datagram, now),
                 Role::Relay { relayed, .. } => self.peer_datagram(token, relayed, &datagram, now),
+                Role::StreamListener { .. } | Role::Stream => {}
             }
         }
     }
@@ -465,13 +550,28 @@ impl Worker {
                 listener,
                 client,
                 header,
+                transport,
             } => {
-                let Some((socket, src)) = listener_socket(&self.listeners, listener) else {
-                    return;
-                };
                 if let Some(token) = from_relay {
                     self.count(token, false, HEADROOM + datagram.len);
                 }
+                if transport.is_stream() {
+                    // A copy into the connection's queue (TCP has no zero-copy send here).
+                    let data = self.arena.bytes().get(datagram.range()).unwrap_or_default();
+                    let key = (client, listener, transport);
+                    streams::queue_on(
+                        &mut self.sockets,
+                        &self.streams,
+                        &mut self.dirty_streams,
+                        &mut self.stream_drops,
+                        key,
+                        &[&header, data],
+                    );
+                    return;
+                }
+                let Some((socket, src)) = listener_socket(&self.listeners, listener) else {
+                    return;
+                };
                 if self.arena.prepend(datagram, header) {
                     self.sends.push_arena(
                         socket,
@@ -510,9 +610,21 @@ impl Worker {
                     listener,
                     client,
                     payload,
+                    transport,
                 } => {
                     if let Some(token) = from_relay {
                         self.count(token, false, payload.len());
+                    }
+                    if transport.is_stream() {
+                        streams::queue_on(
+                            &mut self.sockets,
+                            &self.streams,
+                            &mut self.dirty_streams,
+                            &mut self.stream_drops,
+                            (client, listener, transport),
+                            &[&payload],
+                        );
+                        continue;
                     }
                     match listener_socket(&self.listeners, listener) {
                         Some((socket, src)) => self.sends.push_owned(socket, client, src, payload),
@@ -543,7 +655,8 @@ impl Worker {
         }
     }
 
-    /// Sends every queued transmit; the arena's slots are free again afterwards.
+    /// Sends every queued transmit; the arena's slots are free again afterwards. Connections
+    /// with new output write what their sockets take.
     fn flush(&mut self) {
         if !self.sends.is_empty() {
             let sockets = &self.sockets;
@@ -553,6 +666,7 @@ impl Worker {
             self.send_drops += dropped as u64;
         }
         self.arena.clear();
+        self.flush_streams();
     }
 
     /// Binds the relay socket of a new allocation and tells the server how it went
@@ -561,7 +675,9 @@ impl Worker {
         let now = Instant::now();
         let bound = net::bind_relay(relayed).and_then(|socket| {
             let fd = socket.as_raw_fd();
-            let token = self.sockets.insert(socket, Role::Relay { id, relayed });
+            let token = self
+                .sockets
+                .insert(Io::Udp(socket), Role::Relay { id, relayed });
             match self.epoll.get_ref().add(fd, token) {
                 Ok(()) => Ok(token),
                 Err(error) => {
@@ -591,7 +707,7 @@ impl Worker {
             Some(Role::Relay { id: owner, .. }) if owner == id => {
                 self.relays.remove(&relayed);
                 if let Some(entry) = self.sockets.remove(token) {
-                    self.epoll.get_ref().remove(entry.socket.as_raw_fd());
+                    self.epoll.get_ref().remove(entry.socket.raw_fd());
                 }
                 debug!(allocation = %id, %relayed, "relay socket closed");
             }
@@ -609,10 +725,19 @@ impl Worker {
                 on,
                 reply,
             } => {
-                let result = if self.server.allocations().any(|a| a.id == allocation) {
-                    lock(&self.kernel).set_allocation(allocation, on)
-                } else {
-                    Err(format!("no allocation {allocation}"))
+                let transport = self
+                    .server
+                    .allocations()
+                    .find(|a| a.id == allocation)
+                    .map(|a| a.transport);
+                let result = match transport {
+                    None => Err(format!("no allocation {allocation}")),
+                    Some(transport) if on && transport.is_stream() => Err(format!(
+                        "allocation {allocation} has a {} client: the kernel fast path forwards \
+                         UDP clients only, so it stays on the socket path",
+                        transport.label().to_uppercase()
+                    )),
+                    Some(_) => lock(&self.kernel).set_allocation(allocation, on),
                 };
                 let _ = reply.send(result);
             }
@@ -620,8 +745,11 @@ impl Worker {
                 let mut snapshot = WorkerSnapshot {
                     socket_totals: self.socket_totals,
                     send_drops: self.send_drops,
+                    connections_closed: self.streams_closed.clone(),
+                    stream_send_drops: self.stream_drops,
                     ..WorkerSnapshot::default()
                 };
+                self.stream_snapshot(&mut snapshot);
                 for (method, code, count) in self.server.error_responses() {
                     *snapshot
                         .error_responses
@@ -630,6 +758,10 @@ impl Worker {
                 }
                 for a in self.server.allocations() {
                     snapshot.allocations += 1;
+                    *snapshot
+                        .allocations_by_transport
+                        .entry(a.transport.label())
+                        .or_insert(0) += 1;
                     snapshot.permissions += a.permissions.len() as u64;
                     snapshot.channels += a.channels.len() as u64;
                     snapshot.allocation_ids.push(a.id);
@@ -666,6 +798,7 @@ impl Worker {
                 user: a.username,
                 client: a.client.to_string(),
                 listener: a.listener.to_string(),
+                transport: a.transport.label().to_owned(),
                 relayed: a.relayed.to_string(),
                 relayed_additional: a.additional_relayed.map(|r| r.to_string()),
                 expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
@@ -678,7 +811,7 @@ impl Worker {
                         peer: peer.to_string(),
                     })
                     .collect(),
-                path: if kernel.enabled(a.id) {
+                path: if kernel.enabled(a.id) && !a.transport.is_stream() {
                     "kernel"
                 } else {
                     "socket"
@@ -693,6 +826,7 @@ impl Worker {
     /// Takes the worker's channels out of the kernel and drops every socket; returns how many
     /// relay sockets it released.
     fn close(&mut self) -> usize {
+        self.close_streams();
         let open = self.relays.len();
         let mut kernel = lock(&self.kernel);
         for (relayed, token) in self.relays.drain() {
