@@ -172,6 +172,7 @@ impl Plan {
             window: Duration::from_millis(window_ms),
             handshake_workers: 8,
             p2c: true,
+            settle_limit: Duration::from_millis(window_ms.min(2000)),
         };
         let search = |steps, trial_ms| peak::SearchPlan {
             steps,

@@ -148,6 +148,8 @@ pub struct StreamPlan {
     pub handshake_workers: usize,
     /// Also peer->client after each client->peer flood.
     pub p2c: bool,
+    /// Before each measurement, how long to wait at most for the relay core to go quiet.
+    pub settle_limit: Duration,
 }
 
 impl StreamPlan {
@@ -172,6 +174,8 @@ pub struct FloodMeasure {
     /// Frames written in the whole run (warm-up and tail included), for the count bound; for
     /// peer->client, datagrams the peer sent.
     pub total_frames: u64,
+    /// How long the relay core took to go quiet before this measurement started.
+    pub settle_s: f64,
     /// Peer->client: the peer sends 120 B datagrams to the relayed addresses (paced) and the
     /// clients count the ChannelData frames they read; `offered` is then the peer's rate over
     /// its whole run times the window.
@@ -210,6 +214,8 @@ pub struct HandshakeMeasure {
     pub generator_cpu_ns: Option<u64>,
     /// The TLS version and cipher suite of the first TLS handshake.
     pub tls: Option<String>,
+    /// How long the relay core took to go quiet before this measurement started.
+    pub settle_s: f64,
 }
 
 impl HandshakeMeasure {
@@ -602,6 +608,27 @@ fn probe(transport: StreamTransport, tls: &TlsMaterial) -> anyhow::Result<()> {
     }
 }
 
+/// Waits (at most `limit`) until the relay core is mostly idle over 100 ms, so a measurement
+/// does not start while the server still works through the previous one's queued bytes or
+/// closed connections; returns how long that took (reported: a server that stays busy long
+/// after its clients left shows here).
+fn settle(ctx: &Ctx, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < limit && !STOP.load(Ordering::Relaxed) {
+        let before = measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(100));
+        let busy = ticks_ns(
+            measure::core_busy_ticks(ctx.relay_cpu)
+                .unwrap_or(0)
+                .saturating_sub(before),
+        );
+        if busy < 30_000_000 {
+            break;
+        }
+    }
+    started.elapsed()
+}
+
 /// CPU time in ns of thread `tid` of this process (schedstat's first field).
 fn thread_cpu_ns(tid: i32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
@@ -829,6 +856,7 @@ fn flood(
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: written.load(Ordering::Relaxed) / frame_len as u64,
             p2c: false,
+            settle_s: 0.0,
         })
     })
 }
@@ -962,6 +990,7 @@ fn flood_p2c(
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: sent.sent,
             p2c: true,
+            settle_s: 0.0,
         })
     })
 }
@@ -1057,6 +1086,7 @@ fn handshakes(
             process_cpu_ns: since(m0.process, m1.process),
             generator_cpu_ns: since(m0.generator, m1.generator),
             tls: tls_seen.lock().ok().and_then(|t| t.clone()),
+            settle_s: 0.0,
         })
     })
 }
@@ -1148,7 +1178,13 @@ pub fn run_round(
             }
             for &connections in &plan.connections {
                 check_stop()?;
-                let m = scoped_in_ns(&lab.client, || flood(env, transport, connections));
+                let settled = settle(ctx, plan.settle_limit);
+                let m = scoped_in_ns(&lab.client, || flood(env, transport, connections)).map(|m| {
+                    FloodMeasure {
+                        settle_s: settled.as_secs_f64(),
+                        ..m
+                    }
+                });
                 let m = match m {
                     Ok(m) => m,
                     Err(e) => {
@@ -1183,7 +1219,13 @@ pub fn run_round(
                     continue;
                 }
                 check_stop()?;
-                match scoped_in_ns(&lab.client, || flood_p2c(env, transport, connections, rate)) {
+                let settled = settle(ctx, plan.settle_limit);
+                let m = scoped_in_ns(&lab.client, || flood_p2c(env, transport, connections, rate))
+                    .map(|m| FloodMeasure {
+                        settle_s: settled.as_secs_f64(),
+                        ..m
+                    });
+                match m {
                     Ok(m) => {
                         println!(
                             "      {} {} x{connections} p>c 120B: relayed {:>8.1} kpps of {:.1} \
@@ -1215,7 +1257,9 @@ pub fn run_round(
                 continue;
             }
             check_stop()?;
-            let h = scoped_in_ns(&lab.client, || handshakes(env, transport, round))?;
+            let settled = settle(ctx, plan.settle_limit);
+            let mut h = scoped_in_ns(&lab.client, || handshakes(env, transport, round))?;
+            h.settle_s = settled.as_secs_f64();
             println!(
                 "      {} {} handshakes: {:>7.0}/s, relay core {:>3.0}% ({}/core-s), generator {}{}{}",
                 tag(server),
@@ -1641,6 +1685,8 @@ pub fn json(r: &StreamResults) -> Value {
             "warmup_seconds": plan.warmup.as_secs_f64(),
             "window_seconds": plan.window.as_secs_f64(),
             "handshake_workers": plan.handshake_workers,
+            "settle": format!("before each measurement, up to {:.1} s until the relay core is \
+                below 30 % busy over 100 ms (settle_s per run)", plan.settle_limit.as_secs_f64()),
             "peer_to_client": plan.p2c.then_some("after each client->peer flood, the peer sends \
                 120 B datagrams to the relayed addresses paced at 1.5x that flood's relayed rate \
                 (socket generator, generator core); the clients read the streams and count the \
@@ -1680,6 +1726,7 @@ pub fn json(r: &StreamResults) -> Value {
             "generator_cpu_ns": m.generator_cpu_ns,
             "direction": if m.p2c { "peer->client" } else { "client->peer" },
             "sent_total": m.total_frames,
+            "settle_s": m.settle_s,
         })).collect::<Vec<_>>(),
         "summary": flood_summaries(r).iter().map(|f| json!({
             "server": f.server.name(),
@@ -1695,6 +1742,19 @@ pub fn json(r: &StreamResults) -> Value {
             "generator_limited": f.generator_share.map(|g| g > GENERATOR_LIMIT_SHARE),
             "written_not_relayed": f.lost,
             "runs": f.runs,
+        })).collect::<Vec<_>>(),
+        "handshake_runs": r.handshakes.iter().map(|(round, server, transport, h)| json!({
+            "round": round,
+            "server": server.name(),
+            "transport": transport.name(),
+            "window_s": h.window_s,
+            "completed": h.completed,
+            "failed": h.failed,
+            "first_error": h.first_error,
+            "relay_core_busy_ns": h.core_cpu_ns,
+            "process_cpu_ns": h.process_cpu_ns,
+            "generator_cpu_ns": h.generator_cpu_ns,
+            "settle_s": h.settle_s,
         })).collect::<Vec<_>>(),
         "handshakes": handshake_summaries(r).iter().map(|h| json!({
             "server": h.server.name(),
