@@ -169,6 +169,8 @@ pub struct FloodMeasure {
     /// Busy time of the relay core, and the server process's CPU time, in the window.
     pub core_cpu_ns: u64,
     pub process_cpu_ns: Option<u64>,
+    /// The server process's and the relay-side NAPI threads' CPU time in the window.
+    pub server_cpu_ns: Option<u64>,
     /// The generator thread's CPU time in the window.
     pub generator_cpu_ns: Option<u64>,
     /// Frames written in the whole run (warm-up and tail included), for the count bound; for
@@ -187,12 +189,21 @@ impl FloodMeasure {
         self.delivered as f64 / self.window_s.max(1e-9)
     }
 
-    /// Relayed datagrams per second of relay-core busy time.
+    /// Relayed datagrams per second of the server's CPU time (its threads and the relay-side
+    /// NAPI threads, all on the relay core).
     pub fn pps_per_core(&self) -> Option<f64> {
-        (self.core_cpu_ns > 0).then(|| self.delivered as f64 / (self.core_cpu_ns as f64 / 1e9))
+        self.server_cpu_ns
+            .filter(|ns| *ns > 0)
+            .map(|ns| self.delivered as f64 / (ns as f64 / 1e9))
     }
 
+    /// Share of the relay core the server (process and NAPI threads) used.
     pub fn core_share(&self) -> f64 {
+        self.server_cpu_ns.unwrap_or(0) as f64 / 1e9 / self.window_s.max(1e-9)
+    }
+
+    /// Share of the relay core busy with anything (other jobs on a shared machine too).
+    pub fn core_busy_share(&self) -> f64 {
         self.core_cpu_ns as f64 / 1e9 / self.window_s.max(1e-9)
     }
 
@@ -211,6 +222,7 @@ pub struct HandshakeMeasure {
     pub first_error: Option<String>,
     pub core_cpu_ns: u64,
     pub process_cpu_ns: Option<u64>,
+    pub server_cpu_ns: Option<u64>,
     pub generator_cpu_ns: Option<u64>,
     /// The TLS version and cipher suite of the first TLS handshake.
     pub tls: Option<String>,
@@ -223,8 +235,15 @@ impl HandshakeMeasure {
         self.completed as f64 / self.window_s.max(1e-9)
     }
 
+    /// Handshakes per second of the server's CPU time (process and relay-side NAPI).
     pub fn per_core_s(&self) -> Option<f64> {
-        (self.core_cpu_ns > 0).then(|| self.completed as f64 / (self.core_cpu_ns as f64 / 1e9))
+        self.server_cpu_ns
+            .filter(|ns| *ns > 0)
+            .map(|ns| self.completed as f64 / (ns as f64 / 1e9))
+    }
+
+    pub fn core_share(&self) -> f64 {
+        self.server_cpu_ns.unwrap_or(0) as f64 / 1e9 / self.window_s.max(1e-9)
     }
 
     pub fn generator_share(&self) -> Option<f64> {
@@ -608,20 +627,50 @@ fn probe(transport: StreamTransport, tls: &TlsMaterial) -> anyhow::Result<()> {
     }
 }
 
-/// Waits (at most `limit`) until the relay core is mostly idle over 100 ms, so a measurement
+/// The relay-side NAPI threads (`napi/DEV-N` of the relay's two veth ends, pinned to the relay
+/// core by the lab): with the server's own threads, the work relaying costs. Counting them
+/// rather than the relay core's busy time keeps other jobs on a shared machine out of the
+/// per-core figures.
+fn relay_napi_pids(lab: &Lab) -> Vec<u32> {
+    let wanted = [format!("napi/{}-", lab.r_c), format!("napi/{}-", lab.r_p)];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            wanted
+                .iter()
+                .any(|w| comm.trim_end().starts_with(w.as_str()))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// CPU time of the server process and the relay-side NAPI threads, ns.
+fn server_cpu_ns(pid: u32, napi: &[u32]) -> Option<u64> {
+    let own = measure::process_cpu_ns(pid)?;
+    Some(
+        own + napi
+            .iter()
+            .filter_map(|p| measure::process_cpu_ns(*p))
+            .sum::<u64>(),
+    )
+}
+
+/// Waits (at most `limit`) until the server is mostly idle over 100 ms, so a measurement
 /// does not start while the server still works through the previous one's queued bytes or
 /// closed connections; returns how long that took (reported: a server that stays busy long
 /// after its clients left shows here).
-fn settle(ctx: &Ctx, limit: Duration) -> Duration {
+fn settle(env: Env<'_>, limit: Duration) -> Duration {
     let started = Instant::now();
     while started.elapsed() < limit && !STOP.load(Ordering::Relaxed) {
-        let before = measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0);
+        let before = server_cpu_ns(env.pid, env.napi).unwrap_or(0);
         std::thread::sleep(Duration::from_millis(100));
-        let busy = ticks_ns(
-            measure::core_busy_ticks(ctx.relay_cpu)
-                .unwrap_or(0)
-                .saturating_sub(before),
-        );
+        let busy = server_cpu_ns(env.pid, env.napi)
+            .unwrap_or(0)
+            .saturating_sub(before);
         if busy < 30_000_000 {
             break;
         }
@@ -658,10 +707,13 @@ struct Mark {
     at: Instant,
     core: u64,
     process: Option<u64>,
+    /// Process and relay-side NAPI threads.
+    server: Option<u64>,
     generator: Option<u64>,
 }
 
-fn mark(ctx: &Ctx, pid: u32, generator_tids: &[i32]) -> Mark {
+fn mark(env: Env<'_>, generator_tids: &[i32]) -> Mark {
+    let (ctx, pid) = (env.ctx, env.pid);
     let generator: Option<u64> = generator_tids
         .iter()
         .map(|&t| thread_cpu_ns(t))
@@ -670,6 +722,7 @@ fn mark(ctx: &Ctx, pid: u32, generator_tids: &[i32]) -> Mark {
         at: Instant::now(),
         core: measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0),
         process: measure::process_cpu_ns(pid),
+        server: server_cpu_ns(pid, env.napi),
         generator: generator.filter(|_| !generator_tids.is_empty()),
     }
 }
@@ -769,6 +822,8 @@ struct Env<'a> {
     peer: &'a Arc<UdpSocket>,
     /// The server process.
     pid: u32,
+    /// The relay-side NAPI threads.
+    napi: &'a [u32],
 }
 
 /// `connections` allocations over `transport`, each with channel 0x4000 bound to the peer:
@@ -808,7 +863,6 @@ fn flood(
         ctx,
         plan,
         far,
-        pid,
         ..
     } = env;
     let (mut conns, _) = setup(env, transport, connections)?;
@@ -834,13 +888,13 @@ fn flood(
         let tids = [tid.load(Ordering::SeqCst)];
         let tids = if tids[0] == 0 { &[][..] } else { &tids[..] };
         let (m0, w0, d0) = (
-            mark(ctx, pid, tids),
+            mark(env, tids),
             written.load(Ordering::Relaxed),
             peer_count(lab, far)?,
         );
         std::thread::sleep(plan.window);
         let (m1, w1, d1) = (
-            mark(ctx, pid, tids),
+            mark(env, tids),
             written.load(Ordering::Relaxed),
             peer_count(lab, far)?,
         );
@@ -853,6 +907,7 @@ fn flood(
             delivered: d1.saturating_sub(d0),
             core_cpu_ns: ticks_ns(m1.core.saturating_sub(m0.core)),
             process_cpu_ns: since(m0.process, m1.process),
+            server_cpu_ns: since(m0.server, m1.server),
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: written.load(Ordering::Relaxed) / frame_len as u64,
             p2c: false,
@@ -926,13 +981,7 @@ fn flood_p2c(
     connections: usize,
     rate_pps: f64,
 ) -> anyhow::Result<FloodMeasure> {
-    let Env {
-        ctx,
-        plan,
-        pid,
-        lab,
-        ..
-    } = env;
+    let Env { ctx, plan, lab, .. } = env;
     let (mut conns, relayed) = setup(env, transport, connections)?;
     let run = plan.warmup + plan.window + Duration::from_millis(100);
     let peer_plan = FloodPlan {
@@ -970,9 +1019,9 @@ fn flood_p2c(
             .filter(|t| *t != 0)
             .collect();
         let ids = if ids.len() == 2 { ids } else { Vec::new() };
-        let (m0, f0) = (mark(ctx, pid, &ids), frames.load(Ordering::Relaxed));
+        let (m0, f0) = (mark(env, &ids), frames.load(Ordering::Relaxed));
         std::thread::sleep(plan.window);
-        let (m1, f1) = (mark(ctx, pid, &ids), frames.load(Ordering::Relaxed));
+        let (m1, f1) = (mark(env, &ids), frames.load(Ordering::Relaxed));
         let sent = sender
             .join()
             .map_err(|_| anyhow::anyhow!("peer generator panicked"))??;
@@ -987,6 +1036,7 @@ fn flood_p2c(
             delivered: f1.saturating_sub(f0),
             core_cpu_ns: ticks_ns(m1.core.saturating_sub(m0.core)),
             process_cpu_ns: since(m0.process, m1.process),
+            server_cpu_ns: since(m0.server, m1.server),
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: sent.sent,
             p2c: true,
@@ -1002,13 +1052,7 @@ fn handshakes(
     transport: StreamTransport,
     round: usize,
 ) -> anyhow::Result<HandshakeMeasure> {
-    let Env {
-        ctx,
-        plan,
-        tls,
-        pid,
-        ..
-    } = env;
+    let Env { ctx, plan, tls, .. } = env;
     let run = plan.warmup + plan.window + Duration::from_millis(100);
     let until = Instant::now() + run;
     // Far above what a core completes in the run: a bound in count as well as time.
@@ -1070,9 +1114,9 @@ fn handshakes(
         } else {
             Vec::new()
         };
-        let (m0, c0) = (mark(ctx, pid, &ids), completed.load(Ordering::Relaxed));
+        let (m0, c0) = (mark(env, &ids), completed.load(Ordering::Relaxed));
         std::thread::sleep(plan.window);
-        let (m1, c1) = (mark(ctx, pid, &ids), completed.load(Ordering::Relaxed));
+        let (m1, c1) = (mark(env, &ids), completed.load(Ordering::Relaxed));
         for h in handles {
             h.join()
                 .map_err(|_| anyhow::anyhow!("handshake worker panicked"))??;
@@ -1084,6 +1128,7 @@ fn handshakes(
             first_error: first_error.lock().ok().and_then(|e| e.clone()),
             core_cpu_ns: ticks_ns(m1.core.saturating_sub(m0.core)),
             process_cpu_ns: since(m0.process, m1.process),
+            server_cpu_ns: since(m0.server, m1.server),
             generator_cpu_ns: since(m0.generator, m1.generator),
             tls: tls_seen.lock().ok().and_then(|t| t.clone()),
             settle_s: 0.0,
@@ -1115,6 +1160,7 @@ pub fn run_round(
         let shift = round % order.len();
         order.rotate_left(shift);
     }
+    let napi = relay_napi_pids(lab);
     let tag =
         |server: StreamServer| format!("round {}/{rounds} stream {:<6}", round + 1, server.name());
     for server in order {
@@ -1145,6 +1191,7 @@ pub fn run_round(
             far,
             peer,
             pid: running.pid,
+            napi: &napi,
         };
         for &transport in &plan.transports {
             check_stop()?;
@@ -1178,7 +1225,7 @@ pub fn run_round(
             }
             for &connections in &plan.connections {
                 check_stop()?;
-                let settled = settle(ctx, plan.settle_limit);
+                let settled = settle(env, plan.settle_limit);
                 let m = scoped_in_ns(&lab.client, || flood(env, transport, connections)).map(|m| {
                     FloodMeasure {
                         settle_s: settled.as_secs_f64(),
@@ -1200,7 +1247,7 @@ pub fn run_round(
                     }
                 };
                 println!(
-                    "      {} {} x{connections} c>p 120B: relayed {:>8.1} kpps, relay core {:>3.0}% \
+                    "      {} {} x{connections} c>p 120B: relayed {:>8.1} kpps, server cpu {:>3.0}% \
                      ({} kpps/core), generator {}",
                     tag(server),
                     transport.name(),
@@ -1219,7 +1266,7 @@ pub fn run_round(
                     continue;
                 }
                 check_stop()?;
-                let settled = settle(ctx, plan.settle_limit);
+                let settled = settle(env, plan.settle_limit);
                 let m = scoped_in_ns(&lab.client, || flood_p2c(env, transport, connections, rate))
                     .map(|m| FloodMeasure {
                         settle_s: settled.as_secs_f64(),
@@ -1229,7 +1276,7 @@ pub fn run_round(
                     Ok(m) => {
                         println!(
                             "      {} {} x{connections} p>c 120B: relayed {:>8.1} kpps of {:.1} \
-                             offered, relay core {:>3.0}% ({} kpps/core), generator {}",
+                             offered, server cpu {:>3.0}% ({} kpps/core), generator {}",
                             tag(server),
                             transport.name(),
                             m.pps() / 1e3,
@@ -1257,15 +1304,15 @@ pub fn run_round(
                 continue;
             }
             check_stop()?;
-            let settled = settle(ctx, plan.settle_limit);
+            let settled = settle(env, plan.settle_limit);
             let mut h = scoped_in_ns(&lab.client, || handshakes(env, transport, round))?;
             h.settle_s = settled.as_secs_f64();
             println!(
-                "      {} {} handshakes: {:>7.0}/s, relay core {:>3.0}% ({}/core-s), generator {}{}{}",
+                "      {} {} handshakes: {:>7.0}/s, server cpu {:>3.0}% ({}/core-s), generator {}{}{}",
                 tag(server),
                 transport.name(),
                 h.per_s(),
-                100.0 * h.core_cpu_ns as f64 / 1e9 / h.window_s.max(1e-9),
+                100.0 * h.core_share(),
                 h.per_core_s().map_or("-".to_owned(), |v| format!("{v:.0}")),
                 share(h.generator_share()),
                 if h.failed > 0 {
@@ -1335,6 +1382,7 @@ struct FloodSummary {
     offered_pps: f64,
     pps_per_core: Option<f64>,
     core_share: f64,
+    core_busy_share: f64,
     process_ns_per_pkt: Option<f64>,
     generator_share: Option<f64>,
     lost: u64,
@@ -1366,6 +1414,8 @@ fn flood_summaries(r: &StreamResults) -> Vec<FloodSummary> {
             .unwrap_or(0.0),
             pps_per_core: median(ms.iter().filter_map(|m| m.pps_per_core()).collect()),
             core_share: median(ms.iter().map(|m| m.core_share()).collect()).unwrap_or(0.0),
+            core_busy_share: median(ms.iter().map(|m| m.core_busy_share()).collect())
+                .unwrap_or(0.0),
             process_ns_per_pkt: median(
                 ms.iter()
                     .filter_map(|m| {
@@ -1392,6 +1442,7 @@ struct HandshakeSummary {
     per_s: f64,
     per_core_s: Option<f64>,
     core_share: f64,
+    core_busy_share: f64,
     process_ns_per_handshake: Option<f64>,
     generator_share: Option<f64>,
     failed: u64,
@@ -1413,7 +1464,8 @@ fn handshake_summaries(r: &StreamResults) -> Vec<HandshakeSummary> {
             transport,
             per_s: median(hs.iter().map(|h| h.per_s()).collect()).unwrap_or(0.0),
             per_core_s: median(hs.iter().filter_map(|h| h.per_core_s()).collect()),
-            core_share: median(
+            core_share: median(hs.iter().map(|h| h.core_share()).collect()).unwrap_or(0.0),
+            core_busy_share: median(
                 hs.iter()
                     .map(|h| h.core_cpu_ns as f64 / 1e9 / h.window_s.max(1e-9))
                     .collect(),
@@ -1577,13 +1629,13 @@ pub fn table(r: &StreamResults) -> String {
     );
     let _ = writeln!(
         t,
-        "| server | transport | conns | direction | relayed kpps | kpps/relay core | relay core | ns/pkt (process) | generator | offered kpps |"
+        "| server | transport | conns | direction | relayed kpps | kpps/relay core | server cpu | core busy | ns/pkt (process) | generator | offered kpps |"
     );
-    let _ = writeln!(t, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for f in flood_summaries(r) {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {:.1} | {} | {:.0}% | {} | {}{} | {:.1} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {:.0}% | {:.0}% | {} | {}{} | {:.1} |",
             f.server.name(),
             f.transport.name(),
             f.connections,
@@ -1591,6 +1643,7 @@ pub fn table(r: &StreamResults) -> String {
             f.pps / 1e3,
             opt_k(f.pps_per_core),
             100.0 * f.core_share,
+            100.0 * f.core_busy_share,
             f.process_ns_per_pkt
                 .map_or("-".to_owned(), |v| format!("{v:.0}")),
             share(f.generator_share),
@@ -1604,18 +1657,19 @@ pub fn table(r: &StreamResults) -> String {
     }
     let _ = writeln!(
         t,
-        "\n| server | transport | handshakes/s | per relay core-s | relay core | generator | failed |"
+        "\n| server | transport | handshakes/s | per relay core-s | server cpu | core busy | generator | failed |"
     );
-    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|");
     for h in handshake_summaries(r) {
         let _ = writeln!(
             t,
-            "| {} | {} | {:.0} | {} | {:.0}% | {} | {} |",
+            "| {} | {} | {:.0} | {} | {:.0}% | {:.0}% | {} | {} |",
             h.server.name(),
             h.transport.name(),
             h.per_s,
             h.per_core_s.map_or("-".to_owned(), |v| format!("{v:.0}")),
             100.0 * h.core_share,
+            100.0 * h.core_busy_share,
             share(h.generator_share),
             h.failed
         );
@@ -1707,8 +1761,11 @@ pub fn json(r: &StreamResults) -> Value {
                          datagrams at the peer's far-end sink, the relay core's busy time \
                          (/proc/stat), the server's and the generator's thread CPU time \
                          (schedstat)",
-            "per_core": "relayed datagrams (or completed handshakes) per second of relay-core \
-                         busy time",
+            "per_core": "relayed datagrams (or completed handshakes) per second of the server's \
+                         CPU time: its threads plus the relay-side veth NAPI threads (where its \
+                         TCP receive work runs), all pinned to the relay core; the core's own \
+                         busy share (relay_core_busy_share) also counts other jobs on a shared \
+                         machine",
         },
         "availability": availability,
         "floods": r.floods.iter().map(|(round, server, transport, connections, m)| json!({
@@ -1723,6 +1780,7 @@ pub fn json(r: &StreamResults) -> Value {
             "relayed_pps_per_core": m.pps_per_core(),
             "relay_core_busy_ns": m.core_cpu_ns,
             "process_cpu_ns": m.process_cpu_ns,
+            "server_cpu_ns": m.server_cpu_ns,
             "generator_cpu_ns": m.generator_cpu_ns,
             "direction": if m.p2c { "peer->client" } else { "client->peer" },
             "sent_total": m.total_frames,
@@ -1736,7 +1794,8 @@ pub fn json(r: &StreamResults) -> Value {
             "delivered_pps": f.pps,
             "offered_pps": f.offered_pps,
             "relayed_pps_per_core": f.pps_per_core,
-            "relay_core_share": f.core_share,
+            "server_cpu_share": f.core_share,
+            "relay_core_busy_share": f.core_busy_share,
             "process_cpu_ns_per_packet": f.process_ns_per_pkt,
             "generator_cpu_share": f.generator_share,
             "generator_limited": f.generator_share.map(|g| g > GENERATOR_LIMIT_SHARE),
@@ -1753,6 +1812,7 @@ pub fn json(r: &StreamResults) -> Value {
             "first_error": h.first_error,
             "relay_core_busy_ns": h.core_cpu_ns,
             "process_cpu_ns": h.process_cpu_ns,
+            "server_cpu_ns": h.server_cpu_ns,
             "generator_cpu_ns": h.generator_cpu_ns,
             "settle_s": h.settle_s,
         })).collect::<Vec<_>>(),
@@ -1761,7 +1821,8 @@ pub fn json(r: &StreamResults) -> Value {
             "transport": h.transport.name(),
             "per_s": h.per_s,
             "per_relay_core_s": h.per_core_s,
-            "relay_core_share": h.core_share,
+            "server_cpu_share": h.core_share,
+            "relay_core_busy_share": h.core_busy_share,
             "process_cpu_ns_per_handshake": h.process_ns_per_handshake,
             "generator_cpu_share": h.generator_share,
             "generator_limited": h.generator_share.map(|g| g > GENERATOR_LIMIT_SHARE),
@@ -1821,7 +1882,7 @@ mod tests {
             window_s: 1.0,
             offered: delivered,
             delivered,
-            core_cpu_ns: core_ms * 1_000_000,
+            server_cpu_ns: Some(core_ms * 1_000_000),
             ..FloodMeasure::default()
         }
     }
