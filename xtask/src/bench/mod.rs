@@ -120,6 +120,9 @@ pub struct BenchArgs {
     /// Connections per stream-client flood, comma-separated (default: 1 smoke, 1,8 otherwise).
     #[arg(long, value_delimiter = ',', value_name = "LIST")]
     stream_connections: Option<Vec<usize>>,
+    /// Skip the stream-client variant's peer->client floods (client->peer and handshakes only).
+    #[arg(long)]
+    no_stream_p2c: bool,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -248,6 +251,7 @@ impl Plan {
         if args.duration.is_some() {
             plan.stream.window = plan.duration;
         }
+        plan.stream.p2c = !args.no_stream_p2c;
         if let Some(c) = &args.stream_connections {
             let mut c: Vec<usize> = c.iter().map(|n| (*n).clamp(1, 1000)).collect();
             c.sort_unstable();
