@@ -171,6 +171,9 @@ pub struct FloodMeasure {
     pub process_cpu_ns: Option<u64>,
     /// The server process's and the relay-side NAPI threads' CPU time in the window.
     pub server_cpu_ns: Option<u64>,
+    /// Frames the relay's veth ends could not hand to the far ends in the window: datagrams
+    /// the server sent that the far end, not the server, lost.
+    pub far_end_drops: u64,
     /// The generator thread's CPU time in the window.
     pub generator_cpu_ns: Option<u64>,
     /// Frames written in the whole run (warm-up and tail included), for the count bound; for
@@ -709,6 +712,8 @@ struct Mark {
     process: Option<u64>,
     /// Process and relay-side NAPI threads.
     server: Option<u64>,
+    /// Frames the relay's veth ends could not hand to the far ends (ring full).
+    far_end_drops: u64,
     generator: Option<u64>,
 }
 
@@ -723,6 +728,10 @@ fn mark(env: Env<'_>, generator_tids: &[i32]) -> Mark {
         core: measure::core_busy_ticks(ctx.relay_cpu).unwrap_or(0),
         process: measure::process_cpu_ns(pid),
         server: server_cpu_ns(pid, env.napi),
+        far_end_drops: [&env.lab.r_p, &env.lab.r_c]
+            .iter()
+            .map(|dev| env.lab.xmit_drops(&env.lab.relay, dev).unwrap_or(0))
+            .sum(),
         generator: generator.filter(|_| !generator_tids.is_empty()),
     }
 }
@@ -908,6 +917,7 @@ fn flood(
             core_cpu_ns: ticks_ns(m1.core.saturating_sub(m0.core)),
             process_cpu_ns: since(m0.process, m1.process),
             server_cpu_ns: since(m0.server, m1.server),
+            far_end_drops: m1.far_end_drops.saturating_sub(m0.far_end_drops),
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: written.load(Ordering::Relaxed) / frame_len as u64,
             p2c: false,
@@ -1037,6 +1047,7 @@ fn flood_p2c(
             core_cpu_ns: ticks_ns(m1.core.saturating_sub(m0.core)),
             process_cpu_ns: since(m0.process, m1.process),
             server_cpu_ns: since(m0.server, m1.server),
+            far_end_drops: m1.far_end_drops.saturating_sub(m0.far_end_drops),
             generator_cpu_ns: since(m0.generator, m1.generator),
             total_frames: sent.sent,
             p2c: true,
@@ -1386,6 +1397,9 @@ struct FloodSummary {
     process_ns_per_pkt: Option<f64>,
     generator_share: Option<f64>,
     lost: u64,
+    far_end_drops: u64,
+    /// Delivered plus what the far end dropped: what the server itself relayed.
+    server_sent_pps: f64,
     runs: usize,
 }
 
@@ -1431,6 +1445,13 @@ fn flood_summaries(r: &StreamResults) -> Vec<FloodSummary> {
                 .iter()
                 .map(|m| m.offered.saturating_sub(m.delivered))
                 .sum(),
+            far_end_drops: ms.iter().map(|m| m.far_end_drops).sum(),
+            server_sent_pps: median(
+                ms.iter()
+                    .map(|m| (m.delivered + m.far_end_drops) as f64 / m.window_s.max(1e-9))
+                    .collect(),
+            )
+            .unwrap_or(0.0),
             runs: ms.len(),
         })
         .collect()
@@ -1629,13 +1650,16 @@ pub fn table(r: &StreamResults) -> String {
     );
     let _ = writeln!(
         t,
-        "| server | transport | conns | direction | relayed kpps | kpps/relay core | server cpu | core busy | ns/pkt (process) | generator | offered kpps |"
+        "| server | transport | conns | direction | relayed kpps | kpps/relay core | server cpu | core busy | ns/pkt (process) | generator | offered kpps | fe drops |"
     );
-    let _ = writeln!(t, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        t,
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for f in flood_summaries(r) {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {:.1} | {} | {:.0}% | {:.0}% | {} | {}{} | {:.1} |",
+            "| {} | {} | {} | {} | {:.1} | {} | {:.0}% | {:.0}% | {} | {}{} | {:.1} | {} |",
             f.server.name(),
             f.transport.name(),
             f.connections,
@@ -1653,6 +1677,7 @@ pub fn table(r: &StreamResults) -> String {
                 ""
             },
             f.offered_pps / 1e3,
+            f.far_end_drops,
         );
     }
     let _ = writeln!(
@@ -1674,6 +1699,13 @@ pub fn table(r: &StreamResults) -> String {
             h.failed
         );
     }
+    let _ = writeln!(
+        t,
+        "(relayed: at the peer's sink in the window; fe drops: frames the relay namespace's veth \
+         could not hand to the far end, summed over rounds: the server sent them, the far end on \
+         the generator core lost them; server cpu: its threads + relay-side NAPI; core busy: \
+         anything on the relay core; generator: its threads' share of the generator core)"
+    );
     let ratios = ratios(r);
     if !ratios.is_empty() {
         let _ = writeln!(t, "\nrelay / coturn (same run):");
@@ -1781,6 +1813,7 @@ pub fn json(r: &StreamResults) -> Value {
             "relay_core_busy_ns": m.core_cpu_ns,
             "process_cpu_ns": m.process_cpu_ns,
             "server_cpu_ns": m.server_cpu_ns,
+            "far_end_drops": m.far_end_drops,
             "generator_cpu_ns": m.generator_cpu_ns,
             "direction": if m.p2c { "peer->client" } else { "client->peer" },
             "sent_total": m.total_frames,
@@ -1800,6 +1833,8 @@ pub fn json(r: &StreamResults) -> Value {
             "generator_cpu_share": f.generator_share,
             "generator_limited": f.generator_share.map(|g| g > GENERATOR_LIMIT_SHARE),
             "written_not_relayed": f.lost,
+            "far_end_drops": f.far_end_drops,
+            "sent_by_server_pps": f.server_sent_pps,
             "runs": f.runs,
         })).collect::<Vec<_>>(),
         "handshake_runs": r.handshakes.iter().map(|(round, server, transport, h)| json!({
