@@ -21,11 +21,9 @@
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd},
-    path::{Path, PathBuf},
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicI32, AtomicU64, Ordering},
         Arc,
@@ -34,20 +32,23 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-    ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned,
-};
-use serde_json::{json, Value};
 
 use super::{
-    lab::{self, check_stop, pin_current_thread, Lab, LISTEN_IP, PEER_IP, STOP},
+    lab::{self, check_stop, pin_current_thread, Lab, PEER_IP, STOP},
     loadgen::{self, FloodPlan, Generator as _, SendGroup},
     measure,
     runner::{self, Ctx, PathKind, StreamListen, LISTEN_PORT, PEER_PORT},
     sink::{FarEnds, FLOOD_CLASS},
-    turn::{self, Response, Transport, FIRST_CHANNEL},
+    turn::FIRST_CHANNEL,
+};
+
+mod client;
+mod report;
+
+use self::client::{frame_len, probe, session, Conn};
+pub use self::{
+    client::TlsMaterial,
+    report::{json, svg_data, table},
 };
 
 /// coturn serves TCP on its (UDP) listening port; the relay is given the same.
@@ -231,6 +232,8 @@ pub struct HandshakeMeasure {
     pub tls: Option<String>,
     /// How long the relay core took to go quiet before this measurement started.
     pub settle_s: f64,
+    /// Handshake durations (connect to Allocate success), µs: p50, p99, max over the run.
+    pub latency_us: Option<(u64, u64, u64)>,
 }
 
 impl HandshakeMeasure {
@@ -267,367 +270,6 @@ pub struct StreamResults {
     pub servers: Vec<StreamServer>,
     /// Failures that cost one measurement, not the transport (a peer->client flood).
     pub notes: Vec<String>,
-}
-
-/// The run's TLS material: a self-signed certificate and its key as PEM files in a private
-/// directory (removed on drop), and the client configuration that pins the certificate.
-pub struct TlsMaterial {
-    dir: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    client: Arc<ClientConfig>,
-}
-
-impl TlsMaterial {
-    pub fn generate(out: &Path) -> anyhow::Result<Self> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let certified =
-            rcgen::generate_simple_self_signed(vec!["bench.lab".to_owned(), LISTEN_IP.to_string()])
-                .context("generating the benchmark's TLS certificate")?;
-        let dir = out.join(format!("stream-tls-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let material = Self {
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            dir,
-            client: client_config(certified.cert.der().clone())?,
-        };
-        let write = |path: &Path, text: &str, mode: u32| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(path)
-                .and_then(|mut f| f.write_all(text.as_bytes()))
-                .with_context(|| format!("writing {}", path.display()))
-        };
-        write(&material.cert, &certified.cert.pem(), 0o644)?;
-        write(&material.key, &certified.key_pair.serialize_pem(), 0o600)?;
-        Ok(material)
-    }
-}
-
-impl Drop for TlsMaterial {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// rustls with ring, TLS 1.2 and 1.3, no session resumption (every handshake is a full one,
-/// as for a new client), trusting exactly `cert`.
-fn client_config(cert: CertificateDer<'static>) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .context("rustls protocol versions")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCert { cert, provider }))
-        .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
-}
-
-/// Accepts exactly the run's own certificate and does not check the handshake signature: the
-/// server is the one this run started in a namespace of its own, and verifying an ECDSA
-/// signature per handshake would cost the generator core more than the server's signing
-/// costs it, so the generator, not the server, could set the handshake rate.
-#[derive(Debug)]
-struct PinnedCert {
-    cert: CertificateDer<'static>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "not the benchmark's certificate".to_owned(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// A client connection: plain TCP or TLS over TCP.
-enum Conn {
-    Tcp(TcpStream),
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
-}
-
-impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Tcp(s) => s,
-            Self::Tls(s) => &s.sock,
-        }
-    }
-
-    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384" once the handshake is done.
-    fn tls_description(&self) -> Option<String> {
-        let Self::Tls(s) = self else { return None };
-        Some(format!(
-            "{:?} {:?}",
-            s.conn.protocol_version()?,
-            s.conn.negotiated_cipher_suite()?.suite()
-        ))
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.read(buf),
-            Self::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.write(buf),
-            Self::Tls(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Self::Tcp(s) => s.flush(),
-            Self::Tls(s) => s.flush(),
-        }
-    }
-}
-
-/// The length of the complete frame at the start of `buf` on a stream (RFC 8656 §12.5: STUN
-/// by its header length; ChannelData by its length, padded to a multiple of 4), None while
-/// incomplete, Err for bytes that are neither.
-fn frame_len(buf: &[u8]) -> anyhow::Result<Option<usize>> {
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
-    let total = match buf[0] >> 6 {
-        0b00 => 20 + len,
-        0b01 => (4 + len).next_multiple_of(4),
-        _ => bail!(
-            "the server sent neither STUN nor ChannelData ({:#04x})",
-            buf[0]
-        ),
-    };
-    Ok((buf.len() >= total).then_some(total))
-}
-
-/// Requests over a connection, responses read back by the stream framing; what is not the
-/// awaited response (ChannelData, other messages) is skipped. Bounded by the connection's
-/// read timeout and `limit`.
-struct StreamTransportConn {
-    conn: Conn,
-    buf: Vec<u8>,
-    limit: Duration,
-}
-
-impl Transport for StreamTransportConn {
-    fn exchange(
-        &mut self,
-        message: &[u8],
-        method: u16,
-        tid: &[u8; 12],
-    ) -> anyhow::Result<Response> {
-        self.conn.write_all(message)?;
-        self.conn.flush()?;
-        let deadline = Instant::now() + self.limit;
-        let mut chunk = [0u8; 4096];
-        loop {
-            while let Some(n) = frame_len(&self.buf)? {
-                let frame: Vec<u8> = self.buf.drain(..n).collect();
-                if let Some(response) = turn::decode(&frame, method, tid) {
-                    return Ok(response);
-                }
-            }
-            if Instant::now() > deadline || self.buf.len() > 1 << 16 {
-                bail!(
-                    "no response to method {method:#06x} within {:?}",
-                    self.limit
-                );
-            }
-            match self.conn.read(&mut chunk) {
-                Ok(0) => bail!("the server closed the connection (method {method:#06x})"),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    bail!(
-                        "no response to method {method:#06x} within {:?}",
-                        self.limit
-                    )
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-/// A TCP connection from `src` (any port) to `dst`, connect bounded by `timeout`. The source
-/// addresses spread the handshakes over the lab's client addresses, so TIME_WAIT and the
-/// ephemeral ports of one address never limit them.
-fn connect_from(src: Ipv4Addr, dst: SocketAddrV4, timeout: Duration) -> std::io::Result<TcpStream> {
-    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: socket() has no preconditions; the descriptor is checked, then owned by the
-    // TcpStream below, which closes it on every path.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new socket nobody else owns.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
-    };
-    let local = sockaddr(SocketAddrV4::new(src, 0));
-    let remote = sockaddr(dst);
-    // SAFETY: each call reads a value of the size passed from our stack, on our socket. The
-    // port is chosen at connect (IP_BIND_ADDRESS_NO_PORT), per destination; SO_SNDTIMEO
-    // bounds a blocking connect on Linux.
-    let rc = unsafe {
-        let set = |level, name, value: *const libc::c_void, size: usize| {
-            libc::setsockopt(fd, level, name, value, size as libc::socklen_t)
-        };
-        if set(
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            std::ptr::addr_of!(one).cast(),
-            std::mem::size_of_val(&one),
-        ) != 0
-            || set(
-                libc::SOL_SOCKET,
-                libc::SO_SNDTIMEO,
-                std::ptr::addr_of!(tv).cast(),
-                std::mem::size_of_val(&tv),
-            ) != 0
-            || libc::bind(fd, std::ptr::addr_of!(local).cast(), len) != 0
-        {
-            -1
-        } else {
-            libc::connect(fd, std::ptr::addr_of!(remote).cast(), len)
-        }
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    stream.set_write_timeout(Some(timeout))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// Connects client `index` over `transport` and completes the TLS handshake (eagerly, so a
-/// failure is named as one).
-fn connect(
-    transport: StreamTransport,
-    tls: &TlsMaterial,
-    index: usize,
-    timeout: Duration,
-) -> anyhow::Result<Conn> {
-    let dst = SocketAddrV4::new(LISTEN_IP, transport.port());
-    let tcp = connect_from(lab::client_ip(index), dst, timeout)
-        .with_context(|| format!("{} connect to {dst}", transport.name()))?;
-    Ok(match transport {
-        StreamTransport::Tcp => Conn::Tcp(tcp),
-        StreamTransport::Tls => {
-            let name = ServerName::from(IpAddr::V4(LISTEN_IP));
-            let mut conn = ClientConnection::new(Arc::clone(&tls.client), name)?;
-            let mut tcp = tcp;
-            while conn.is_handshaking() {
-                conn.complete_io(&mut tcp).context("TLS handshake")?;
-            }
-            Conn::Tls(Box::new(StreamOwned::new(conn, tcp)))
-        }
-    })
-}
-
-/// A TURN session over a new connection: Allocate (with the 401 round) as client `index`.
-fn session(
-    transport: StreamTransport,
-    tls: &TlsMaterial,
-    ctx: &Ctx,
-    index: usize,
-    name: &str,
-) -> anyhow::Result<(turn::Client<StreamTransportConn>, SocketAddr)> {
-    let timeout = Duration::from_secs(3);
-    let conn = connect(transport, tls, index, timeout)?;
-    let (user, pass) = turn::rest_credentials(&ctx.secret, name);
-    let mut client = turn::Client::over(
-        StreamTransportConn {
-            conn,
-            buf: Vec::new(),
-            limit: timeout,
-        },
-        index as u64,
-        user,
-        &pass,
-    );
-    let relayed = client.allocate()?;
-    Ok((client, relayed))
-}
-
-/// Whether the server answers a Binding request over `transport` (its stream listener is up).
-fn probe(transport: StreamTransport, tls: &TlsMaterial) -> anyhow::Result<()> {
-    let conn = connect(transport, tls, 0, Duration::from_millis(500))?;
-    let mut t = StreamTransportConn {
-        conn,
-        buf: Vec::new(),
-        limit: Duration::from_millis(500),
-    };
-    let tid = [0x53u8; 12];
-    match t.exchange(&turn::binding_request(&tid), turn::BINDING, &tid)? {
-        Response::Success(_) => Ok(()),
-        Response::Error(code, _) => bail!("Binding over {}: error {code}", transport.name()),
-    }
 }
 
 /// The relay-side NAPI threads (`napi/DEV-N` of the relay's two veth ends, pinned to the relay
@@ -1073,14 +715,21 @@ fn handshakes(
     let failed = AtomicU64::new(0);
     let first_error = std::sync::Mutex::new(None::<String>);
     let tls_seen = std::sync::Mutex::new(None::<String>);
+    let latencies = std::sync::Mutex::new(Vec::<u64>::new());
     let workers = plan.handshake_workers.max(1);
     let tids: Vec<AtomicI32> = (0..workers).map(|_| AtomicI32::new(0)).collect();
     let gen_cpu = ctx.gen_cpu;
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for tid in &tids {
-            let (next, completed, failed, first_error, tls_seen) =
-                (&next, &completed, &failed, &first_error, &tls_seen);
+            let (next, completed, failed, first_error, tls_seen, latencies) = (
+                &next,
+                &completed,
+                &failed,
+                &first_error,
+                &tls_seen,
+                &latencies,
+            );
             handles.push(scope.spawn(move || -> anyhow::Result<()> {
                 pin_current_thread(gen_cpu)?;
                 tid.store(gettid(), Ordering::SeqCst);
@@ -1092,9 +741,17 @@ fn handshakes(
                     // A new user each time, so no per-user quota counts earlier sessions
                     // whose close the server has not processed yet.
                     let name = format!("bench-hs{}-{round}-{i}", transport.name());
+                    let started = Instant::now();
                     match session(transport, tls, ctx, i as usize, &name) {
                         Ok((client, _)) => {
                             completed.fetch_add(1, Ordering::Relaxed);
+                            let us = started.elapsed().as_micros() as u64;
+                            if let Ok(mut l) = latencies.lock() {
+                                // Bounded: the first million are plenty for percentiles.
+                                if l.len() < 1 << 20 {
+                                    l.push(us);
+                                }
+                            }
                             if let Ok(mut seen) = tls_seen.lock() {
                                 if seen.is_none() {
                                     *seen = client.into_transport().conn.tls_description();
@@ -1143,6 +800,11 @@ fn handshakes(
             generator_cpu_ns: since(m0.generator, m1.generator),
             tls: tls_seen.lock().ok().and_then(|t| t.clone()),
             settle_s: 0.0,
+            latency_us: latencies.lock().ok().and_then(|mut l| {
+                l.sort_unstable();
+                let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize];
+                (!l.is_empty()).then(|| (at(0.5), at(0.99), at(1.0)))
+            }),
         })
     })
 }
@@ -1333,6 +995,13 @@ pub fn run_round(
                 },
                 h.tls.as_deref().map(|t| format!(", {t}")).unwrap_or_default()
             );
+            if let Some((p50, p99, max)) = h.latency_us {
+                println!(
+                    "      {} {} handshake time: p50 {p50} us, p99 {p99} us, max {max} us",
+                    tag(server),
+                    transport.name()
+                );
+            }
             results.handshakes.push((round, server, transport, h));
         }
         drop(running);
@@ -1370,534 +1039,9 @@ fn share(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{:.0}%", 100.0 * v))
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
-/// Medians over the rounds of one (server, transport, connections) flood.
-struct FloodSummary {
-    server: StreamServer,
-    transport: StreamTransport,
-    connections: usize,
-    p2c: bool,
-    pps: f64,
-    offered_pps: f64,
-    pps_per_core: Option<f64>,
-    core_share: f64,
-    core_busy_share: f64,
-    process_ns_per_pkt: Option<f64>,
-    generator_share: Option<f64>,
-    lost: u64,
-    far_end_drops: u64,
-    /// Delivered plus what the far end dropped: what the server itself relayed.
-    server_sent_pps: f64,
-    runs: usize,
-}
-
-fn flood_summaries(r: &StreamResults) -> Vec<FloodSummary> {
-    type Key = (StreamTransport, bool, usize, StreamServer);
-    let mut groups: BTreeMap<Key, Vec<&FloodMeasure>> = BTreeMap::new();
-    for (_, server, transport, connections, m) in &r.floods {
-        groups
-            .entry((*transport, m.p2c, *connections, *server))
-            .or_default()
-            .push(m);
-    }
-    groups
-        .into_iter()
-        .map(|((transport, p2c, connections, server), ms)| FloodSummary {
-            server,
-            transport,
-            connections,
-            p2c,
-            pps: median(ms.iter().map(|m| m.pps()).collect()).unwrap_or(0.0),
-            offered_pps: median(
-                ms.iter()
-                    .map(|m| m.offered as f64 / m.window_s.max(1e-9))
-                    .collect(),
-            )
-            .unwrap_or(0.0),
-            pps_per_core: median(ms.iter().filter_map(|m| m.pps_per_core()).collect()),
-            core_share: median(ms.iter().map(|m| m.core_share()).collect()).unwrap_or(0.0),
-            core_busy_share: median(ms.iter().map(|m| m.core_busy_share()).collect())
-                .unwrap_or(0.0),
-            process_ns_per_pkt: median(
-                ms.iter()
-                    .filter_map(|m| {
-                        m.process_cpu_ns
-                            .map(|ns| ns as f64 / m.delivered.max(1) as f64)
-                    })
-                    .collect(),
-            ),
-            generator_share: median(ms.iter().filter_map(|m| m.generator_share()).collect()),
-            // Over a window in steady state, frames written but not relayed are what the
-            // server lost (or still held): a hint, not an exact count.
-            lost: ms
-                .iter()
-                .map(|m| m.offered.saturating_sub(m.delivered))
-                .sum(),
-            far_end_drops: ms.iter().map(|m| m.far_end_drops).sum(),
-            server_sent_pps: median(
-                ms.iter()
-                    .map(|m| (m.delivered + m.far_end_drops) as f64 / m.window_s.max(1e-9))
-                    .collect(),
-            )
-            .unwrap_or(0.0),
-            runs: ms.len(),
-        })
-        .collect()
-}
-
-struct HandshakeSummary {
-    server: StreamServer,
-    transport: StreamTransport,
-    per_s: f64,
-    per_core_s: Option<f64>,
-    core_share: f64,
-    core_busy_share: f64,
-    process_ns_per_handshake: Option<f64>,
-    generator_share: Option<f64>,
-    failed: u64,
-    first_error: Option<String>,
-    tls: Option<String>,
-    runs: usize,
-}
-
-fn handshake_summaries(r: &StreamResults) -> Vec<HandshakeSummary> {
-    let mut groups: BTreeMap<(StreamTransport, StreamServer), Vec<&HandshakeMeasure>> =
-        BTreeMap::new();
-    for (_, server, transport, h) in &r.handshakes {
-        groups.entry((*transport, *server)).or_default().push(h);
-    }
-    groups
-        .into_iter()
-        .map(|((transport, server), hs)| HandshakeSummary {
-            server,
-            transport,
-            per_s: median(hs.iter().map(|h| h.per_s()).collect()).unwrap_or(0.0),
-            per_core_s: median(hs.iter().filter_map(|h| h.per_core_s()).collect()),
-            core_share: median(hs.iter().map(|h| h.core_share()).collect()).unwrap_or(0.0),
-            core_busy_share: median(
-                hs.iter()
-                    .map(|h| h.core_cpu_ns as f64 / 1e9 / h.window_s.max(1e-9))
-                    .collect(),
-            )
-            .unwrap_or(0.0),
-            process_ns_per_handshake: median(
-                hs.iter()
-                    .filter_map(|h| {
-                        h.process_cpu_ns
-                            .map(|ns| ns as f64 / h.completed.max(1) as f64)
-                    })
-                    .collect(),
-            ),
-            generator_share: median(hs.iter().filter_map(|h| h.generator_share()).collect()),
-            failed: hs.iter().map(|h| h.failed).sum(),
-            first_error: hs.iter().find_map(|h| h.first_error.clone()),
-            tls: hs.iter().find_map(|h| h.tls.clone()),
-            runs: hs.len(),
-        })
-        .collect()
-}
-
-/// relay / coturn for every figure both have, keyed like "tcp_x1_relayed_pps_per_core".
-fn ratios(r: &StreamResults) -> BTreeMap<String, f64> {
-    let floods = flood_summaries(r);
-    let hs = handshake_summaries(r);
-    let mut out = BTreeMap::new();
-    let mut put = |key: String, a: Option<f64>, b: Option<f64>| {
-        if let (Some(a), Some(b)) = (a, b) {
-            if b > 0.0 {
-                out.insert(key, a / b);
-            }
-        }
-    };
-    for f in floods.iter().filter(|f| f.server == StreamServer::Relay) {
-        let Some(c) = floods.iter().find(|c| {
-            c.server == StreamServer::Coturn
-                && c.transport == f.transport
-                && c.connections == f.connections
-                && c.p2c == f.p2c
-        }) else {
-            continue;
-        };
-        let key = format!(
-            "{}_x{}{}",
-            f.transport.name(),
-            f.connections,
-            if f.p2c { "_p2c" } else { "" }
-        );
-        put(format!("{key}_relayed_pps"), Some(f.pps), Some(c.pps));
-        put(
-            format!("{key}_relayed_pps_per_core"),
-            f.pps_per_core,
-            c.pps_per_core,
-        );
-    }
-    for h in hs.iter().filter(|h| h.server == StreamServer::Relay) {
-        let Some(c) = hs
-            .iter()
-            .find(|c| c.server == StreamServer::Coturn && c.transport == h.transport)
-        else {
-            continue;
-        };
-        let key = h.transport.name();
-        put(
-            format!("{key}_handshakes_per_s"),
-            Some(h.per_s),
-            Some(c.per_s),
-        );
-        put(
-            format!("{key}_handshakes_per_core_s"),
-            h.per_core_s,
-            c.per_core_s,
-        );
-    }
-    out
-}
-
-/// The issue's target per transport: relay >= 2x coturn on relayed pps per relay core, at
-/// every connection count both ran. None when either side has no figure.
-fn target(r: &StreamResults) -> BTreeMap<&'static str, Option<bool>> {
-    let ratios = ratios(r);
-    [StreamTransport::Tcp, StreamTransport::Tls]
-        .into_iter()
-        .map(|t| {
-            let prefix = format!("{}_x", t.name());
-            let mine: Vec<f64> = ratios
-                .iter()
-                .filter(|(k, _)| {
-                    k.starts_with(&prefix)
-                        && !k.contains("_p2c")
-                        && k.ends_with("_relayed_pps_per_core")
-                })
-                .map(|(_, v)| *v)
-                .collect();
-            (
-                t.name(),
-                (!mine.is_empty()).then(|| mine.iter().all(|v| *v >= 2.0)),
-            )
-        })
-        .collect()
-}
-
-/// One group of the SVG's stream panel: its label ("tcp x1") and each server's relayed pps
-/// per relay core (by the path whose colour it takes; None: n/a).
-pub type SvgGroup = (String, Vec<(PathKind, Option<f64>)>);
-
-/// The SVG's stream panel: its groups, and one line of handshakes per second per server and
-/// transport.
-pub fn svg_data(r: &StreamResults) -> (Vec<SvgGroup>, Vec<String>) {
-    let floods = flood_summaries(r);
-    let mut groups: Vec<SvgGroup> = Vec::new();
-    let Some(plan) = &r.plan else {
-        return (groups, Vec::new());
-    };
-    for &transport in &plan.transports {
-        for &connections in &plan.connections {
-            let bars = r
-                .servers
-                .iter()
-                .map(|&server| {
-                    let v = floods
-                        .iter()
-                        .find(|f| {
-                            f.server == server
-                                && f.transport == transport
-                                && f.connections == connections
-                                && !f.p2c
-                        })
-                        .and_then(|f| f.pps_per_core);
-                    (server.path(), v)
-                })
-                .collect();
-            groups.push((format!("{} x{connections}", transport.name()), bars));
-        }
-    }
-    let lines = handshake_summaries(r)
-        .iter()
-        .map(|h| {
-            format!(
-                "{} {}: {:.0} handshakes/s ({} per relay core-s)",
-                h.server.name(),
-                h.transport.name(),
-                h.per_s,
-                h.per_core_s.map_or("-".to_owned(), |v| format!("{v:.0}"))
-            )
-        })
-        .collect();
-    (groups, lines)
-}
-
-/// The stream section of the terminal/markdown table.
-pub fn table(r: &StreamResults) -> String {
-    let mut t = String::new();
-    if r.plan.is_none() {
-        return t;
-    }
-    let _ = writeln!(
-        t,
-        "\nstream clients (TURN over TCP/TLS -> UDP peer), 120 B ChannelData client->peer:"
-    );
-    let _ = writeln!(
-        t,
-        "| server | transport | conns | direction | relayed kpps | kpps/relay core | server cpu | core busy | ns/pkt (process) | generator | offered kpps | fe drops |"
-    );
-    let _ = writeln!(
-        t,
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
-    for f in flood_summaries(r) {
-        let _ = writeln!(
-            t,
-            "| {} | {} | {} | {} | {:.1} | {} | {:.0}% | {:.0}% | {} | {}{} | {:.1} | {} |",
-            f.server.name(),
-            f.transport.name(),
-            f.connections,
-            if f.p2c { "p>c" } else { "c>p" },
-            f.pps / 1e3,
-            opt_k(f.pps_per_core),
-            100.0 * f.core_share,
-            100.0 * f.core_busy_share,
-            f.process_ns_per_pkt
-                .map_or("-".to_owned(), |v| format!("{v:.0}")),
-            share(f.generator_share),
-            if f.generator_share.is_some_and(|g| g > GENERATOR_LIMIT_SHARE) {
-                " (limit?)"
-            } else {
-                ""
-            },
-            f.offered_pps / 1e3,
-            f.far_end_drops,
-        );
-    }
-    let _ = writeln!(
-        t,
-        "\n| server | transport | handshakes/s | per relay core-s | server cpu | core busy | generator | failed |"
-    );
-    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|");
-    for h in handshake_summaries(r) {
-        let _ = writeln!(
-            t,
-            "| {} | {} | {:.0} | {} | {:.0}% | {:.0}% | {} | {} |",
-            h.server.name(),
-            h.transport.name(),
-            h.per_s,
-            h.per_core_s.map_or("-".to_owned(), |v| format!("{v:.0}")),
-            100.0 * h.core_share,
-            100.0 * h.core_busy_share,
-            share(h.generator_share),
-            h.failed
-        );
-    }
-    let _ = writeln!(
-        t,
-        "(relayed: at the peer's sink in the window; fe drops: frames the relay namespace's veth \
-         could not hand to the far end, summed over rounds: the server sent them, the far end on \
-         the generator core lost them; server cpu: its threads + relay-side NAPI; core busy: \
-         anything on the relay core; generator: its threads' share of the generator core)"
-    );
-    let ratios = ratios(r);
-    if !ratios.is_empty() {
-        let _ = writeln!(t, "\nrelay / coturn (same run):");
-        for (k, v) in &ratios {
-            let _ = writeln!(t, "  {k}: {v:.2}x");
-        }
-    }
-    for (transport, met) in target(r) {
-        let _ = writeln!(
-            t,
-            "  target relay >= 2x coturn relayed pps per core over {transport}: {}",
-            match met {
-                Some(true) => "met",
-                Some(false) => "NOT met",
-                None => "no comparison (a side is unavailable)",
-            }
-        );
-    }
-    for (server, reason) in &r.unavailable {
-        let _ = writeln!(
-            t,
-            "  {} stream: unavailable: {}",
-            server.name(),
-            first_line(reason)
-        );
-    }
-    for note in &r.notes {
-        let _ = writeln!(t, "  note: {}", first_line(note));
-    }
-    for ((server, transport), reason) in &r.not_applicable {
-        let _ = writeln!(
-            t,
-            "  {} {}: n/a: {}",
-            server.name(),
-            transport.name(),
-            first_line(reason)
-        );
-    }
-    t
-}
-
-/// The stream section of bench.json.
-pub fn json(r: &StreamResults) -> Value {
-    let Some(plan) = &r.plan else {
-        return Value::Null;
-    };
-    let availability: serde_json::Map<String, Value> = r
-        .servers
-        .iter()
-        .map(|s| {
-            let reason = r.unavailable.get(s);
-            (
-                s.name().to_owned(),
-                json!({ "available": reason.is_none(), "reason": reason }),
-            )
-        })
-        .collect();
-    json!({
-        "conditions": {
-            "transports": plan.transports.iter().map(|t| t.name()).collect::<Vec<_>>(),
-            "connections": plan.connections,
-            "payload_bytes": PAYLOAD,
-            "warmup_seconds": plan.warmup.as_secs_f64(),
-            "window_seconds": plan.window.as_secs_f64(),
-            "handshake_workers": plan.handshake_workers,
-            "settle": format!("before each measurement, up to {:.1} s until the relay core is \
-                below 30 % busy over 100 ms (settle_s per run)", plan.settle_limit.as_secs_f64()),
-            "peer_to_client": plan.p2c.then_some("after each client->peer flood, the peer sends \
-                120 B datagrams to the relayed addresses paced at 1.5x that flood's relayed rate \
-                (socket generator, generator core); the clients read the streams and count the \
-                ChannelData (generator core too: its share covers both threads)"),
-            "ports": { "tcp": TCP_PORT, "tls": TLS_PORT },
-            "relay": "relay serve --fastpath off (the socket path serves stream clients) with \
-                      --listen-tcp, --listen-tls, --tls-cert, --tls-key",
-            "coturn": "turnserver with TCP on its listening port and TLS on --tls-listening-port \
-                       (--cert/--pkey)",
-            "generator": "one thread on the generator core writing 128-frame batches of \
-                          ChannelData to every connection, non-blocking (rustls with ring for \
-                          TLS); handshakes from threads on the generator core, each a new \
-                          connection from the next client address, TLS without resumption",
-            "tls_client": "rustls (ring), TLS 1.2/1.3, certificate pinned, handshake signature \
-                           not verified (so the generator core is not the limit)",
-            "certificate": "self-signed ECDSA P-256 made at run time (rcgen), removed afterwards",
-            "measured": "over a window after a warm-up, while the generator still runs: \
-                         datagrams at the peer's far-end sink, the relay core's busy time \
-                         (/proc/stat), the server's and the generator's thread CPU time \
-                         (schedstat)",
-            "per_core": "relayed datagrams (or completed handshakes) per second of the server's \
-                         CPU time: its threads plus the relay-side veth NAPI threads (where its \
-                         TCP receive work runs), all pinned to the relay core; the core's own \
-                         busy share (relay_core_busy_share) also counts other jobs on a shared \
-                         machine",
-        },
-        "availability": availability,
-        "floods": r.floods.iter().map(|(round, server, transport, connections, m)| json!({
-            "round": round,
-            "server": server.name(),
-            "transport": transport.name(),
-            "connections": connections,
-            "window_s": m.window_s,
-            "offered": m.offered,
-            "delivered": m.delivered,
-            "delivered_pps": m.pps(),
-            "relayed_pps_per_core": m.pps_per_core(),
-            "relay_core_busy_ns": m.core_cpu_ns,
-            "process_cpu_ns": m.process_cpu_ns,
-            "server_cpu_ns": m.server_cpu_ns,
-            "far_end_drops": m.far_end_drops,
-            "generator_cpu_ns": m.generator_cpu_ns,
-            "direction": if m.p2c { "peer->client" } else { "client->peer" },
-            "sent_total": m.total_frames,
-            "settle_s": m.settle_s,
-        })).collect::<Vec<_>>(),
-        "summary": flood_summaries(r).iter().map(|f| json!({
-            "server": f.server.name(),
-            "transport": f.transport.name(),
-            "connections": f.connections,
-            "direction": if f.p2c { "peer->client" } else { "client->peer" },
-            "delivered_pps": f.pps,
-            "offered_pps": f.offered_pps,
-            "relayed_pps_per_core": f.pps_per_core,
-            "server_cpu_share": f.core_share,
-            "relay_core_busy_share": f.core_busy_share,
-            "process_cpu_ns_per_packet": f.process_ns_per_pkt,
-            "generator_cpu_share": f.generator_share,
-            "generator_limited": f.generator_share.map(|g| g > GENERATOR_LIMIT_SHARE),
-            "written_not_relayed": f.lost,
-            "far_end_drops": f.far_end_drops,
-            "sent_by_server_pps": f.server_sent_pps,
-            "runs": f.runs,
-        })).collect::<Vec<_>>(),
-        "handshake_runs": r.handshakes.iter().map(|(round, server, transport, h)| json!({
-            "round": round,
-            "server": server.name(),
-            "transport": transport.name(),
-            "window_s": h.window_s,
-            "completed": h.completed,
-            "failed": h.failed,
-            "first_error": h.first_error,
-            "relay_core_busy_ns": h.core_cpu_ns,
-            "process_cpu_ns": h.process_cpu_ns,
-            "server_cpu_ns": h.server_cpu_ns,
-            "generator_cpu_ns": h.generator_cpu_ns,
-            "settle_s": h.settle_s,
-        })).collect::<Vec<_>>(),
-        "handshakes": handshake_summaries(r).iter().map(|h| json!({
-            "server": h.server.name(),
-            "transport": h.transport.name(),
-            "per_s": h.per_s,
-            "per_relay_core_s": h.per_core_s,
-            "server_cpu_share": h.core_share,
-            "relay_core_busy_share": h.core_busy_share,
-            "process_cpu_ns_per_handshake": h.process_ns_per_handshake,
-            "generator_cpu_share": h.generator_share,
-            "generator_limited": h.generator_share.map(|g| g > GENERATOR_LIMIT_SHARE),
-            "failed": h.failed,
-            "first_error": h.first_error,
-            "tls": h.tls,
-            "runs": h.runs,
-        })).collect::<Vec<_>>(),
-        "ratios_relay_over_coturn": ratios(r),
-        "target": "relay >= 2x coturn 4.6.1 on relayed pps (per relay core) over TCP and TLS",
-        "target_met": target(r),
-        "notes": r.notes,
-        "not_applicable": r.not_applicable.iter().map(|((s, t), reason)| json!({
-            "server": s.name(),
-            "transport": t.name(),
-            "reason": reason,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stream_framing_pads_channel_data_and_sizes_stun() {
-        assert_eq!(frame_len(&[0x40, 0x00, 0x00]).unwrap(), None);
-        // ChannelData of 5 bytes: 4 + 5, padded to 12 on a stream.
-        let mut cd = vec![0x40, 0x00, 0x00, 0x05];
-        cd.resize(11, 0);
-        assert_eq!(frame_len(&cd).unwrap(), None);
-        cd.push(0);
-        assert_eq!(frame_len(&cd).unwrap(), Some(12));
-        // STUN: 20-byte header plus the length field.
-        let mut stun = vec![0x01, 0x01, 0x00, 0x08];
-        stun.resize(28, 0);
-        assert_eq!(frame_len(&stun).unwrap(), Some(28));
-        assert_eq!(frame_len(&stun[..27]).unwrap(), None);
-        assert!(frame_len(&[0xc0, 0, 0, 0]).is_err());
-    }
 
     #[test]
     fn transports_parse_and_none_empties() {
@@ -1910,45 +1054,5 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(StreamTransport::parse_list(&list(&["udp"])).is_err());
-    }
-
-    fn flood_m(delivered: u64, core_ms: u64) -> FloodMeasure {
-        FloodMeasure {
-            window_s: 1.0,
-            offered: delivered,
-            delivered,
-            server_cpu_ns: Some(core_ms * 1_000_000),
-            ..FloodMeasure::default()
-        }
-    }
-
-    #[test]
-    fn ratios_and_target_compare_relay_with_coturn_per_core() {
-        let mut r = StreamResults::default();
-        for (server, pps, core_ms) in [
-            (StreamServer::Relay, 300_000, 1000),
-            (StreamServer::Coturn, 100_000, 500),
-        ] {
-            r.floods
-                .push((0, server, StreamTransport::Tcp, 1, flood_m(pps, core_ms)));
-        }
-        // TLS: the relay only 1.5x per core.
-        for (server, pps) in [
-            (StreamServer::Relay, 150_000),
-            (StreamServer::Coturn, 100_000),
-        ] {
-            r.floods
-                .push((0, server, StreamTransport::Tls, 1, flood_m(pps, 1000)));
-        }
-        let ratios = ratios(&r);
-        assert!((ratios["tcp_x1_relayed_pps"] - 3.0).abs() < 1e-9);
-        // 300k per core-second against 200k.
-        assert!((ratios["tcp_x1_relayed_pps_per_core"] - 1.5).abs() < 1e-9);
-        assert!((ratios["tls_x1_relayed_pps_per_core"] - 1.5).abs() < 1e-9);
-        let target = target(&r);
-        assert_eq!(target["tcp"], Some(false));
-        assert_eq!(target["tls"], Some(false));
-        r.floods.retain(|f| f.1 == StreamServer::Relay);
-        assert_eq!(super::target(&r)["tcp"], None);
     }
 }
