@@ -6,10 +6,15 @@ Send indication -> Data indication round trip, ChannelBind -> ChannelData round 
 Refresh(0); then a wrong password must get 401. Prints one line per step; exits non-zero on
 the first failure.
 
-usage: aioice_turn.py SERVER_IP SERVER_PORT USER PASSWORD PEER_IP
+TRANSPORT is how aioice reaches the relay: udp (the default), tcp, or tls (RFC 8656 §5), which
+trusts only the CA certificate in CA_FILE and checks the relay's certificate against
+SERVER_IP. The relayed side is UDP either way.
+
+usage: aioice_turn.py SERVER_IP SERVER_PORT USER PASSWORD PEER_IP [udp|tcp|tls [CA_FILE]]
 """
 import asyncio
 import os
+import ssl
 import struct
 import sys
 
@@ -75,8 +80,23 @@ def step(text):
     print(f"ok: {text}", flush=True)
 
 
+def endpoint_options(transport, ca_file):
+    """create_turn_endpoint's keyword arguments for TRANSPORT."""
+    if transport == "udp":
+        return {}
+    if transport == "tcp":
+        return {"transport": "tcp"}
+    if transport == "tls":
+        context = ssl.create_default_context(cafile=ca_file)
+        return {"transport": "tcp", "ssl": context}
+    raise SystemExit(f"unknown transport {transport}")
+
+
 async def main():
     server_ip, server_port, user, password, peer_ip = sys.argv[1:6]
+    transport_name = sys.argv[6] if len(sys.argv) > 6 else "udp"
+    ca_file = sys.argv[7] if len(sys.argv) > 7 else None
+    options = endpoint_options(transport_name, ca_file)
     server = (server_ip, int(server_port))
     loop = asyncio.get_running_loop()
 
@@ -84,11 +104,15 @@ async def main():
     peer = echo_transport.get_extra_info("sockname")[:2]
 
     transport, inbox = await asyncio.wait_for(
-        create_turn_endpoint(Inbox, server, user, password, lifetime=600), TIMEOUT
+        create_turn_endpoint(Inbox, server, user, password, lifetime=600, **options), TIMEOUT
     )
     inner = transport._TurnTransport__inner_protocol
     relayed = inner.relayed_address
-    step(f"Allocate: relayed address {relayed[0]}:{relayed[1]}")
+    step(f"Allocate over {transport_name}: relayed address {relayed[0]}:{relayed[1]}")
+    tls = inner.transport.get_extra_info("ssl_object")
+    if tls is not None:
+        subject = dict(item[0] for item in tls.getpeercert()["subject"])
+        step(f"TLS {tls.version()}, relay certificate {subject.get('commonName')}")
 
     # CreatePermission (RFC 8656 §10), then Send/Data indications (§11).
     request = stun.Message(
@@ -138,7 +162,7 @@ async def main():
     # Wrong password: the signed retry after 401 is rejected with 401 again.
     try:
         await asyncio.wait_for(
-            create_turn_endpoint(Inbox, server, user, password + "-wrong"), TIMEOUT
+            create_turn_endpoint(Inbox, server, user, password + "-wrong", **options), TIMEOUT
         )
         raise AssertionError("Allocate with a wrong password succeeded")
     except stun.TransactionFailed as e:

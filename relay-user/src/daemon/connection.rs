@@ -31,8 +31,8 @@ const MAX_INPUT: usize = MAX_STREAM_MESSAGE + READ_CHUNK;
 pub const MAX_OUTPUT: usize = 256 * 1024;
 /// Bytes read per connection per wake, so one fast sender cannot starve the worker's others.
 const READ_BUDGET: usize = 256 * 1024;
-/// Plaintext handed to rustls at a time, so its own buffer stays about one chunk.
-const TLS_WRITE_CHUNK: usize = 16 * 1024;
+/// Buffer capacity a connection keeps between reads; beyond it an empty buffer is freed.
+const IDLE_BUFFER: usize = 2048;
 
 /// What a [`Connection::read`] left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +96,10 @@ pub struct Connection {
     /// Queued plaintext not yet written (or handed to rustls), from `output_start`.
     output: Vec<u8>,
     output_start: usize,
+    /// On TLS: where each queued message ends in `output`. Each message goes into a TLS
+    /// record of its own, as coturn writes them: clients such as coturn's turnutils_uclient
+    /// read one message per record and lose the rest of a record holding several.
+    message_ends: std::collections::VecDeque<usize>,
     pub opened: Instant,
     /// When the client last sent a whole message.
     pub last_message: Option<Instant>,
@@ -129,11 +133,17 @@ impl Connection {
             client,
             local,
             transport,
-            tls: tls.map(Box::new),
+            tls: tls.map(|mut tls| {
+                // The queue above is the bound; rustls gets one message at a time (a whole
+                // 64 KiB peer datagram must fit), so its own limit would only cut messages.
+                tls.set_buffer_limit(None);
+                Box::new(tls)
+            }),
             input: Vec::new(),
             input_start: 0,
             output: Vec::new(),
             output_start: 0,
+            message_ends: std::collections::VecDeque::new(),
             opened: now,
             last_message: None,
             full_since: None,
@@ -191,13 +201,26 @@ impl Connection {
         &self.input
     }
 
+    /// After the whole messages were handled: an emptied input gives its buffer back, so an
+    /// idle connection holds no read buffer (a busy one reallocates per read, which is cheap
+    /// next to the read itself).
+    pub fn release_input(&mut self) {
+        if self.input_start == self.input.len() {
+            self.input_start = 0;
+            self.input.clear();
+            if self.input.capacity() > IDLE_BUFFER {
+                self.input = Vec::new();
+            }
+        }
+    }
+
     fn compact_input(&mut self) {
         if self.input_start > 0 {
             self.input.drain(..self.input_start);
             self.input_start = 0;
         }
-        if self.input.is_empty() && self.input.capacity() > READ_CHUNK {
-            // An idle connection keeps no large buffer.
+        if self.input.is_empty() && self.input.capacity() > IDLE_BUFFER {
+            // An idle connection keeps no large buffer (thousands of them wait on a relay).
             self.input = Vec::new();
         }
     }
@@ -221,6 +244,9 @@ impl Connection {
             self.output.extend_from_slice(part);
         }
         self.output.resize(self.output.len() + (padded - len), 0);
+        if self.tls.is_some() {
+            self.message_ends.push_back(self.output.len());
+        }
         true
     }
 
@@ -262,9 +288,16 @@ impl Connection {
                 if self.output_start == self.output.len() || tls.is_handshaking() {
                     break self.output_start == self.output.len();
                 }
-                let end = self.output.len().min(self.output_start + TLS_WRITE_CHUNK);
+                // One message, one record (see `message_ends`); rustls' buffer then holds one
+                // record at most, since the loop writes it out before taking the next.
+                let end = self
+                    .message_ends
+                    .pop_front()
+                    .unwrap_or(self.output.len())
+                    .min(self.output.len());
                 match tls.writer().write(&self.output[self.output_start..end]) {
-                    Ok(n) => self.output_start += n,
+                    Ok(n) if n == end - self.output_start => self.output_start = end,
+                    Ok(_) => return Err(CloseReason::Tls),
                     Err(_) => return Err(CloseReason::Tls),
                 }
             },
@@ -272,7 +305,7 @@ impl Connection {
         if self.output.len() - self.output_start <= MAX_OUTPUT / 2 {
             self.full_since = None;
         }
-        if done && self.output.capacity() > 4 * READ_CHUNK {
+        if done && self.output.capacity() > IDLE_BUFFER {
             self.output = Vec::new();
             self.output_start = 0;
         }

@@ -103,10 +103,14 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         });
     }
     // While still root: descriptors for every allocation the caps allow.
-    // (and one per TCP/TLS connection the caps allow).
-    limits::raise_open_files(
-        limits::needed(config.max_allocations) + config.streams.max_connections as u64,
-    );
+    // (and one per TCP/TLS connection the caps allow, with TCP or TLS listeners).
+    let stream_descriptors =
+        if config.streams.listen_tcp.is_empty() && config.streams.listen_tls.is_empty() {
+            0
+        } else {
+            config.streams.max_connections as u64
+        };
+    limits::raise_open_files(limits::needed(config.max_allocations) + stream_descriptors);
     // The fast path comes first: if the operator asked for it and it cannot attach, nothing
     // else should start.
     let fastpath = start_fastpath(&config)?;

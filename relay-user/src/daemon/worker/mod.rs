@@ -268,6 +268,8 @@ pub struct Worker {
     streams: HashMap<(SocketAddr, SocketAddr, Transport), u64>,
     /// Connections with output queued since the last flush.
     dirty_streams: Vec<u64>,
+    /// Connections whose last turn ended with input left to read.
+    unfinished_streams: Vec<u64>,
     /// Closed connections by (transport, reason), for metrics.
     streams_closed: BTreeMap<(&'static str, &'static str), u64>,
     /// Messages to stream clients dropped for a full queue.
@@ -307,6 +309,7 @@ impl Worker {
             stream_env,
             streams: HashMap::new(),
             dirty_streams: Vec::new(),
+            unfinished_streams: Vec::new(),
             streams_closed: BTreeMap::new(),
             stream_drops: 0,
             arena: Arena::new(ARENA_SLOTS, net::MAX_DATAGRAM),
@@ -403,6 +406,13 @@ impl Worker {
     fn poll_io(&mut self) -> bool {
         for _ in 0..IO_ROUNDS {
             self.ready.clear();
+            // Connections that had more to read than one turn allowed (TLS may hold
+            // decrypted data that no readiness will report again).
+            self.ready.extend(
+                self.unfinished_streams
+                    .drain(..)
+                    .map(|token| (token, false)),
+            );
             match self.epoll.get_mut().ready() {
                 Ok(tokens) => self.ready.extend(tokens),
                 Err(error) => {

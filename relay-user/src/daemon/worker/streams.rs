@@ -209,6 +209,8 @@ impl Worker {
                 }
             }
         }
+        // Fair turns: the rest in the next round.
+        self.unfinished_streams.push(token);
     }
 
     /// Hands every whole message of connection `token`'s input to the core.
@@ -218,6 +220,7 @@ impl Worker {
                 return Ok(());
             };
             let Some(range) = connection.next_message()? else {
+                connection.release_input();
                 return Ok(());
             };
             connection.last_message = Some(now);
