@@ -1,6 +1,7 @@
 //! The `relay serve` daemon: wires config, sockets, protocol core and fast path together.
 
 mod admin;
+mod aggregate;
 mod connection;
 mod connection_limits;
 mod host_addresses;

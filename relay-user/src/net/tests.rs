@@ -341,3 +341,47 @@ fn wildcard_ipv6_listener_reports_and_answers_from_the_contacted_address() {
     }
     set_gso_for_test(gso_works);
 }
+
+/// A flush with one datagram per socket (the many-allocations case) sends each with `sendto`,
+/// or with `sendmsg` when it names its source: every datagram arrives whole, from the socket
+/// it was queued on and the source it named, and a refused one is still dropped alone.
+#[test]
+fn single_datagrams_per_socket_arrive_from_their_socket_and_source() {
+    let receiver = client("127.0.0.1:0");
+    let to = receiver.local_addr().expect("addr");
+    let senders: Vec<UdpSocket> = (0..3).map(|_| client("127.0.0.1:0")).collect();
+    let wildcard = super::bind_udp_std(addr("0.0.0.0:0"), false).expect("bind 0.0.0.0");
+    let mut q = SendQueue::default();
+    for (token, len) in [(0u64, 120usize), (1, 1), (2, 1200)] {
+        q.push_owned(token, to, None, vec![token as u8 + 1; len]);
+    }
+    q.push_owned(3, to, Some(ip("127.0.0.2")), vec![9; 50]);
+    // Unreachable (port 0): refused by the kernel, dropped alone.
+    q.push_owned(4, addr("127.0.0.1:0"), None, vec![0; 10]);
+    let fds: Vec<_> = senders
+        .iter()
+        .map(AsRawFd::as_raw_fd)
+        .chain([wildcard.as_raw_fd(), senders[0].as_raw_fd()])
+        .collect();
+    let dropped = q.flush(&[], |token| fds.get(token as usize).copied());
+    assert_eq!(dropped, 1);
+    let mut buf = vec![0u8; 2048];
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        wait_readable(&receiver);
+        let (n, from) = receiver.recv_from(&mut buf).expect("recv_from");
+        got.push((from, n, buf[0]));
+    }
+    got.sort_by_key(|g| g.2);
+    let from = |s: &UdpSocket| s.local_addr().expect("addr");
+    let wildcard_port = from(&wildcard).port();
+    assert_eq!(
+        got,
+        vec![
+            (from(&senders[0]), 120, 1),
+            (from(&senders[1]), 1, 2),
+            (from(&senders[2]), 1200, 3),
+            (SocketAddr::new(ip("127.0.0.2"), wildcard_port), 50, 9),
+        ]
+    );
+}

@@ -123,6 +123,10 @@ pub struct BenchArgs {
     /// Skip the stream-client variant's peer->client floods (client->peer and handshakes only).
     #[arg(long)]
     no_stream_p2c: bool,
+    /// Run only the mode's variants with these labels, comma-separated (as the table prints
+    /// them, e.g. `--variants "120B x1 c>p,120B x1000 c>p"`): a shorter run for profiling.
+    #[arg(long, value_delimiter = ',', value_name = "LABELS")]
+    variants: Option<Vec<String>>,
 }
 
 /// The shape of a run: rounds, variants, durations.
@@ -260,6 +264,10 @@ impl Plan {
                 plan.stream.connections = c;
             }
         }
+        if let Some(labels) = &args.variants {
+            plan.variants
+                .retain(|v| labels.iter().any(|l| l.trim() == v.label()));
+        }
         plan
     }
 }
@@ -295,6 +303,12 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let mut plan = Plan::from_args(&args);
     if let Some(list) = &args.stream {
         plan.stream.transports = stream::StreamTransport::parse_list(list)?;
+    }
+    if plan.variants.is_empty() {
+        bail!(
+            "--variants matched none of the {} mode's variants",
+            plan.mode
+        );
     }
     let paths: Vec<PathKind> = match &args.paths {
         Some(list) => list

@@ -46,7 +46,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{connection::Connection, kernel_sync::KernelSync};
+use super::{aggregate::ChannelMemo, connection::Connection, kernel_sync::KernelSync};
 use crate::{
     control::{AllocationView, ChannelView, PathCounters},
     net::{
@@ -277,6 +277,8 @@ pub struct Worker {
     arena: Arena,
     /// The datagrams of the last receive batch.
     datagrams: Vec<Datagram>,
+    /// The core's decision for the current GRO aggregate's ChannelData.
+    memo: ChannelMemo,
     sends: SendQueue,
     /// Datagrams the socket path dropped on send (full buffers, refused sends).
     send_drops: u64,
@@ -314,6 +316,7 @@ impl Worker {
             stream_drops: 0,
             arena: Arena::new(ARENA_SLOTS, net::MAX_DATAGRAM),
             datagrams: Vec::with_capacity(net::recv::RECV_BATCH * 64),
+            memo: ChannelMemo::default(),
             sends: SendQueue::default(),
             send_drops: 0,
             socket_totals: PathCounters::default(),
@@ -509,10 +512,20 @@ impl Worker {
                 return;
             }
         };
+        if datagram.headroom {
+            // The first datagram of a received message.
+            self.memo.forget();
+        }
         let data = self.arena.bytes().get(datagram.range()).unwrap_or_default();
+        if let Some(forward) = self.memo.lookup(datagram.from, local, data) {
+            self.relay(forward, datagram, None);
+            return;
+        }
         let forward = self
             .server
             .handle_client_datagram(datagram.from, local, data, now);
+        self.memo
+            .remember(datagram.from, local, data, forward.as_ref());
         if let Some(forward) = forward {
             self.relay(forward, datagram, None);
         }
