@@ -1,8 +1,9 @@
 //! `cargo xtask bench --smoke`: the benchmark builds its lab, runs every path it can for half a
 //! second, searches each path's peak zero-loss rate in three short paced trials, runs the
-//! VoIP-shaped variant, and writes its JSON; every path it reports available delivered traffic.
+//! VoIP-shaped variant, runs the stream-client variant (TURN over TCP and TLS to the UDP peer,
+//! relay and coturn) and writes its JSON; every path it reports available delivered traffic.
 //! Needs root (namespaces), like the other lab tests. Bounded: the benchmark runs under
-//! `timeout 60` (about 30 s here).
+//! `timeout 90` (about 40 s here).
 
 use std::{
     path::{Path, PathBuf},
@@ -15,7 +16,7 @@ use relay_tests::{relay_bin, require_root};
 fn xtask_command() -> Command {
     let sibling = relay_bin().with_file_name("xtask");
     let mut command = Command::new("timeout");
-    command.arg("60");
+    command.arg("90");
     if sibling.exists() {
         command.arg(sibling);
     } else {
@@ -171,6 +172,7 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
     for na in voip.iter().filter(|v| v.get("not_applicable").is_some()) {
         assert!(na["not_applicable"].as_str().is_some_and(|r| !r.is_empty()));
     }
+    check_stream(&json["stream"], &stdout);
     let svg = std::fs::read_to_string(out.join("bench.svg")).expect("bench.svg");
     assert!(svg.contains("peak zero-loss") && svg.contains("VoIP-shaped"));
 
@@ -182,4 +184,61 @@ fn bench_smoke_writes_json_and_every_available_path_delivers() {
         "no latency samples through the socket path:\n{stdout}"
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The stream-client variant: every server it ran (relay, coturn) either relayed over each
+/// transport and completed handshakes, or says why not. coturn serves both TCP and TLS, so
+/// when it is available it must have both rows.
+fn check_stream(stream: &serde_json::Value, stdout: &str) {
+    assert!(stream.is_object(), "no stream section:\n{stdout}");
+    let summary = stream["summary"].as_array().expect("stream summary");
+    let handshakes = stream["handshakes"].as_array().expect("stream handshakes");
+    let not_applicable = stream["not_applicable"]
+        .as_array()
+        .expect("stream not_applicable");
+    for (server, availability) in stream["availability"].as_object().expect("availability") {
+        if availability["available"] != true {
+            assert!(
+                availability["reason"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty()),
+                "{server} stream unavailable without a reason"
+            );
+            continue;
+        }
+        for transport in ["tcp", "tls"] {
+            let na = not_applicable
+                .iter()
+                .find(|n| n["server"] == server.as_str() && n["transport"] == transport);
+            if let Some(na) = na {
+                assert!(server != "coturn", "coturn {transport} n/a: {na}\n{stdout}");
+                assert!(na["reason"].as_str().is_some_and(|r| !r.is_empty()));
+                continue;
+            }
+            let flood = summary
+                .iter()
+                .find(|s| s["server"] == server.as_str() && s["transport"] == transport)
+                .unwrap_or_else(|| panic!("no {server} {transport} flood:\n{stdout}"));
+            assert!(
+                flood["delivered_pps"].as_f64().unwrap_or(0.0) > 0.0,
+                "{server} {transport} relayed nothing: {flood}\n{stdout}"
+            );
+            assert!(flood["relayed_pps_per_core"].as_f64().is_some(), "{flood}");
+            assert!(flood["generator_cpu_share"].as_f64().is_some(), "{flood}");
+            let hs = handshakes
+                .iter()
+                .find(|h| h["server"] == server.as_str() && h["transport"] == transport)
+                .unwrap_or_else(|| panic!("no {server} {transport} handshakes:\n{stdout}"));
+            assert!(
+                hs["per_s"].as_f64().unwrap_or(0.0) > 0.0,
+                "{server} {transport}: no handshake completed: {hs}\n{stdout}"
+            );
+            if transport == "tls" {
+                assert!(
+                    hs["tls"].as_str().is_some_and(|t| t.starts_with("TLS")),
+                    "{hs}"
+                );
+            }
+        }
+    }
 }

@@ -45,7 +45,8 @@ enum Task {
     /// Benchmark the socket path, the kernel fast path, coturn and the raw XDP and reference
     /// socket forwarders side by side in a namespace lab (root): table on the terminal, JSON +
     /// SVG in bench-results/.
-    Bench(bench::BenchArgs),
+    // Boxed: its options outgrow every other task's.
+    Bench(Box<bench::BenchArgs>),
     /// Build a Debian package (binary, systemd unit, /etc/relay/relay.toml) in target/debian.
     Package(package::PackageArgs),
     /// Run the libFuzzer targets of fuzz/ (cargo-fuzz, built with RUSTC_BOOTSTRAP=1): the STUN
@@ -76,7 +77,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             demo::run(&workspace_root())
         }
-        Task::Bench(args) => bench::run(&workspace_root(), args),
+        Task::Bench(args) => bench::run(&workspace_root(), *args),
         Task::Package(args) => package::run(&workspace_root(), &args).map(|_| ()),
         Task::Fuzz(args) => {
             setup::ensure_cargo_fuzz()?;

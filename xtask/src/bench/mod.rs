@@ -6,7 +6,8 @@
 //! Modules: `lab` (namespaces, veth, NAPI pinning, cleanup), `turn` (the client's control
 //! plane), `loadgen` (generators), `measure` (counters, CPU, latency), `runner` (servers and
 //! floods per path), `report` (table, JSON, SVG), `forwarder` and `raw_xdp` (the minimal
-//! forwarders' processes), `sink` (the far ends).
+//! forwarders' processes), `sink` (the far ends), `stream` (the stream-client variant: TURN
+//! over TCP and TLS to the UDP peer, relay against coturn).
 //!
 //! The kernel programs of the benchmark (generator, sinks, raw forwarder) come from their own
 //! eBPF object, relay-bench-ebpf, which this builds before it starts (`build_bench_object`):
@@ -21,6 +22,7 @@ pub(crate) mod raw_xdp;
 mod report;
 mod runner;
 mod sink;
+mod stream;
 mod turn;
 
 use std::{
@@ -110,6 +112,17 @@ pub struct BenchArgs {
     /// Datagrams per second per allocation and direction in the VoIP-shaped variant.
     #[arg(long, value_name = "PPS", default_value_t = 25)]
     voip_pps: u32,
+    /// Client transports of the stream-client variant (TURN over TCP/TLS relaying to the UDP
+    /// peer; the relay when the socket path runs, coturn when coturn does), comma-separated:
+    /// tcp, tls, or none to skip it. Default: tcp,tls.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    stream: Option<Vec<String>>,
+    /// Connections per stream-client flood, comma-separated (default: 1 smoke, 1,8 otherwise).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    stream_connections: Option<Vec<usize>>,
+    /// Skip the stream-client variant's peer->client floods (client->peer and handshakes only).
+    #[arg(long)]
+    no_stream_p2c: bool,
     /// Run only the mode's variants with these labels, comma-separated (as the table prints
     /// them, e.g. `--variants "120B x1 c>p,120B x1000 c>p"`): a shorter run for profiling.
     #[arg(long, value_delimiter = ',', value_name = "LABELS")]
@@ -125,6 +138,8 @@ struct Plan {
     latency_duration: Duration,
     /// The peak zero-loss search after each client->peer ChannelData flood.
     search: peak::SearchPlan,
+    /// The stream-client variant (TCP/TLS clients), run after the UDP paths in each round.
+    stream: stream::StreamPlan,
 }
 
 impl Plan {
@@ -157,6 +172,15 @@ impl Plan {
             bidi: true,
             ..send(payload, flows)
         };
+        let stream_plan = |connections, warmup_ms, window_ms| stream::StreamPlan {
+            transports: vec![stream::StreamTransport::Tcp, stream::StreamTransport::Tls],
+            connections,
+            warmup: Duration::from_millis(warmup_ms),
+            window: Duration::from_millis(window_ms),
+            handshake_workers: 8,
+            p2c: true,
+            settle_limit: Duration::from_millis(window_ms.min(2000)),
+        };
         let search = |steps, trial_ms| peak::SearchPlan {
             steps,
             trial: Duration::from_millis(trial_ms),
@@ -170,6 +194,7 @@ impl Plan {
                 duration: Duration::from_millis(500),
                 latency_duration: Duration::from_millis(300),
                 search: search(3, 200),
+                stream: stream_plan(vec![1], 200, 500),
             }
         } else if args.quick {
             Self {
@@ -188,6 +213,7 @@ impl Plan {
                 duration: Duration::from_secs(2),
                 latency_duration: Duration::from_secs(1),
                 search: search(4, 400),
+                stream: stream_plan(vec![1, 8], 300, 2000),
             }
         } else {
             let mut variants = Vec::new();
@@ -211,6 +237,7 @@ impl Plan {
                 duration: Duration::from_secs(5),
                 latency_duration: Duration::from_secs(3),
                 search: search(6, 1000),
+                stream: stream_plan(vec![1, 8], 500, 5000),
             }
         };
         if let Some(r) = args.rounds {
@@ -224,6 +251,18 @@ impl Plan {
         }
         if let Some(t) = args.peak_trial {
             plan.search.trial = Duration::from_secs_f64(t.clamp(0.05, 30.0));
+        }
+        if args.duration.is_some() {
+            plan.stream.window = plan.duration;
+        }
+        plan.stream.p2c = !args.no_stream_p2c;
+        if let Some(c) = &args.stream_connections {
+            let mut c: Vec<usize> = c.iter().map(|n| (*n).clamp(1, 1000)).collect();
+            c.sort_unstable();
+            c.dedup();
+            if !c.is_empty() {
+                plan.stream.connections = c;
+            }
         }
         if let Some(labels) = &args.variants {
             plan.variants
@@ -261,7 +300,10 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let json_path = args.json.clone().unwrap_or_else(|| out.join("bench.json"));
 
-    let plan = Plan::from_args(&args);
+    let mut plan = Plan::from_args(&args);
+    if let Some(list) = &args.stream {
+        plan.stream.transports = stream::StreamTransport::parse_list(list)?;
+    }
     if plan.variants.is_empty() {
         bail!(
             "--variants matched none of the {} mode's variants",
@@ -416,6 +458,21 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         max_flows(Framing::Send),
     );
 
+    // The stream-client variant: for the relay when the socket path runs, for coturn when it
+    // does; the certificate is made once for the run.
+    let stream_servers = if plan.stream.is_empty() {
+        Vec::new()
+    } else {
+        stream::StreamServer::for_paths(&server_paths)
+    };
+    let stream_tls = if stream_servers.is_empty() {
+        None
+    } else {
+        results.stream.plan = Some(plan.stream.clone());
+        results.stream.servers = stream_servers.clone();
+        Some(stream::TlsMaterial::generate(&out)?)
+    };
+
     for round in 0..plan.rounds {
         if paths.contains(&PathKind::Generator) {
             for &variant in &ceiling_variants {
@@ -533,7 +590,22 @@ pub fn run(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 unavailable.insert(path, reason);
             }
         }
+        if let Some(tls) = &stream_tls {
+            stream::run_round(
+                &lab,
+                &ctx,
+                &plan.stream,
+                tls,
+                &stream_servers,
+                round,
+                plan.rounds,
+                far.as_ref().ok(),
+                &peer,
+                &mut results.stream,
+            )?;
+        }
     }
+    drop(stream_tls);
     drop(far);
     drop(lab);
 

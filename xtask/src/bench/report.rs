@@ -29,6 +29,8 @@ pub struct Results {
     /// Variants a path does not run, with the reason: the minimal forwarders' both-directions
     /// and Send ones (`Variant::not_applicable`), and those a server refused the allocations for.
     pub not_applicable: Vec<(PathKind, Variant, String)>,
+    /// The stream-client variant (TCP/TLS clients), relay and coturn.
+    pub stream: super::stream::StreamResults,
     pub elapsed_s: f64,
 }
 
@@ -84,6 +86,7 @@ impl Results {
             peaks: Vec::new(),
             availability: BTreeMap::new(),
             not_applicable: Vec::new(),
+            stream: Default::default(),
             elapsed_s: 0.0,
         }
     }
@@ -529,6 +532,7 @@ pub fn table(results: &Results) -> String {
             let _ = writeln!(t, "{}: unavailable (reason below)", path.name());
         }
     }
+    t.push_str(&super::stream::table(&results.stream));
     t
 }
 
@@ -694,6 +698,7 @@ pub fn json(results: &Results) -> Value {
         "peak_searches": peak_searches,
         "voip": voip,
         "runs": runs,
+        "stream": super::stream::json(&results.stream),
     })
 }
 
@@ -1015,6 +1020,88 @@ pub fn svg(results: &Results) -> String {
         yy = base2 + 50.0;
     }
 
+    // Panel 3: the stream-client variant (TURN over TCP/TLS), relayed pps per relay core.
+    let (stream_groups, handshake_lines) = super::stream::svg_data(&results.stream);
+    if !stream_groups.is_empty() {
+        yy += 8.0;
+        c.text(
+            margin,
+            yy,
+            13.0,
+            "start",
+            "Stream clients (TURN over TCP/TLS -> UDP peer), 120 B client->peer: kpps per relay core",
+        );
+        let top3 = yy + 14.0;
+        let h3 = 150.0;
+        let vmax = stream_groups
+            .iter()
+            .flat_map(|(_, bars)| bars.iter().filter_map(|(_, v)| *v))
+            .fold(0.0, f64::max)
+            / 1e3;
+        let (smax, stick) = nice_axis(vmax.max(1.0));
+        let y3 = |k: f64| top3 + h3 * (1.0 - (k / smax).min(1.0));
+        let slot3 = 90.0;
+        let plot3 = slot3 * stream_groups.len() as f64;
+        w = w.max(left + plot3 + margin);
+        for i in 0..=((smax / stick).round() as usize) {
+            let val = stick * i as f64;
+            let ly = y3(val);
+            let _ = writeln!(
+                c.body,
+                r##"<line x1="{left}" x2="{:.1}" y1="{ly:.1}" y2="{ly:.1}" stroke="#ddd"/>"##,
+                left + plot3
+            );
+            c.text(left - 6.0, ly + 4.0, 11.0, "end", &axis_label(val, stick));
+        }
+        let base3 = y3(0.0);
+        for (i, (label, bars)) in stream_groups.iter().enumerate() {
+            let x0 = left + slot3 * i as f64 + 12.0;
+            let bw = 24.0;
+            for (j, (path, v)) in bars.iter().enumerate() {
+                let x = x0 + (bw + 3.0) * j as f64;
+                let server = if *path == PathKind::Coturn {
+                    "coturn"
+                } else {
+                    "relay"
+                };
+                match v {
+                    Some(pps) => {
+                        let ty = y3(pps / 1e3);
+                        let _ = writeln!(
+                            c.body,
+                            r#"<rect x="{x:.1}" y="{ty:.1}" width="{bw}" height="{:.1}" fill="{}"><title>{server} {label}: {:.1} kpps per relay core</title></rect>"#,
+                            (base3 - ty).max(0.0),
+                            color(*path),
+                            pps / 1e3
+                        );
+                    }
+                    None => c.text(x + bw / 2.0, base3 - 4.0, 10.0, "middle", "n/a"),
+                }
+            }
+            c.text(
+                x0 + (bw + 3.0) * bars.len() as f64 / 2.0,
+                base3 + 15.0,
+                12.0,
+                "middle",
+                label,
+            );
+        }
+        yy = base3 + 34.0;
+        c.text(
+            margin,
+            yy,
+            11.0,
+            "start",
+            "blue: relay (socket path), green: coturn",
+        );
+        yy += 16.0;
+        for line in &handshake_lines {
+            c.text(margin, yy, 11.0, "start", line);
+            yy += 15.0;
+        }
+        yy += 6.0;
+    }
+
     // Why some bars are missing.
     if !results.not_applicable.is_empty() {
         c.text(margin, yy, 12.0, "start", "n/a:");
@@ -1134,6 +1221,7 @@ mod tests {
             peaks: Vec::new(),
             availability: BTreeMap::new(),
             not_applicable: Vec::new(),
+            stream: Default::default(),
             elapsed_s: 1.0,
         };
         let paths = COLORS.map(|(p, _)| p);

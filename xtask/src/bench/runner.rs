@@ -254,7 +254,7 @@ impl Server {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    fn alive(&mut self) -> bool {
+    pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
@@ -305,10 +305,35 @@ fn spawn_logged(mut command: Command) -> anyhow::Result<(Child, Arc<Mutex<String
 pub fn start(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
     match path {
         PathKind::Generator => Err("not a server".to_owned()),
-        PathKind::Coturn => start_coturn(lab, ctx),
+        PathKind::Coturn => start_coturn(lab, ctx, None),
         PathKind::Reference => start_reference(lab, ctx),
         PathKind::RawXdp => start_raw_xdp(lab, ctx),
-        _ => start_relay(path, lab, ctx),
+        _ => start_relay(path, lab, ctx, None),
+    }
+}
+
+/// TCP and TLS client listeners on LISTEN_IP for the stream-client variant (stream.rs), with
+/// the certificate and key (PEM files) the TLS one serves.
+pub struct StreamListen<'a> {
+    pub tcp_port: u16,
+    pub tls_port: u16,
+    pub cert: &'a std::path::Path,
+    pub key: &'a std::path::Path,
+}
+
+/// Starts the relay (socket path: it serves stream clients) or coturn with the UDP listener
+/// and `listen`'s TCP and TLS ones. Readiness of the stream listeners is the caller's to
+/// probe: the UDP one is what this waits for.
+pub fn start_streams(
+    path: PathKind,
+    lab: &Lab,
+    ctx: &Ctx,
+    listen: &StreamListen<'_>,
+) -> Result<Server, String> {
+    match path {
+        PathKind::Coturn => start_coturn(lab, ctx, Some(listen)),
+        PathKind::Socket => start_relay(path, lab, ctx, Some(listen)),
+        other => Err(format!("{} does not serve stream clients", other.name())),
     }
 }
 
@@ -318,7 +343,12 @@ fn pinned(ns: &str, cpu: usize, program: &str) -> Command {
     c
 }
 
-fn start_relay(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+fn start_relay(
+    path: PathKind,
+    lab: &Lab,
+    ctx: &Ctx,
+    streams: Option<&StreamListen<'_>>,
+) -> Result<Server, String> {
     let relay_bin = ctx.relay_bin.to_str().ok_or("non-utf-8 relay path")?;
     let mut command = pinned(&lab.relay, ctx.relay_cpu, relay_bin);
     let listen = format!("{LISTEN_IP}:{LISTEN_PORT}");
@@ -347,6 +377,17 @@ fn start_relay(path: PathKind, lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
     });
     if path.is_kernel() {
         command.args(["--interface", &lab.r_c, "--interface", &lab.r_p]);
+    }
+    if let Some(s) = streams {
+        command
+            .arg("--listen-tcp")
+            .arg(format!("{LISTEN_IP}:{}", s.tcp_port))
+            .arg("--listen-tls")
+            .arg(format!("{LISTEN_IP}:{}", s.tls_port))
+            .arg("--tls-cert")
+            .arg(s.cert)
+            .arg("--tls-key")
+            .arg(s.key);
     }
     let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;
     let server = Server {
@@ -488,7 +529,11 @@ fn wait_ready(
     }
 }
 
-fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
+fn start_coturn(
+    lab: &Lab,
+    ctx: &Ctx,
+    streams: Option<&StreamListen<'_>>,
+) -> Result<Server, String> {
     let bin = ctx.coturn_bin.to_str().ok_or("non-utf-8 coturn path")?;
     if Command::new(bin)
         .arg("--version")
@@ -519,9 +564,7 @@ fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
         "--use-auth-secret",
         "--static-auth-secret",
         &ctx.secret,
-        "--no-tls",
         "--no-dtls",
-        "--no-tcp",
         "--no-tcp-relay",
         "--no-cli",
         // coturn refuses some peer ranges by default; the lab's peer must be allowed.
@@ -532,6 +575,21 @@ fn start_coturn(lab: &Lab, ctx: &Ctx) -> Result<Server, String> {
         "--log-file",
     ]);
     command.arg(&log_file);
+    match streams {
+        // coturn serves TCP on its listening port and TLS on its TLS port.
+        Some(s) => {
+            command
+                .arg("--tls-listening-port")
+                .arg(s.tls_port.to_string())
+                .arg("--cert")
+                .arg(s.cert)
+                .arg("--pkey")
+                .arg(s.key);
+        }
+        None => {
+            command.args(["--no-tls", "--no-tcp"]);
+        }
+    }
     command.arg("--pidfile").arg(ctx.out.join("turnserver.pid"));
     command.args(&ctx.coturn_args);
     let (child, log) = spawn_logged(command).map_err(|e| format!("{e:#}"))?;

@@ -1,6 +1,7 @@
 //! The benchmark's TURN client: Allocate with long-term credentials (RFC 8656 §7), then
 //! ChannelBind (§12) or, for the Send-indication variants, CreatePermission (§9), over a plain
-//! UDP socket; and the framing of the Send indications (§10) the generator sends.
+//! UDP socket or (through [`Transport`], `stream`'s) a TCP or TLS connection; and the framing
+//! of the Send indications (§10) the generator sends.
 //!
 //! Deliberately independent of relay-user's codec: xtask must build on a fresh machine before
 //! `cargo xtask setup` installed the eBPF toolchain (relay-user's build script needs it), and a
@@ -66,10 +67,60 @@ pub struct Allocation {
     pub channel: Option<u16>,
 }
 
-/// A TURN client session on `socket`, talking to `server`.
-pub struct Client {
-    socket: UdpSocket,
-    server: SocketAddr,
+/// How the client's requests reach the server: one request out, its response back.
+pub trait Transport {
+    /// Sends `message` (a request with transaction id `tid`) and returns the response to
+    /// (`method`, `tid`), skipping anything else that arrives.
+    fn exchange(&mut self, message: &[u8], method: u16, tid: &[u8; 12])
+        -> anyhow::Result<Response>;
+}
+
+/// Requests over a UDP socket to `server`, retransmitted (RFC 8489 §6.2.1, shortened for a lab
+/// link).
+pub struct UdpTransport {
+    pub socket: UdpSocket,
+    pub server: SocketAddr,
+}
+
+impl Transport for UdpTransport {
+    fn exchange(
+        &mut self,
+        message: &[u8],
+        method: u16,
+        tid: &[u8; 12],
+    ) -> anyhow::Result<Response> {
+        let mut buf = [0u8; 2048];
+        let mut timeout = Duration::from_millis(200);
+        for _ in 0..5 {
+            self.socket.send_to(message, self.server)?;
+            let deadline = Instant::now() + timeout;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                self.socket
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+                let n = match self.socket.recv_from(&mut buf) {
+                    Ok((n, from)) if from == self.server => n,
+                    Ok(_) => continue,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        break
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if let Some(response) = decode(&buf[..n], method, tid) {
+                    return Ok(response);
+                }
+            }
+            timeout *= 2;
+        }
+        bail!(
+            "no response to method {method:#06x} from {} within ~6 s",
+            self.server
+        )
+    }
+}
+
+/// A TURN client session over `transport` (UDP here; TCP and TLS in `stream`).
+pub struct Client<T = UdpTransport> {
+    transport: T,
     username: String,
     password: String,
     key: [u8; 16],
@@ -78,22 +129,13 @@ pub struct Client {
     next_tid: u64,
 }
 
-impl Client {
+impl Client<UdpTransport> {
     pub fn new(socket: UdpSocket, server: SocketAddr, username: String, password: &str) -> Self {
         let seed = socket
             .local_addr()
             .map(|a| u64::from(a.port()))
             .unwrap_or(0);
-        Self {
-            socket,
-            server,
-            username,
-            password: password.to_owned(),
-            key: [0; 16],
-            realm: String::new(),
-            nonce: String::new(),
-            next_tid: seed << 32 | u64::from(std::process::id()),
-        }
+        Self::over(UdpTransport { socket, server }, seed, username, password)
     }
 
     /// Allocate (answering the 401 challenge), then bind `channel` to `peer`.
@@ -103,17 +145,9 @@ impl Client {
         channel: u16,
     ) -> anyhow::Result<Allocation> {
         let relayed = self.allocate()?;
-        let number = [(channel >> 8) as u8, channel as u8, 0, 0];
-        let peer_value = encode_xor_v4(peer)?;
-        self.authenticated(
-            CHANNEL_BIND,
-            &[
-                (ATTR_CHANNEL_NUMBER, &number),
-                (ATTR_XOR_PEER_ADDRESS, &peer_value),
-            ],
-        )?;
+        self.bind_channel(peer, channel)?;
         Ok(Allocation {
-            socket: Arc::new(self.socket),
+            socket: Arc::new(self.transport.socket),
             relayed,
             channel: Some(channel),
         })
@@ -126,14 +160,49 @@ impl Client {
         let peer_value = encode_xor_v4(peer)?;
         self.authenticated(CREATE_PERMISSION, &[(ATTR_XOR_PEER_ADDRESS, &peer_value)])?;
         Ok(Allocation {
-            socket: Arc::new(self.socket),
+            socket: Arc::new(self.transport.socket),
             relayed,
             channel: None,
         })
     }
+}
+
+impl<T: Transport> Client<T> {
+    /// A session over `transport`; `seed` makes its transaction ids differ from other
+    /// sessions' (a local port, a connection number).
+    pub fn over(transport: T, seed: u64, username: String, password: &str) -> Self {
+        Self {
+            transport,
+            username,
+            password: password.to_owned(),
+            key: [0; 16],
+            realm: String::new(),
+            nonce: String::new(),
+            next_tid: seed << 32 | u64::from(std::process::id()),
+        }
+    }
+
+    /// The transport, for the data the session sends after its setup.
+    pub fn into_transport(self) -> T {
+        self.transport
+    }
+
+    /// Binds `channel` to `peer` (RFC 8656 §12.1) on an allocation made by `allocate`.
+    pub fn bind_channel(&mut self, peer: SocketAddr, channel: u16) -> anyhow::Result<()> {
+        let number = [(channel >> 8) as u8, channel as u8, 0, 0];
+        let peer_value = encode_xor_v4(peer)?;
+        self.authenticated(
+            CHANNEL_BIND,
+            &[
+                (ATTR_CHANNEL_NUMBER, &number),
+                (ATTR_XOR_PEER_ADDRESS, &peer_value),
+            ],
+        )?;
+        Ok(())
+    }
 
     /// Allocate (answering the 401 challenge); returns the relayed address.
-    fn allocate(&mut self) -> anyhow::Result<SocketAddr> {
+    pub fn allocate(&mut self) -> anyhow::Result<SocketAddr> {
         let transport = [17u8, 0, 0, 0];
         let lifetime = 3600u32.to_be_bytes();
         // First request without credentials: the server answers 401 with REALM and NONCE.
@@ -184,8 +253,7 @@ impl Client {
         bail!("method {method:#06x}: nonce stale twice")
     }
 
-    /// Sends one request and waits for its response, retransmitting (RFC 8489 §6.2.1, shortened
-    /// for a lab link).
+    /// Sends one request and waits for its response.
     fn request(
         &mut self,
         method: u16,
@@ -203,32 +271,7 @@ impl Client {
             all.push((ATTR_NONCE, self.nonce.clone().into_bytes()));
         }
         let message = encode(method, &tid, &all, sign.then_some(&self.key));
-        let mut buf = [0u8; 2048];
-        let mut timeout = Duration::from_millis(200);
-        for _ in 0..5 {
-            self.socket.send_to(&message, self.server)?;
-            let deadline = Instant::now() + timeout;
-            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-                self.socket
-                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-                let n = match self.socket.recv_from(&mut buf) {
-                    Ok((n, from)) if from == self.server => n,
-                    Ok(_) => continue,
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        break
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if let Some(response) = decode(&buf[..n], method, &tid) {
-                    return Ok(response);
-                }
-            }
-            timeout *= 2;
-        }
-        bail!(
-            "no response to method {method:#06x} from {} within ~6 s",
-            self.server
-        )
+        self.transport.exchange(&message, method, &tid)
     }
 }
 
@@ -261,11 +304,18 @@ pub fn send_indication_header(
     Ok(out)
 }
 
+/// STUN Binding (RFC 8489 §3).
+pub const BINDING: u16 = 0x0001;
+
+/// An unauthenticated Binding request with transaction id `tid`.
+pub fn binding_request(tid: &[u8; 12]) -> Vec<u8> {
+    encode(BINDING, tid, &[], None)
+}
+
 /// Whether a STUN server answers a Binding request (RFC 8489 §3) on `server` within `wait`.
 pub fn binding_ping(socket: &UdpSocket, server: SocketAddr, wait: Duration) -> bool {
-    const BINDING: u16 = 0x0001;
     let tid = [0x42u8; 12];
-    let message = encode(BINDING, &tid, &[], None);
+    let message = binding_request(&tid);
     let mut buf = [0u8; 1024];
     let _ = socket.set_read_timeout(Some(wait));
     if socket.send_to(&message, server).is_err() {
@@ -287,7 +337,7 @@ pub fn binding_ping(socket: &UdpSocket, server: SocketAddr, wait: Duration) -> b
 }
 
 #[derive(Debug)]
-enum Response {
+pub enum Response {
     Success(Vec<(u16, Vec<u8>)>),
     Error(u16, Vec<(u16, Vec<u8>)>),
 }
@@ -338,7 +388,7 @@ fn encode(
 }
 
 /// The response to (`method`, `tid`), or None for anything else.
-fn decode(buf: &[u8], method: u16, tid: &[u8; 12]) -> Option<Response> {
+pub fn decode(buf: &[u8], method: u16, tid: &[u8; 12]) -> Option<Response> {
     if buf.len() < 20 || buf[4..8] != MAGIC.to_be_bytes() || &buf[8..20] != tid {
         return None;
     }
