@@ -84,6 +84,82 @@ fn uclient_channel_data_with_long_term_credentials_loses_nothing() {
     );
 }
 
+/// Issue 13, capacity per host: two relay IPs of one family (`--relay-ip` twice); uclient's
+/// allocations take them in turn and relay over both with nothing lost.
+#[test]
+fn allocations_spread_over_several_relay_ips_of_a_family() {
+    let relay = relay_with(&[
+        "--user",
+        "alice:wonderland",
+        "--legacy-channels",
+        "--relay-ip",
+        "127.0.0.3",
+        "--workers",
+        "1",
+    ]);
+    let peer_port = free_udp_port(PEER_IP);
+    let _peer = echo_peer(&[], PEER_IP, peer_port);
+    let port = relay.listener().port().to_string();
+    let peer_port = peer_port.to_string();
+    let report = uclient(
+        &[],
+        &[
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-e",
+            PEER_IP,
+            "-r",
+            &peer_port,
+            "-n",
+            "100",
+            "-m",
+            "4",
+            "-l",
+            "200",
+            "-c",
+            "-p",
+            &port,
+            "127.0.0.1",
+        ],
+    );
+    assert_eq!(report.lost, Some(0), "{}\n{}", report.output, relay.log());
+    assert_eq!(
+        (report.sent, report.received),
+        (400, 400),
+        "{}",
+        report.output
+    );
+    // Four more allocations, held: the least used relay IP takes each, so they split 2/2
+    // whatever uclient left behind (it deletes half of the allocations it makes).
+    let before = relay.allocations().allocations.len();
+    let mut clients = Vec::new();
+    let mut ips = Vec::new();
+    for _ in 0..4 {
+        let mut client = support::client::Client::new(relay.listener(), REALM);
+        client.login("alice", "wonderland");
+        ips.push(client.allocate().ip().to_string());
+        clients.push(client);
+    }
+    let list = relay.allocations();
+    assert_eq!(list.allocations.len(), before + 4);
+    let on = |ip: &str| {
+        list.allocations
+            .iter()
+            .filter(|a| a.relayed.starts_with(&format!("{ip}:")))
+            .count()
+    };
+    let (first, second) = (on("127.0.0.1"), on("127.0.0.3"));
+    assert!(
+        first.abs_diff(second) <= 1 && second > 0,
+        "spread over both IPs: {first} and {second}; new ones on {ips:?}"
+    );
+    for mut client in clients {
+        client.delete();
+    }
+}
+
 #[test]
 fn uclient_send_indications_with_rest_credentials_loses_nothing() {
     // Two secrets: the client signs with the second, as during a rotation.

@@ -23,6 +23,7 @@ pub(super) struct Pending {
     pub(super) binding: Slot,
     /// Relay IP of the second relayed address of a dual allocation (RFC 8656 §7.2
     /// ADDITIONAL-ADDRESS-FAMILY), bound once the first one is.
+    /// An IPv6 relay IP when the allocation is dual (the second socket may be on any of them).
     pub(super) additional_ip: Option<IpAddr>,
     /// ADDRESS-ERROR-CODE (family, code) to add for a refused ADDITIONAL-ADDRESS-FAMILY.
     pub(super) family_error: Option<(AddressFamily, StunErrorCode)>,

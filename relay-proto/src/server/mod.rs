@@ -63,7 +63,8 @@ pub struct ServerConfig {
     pub realm: String,
     /// SOFTWARE attribute for responses, if any.
     pub software: Option<String>,
-    /// Relay addresses; the first IPv4 and the first IPv6 one are used.
+    /// Relay addresses, any number per family: new allocations of a family take them in turn
+    /// (so a host is not capped at one port range's worth of allocations).
     pub relay_ips: Vec<IpAddr>,
     /// Relay port range.
     pub port_range: RangeInclusive<u16>,
@@ -316,8 +317,13 @@ struct Auth {
 #[derive(Debug)]
 pub struct Server<R> {
     config: ServerConfig,
-    relay_v4: Option<IpAddr>,
-    relay_v6: Option<IpAddr>,
+    relay_v4: Vec<IpAddr>,
+    relay_v6: Vec<IpAddr>,
+    /// Relayed addresses in use (or being bound) per relay IP: a new allocation goes to the
+    /// least used IP of its family.
+    relayed_per_ip: HashMap<IpAddr, usize>,
+    /// Breaks ties between equally used relay IPs, in turn.
+    next_relay_ip: usize,
     rng: R,
     unix_now: u64,
     nonces: NonceIssuer,
@@ -352,14 +358,26 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// Creates the server; `now` is the epoch of its nonces, `unix_now` the wall clock for
     /// REST credential expiry.
     pub fn new(config: ServerConfig, mut rng: R, now: Instant, unix_now: u64) -> Self {
-        let relay_v4 = config.relay_ips.iter().copied().find(IpAddr::is_ipv4);
-        let relay_v6 = config.relay_ips.iter().copied().find(IpAddr::is_ipv6);
+        let relay_v4 = config
+            .relay_ips
+            .iter()
+            .copied()
+            .filter(IpAddr::is_ipv4)
+            .collect();
+        let relay_v6 = config
+            .relay_ips
+            .iter()
+            .copied()
+            .filter(IpAddr::is_ipv6)
+            .collect();
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
         let nonces = NonceIssuer::new(secret, config.nonce_lifetime, now);
         Self {
             relay_v4,
             relay_v6,
+            relayed_per_ip: HashMap::new(),
+            next_relay_ip: 0,
             rng,
             unix_now,
             nonces,
@@ -658,12 +676,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
             Some(AllocState::Pending(pending)) => pending.even_port,
             _ => false,
         };
-        match self.pick_relayed(ip, even, exclude) {
+        match self.pick_relayed_in(ip.is_ipv6(), even, exclude) {
             Some(relayed) => {
                 if let Some(alloc) = self.allocations.get_mut(&id) {
                     alloc.additional = Some(relayed);
                 }
-                self.by_relayed.insert(relayed, id);
+                self.index_relayed(relayed, id);
                 self.commands
                     .push_back(Command::CreateAllocation { id, relayed });
             }
@@ -674,14 +692,18 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// The IPv6 half of a dual allocation could not be had: RFC 8656 §7.2 answers with the IPv4
     /// relayed address and ADDRESS-ERROR-CODE 508 for IPv6 (insufficient capacity).
     fn activate_without_additional(&mut self, id: AllocationId, now: Instant) {
+        let additional = self
+            .allocations
+            .get_mut(&id)
+            .and_then(|alloc| alloc.additional.take());
+        if let Some(relayed) = additional {
+            if self.by_relayed.get(&relayed) == Some(&id) {
+                self.unindex_relayed(relayed);
+            }
+        }
         let Some(alloc) = self.allocations.get_mut(&id) else {
             return;
         };
-        if let Some(relayed) = alloc.additional.take() {
-            if self.by_relayed.get(&relayed) == Some(&id) {
-                self.by_relayed.remove(&relayed);
-            }
-        }
         if let AllocState::Pending(pending) = &mut alloc.state {
             pending.family_error = Some((AddressFamily::V6, StunErrorCode::InsufficientCapacity));
         }
@@ -758,7 +780,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         pending.failed.push(failed);
         let exclude = pending.failed.clone();
         if self.by_relayed.get(&failed) == Some(&id) {
-            self.by_relayed.remove(&failed);
+            self.unindex_relayed(failed);
         }
         if slot == Slot::Additional {
             if attempts < MAX_BIND_ATTEMPTS {
@@ -767,7 +789,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return self.activate_without_additional(id, now);
         }
         let next = if attempts < MAX_BIND_ATTEMPTS {
-            self.pick_relayed(failed.ip(), even, &exclude)
+            self.pick_relayed_in(failed.is_ipv6(), even, &exclude)
         } else {
             None
         };
@@ -776,7 +798,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 if let Some(alloc) = self.allocations.get_mut(&id) {
                     alloc.relayed = relayed;
                 }
-                self.by_relayed.insert(relayed, id);
+                self.index_relayed(relayed, id);
                 self.commands
                     .push_back(Command::CreateAllocation { id, relayed });
             }
@@ -843,7 +865,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 self.config.live_relayed.remove(relayed);
             }
             if self.by_relayed.get(&relayed) == Some(&id) {
-                self.by_relayed.remove(&relayed);
+                self.unindex_relayed(relayed);
             }
         }
         self.by_five_tuple
@@ -873,6 +895,47 @@ impl<R: RngCore + CryptoRng> Server<R> {
 
     /// A free relayed address of the family of `ip`: random picks, then a scan from a random
     /// start, skipping addresses other allocations use and those in `exclude`.
+    /// A free relayed address on one of the family's relay IPs: the least used IP first (ties
+    /// in turn), then the others, so allocations spread over every relay IP and one whose
+    /// ports are all taken leaves the others usable.
+    fn pick_relayed_in(
+        &mut self,
+        v6: bool,
+        even: bool,
+        exclude: &[SocketAddr],
+    ) -> Option<SocketAddr> {
+        let mut ips = if v6 {
+            self.relay_v6.clone()
+        } else {
+            self.relay_v4.clone()
+        };
+        if ips.is_empty() {
+            return None;
+        }
+        let turn = self.next_relay_ip % ips.len();
+        self.next_relay_ip = self.next_relay_ip.wrapping_add(1);
+        ips.rotate_left(turn);
+        ips.sort_by_key(|ip| self.relayed_per_ip.get(ip).copied().unwrap_or(0));
+        ips.into_iter()
+            .find_map(|ip| self.pick_relayed(ip, even, exclude))
+    }
+
+    /// Files `relayed` under allocation `id` (also while its socket is being bound).
+    fn index_relayed(&mut self, relayed: SocketAddr, id: AllocationId) {
+        if self.by_relayed.insert(relayed, id).is_none() {
+            *self.relayed_per_ip.entry(relayed.ip()).or_insert(0) += 1;
+        }
+    }
+
+    /// Removes `relayed` from the index.
+    fn unindex_relayed(&mut self, relayed: SocketAddr) {
+        if self.by_relayed.remove(&relayed).is_some() {
+            if let Some(count) = self.relayed_per_ip.get_mut(&relayed.ip()) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+
     fn pick_relayed(
         &mut self,
         ip: IpAddr,
@@ -1157,18 +1220,15 @@ impl<R: RngCore + CryptoRng> Server<R> {
         // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
         // client's own family: RFC 6156 relays between families) needs a relay IP of that
         // family, else 440.
-        let relay_ip = match request.family {
-            AddressFamily::V4 => self.relay_v4,
-            AddressFamily::V6 => self.relay_v6,
-            AddressFamily::Other(_) => None,
-        };
-        let Some(relay_ip) = relay_ip else {
-            return self.respond_error(ctx, StunErrorCode::AddressFamilyNotSupported, &[]);
+        let v6 = match request.family {
+            AddressFamily::V4 if !self.relay_v4.is_empty() => false,
+            AddressFamily::V6 if !self.relay_v6.is_empty() => true,
+            _ => return self.respond_error(ctx, StunErrorCode::AddressFamilyNotSupported, &[]),
         };
         // Step 6, dual allocation: ADDITIONAL-ADDRESS-FAMILY (IPv6) adds an IPv6 relayed
         // address to the IPv4 one. Without an IPv6 relay IP the IPv4 allocation is still made
         // and the IPv6 part is refused with ADDRESS-ERROR-CODE 440.
-        let (additional_ip, family_error) = match (request.dual, self.relay_v6) {
+        let (additional_ip, family_error) = match (request.dual, self.relay_v6.first().copied()) {
             (false, _) => (None, None),
             (true, Some(ip)) => (Some(ip), None),
             (true, None) => (
@@ -1193,7 +1253,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
                 return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[])
             }
         }
-        let Some(relayed) = self.pick_relayed(relay_ip, request.even_port, &[]) else {
+        let Some(relayed) = self.pick_relayed_in(v6, request.even_port, &[]) else {
             let quota_user = self.config.credentials.quota_user(&auth.username);
             self.config.quota.release(quota_user);
             return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
@@ -1231,7 +1291,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         self.schedule(id);
         self.by_five_tuple
             .insert((ctx.client, ctx.listener, ctx.transport), id);
-        self.by_relayed.insert(relayed, id);
+        self.index_relayed(relayed, id);
         self.commands
             .push_back(Command::CreateAllocation { id, relayed });
     }

@@ -14,6 +14,7 @@ mod harness;
 mod allocate;
 mod auth;
 mod binding;
+mod capacity;
 mod channel;
 mod expiry;
 mod family;
