@@ -28,6 +28,7 @@ pub async fn route(
     unauth: Arc<UnauthLimiter>,
     tls: Option<Arc<TlsCertificates>>,
     connection_limits: Arc<ConnectionLimits>,
+    drain: super::drain::Drain,
 ) {
     while let Some(request) = requests.recv().await {
         match request {
@@ -78,7 +79,18 @@ pub async fn route(
             }
             AdminRequest::Health(reply) => {
                 let live = alive_workers.load(Ordering::SeqCst) == workers.len();
-                let _ = reply.send(Health { live, ready: live });
+                // Not ready while draining: a load balancer stops sending new clients here.
+                let ready = live && !drain.state.is_draining();
+                let _ = reply.send(Health { live, ready });
+            }
+            AdminRequest::Drain { deadline, reply } => {
+                drain.start(deadline, "relay ctl drain");
+                let live = alive_workers.load(Ordering::SeqCst) == workers.len();
+                let _ = reply.send(drain.status(live));
+            }
+            AdminRequest::Status(reply) => {
+                let live = alive_workers.load(Ordering::SeqCst) == workers.len();
+                let _ = reply.send(drain.status(live));
             }
             AdminRequest::Metrics(reply) => {
                 let mut total = WorkerSnapshot::default();
@@ -110,6 +122,7 @@ pub async fn route(
                 unauth_metrics(&mut text, &unauth);
                 error_response_metrics(&mut text, &total);
                 stream_metrics(&mut text, &total, &connection_limits);
+                drain.metrics(&mut text);
                 let _ = reply.send(text);
             }
         }

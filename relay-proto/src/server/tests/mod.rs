@@ -12,9 +12,11 @@
 mod harness;
 
 mod allocate;
+mod alternate;
 mod auth;
 mod binding;
 mod channel;
+mod drain;
 mod expiry;
 mod family;
 mod hairpin;
