@@ -482,6 +482,7 @@ pub struct Fleet {
     pub relay_a: Netns,
     pub relay_b: Netns,
     pub peer: Netns,
+    suffix: String,
 }
 
 /// Relay A's client-side (listener) address.
@@ -506,24 +507,10 @@ impl Fleet {
             relay_a: Netns::new("fla"),
             relay_b: Netns::new("flb"),
             peer: Netns::new("flp"),
+            suffix: unique_suffix(),
         };
-        let suffix = unique_suffix();
-        let name = |prefix: &str| {
-            let name = format!("{prefix}{suffix}");
-            assert!(name.len() <= 15, "interface name too long: {name}");
-            name
-        };
-        let links = [
-            (&lab.client, "ca", FLEET_CLIENT_A_IP, "2001:2:0:11::2"),
-            (&lab.relay_a, "ra", FLEET_A_IP, "2001:2:0:11::1"),
-            (&lab.relay_a, "xa", FLEET_A_RELAY_IP, "2001:2:0:21::1"),
-            (&lab.peer, "pa", FLEET_PEER_A_IP, "2001:2:0:21::2"),
-            (&lab.client, "cb", FLEET_CLIENT_B_IP, "2001:2:0:12::2"),
-            (&lab.relay_b, "rb", FLEET_B_IP, "2001:2:0:12::1"),
-            (&lab.relay_b, "xb", FLEET_B_RELAY_IP, "2001:2:0:22::1"),
-            (&lab.peer, "pb", FLEET_PEER_B_IP, "2001:2:0:22::2"),
-        ];
-        for pair in links.chunks_exact(2) {
+        let name = |prefix: &str| lab.dev(prefix);
+        for pair in links_of(&lab).chunks_exact(2) {
             let [(ns_a, prefix_a, ..), (ns_b, prefix_b, ..)] = pair else {
                 continue;
             };
@@ -533,11 +520,43 @@ impl Fleet {
             ]);
             ns_a.ip(&["link", "set", &dev_b, "netns", ns_b.name()]);
         }
-        for (ns, prefix, v4, v6) in links {
+        for (ns, prefix, v4, v6) in links_of(&lab) {
             bring_up(ns, &name(prefix), v4, v6);
+        }
+        // Local senders on a veth put partial checksums on frames, which the kernel fast path
+        // cannot repair (see ThreeHosts); real NICs deliver complete ones.
+        for (ns, prefix) in [
+            (&lab.client, "ca"),
+            (&lab.client, "cb"),
+            (&lab.peer, "pa"),
+            (&lab.peer, "pb"),
+        ] {
+            ns.exec("ethtool", &["-K", &name(prefix), "tx", "off"]);
         }
         lab
     }
+
+    /// The name of the lab's device `ca`, `ra`, `xa`, `pa` (A's side: client, relay's client
+    /// side, relay's peer side, peer) or `cb`, `rb`, `xb`, `pb` (B's side).
+    pub fn dev(&self, prefix: &str) -> String {
+        let name = format!("{prefix}{}", self.suffix);
+        assert!(name.len() <= 15, "interface name too long: {name}");
+        name
+    }
+}
+
+/// Every device of a [`Fleet`]: (namespace, name prefix, IPv4, IPv6), veth pairs in order.
+fn links_of(lab: &Fleet) -> [(&Netns, &'static str, &'static str, &'static str); 8] {
+    [
+        (&lab.client, "ca", FLEET_CLIENT_A_IP, "2001:2:0:11::2"),
+        (&lab.relay_a, "ra", FLEET_A_IP, "2001:2:0:11::1"),
+        (&lab.relay_a, "xa", FLEET_A_RELAY_IP, "2001:2:0:21::1"),
+        (&lab.peer, "pa", FLEET_PEER_A_IP, "2001:2:0:21::2"),
+        (&lab.client, "cb", FLEET_CLIENT_B_IP, "2001:2:0:12::2"),
+        (&lab.relay_b, "rb", FLEET_B_IP, "2001:2:0:12::1"),
+        (&lab.relay_b, "xb", FLEET_B_RELAY_IP, "2001:2:0:22::1"),
+        (&lab.peer, "pb", FLEET_PEER_B_IP, "2001:2:0:22::2"),
+    ]
 }
 
 impl Default for Fleet {

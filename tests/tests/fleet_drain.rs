@@ -22,6 +22,7 @@ use relay::proto::{
     stun::{Attribute, Class, Message, Method},
 };
 use relay_tests::{
+    fastpath::FarEnds,
     lab::{
         Fleet, FLEET_A_IP, FLEET_A_RELAY_IP, FLEET_B_IP, FLEET_B_RELAY_IP, FLEET_CLIENT_A_IP,
         FLEET_CLIENT_B_IP, FLEET_PEER_A_IP,
@@ -46,32 +47,59 @@ fn b_listener() -> SocketAddr {
 /// One fleet member: the configuration is the same for both but for the addresses of the
 /// host it runs on (the alternate list names both; each skips its own listener).
 fn start(ns: &Netns, listen: SocketAddr, relay_ip: &str) -> Relay {
+    start_with(ns, listen, relay_ip, &[])
+}
+
+/// [`start`] with extra flags (the kernel fast path).
+fn start_with(ns: &Netns, listen: SocketAddr, relay_ip: &str, extra: &[&str]) -> Relay {
     let listen = listen.to_string();
     let (a, b) = (a_listener().to_string(), b_listener().to_string());
-    Relay::start_with(
-        &["ip", "netns", "exec", ns.name()],
-        &[
-            "--listen",
-            &listen,
-            "--relay-ip",
-            relay_ip,
-            "--realm",
-            REALM,
-            "--auth-secret",
-            SECRET,
-            "--allow-peer",
-            "198.18.16.0/20",
-            "--alternate-server",
-            &a,
-            "--alternate-server",
-            &b,
-            "--workers",
-            "2",
-            "--log-level",
-            "info",
-        ],
-        1,
-    )
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--relay-ip",
+        relay_ip,
+        "--realm",
+        REALM,
+        "--auth-secret",
+        SECRET,
+        "--allow-peer",
+        "198.18.16.0/20",
+        "--alternate-server",
+        &a,
+        "--alternate-server",
+        &b,
+        "--workers",
+        "2",
+        "--log-level",
+        "info",
+    ];
+    args.extend_from_slice(extra);
+    Relay::start_with(&["ip", "netns", "exec", ns.name()], &args, 1)
+}
+
+/// The kernel's share of what a relay relayed, both directions.
+fn kernel_packets(relay: &Relay) -> (u64, u64) {
+    let metric = |direction: &str| {
+        relay.metric(&format!(
+            "relay_relayed_packets_total{{path=\"kernel\",direction=\"{direction}\"}}"
+        ))
+    };
+    (metric("to_peer"), metric("to_client"))
+}
+
+/// The relay's programs attached in `ns` (`bpftool net show`), one per line.
+fn kernel_programs_in(ns: &Netns) -> String {
+    let out = ns
+        .command("bpftool")
+        .args(["net", "show"])
+        .output()
+        .expect("bpftool net show");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("relay_"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A TURN REST credential (valid for an hour) as a web service would mint it.
@@ -189,7 +217,16 @@ fn sent_to_b(lab: &Fleet, credential: (&str, &str)) -> (Client, SocketAddr) {
 fn ctl_drain_sends_new_clients_to_b_and_a_exits_after_its_last_allocation() {
     require_root();
     let lab = Fleet::new();
-    let mut a = start(&lab.relay_a, a_listener(), FLEET_A_RELAY_IP);
+    // A forwards its channels in the kernel (XDP on both of its interfaces; the far ends pass
+    // what it redirects to them), so the drain is checked on the fast path too.
+    let (ca, pa, ra, xa) = (lab.dev("ca"), lab.dev("pa"), lab.dev("ra"), lab.dev("xa"));
+    let _far = FarEnds::attach(&[(&lab.client, &ca), (&lab.peer, &pa)]);
+    let mut a = start_with(
+        &lab.relay_a,
+        a_listener(),
+        FLEET_A_RELAY_IP,
+        &["--fastpath", "xdp", "--interface", &ra, "--interface", &xa],
+    );
     let mut b = start(&lab.relay_b, b_listener(), FLEET_B_RELAY_IP);
     let (user, pass) = rest_credential();
     let credential = (user.as_str(), pass.as_str());
@@ -252,9 +289,16 @@ fn ctl_drain_sends_new_clients_to_b_and_a_exits_after_its_last_allocation() {
         ),
         None
     );
-    for round in 0..3 {
+    let kernel_before = kernel_packets(&a);
+    for round in 0..20 {
         relays_both_ways(&first, &peer, relayed, &format!("draining, round {round}"));
     }
+    let kernel_after = kernel_packets(&a);
+    assert!(
+        kernel_after.0 > kernel_before.0 && kernel_after.1 > kernel_before.1,
+        "the kernel path relays while draining: {kernel_before:?} -> {kernel_after:?}\n{}",
+        a.log()
+    );
     assert!(a.is_running(), "A waits for its last allocation");
 
     // Its last allocation ends: A stops on its own, cleanly.
@@ -266,6 +310,12 @@ fn ctl_drain_sends_new_clients_to_b_and_a_exits_after_its_last_allocation() {
     let log = a.log();
     assert!(log.contains("drained: no allocation left"), "{log}");
     assert!(log.contains("relay stopped"), "{log}");
+    assert!(log.contains("fast path detached"), "{log}");
+    assert_eq!(
+        kernel_programs_in(&lab.relay_a),
+        "",
+        "nothing left in the kernel"
+    );
     assert!(b.is_running(), "B goes on");
 }
 
