@@ -56,6 +56,21 @@ pub enum CtlCommand {
     /// connections keep theirs. Exits non-zero with the reason if the files are unusable (the
     /// running certificate then stays).
     Reload,
+    /// Stop taking new allocations (new Allocates are sent to an --alternate-server with 300,
+    /// or refused with 508) and stop the relay, exit code 0, once the last allocation ends or
+    /// the deadline passes; what SIGUSR1 does without a deadline.
+    Drain {
+        /// Stop after this long even with allocations left, e.g. 30s, 10m, 1h (default: wait
+        /// for the last allocation). Given again, it replaces the deadline.
+        #[arg(long, value_name = "DURATION", value_parser = crate::control::drain::parse_duration)]
+        deadline: Option<std::time::Duration>,
+    },
+    /// Show whether the relay runs or drains, its drain deadline and the allocations left.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which kernel fast path to use.
@@ -201,6 +216,15 @@ pub struct ServeArgs {
     /// Fault injection (for tests only): worker 0 panics after N client datagrams.
     #[arg(long, value_name = "N", hide = true)]
     pub fault_panic_worker_after: Option<u64>,
+    /// Alternate server for ALTERNATE-SERVER (RFC 8489 §10), repeatable, of either family: a
+    /// client refused while draining or at --max-allocations is sent (300 Try Alternate) to
+    /// one of the family of the address it contacted, never to that address itself.
+    #[arg(long = "alternate-server", value_name = "ADDR:PORT")]
+    pub alternate_server: Vec<SocketAddr>,
+    /// ALTERNATE-DOMAIN sent with that 300 to clients over TLS: the name the alternates'
+    /// certificates are checked against (needs --listen-tls and --alternate-server).
+    #[arg(long, value_name = "NAME")]
+    pub alternate_domain: Option<String>,
     /// Local admin endpoint for `relay ctl` (keep it on loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<SocketAddr>,

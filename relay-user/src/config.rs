@@ -5,7 +5,8 @@
 //! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
 //! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
 //! `metrics`, `listen-tcp`, `listen-tls`, `tls-cert`, `tls-key`, `max-connections`,
-//! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`,
+//! `alternate-server`, `alternate-domain`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -61,6 +62,8 @@ pub struct ConfigFile {
     pub max_allocations_per_user: Option<usize>,
     pub unauth_rate_bytes: Option<u64>,
     pub unauth_burst_bytes: Option<u64>,
+    pub alternate_server: Option<Vec<SocketAddr>>,
+    pub alternate_domain: Option<String>,
 }
 
 impl ConfigFile {
@@ -126,6 +129,8 @@ impl ConfigFile {
             &mut self.max_allocations_per_user,
             upper.max_allocations_per_user,
         );
+        put(&mut self.alternate_server, upper.alternate_server);
+        put(&mut self.alternate_domain, upper.alternate_domain);
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -168,6 +173,8 @@ impl ConfigFile {
             max_allocations_per_user: args.max_allocations_per_user,
             unauth_rate_bytes: args.unauth_rate_bytes,
             unauth_burst_bytes: args.unauth_burst_bytes,
+            alternate_server: list(&args.alternate_server),
+            alternate_domain: args.alternate_domain.clone(),
         }
     }
 }
@@ -234,6 +241,8 @@ pub struct Config {
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
+    /// ALTERNATE-SERVER targets and ALTERNATE-DOMAIN (drain, allocation cap).
+    pub alternates: relay_proto::server::Alternates,
     /// Test-only fault injection in worker 0 (hidden flags).
     pub fault_receive_errors: u32,
     pub fault_panic_worker_after: u64,
@@ -340,7 +349,10 @@ impl Config {
             "--max-allocations-per-user {max_allocations_per_user} must be below \
              --max-allocations {max_allocations}: otherwise one user can take every allocation"
         );
+        let alternates =
+            resolve_alternates(file.alternate_server, file.alternate_domain, &streams)?;
         Ok(Self {
+            alternates,
             listen,
             streams,
             relay_ips,
@@ -395,6 +407,38 @@ impl Config {
             fault_panic_worker_after: 0,
         })
     }
+}
+
+/// `--alternate-server` and `--alternate-domain`: concrete addresses, and a domain only where
+/// it can be sent (to TLS clients, with an alternate to name).
+fn resolve_alternates(
+    servers: Option<Vec<SocketAddr>>,
+    domain: Option<String>,
+    streams: &StreamConfig,
+) -> anyhow::Result<relay_proto::server::Alternates> {
+    let servers = servers.unwrap_or_default();
+    if let Some(bad) = servers
+        .iter()
+        .find(|a| a.ip().is_unspecified() || a.port() == 0)
+    {
+        bail!("--alternate-server {bad}: an alternate needs a concrete address and port");
+    }
+    if let Some(domain) = &domain {
+        ensure!(
+            !domain.is_empty() && domain.len() <= 253 && !domain.contains(char::is_whitespace),
+            "--alternate-domain `{domain}` is not a domain name"
+        );
+        ensure!(
+            !servers.is_empty(),
+            "--alternate-domain needs --alternate-server (the domain names the alternates' \
+             certificate)"
+        );
+        ensure!(
+            !streams.listen_tls.is_empty(),
+            "--alternate-domain is only sent to clients over TLS: it needs --listen-tls"
+        );
+    }
+    Ok(relay_proto::server::Alternates { servers, domain })
 }
 
 /// TCP/TLS client connections relay-wide unless configured.
@@ -629,5 +673,45 @@ mod tests {
             (100, 10)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    #[test]
+    fn alternate_keys() {
+        let parse = |text: &str| {
+            let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").expect("default");
+            layers.overlay(ConfigFile::parse(text, "test").expect("valid toml"));
+            Config::resolve(layers)
+        };
+        let config =
+            parse(r#"alternate-server = ["198.18.0.2:3478", "[2001:2::2]:3478"]"#).expect("valid");
+        assert_eq!(config.alternates.servers.len(), 2);
+        assert_eq!(config.alternates.domain, None);
+        for (text, expected) in [
+            (r#"alternate-server = ["0.0.0.0:3478"]"#, "concrete"),
+            (r#"alternate-server = ["198.18.0.2:0"]"#, "concrete"),
+            (
+                r#"alternate-domain = "turn.example.net""#,
+                "needs --alternate-server",
+            ),
+            (
+                "alternate-server = [\"198.18.0.2:3478\"]\nalternate-domain = \"turn.example.net\"",
+                "needs --listen-tls",
+            ),
+        ] {
+            let error = format!("{:#}", parse(text).expect_err(text));
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+        // A flag replaces the file's list.
+        let mut layers = ConfigFile::parse(EMBEDDED_DEFAULT, "default").expect("default");
+        layers.overlay(
+            ConfigFile::parse(r#"alternate-server = ["198.18.0.2:3478"]"#, "test").expect("toml"),
+        );
+        let mut flags = args();
+        flags.alternate_server = vec!["198.18.0.3:3478".parse().expect("addr")];
+        layers.overlay(ConfigFile::from_flags(&flags));
+        let config = Config::resolve(layers).expect("valid");
+        assert_eq!(
+            config.alternates.servers,
+            vec!["198.18.0.3:3478".parse::<SocketAddr>().expect("addr")]
+        );
     }
 }

@@ -17,6 +17,8 @@ fn main() -> std::process::ExitCode {
             }),
             CtlCommand::Fastpath { first, second } => client::fastpath(ctl.admin, &first, &second),
             CtlCommand::Reload => client::reload(ctl.admin),
+            CtlCommand::Drain { deadline } => relay::control::drain::drain(ctl.admin, deadline),
+            CtlCommand::Status { json } => relay::control::drain::status(ctl.admin, json),
         },
     };
     match result {

@@ -461,3 +461,106 @@ pub fn mac_string(mac: [u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// A fleet of two relays (issue 13): one client and one peer, each wired to relay A and to
+/// relay B, so a client sent from A to B (ALTERNATE-SERVER) reaches B directly and both relays
+/// reach the peer.
+///
+/// ```text
+///  client ns                      relay_a ns                          peer ns
+///  ca 198.18.11.2/24 <-veth-> ra 198.18.11.1/24
+///                              xa 198.18.21.1/24 <-veth-> pa 198.18.21.2/24
+///                             relay_b ns
+///  cb 198.18.12.2/24 <-veth-> rb 198.18.12.1/24
+///                              xb 198.18.22.1/24 <-veth-> pb 198.18.22.2/24
+/// ```
+///
+/// (IPv6: the same hosts in 2001:2:0:11::/64, :12::, :21::, :22::.) Dropping it deletes the
+/// namespaces and every device.
+pub struct Fleet {
+    pub client: Netns,
+    pub relay_a: Netns,
+    pub relay_b: Netns,
+    pub peer: Netns,
+    suffix: String,
+}
+
+/// Relay A's client-side (listener) address.
+pub const FLEET_A_IP: &str = "198.18.11.1";
+/// Relay A's relayed address.
+pub const FLEET_A_RELAY_IP: &str = "198.18.21.1";
+/// Relay B's client-side (listener) address.
+pub const FLEET_B_IP: &str = "198.18.12.1";
+/// Relay B's relayed address.
+pub const FLEET_B_RELAY_IP: &str = "198.18.22.1";
+/// The client's address towards A, and towards B.
+pub const FLEET_CLIENT_A_IP: &str = "198.18.11.2";
+pub const FLEET_CLIENT_B_IP: &str = "198.18.12.2";
+/// The peer's address towards A, and towards B.
+pub const FLEET_PEER_A_IP: &str = "198.18.21.2";
+pub const FLEET_PEER_B_IP: &str = "198.18.22.2";
+
+impl Fleet {
+    pub fn new() -> Self {
+        let lab = Self {
+            client: Netns::new("flc"),
+            relay_a: Netns::new("fla"),
+            relay_b: Netns::new("flb"),
+            peer: Netns::new("flp"),
+            suffix: unique_suffix(),
+        };
+        let name = |prefix: &str| lab.dev(prefix);
+        for pair in links_of(&lab).chunks_exact(2) {
+            let [(ns_a, prefix_a, ..), (ns_b, prefix_b, ..)] = pair else {
+                continue;
+            };
+            let (dev_a, dev_b) = (name(prefix_a), name(prefix_b));
+            ns_a.ip(&[
+                "link", "add", &dev_a, "type", "veth", "peer", "name", &dev_b,
+            ]);
+            ns_a.ip(&["link", "set", &dev_b, "netns", ns_b.name()]);
+        }
+        for (ns, prefix, v4, v6) in links_of(&lab) {
+            bring_up(ns, &name(prefix), v4, v6);
+        }
+        // Local senders on a veth put partial checksums on frames, which the kernel fast path
+        // cannot repair (see ThreeHosts); real NICs deliver complete ones.
+        for (ns, prefix) in [
+            (&lab.client, "ca"),
+            (&lab.client, "cb"),
+            (&lab.peer, "pa"),
+            (&lab.peer, "pb"),
+        ] {
+            ns.exec("ethtool", &["-K", &name(prefix), "tx", "off"]);
+        }
+        lab
+    }
+
+    /// The name of the lab's device `ca`, `ra`, `xa`, `pa` (A's side: client, relay's client
+    /// side, relay's peer side, peer) or `cb`, `rb`, `xb`, `pb` (B's side).
+    pub fn dev(&self, prefix: &str) -> String {
+        let name = format!("{prefix}{}", self.suffix);
+        assert!(name.len() <= 15, "interface name too long: {name}");
+        name
+    }
+}
+
+/// Every device of a [`Fleet`]: (namespace, name prefix, IPv4, IPv6), veth pairs in order.
+fn links_of(lab: &Fleet) -> [(&Netns, &'static str, &'static str, &'static str); 8] {
+    [
+        (&lab.client, "ca", FLEET_CLIENT_A_IP, "2001:2:0:11::2"),
+        (&lab.relay_a, "ra", FLEET_A_IP, "2001:2:0:11::1"),
+        (&lab.relay_a, "xa", FLEET_A_RELAY_IP, "2001:2:0:21::1"),
+        (&lab.peer, "pa", FLEET_PEER_A_IP, "2001:2:0:21::2"),
+        (&lab.client, "cb", FLEET_CLIENT_B_IP, "2001:2:0:12::2"),
+        (&lab.relay_b, "rb", FLEET_B_IP, "2001:2:0:12::1"),
+        (&lab.relay_b, "xb", FLEET_B_RELAY_IP, "2001:2:0:22::1"),
+        (&lab.peer, "pb", FLEET_PEER_B_IP, "2001:2:0:22::2"),
+    ]
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}

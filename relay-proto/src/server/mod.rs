@@ -7,6 +7,7 @@
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod drain;
 mod effects;
 mod forward;
 mod quota;
@@ -39,6 +40,8 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
+use drain::Refusal;
+pub use drain::{Alternates, DrainState, DRAINING_REASON};
 use effects::Effects;
 pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
@@ -107,6 +110,12 @@ pub struct ServerConfig {
     /// Relayed addresses of every live allocation, shared with the other workers' servers:
     /// the only ports of a relay address a client may send to (client-to-client).
     pub live_relayed: Arc<LiveRelayed>,
+    /// Whether the relay is draining (no new allocations), shared with the other workers'
+    /// servers so one drain covers the whole relay.
+    pub drain: Arc<DrainState>,
+    /// Where refused Allocates are sent (300 Try Alternate) while draining or at the
+    /// allocation cap.
+    pub alternates: Alternates,
 }
 
 impl ServerConfig {
@@ -139,6 +148,8 @@ impl ServerConfig {
             first_allocation_id: 1,
             allocation_id_stride: 1,
             live_relayed: Arc::new(LiveRelayed::default()),
+            drain: Arc::new(DrainState::default()),
+            alternates: Alternates::default(),
         }
     }
 }
@@ -1217,6 +1228,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
             Ok(request) => request,
             Err(rejection) => return self.reject(ctx, rejection),
         };
+        // Draining: no new allocations, whatever the request (RFC 8489 §10: the answer goes to
+        // an authenticated request, so the client can trust the alternate it names).
+        if self.config.drain.is_draining() {
+            return self.refuse_allocation(ctx, Refusal::Draining);
+        }
         // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
         // client's own family: RFC 6156 relays between families) needs a relay IP of that
         // family, else 440.
@@ -1249,9 +1265,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
             Err(QuotaError::User) => {
                 return self.respond_error(ctx, StunErrorCode::AllocationQuotaReached, &[])
             }
-            Err(QuotaError::Total) => {
-                return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[])
-            }
+            // The relay-wide cap: another instance may have room (RFC 8489 §10).
+            Err(QuotaError::Total) => return self.refuse_allocation(ctx, Refusal::Capacity),
         }
         let Some(relayed) = self.pick_relayed_in(v6, request.even_port, &[]) else {
             let quota_user = self.config.credentials.quota_user(&auth.username);

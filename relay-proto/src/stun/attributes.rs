@@ -48,8 +48,12 @@ pub mod attr_type {
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
     /// RFC 8656 §18.12
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
+    /// RFC 8489 §14.16
+    pub const ALTERNATE_DOMAIN: u16 = 0x8003;
     /// RFC 8656 §18.13
     pub const ICMP: u16 = 0x8004;
+    /// RFC 8489 §14.15
+    pub const ALTERNATE_SERVER: u16 = 0x8023;
     /// RFC 8489 §14.14
     pub const SOFTWARE: u16 = 0x8022;
     /// RFC 8489 §14.7
@@ -164,6 +168,12 @@ pub enum Attribute<'a> {
         /// the error
         error: ErrorCode<'a>,
     },
+    /// ALTERNATE-SERVER (RFC 8489 §14.15): where a 300 sends the client; a plain (not XOR'd)
+    /// address like MAPPED-ADDRESS
+    AlternateServer(SocketAddr),
+    /// ALTERNATE-DOMAIN (RFC 8489 §14.16): the name to verify the alternate's TLS certificate
+    /// against
+    AlternateDomain(&'a str),
     /// ICMP
     Icmp {
         /// ICMP type
@@ -330,6 +340,8 @@ impl<'a> Attribute<'a> {
             Attribute::RequestedAddressFamily(_) => REQUESTED_ADDRESS_FAMILY,
             Attribute::AdditionalAddressFamily(_) => ADDITIONAL_ADDRESS_FAMILY,
             Attribute::AddressErrorCode { .. } => ADDRESS_ERROR_CODE,
+            Attribute::AlternateServer(_) => ALTERNATE_SERVER,
+            Attribute::AlternateDomain(_) => ALTERNATE_DOMAIN,
             Attribute::Icmp { .. } => ICMP,
             Attribute::Unknown { typ, .. } => *typ,
         }
@@ -425,6 +437,12 @@ impl<'a> Attribute<'a> {
                 family: AddressFamily::from_byte(*v.first().ok_or(bad("too short"))?),
                 error: decode_error_code(v).ok_or(bad("bad error code"))?,
             },
+            ALTERNATE_SERVER => {
+                Attribute::AlternateServer(decode_address(v, None).ok_or(bad("bad address"))?)
+            }
+            ALTERNATE_DOMAIN => {
+                Attribute::AlternateDomain(text(v, MAX_TEXT).ok_or(bad("bad text"))?)
+            }
             ICMP => {
                 if v.len() != 8 {
                     return Err(bad("length not 8"));
@@ -443,14 +461,17 @@ impl<'a> Attribute<'a> {
     /// Appends the attribute value (no header, no padding).
     pub fn encode_value(&self, out: &mut Vec<u8>, tid: &TransactionId) {
         match self {
-            Attribute::MappedAddress(a) => encode_address(out, *a, None),
+            Attribute::MappedAddress(a) | Attribute::AlternateServer(a) => {
+                encode_address(out, *a, None)
+            }
             Attribute::XorMappedAddress(a)
             | Attribute::XorPeerAddress(a)
             | Attribute::XorRelayedAddress(a) => encode_address(out, *a, Some(tid)),
             Attribute::Username(s)
             | Attribute::Realm(s)
             | Attribute::Nonce(s)
-            | Attribute::Software(s) => out.extend_from_slice(s.as_bytes()),
+            | Attribute::Software(s)
+            | Attribute::AlternateDomain(s) => out.extend_from_slice(s.as_bytes()),
             Attribute::ErrorCode(e) => encode_error_code(out, 0, e),
             Attribute::UnknownAttributes(list) => {
                 for t in list {

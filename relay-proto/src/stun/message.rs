@@ -283,6 +283,30 @@ impl<'a> Message<'a> {
         })
     }
 
+    /// ALTERNATE-SERVER (RFC 8489 §14.15)
+    pub fn alternate_server(&self) -> Option<SocketAddr> {
+        self.find(|a| match a {
+            Attribute::AlternateServer(v) => Some(*v),
+            _ => None,
+        })
+    }
+
+    /// ALTERNATE-DOMAIN (RFC 8489 §14.16)
+    pub fn alternate_domain(&self) -> Option<&'a str> {
+        self.find(|a| match a {
+            Attribute::AlternateDomain(s) => Some(*s),
+            _ => None,
+        })
+    }
+
+    /// ERROR-CODE reason phrase
+    pub fn error_reason(&self) -> Option<&'a str> {
+        self.find(|a| match a {
+            Attribute::ErrorCode(e) => Some(e.reason),
+            _ => None,
+        })
+    }
+
     /// ERROR-CODE number
     pub fn error_code(&self) -> Option<u16> {
         self.find(|a| match a {

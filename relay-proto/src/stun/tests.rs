@@ -280,6 +280,9 @@ fn turn_attributes_round_trip() {
             code: 1,
             data: 77,
         },
+        Attribute::AlternateServer("198.18.0.2:3478".parse().expect("addr")),
+        Attribute::AlternateServer("[2001:db8::9]:3478".parse().expect("addr")),
+        Attribute::AlternateDomain("turn-b.example.net"),
         Attribute::ErrorCode(ErrorCode {
             code: 438,
             reason: "Stale Nonce",

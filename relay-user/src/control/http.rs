@@ -264,16 +264,33 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
             Some(Err(message)) => Response::error(409, &message),
             None => unavailable(),
         },
+        ("POST", ["drain"]) => drain_route(core, None).await,
+        ("POST", ["drain", secs]) => match secs.parse::<u64>() {
+            Ok(secs) => drain_route(core, Some(Duration::from_secs(secs))).await,
+            Err(_) => Response::error(400, "expected /drain or /drain/<deadline seconds>"),
+        },
+        ("GET", ["status"]) => match ask(core, AdminRequest::Status).await {
+            Some(status) => Response::json(200, &status),
+            None => unavailable(),
+        },
         ("POST", ["fastpath", "default", state]) => {
             let Some(on) = on_off(state) else {
                 return Response::error(400, "expected /fastpath/default/on|off");
             };
             applied(ask(core, |reply| AdminRequest::SetDefault { on, reply }).await)
         }
-        (_, ["allocations"] | ["metrics"] | ["healthz"] | ["readyz"] | ["reload"])
+        (_, ["allocations"] | ["metrics"] | ["healthz"] | ["readyz"] | ["reload"] | ["status"])
+        | (_, ["drain"] | ["drain", _])
         | (_, ["allocations", _, "fastpath", _])
         | (_, ["fastpath", "default", _]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such route"),
+    }
+}
+
+async fn drain_route(core: &mpsc::Sender<AdminRequest>, deadline: Option<Duration>) -> Response {
+    match ask(core, |reply| AdminRequest::Drain { deadline, reply }).await {
+        Some(status) => Response::json(200, &status),
+        None => Response::error(503, "the relay is shutting down"),
     }
 }
 

@@ -8,12 +8,16 @@
 //! - `POST /fastpath/default/on|off`: the path new allocations start on.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /healthz`, `GET /readyz`: 200 while every worker runs (and, for readiness, new
-//!   allocations are taken), 503 otherwise; for service managers and Kubernetes probes.
+//!   allocations are taken: not while draining), 503 otherwise; for service managers and
+//!   Kubernetes probes.
+//! - `POST /drain`, `POST /drain/{deadline_secs}`: start draining; answers like `/status`.
+//! - `GET /status`: running or draining, the drain deadline, the allocations left.
 //!
 //! `--metrics ADDR:PORT` adds a second listener with only the read-only `/metrics`,
 //! `/healthz` and `/readyz`, which may face the network (for Prometheus and probes).
 
 pub mod client;
+pub mod drain;
 pub mod http;
 
 use serde::{Deserialize, Serialize};
@@ -145,6 +149,13 @@ pub enum AdminRequest {
     /// Re-read what can change at runtime (the TLS certificate): what was reloaded, or why
     /// nothing was.
     Reload(oneshot::Sender<Result<String, String>>),
+    /// Start draining (or replace the deadline of a drain under way).
+    Drain {
+        deadline: Option<std::time::Duration>,
+        reply: oneshot::Sender<drain::StatusView>,
+    },
+    /// `relay ctl status`.
+    Status(oneshot::Sender<drain::StatusView>),
 }
 
 /// What `/healthz` and `/readyz` report.

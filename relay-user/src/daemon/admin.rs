@@ -20,6 +20,10 @@ use crate::control::{ask, AdminRequest, AllocationList, Health};
 use relay_proto::{limiter::UnauthLimiter, server::AllocationId};
 
 /// Serves requests from the admin endpoint until it goes away.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one shared handle per concern the router answers for; a struct would only rename them"
+)]
 pub async fn route(
     mut requests: mpsc::Receiver<AdminRequest>,
     workers: Vec<mpsc::Sender<WorkerRequest>>,
@@ -28,6 +32,7 @@ pub async fn route(
     unauth: Arc<UnauthLimiter>,
     tls: Option<Arc<TlsCertificates>>,
     connection_limits: Arc<ConnectionLimits>,
+    drain: super::drain::Drain,
 ) {
     while let Some(request) = requests.recv().await {
         match request {
@@ -78,7 +83,18 @@ pub async fn route(
             }
             AdminRequest::Health(reply) => {
                 let live = alive_workers.load(Ordering::SeqCst) == workers.len();
-                let _ = reply.send(Health { live, ready: live });
+                // Not ready while draining: a load balancer stops sending new clients here.
+                let ready = live && !drain.state.is_draining();
+                let _ = reply.send(Health { live, ready });
+            }
+            AdminRequest::Drain { deadline, reply } => {
+                drain.start(deadline, "relay ctl drain");
+                let live = alive_workers.load(Ordering::SeqCst) == workers.len();
+                let _ = reply.send(drain.status(live));
+            }
+            AdminRequest::Status(reply) => {
+                let live = alive_workers.load(Ordering::SeqCst) == workers.len();
+                let _ = reply.send(drain.status(live));
             }
             AdminRequest::Metrics(reply) => {
                 let mut total = WorkerSnapshot::default();
@@ -110,6 +126,7 @@ pub async fn route(
                 unauth_metrics(&mut text, &unauth);
                 error_response_metrics(&mut text, &total);
                 stream_metrics(&mut text, &total, &connection_limits);
+                drain.metrics(&mut text);
                 let _ = reply.send(text);
             }
         }

@@ -4,6 +4,7 @@ mod admin;
 mod aggregate;
 mod connection;
 mod connection_limits;
+mod drain;
 mod host_addresses;
 mod interfaces;
 mod kernel_sync;
@@ -40,7 +41,7 @@ use relay_proto::{
     channel_data::LEGACY_CHANNEL_RANGE,
     limiter::UnauthLimiter,
     policy::PeerPolicy,
-    server::{AllocationQuota, LiveRelayed, QuotaLedger, Server, ServerConfig},
+    server::{AllocationQuota, DrainState, LiveRelayed, QuotaLedger, Server, ServerConfig},
     Transport,
 };
 
@@ -49,7 +50,7 @@ use self::{
     worker::{Worker, WorkerRequest},
 };
 
-/// Runs the daemon until SIGINT/SIGTERM.
+/// Runs the daemon until SIGINT/SIGTERM, or until a drain (SIGUSR1, `relay ctl drain`) ends.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
     init_logging(&config.log_level)?;
@@ -69,6 +70,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // SIGHUP's default action ends the process: caught from the start too.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing SIGHUP handler")?;
+    // SIGUSR1 (drain) too: its default action also ends the process.
+    let usr1 = drain::install_sigusr1()?;
     // A certificate that cannot be used stops the start, naming the file, before anything
     // else is set up.
     let tls = match &config.streams.tls {
@@ -207,7 +210,14 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     );
     // One ledger for every worker: the caps are relay-wide.
-    let quota: Arc<dyn AllocationQuota> = Arc::new(QuotaLedger::default());
+    let ledger = Arc::new(QuotaLedger::default());
+    let quota: Arc<dyn AllocationQuota> = ledger.clone();
+    // One drain state for every worker: a drain covers the whole relay.
+    let drain = drain::Drain {
+        state: Arc::new(DrainState::default()),
+        ledger,
+        alternates: config.alternates.clone(),
+    };
     // One budget for unauthenticated answers: a spoofed victim's limit is relay-wide.
     let unauth_limiter = Arc::new(UnauthLimiter::new(
         config.unauth_rate_bytes,
@@ -232,6 +242,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         server_config.quota = Arc::clone(&quota);
         server_config.unauth_limiter = Arc::clone(&unauth_limiter);
         server_config.live_relayed = Arc::clone(&live_relayed);
+        server_config.drain = Arc::clone(&drain.state);
         server_config.first_allocation_id = index as u64 + 1;
         server_config.allocation_id_stride = workers as u64;
         server_config.port_range = worker_ports(&config.port_range, index, workers);
@@ -285,6 +296,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         unauth_limiter,
         tls.clone(),
         connection_limits,
+        drain.clone(),
     ));
     info!("admin endpoint on http://{admin_addr} (relay ctl --admin {admin_addr})");
     info!(
@@ -327,14 +339,18 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    let drains = tokio::spawn(drain::on_sigusr1(usr1, drain.clone()));
     let result = tokio::select! {
         result = signals.wait() => result,
+        // Draining and nothing left (or the deadline passed): a clean stop, exit 0.
+        () = drain::drained(&drain) => Ok(()),
         () = worker_lost(&alive_workers, workers) => Err(anyhow::anyhow!(
             "a worker thread stopped unexpectedly; the relay stops so that its service \
              manager restarts it"
         )),
     };
     reloads.abort();
+    drains.abort();
     notifier.notify("STOPPING=1");
     if let Some(watchdog) = watchdog {
         watchdog.abort();
@@ -541,6 +557,7 @@ fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
     if let Some(lifetime) = config.channel_lifetime {
         server.channel_lifetime = lifetime;
     }
+    server.alternates = config.alternates.clone();
     server.software = Some(concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned());
     server
 }

@@ -12,10 +12,12 @@
 mod harness;
 
 mod allocate;
+mod alternate;
 mod auth;
 mod binding;
 mod capacity;
 mod channel;
+mod drain;
 mod expiry;
 mod family;
 mod hairpin;
