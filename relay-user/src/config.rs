@@ -298,6 +298,16 @@ impl Config {
             !listen.is_empty() || !streams.listen_tcp.is_empty() || !streams.listen_tls.is_empty(),
             "no listener: set --listen ADDR:PORT (UDP), --listen-tcp or --listen-tls"
         );
+        if let Some(both) = streams
+            .listen_tcp
+            .iter()
+            .find(|a| streams.listen_tls.contains(a))
+        {
+            bail!(
+                "{both} is both a --listen-tcp and a --listen-tls address: one port serves one \
+                 of them (the kernel would hand half the connections to each)"
+            );
+        }
         ensure!(
             streams.listen_tls.is_empty() || streams.tls.is_some(),
             "--listen-tls needs a certificate: set --tls-cert PEM and --tls-key PEM"
@@ -550,6 +560,20 @@ mod tests {
         assert_eq!(config.realm, "flag.example");
         assert_eq!(config.users[0].name, "alice");
         assert_eq!(config.fastpath, FastPathMode::Xdp);
+    }
+
+    #[test]
+    fn one_address_cannot_serve_tcp_and_tls() {
+        let mut flags = args();
+        flags.listen_tcp = vec!["0.0.0.0:443".parse().unwrap()];
+        flags.listen_tls = vec!["0.0.0.0:443".parse().unwrap()];
+        flags.tls_cert = Some("cert.pem".into());
+        flags.tls_key = Some("key.pem".into());
+        let err = format!("{:#}", Config::from_args(&flags).unwrap_err());
+        assert!(
+            err.contains("both a --listen-tcp and a --listen-tls"),
+            "{err}"
+        );
     }
 
     #[test]

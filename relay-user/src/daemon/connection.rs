@@ -31,6 +31,8 @@ const MAX_INPUT: usize = MAX_STREAM_MESSAGE + READ_CHUNK;
 pub const MAX_OUTPUT: usize = 256 * 1024;
 /// Bytes read per connection per wake, so one fast sender cannot starve the worker's others.
 const READ_BUDGET: usize = 256 * 1024;
+/// Written bytes at the front of the queue that make it compact.
+const COMPACT_AT: usize = 64 * 1024;
 /// Plaintext put into TLS records between two socket writes.
 const TLS_BATCH: usize = 64 * 1024;
 /// Buffer capacity a connection keeps between reads; beyond it an empty buffer is freed.
@@ -103,10 +105,15 @@ pub struct Connection {
     /// read one message per record and lose the rest of a record holding several.
     message_ends: std::collections::VecDeque<usize>,
     pub opened: Instant,
-    /// When the client last sent a whole message.
-    pub last_message: Option<Instant>,
-    /// Since when messages to the client have been dropped for a full queue.
-    pub full_since: Option<Instant>,
+    /// When the client's first STUN message (with the magic cookie) arrived: the handshake
+    /// deadline stops there.
+    pub first_stun: Option<Instant>,
+    /// When the connection last held an allocation (the idle deadline counts from there, or
+    /// from `opened`; messages alone do not keep an allocation-less connection open).
+    pub last_allocated: Option<Instant>,
+    /// When the socket last took output (or the queue was last empty): a client whose queue
+    /// makes no progress for a while has stopped reading.
+    pub last_progress: Instant,
     /// Messages dropped for a full queue.
     pub dropped: u64,
     /// Whether epoll also reports this connection writable (its output is pending).
@@ -147,8 +154,9 @@ impl Connection {
             output_start: 0,
             message_ends: std::collections::VecDeque::new(),
             opened: now,
-            last_message: None,
-            full_since: None,
+            first_stun: None,
+            last_allocated: None,
+            last_progress: now,
             dropped: 0,
             watching_writable: false,
             dirty: false,
@@ -235,13 +243,13 @@ impl Connection {
         let padded = len + stream_padding(len);
         if self.output.len() - self.output_start + padded > MAX_OUTPUT {
             self.dropped += 1;
-            self.full_since.get_or_insert_with(Instant::now);
             return false;
         }
-        if self.output_start > 0 && self.output_start == self.output.len() {
-            self.output.clear();
-            self.output_start = 0;
+        if self.output_start == self.output.len() {
+            // Nothing was pending: progress is measured from now.
+            self.last_progress = Instant::now();
         }
+        self.compact_output();
         for part in parts {
             self.output.extend_from_slice(part);
         }
@@ -252,6 +260,27 @@ impl Connection {
         true
     }
 
+    /// Drops the part of the queue already written once it is half the buffer or 64 KiB, so
+    /// the buffer holds what is pending plus at most that (a client that always has something
+    /// pending must not make it grow forever); the move is amortised over the bytes written.
+    fn compact_output(&mut self) {
+        if self.output_start == 0 {
+            return;
+        }
+        if self.output_start == self.output.len() {
+            self.output.clear();
+            self.message_ends.clear();
+        } else if self.output_start >= self.output.len() / 2 || self.output_start >= COMPACT_AT {
+            self.output.drain(..self.output_start);
+            for end in self.message_ends.iter_mut() {
+                *end -= self.output_start;
+            }
+        } else {
+            return;
+        }
+        self.output_start = 0;
+    }
+
     /// Whether output is waiting (in the queue or in rustls).
     pub fn has_output(&self) -> bool {
         self.output_start < self.output.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
@@ -259,12 +288,16 @@ impl Connection {
 
     /// Writes as much queued output as the socket takes; `Ok(true)` once all of it is out.
     pub fn flush(&mut self) -> Result<bool, CloseReason> {
+        let mut wrote = 0;
         let done = match &mut self.tls {
             None => {
                 while self.output_start < self.output.len() {
                     match self.stream.write(&self.output[self.output_start..]) {
                         Ok(0) => return Err(CloseReason::Error),
-                        Ok(n) => self.output_start += n,
+                        Ok(n) => {
+                            self.output_start += n;
+                            wrote += n;
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(write_error(&e)),
@@ -276,7 +309,7 @@ impl Connection {
                 while tls.wants_write() {
                     match tls.write_tls(&mut self.stream) {
                         Ok(0) => return Err(CloseReason::Error),
-                        Ok(_) => {}
+                        Ok(n) => wrote += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(write_error(&e)),
@@ -311,12 +344,13 @@ impl Connection {
                 }
             },
         };
-        if self.output.len() - self.output_start <= MAX_OUTPUT / 2 {
-            self.full_since = None;
+        if done || wrote > 0 {
+            self.last_progress = Instant::now();
         }
         if done && self.output.capacity() > IDLE_BUFFER {
             self.output = Vec::new();
             self.output_start = 0;
+            self.message_ends = std::collections::VecDeque::new();
         }
         Ok(done)
     }
@@ -331,7 +365,9 @@ impl Connection {
 
     /// Bytes this connection holds in its own buffers (for the memory figure in metrics).
     pub fn buffered(&self) -> usize {
-        self.input.capacity() + self.output.capacity()
+        self.input.capacity()
+            + self.output.capacity()
+            + self.message_ends.capacity() * std::mem::size_of::<usize>()
     }
 }
 
@@ -429,5 +465,74 @@ fn write_error(error: &io::Error) -> CloseReason {
         | io::ErrorKind::ConnectionAborted
         | io::ErrorKind::BrokenPipe => CloseReason::Client,
         _ => CloseReason::Error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::connection_limits::ConnectionLimits;
+    use std::{net::TcpListener, sync::Arc};
+
+    /// A connection whose client reads about as fast as the relay queues, so the queue is
+    /// never empty: its buffer must stay bounded by what is pending (review finding: the sent
+    /// front of the queue was never freed), and every byte must arrive in order.
+    #[test]
+    fn a_queue_that_never_empties_stays_bounded_and_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        client.set_recv_buffer_size(4096).expect("rcvbuf");
+        client
+            .connect(&listener.local_addr().expect("addr").into())
+            .expect("connect");
+        let mut client: TcpStream = client.into();
+        client.set_nonblocking(true).expect("nonblocking");
+        let (stream, peer) = listener.accept().expect("accept");
+        socket2::SockRef::from(&stream)
+            .set_send_buffer_size(4096)
+            .expect("sndbuf");
+        stream.set_nonblocking(true).expect("nonblocking");
+        let limits = Arc::new(ConnectionLimits::new(4, 4));
+        let slot = limits.try_acquire(peer.ip()).expect("slot");
+        let local = stream.local_addr().expect("local");
+        let mut connection = Connection::new(stream, peer, local, None, slot, Instant::now());
+
+        let mut next = 0u32;
+        let mut expected = 0u32;
+        let mut carry = Vec::new();
+        let mut largest = 0;
+        for round in 0..20_000 {
+            for _ in 0..4 {
+                let message: Vec<u8> = next.to_be_bytes().repeat(25);
+                if connection.queue(&[&message]) {
+                    next += 1;
+                }
+            }
+            connection.flush().expect("flush");
+            // Read a little less than was queued until the queue is well filled, then as much.
+            let want = if round < 500 { 300 } else { 400 };
+            let mut buf = vec![0u8; want];
+            if let Ok(n) = client.read(&mut buf) {
+                carry.extend_from_slice(&buf[..n]);
+            }
+            while carry.len() >= 100 {
+                let word: [u8; 4] = carry[..4].try_into().expect("4 bytes");
+                assert_eq!(
+                    u32::from_be_bytes(word),
+                    expected,
+                    "messages in order, whole"
+                );
+                expected += 1;
+                carry.drain(..100);
+            }
+            largest = largest.max(connection.buffered());
+        }
+        assert!(next > 50_000, "traffic flowed: {next} messages");
+        assert!(connection.has_output(), "the queue never emptied");
+        assert!(
+            largest <= 2 * MAX_OUTPUT + 64 * 1024,
+            "buffer bounded by twice the queue: {largest} bytes"
+        );
     }
 }

@@ -270,6 +270,8 @@ pub struct Worker {
     dirty_streams: Vec<u64>,
     /// Connections whose last turn ended with input left to read.
     unfinished_streams: Vec<u64>,
+    /// TCP/TLS listeners out of epoll after accept failed (descriptors ran out).
+    paused_listeners: Vec<u64>,
     /// Closed connections by (transport, reason), for metrics.
     streams_closed: BTreeMap<(&'static str, &'static str), u64>,
     /// Messages to stream clients dropped for a full queue.
@@ -312,6 +314,7 @@ impl Worker {
             streams: HashMap::new(),
             dirty_streams: Vec::new(),
             unfinished_streams: Vec::new(),
+            paused_listeners: Vec::new(),
             streams_closed: BTreeMap::new(),
             stream_drops: 0,
             arena: Arena::new(ARENA_SLOTS, net::MAX_DATAGRAM),
@@ -384,7 +387,9 @@ impl Worker {
                 () = std::future::ready(()), if io_pending => io = true,
                 () = timer => timeout = true,
                 Some(r) = requests.recv() => request = Some(r),
-                _ = sweep.tick(), if !self.streams.is_empty() => sweep_due = true,
+                _ = sweep.tick(), if !self.streams.is_empty() || !self.paused_listeners.is_empty() => {
+                    sweep_due = true;
+                }
             }
             if io {
                 io_pending = self.poll_io();

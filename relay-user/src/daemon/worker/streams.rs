@@ -21,7 +21,7 @@ use std::{
 use rustls::ServerConnection;
 use tracing::{debug, warn};
 
-use super::{Io, Role, Sockets, Worker, WorkerSnapshot};
+use super::{Entry, Io, Role, Sockets, Worker, WorkerSnapshot};
 use crate::{
     daemon::{
         connection::{CloseReason, Connection, ReadOutcome},
@@ -40,6 +40,10 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_BATCH: usize = 64;
 /// Read rounds per connection per wake (each up to the connection's read budget).
 const READ_ROUNDS: usize = 4;
+/// Transmits queued from stream input before a flush (each owns a copy of its payload).
+const MAX_QUEUED_FROM_STREAMS: usize = 1024;
+/// STUN's magic cookie (RFC 8489 §5), bytes 4-7 of every STUN message.
+const MAGIC_COOKIE: [u8; 4] = 0x2112_A442u32.to_be_bytes();
 
 /// What the worker needs to serve TCP and TLS clients.
 #[derive(Clone, Debug)]
@@ -119,15 +123,14 @@ impl Worker {
                 }
                 Err(error) => {
                     // EMFILE/ENFILE/ENOBUFS: the connection stays queued and the listener
-                    // readable; the loop backs off instead of spinning.
-                    self.receive_failures = self.receive_failures.saturating_add(1);
-                    if self.receive_failures.is_power_of_two() {
-                        warn!(%error, %transport, "accept failed; retrying with backoff");
-                    }
+                    // readable, so a level-triggered listener would spin the worker. It leaves
+                    // epoll until the next sweep (a second); the worker's other sockets,
+                    // timers and connections carry on meanwhile.
+                    warn!(%error, %transport, "accept failed; the listener pauses for a second");
+                    self.pause_listener(token);
                     return;
                 }
             };
-            self.receive_failures = 0;
             let slot = match self.stream_env.limits.try_acquire(client.ip()) {
                 Ok(slot) => slot,
                 Err(refused) => {
@@ -223,9 +226,14 @@ impl Worker {
                 connection.release_input();
                 return Ok(());
             };
-            connection.last_message = Some(now);
             let (client, local, transport) =
                 (connection.client, connection.local, connection.transport);
+            // The handshake deadline ends with real STUN (the magic cookie, RFC 8489 §5), not
+            // with any 20 bytes that frame as STUN.
+            let stun = |m: &[u8]| m.len() >= 20 && m[0] >> 6 == 0 && m[4..8] == MAGIC_COOKIE;
+            if connection.first_stun.is_none() && stun(&connection.input()[range.clone()]) {
+                connection.first_stun = Some(now);
+            }
             let message = &connection.input()[range];
             let forward = self
                 .server
@@ -249,6 +257,11 @@ impl Worker {
                 }
             }
             self.drain_commands(None);
+            // Relayed datagrams from streams are copies: bounded per round like the arena
+            // bounds the UDP path's.
+            if self.sends.len() >= MAX_QUEUED_FROM_STREAMS {
+                self.flush();
+            }
         }
     }
 
@@ -294,8 +307,15 @@ impl Worker {
         if self.streams.get(&key) == Some(&token) {
             self.streams.remove(&key);
         }
-        if !matches!(reason, CloseReason::Client | CloseReason::Error) {
-            connection.close_notify();
+        match reason {
+            // A client that half-closed after its last request still gets the answers already
+            // queued (RFC 8489 §6.2.1: no close with a request unanswered), as far as the
+            // socket takes them now.
+            CloseReason::Client => {
+                let _ = connection.flush();
+            }
+            CloseReason::Error => {}
+            _ => connection.close_notify(),
         }
         *self
             .streams_closed
@@ -316,20 +336,29 @@ impl Worker {
     /// Closes the connections past a deadline: no handshake and first message in time, idle
     /// without an allocation, or not reading what is sent to them.
     pub(super) fn sweep_streams(&mut self, now: Instant) {
+        self.resume_listeners();
         let env = &self.stream_env;
         let mut expired = Vec::new();
         for &token in self.streams.values() {
-            let Some(Io::Stream(c)) = self.sockets.get(token).map(|e| &e.socket) else {
+            let Some(Entry {
+                socket: Io::Stream(c),
+                ..
+            }) = self.sockets.get_mut(token)
+            else {
                 continue;
             };
+            if self.server.has_allocation(c.client, c.local, c.transport) {
+                c.last_allocated = Some(now);
+            }
             let since = |at: Instant| now.saturating_duration_since(at);
-            let reason = if c.last_message.is_none() && since(c.opened) >= env.handshake_timeout {
+            // Idle counts from the last moment with an allocation, or from the connect:
+            // messages alone (Bindings, garbage that frames) do not hold a connection slot.
+            let idle_since = c.last_allocated.unwrap_or(c.opened).max(c.opened);
+            let reason = if c.first_stun.is_none() && since(c.opened) >= env.handshake_timeout {
                 Some(CloseReason::HandshakeTimeout)
-            } else if c.full_since.is_some_and(|at| since(at) >= STALL_TIMEOUT) {
+            } else if c.has_output() && since(c.last_progress) >= STALL_TIMEOUT {
                 Some(CloseReason::Stalled)
-            } else if since(c.last_message.unwrap_or(c.opened)) >= env.idle_timeout
-                && !self.server.has_allocation(c.client, c.local, c.transport)
-            {
+            } else if since(idle_since) >= env.idle_timeout {
                 Some(CloseReason::Idle)
             } else {
                 None
@@ -340,6 +369,26 @@ impl Worker {
         }
         for (token, reason) in expired {
             self.close_stream(token, reason);
+        }
+    }
+
+    /// Takes listener `token` out of epoll (accept keeps failing); the next sweep puts it back.
+    fn pause_listener(&mut self, token: u64) {
+        if let Some(entry) = self.sockets.get(token) {
+            self.epoll.get_ref().remove(entry.socket.raw_fd());
+            self.paused_listeners.push(token);
+        }
+    }
+
+    /// Puts paused listeners back into epoll.
+    fn resume_listeners(&mut self) {
+        for token in std::mem::take(&mut self.paused_listeners) {
+            if let Some(entry) = self.sockets.get(token) {
+                if let Err(error) = self.epoll.get_ref().add(entry.socket.raw_fd(), token) {
+                    warn!(%error, "cannot resume a TCP/TLS listener; retrying");
+                    self.paused_listeners.push(token);
+                }
+            }
         }
     }
 
