@@ -11,6 +11,7 @@ mod effects;
 mod forward;
 mod quota;
 mod relayed;
+mod reload;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -43,6 +44,7 @@ use effects::Effects;
 pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
+pub use reload::{Reconfigure, ReconfigureReport};
 use request::{
     AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
     SendIndication,
@@ -848,8 +850,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         }
         self.by_five_tuple
             .remove(&(alloc.client, alloc.listener, alloc.transport));
-        let quota_user = self.config.credentials.quota_user(&alloc.username);
-        self.config.quota.release(quota_user);
+        // The name the quota was taken under, whatever a reload did to the credentials since.
+        self.config.quota.release(&alloc.quota_user);
         Some(alloc)
     }
 
@@ -1204,6 +1206,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
         let alloc = Allocation {
             id,
             username: auth.username.clone(),
+            quota_user: self
+                .config
+                .credentials
+                .quota_user(&auth.username)
+                .to_owned(),
+            key: auth.key.clone(),
             client: ctx.client,
             listener: ctx.listener,
             transport: ctx.transport,

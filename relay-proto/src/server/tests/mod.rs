@@ -22,4 +22,5 @@ mod malformed;
 mod permission;
 mod properties;
 mod refresh;
+mod reload;
 mod stream;
