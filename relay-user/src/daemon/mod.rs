@@ -339,9 +339,8 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     let reloads = tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             info!("SIGHUP: reloading");
-            if let Err(error) = reloader.lock().await.reload().await {
-                warn!("{error:#}");
-            }
+            // Refusals are logged by the reload itself.
+            let _ = reloader.lock().await.reload().await;
         }
     });
     let result = tokio::select! {

@@ -121,8 +121,17 @@ impl Reloader {
         }))
     }
 
-    /// Re-reads and applies the configuration; what changed, or why nothing did.
+    /// Re-reads and applies the configuration; what changed, or why nothing did (also logged,
+    /// so a refused SIGHUP or `relay ctl reload` leaves a trace).
     pub async fn reload(&mut self) -> anyhow::Result<String> {
+        let result = self.apply().await;
+        if let Err(error) = &result {
+            warn!("{error:#}");
+        }
+        result
+    }
+
+    async fn apply(&mut self) -> anyhow::Result<String> {
         let source = match &self.args.config {
             Some(path) => format!("{} and the command line", path.display()),
             None => "the command line (no --config file)".to_owned(),
