@@ -3,8 +3,8 @@
 //! files it names): REST secrets rotate (old and new both accepted, then only the new), users
 //! come and go (a removed user's next request gets 401), a tightened peer policy takes a live
 //! allocation's permission away at once (traffic to that peer stops, another peer's goes on),
-//! the log level changes; an invalid file or a changed listen address keeps everything and
-//! `relay ctl reload` exits non-zero naming the problem.
+//! the log level and the per-user quota change; an invalid file or a changed listen address
+//! keeps everything and `relay ctl reload` exits non-zero naming the problem.
 
 mod support;
 
@@ -300,6 +300,18 @@ fn reload_rotates_secrets_changes_users_policy_and_log_level_without_dropping_al
         "{}",
         relay.log()
     );
+
+    // Quotas: a lowered per-user cap refuses alice's next Allocate (486); her live one stays.
+    files.config(&[PEER_B], "debug", "max-allocations-per-user = 1\n");
+    let message = reload_ok(&relay);
+    assert!(message.contains("max-allocations-per-user 1"), "{message}");
+    let mut second = Client::new(relay.listener(), REALM);
+    second.login("alice", "wonderland");
+    assert_eq!(
+        second.request_error(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]),
+        Some(486)
+    );
+    assert_eq!(refresh(&mut alice), None);
 
     // An invalid file keeps everything: peer A stays forbidden, bob stays removed, alice relays.
     files.write("relay.toml", "listen = [\"127.0.0.1:0\"]\nlisen = 1\n");
