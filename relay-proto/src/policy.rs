@@ -372,6 +372,12 @@ impl PeerPolicy {
         &self.host
     }
 
+    /// Makes this policy use `from`'s host-address set (a reloaded policy keeps the set the
+    /// netlink monitor updates).
+    pub fn share_host_addresses(&mut self, from: &PeerPolicy) {
+        self.host = from.host.clone();
+    }
+
     /// Whether `ip` is one of the host's own addresses (configured or found on an interface)
     /// that peers may not reach. A host address found on an interface that the operator named
     /// with [`PeerPolicy::allow_unsafe`] is not; the configured listener and relay addresses

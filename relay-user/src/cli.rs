@@ -52,9 +52,9 @@ pub enum CtlCommand {
         #[arg(value_name = "ALLOCATION|on|off")]
         second: String,
     },
-    /// Re-read the TLS certificate and key (as SIGHUP does): new handshakes use them, open
-    /// connections keep theirs. Exits non-zero with the reason if the files are unusable (the
-    /// running certificate then stays).
+    /// Re-read the config (as SIGHUP does): users, REST secrets, peer policy, quotas, log
+    /// level, TLS certificate and key; live allocations stay. Exits non-zero with the reason
+    /// if anything is invalid or a setting that needs a restart changed (nothing then changes).
     Reload,
     /// Stop taking new allocations (new Allocates are sent to an --alternate-server with 300,
     /// or refused with 508) and stop the relay, exit code 0, once the last allocation ends or

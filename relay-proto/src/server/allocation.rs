@@ -59,6 +59,11 @@ pub(super) struct Channel {
 pub(super) struct Allocation {
     pub(super) id: AllocationId,
     pub(super) username: String,
+    /// The name its quota was taken under (kept: a reload may change how names map).
+    pub(super) quota_user: String,
+    /// The long-term key its Allocate was signed with (a reload reports allocations whose key
+    /// the new credentials no longer yield).
+    pub(super) key: crate::auth::LongTermKey,
     pub(super) client: SocketAddr,
     pub(super) listener: SocketAddr,
     pub(super) transport: Transport,
@@ -205,6 +210,45 @@ impl Allocation {
         for (number, peer) in withdrawn {
             commands.push_back(self.delete_channel_command(number, peer));
         }
+    }
+
+    /// Withdraws the permission for `ip` before its time (a reload's peer policy forbids it):
+    /// its channels go into their reserved period (RFC 8656 §12) and every fast-path entry of
+    /// either is deleted. Returns how many bound channels were withdrawn.
+    pub(super) fn revoke_permission(
+        &mut self,
+        ip: IpAddr,
+        now: Instant,
+        commands: &mut Effects,
+    ) -> usize {
+        if self.permissions.remove(&ip).is_none() {
+            return 0;
+        }
+        let mut uninstalled = Vec::new();
+        let mut revoked = 0;
+        for (number, channel) in self.channels.iter_mut() {
+            if channel.peer.ip() != ip {
+                continue;
+            }
+            if channel.installed {
+                channel.installed = false;
+                uninstalled.push((*number, channel.peer));
+            }
+            if channel.bound {
+                channel.bound = false;
+                channel.expires = now + CHANNEL_COOLDOWN;
+                revoked += 1;
+            }
+        }
+        for (number, peer) in uninstalled {
+            commands.push_back(self.delete_channel_command(number, peer));
+        }
+        commands.push_back(Command::DeletePermission {
+            id: self.id,
+            relayed: self.relayed_for(ip).unwrap_or(self.relayed),
+            peer_ip: ip,
+        });
+        revoked
     }
 
     /// Earliest deadline of anything in this allocation.

@@ -12,6 +12,7 @@ mod effects;
 mod forward;
 mod quota;
 mod relayed;
+mod reload;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -46,6 +47,7 @@ use effects::Effects;
 pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
+pub use reload::{Reconfigure, ReconfigureReport};
 use request::{
     AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
     SendIndication,
@@ -881,8 +883,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         }
         self.by_five_tuple
             .remove(&(alloc.client, alloc.listener, alloc.transport));
-        let quota_user = self.config.credentials.quota_user(&alloc.username);
-        self.config.quota.release(quota_user);
+        // The name the quota was taken under, whatever a reload did to the credentials since.
+        self.config.quota.release(&alloc.quota_user);
         Some(alloc)
     }
 
@@ -1279,6 +1281,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
         let alloc = Allocation {
             id,
             username: auth.username.clone(),
+            quota_user: self
+                .config
+                .credentials
+                .quota_user(&auth.username)
+                .to_owned(),
+            key: auth.key.clone(),
             client: ctx.client,
             listener: ctx.listener,
             transport: ctx.transport,

@@ -146,7 +146,7 @@ pub enum AdminRequest {
     Metrics(oneshot::Sender<String>),
     /// Liveness and readiness (`/healthz`, `/readyz`).
     Health(oneshot::Sender<Health>),
-    /// Re-read what can change at runtime (the TLS certificate): what was reloaded, or why
+    /// Re-read what can change at runtime (see `daemon::reload`): what was reloaded, or why
     /// nothing was.
     Reload(oneshot::Sender<Result<String, String>>),
     /// Start draining (or replace the deadline of a drain under way).

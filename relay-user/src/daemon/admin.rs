@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::{
     connection_limits::ConnectionLimits,
     kernel_sync::KernelSync,
-    tls::TlsCertificates,
+    reload::SharedReloader,
     worker::{lock, WorkerRequest, WorkerSnapshot},
 };
 use crate::control::{ask, AdminRequest, AllocationList, Health};
@@ -30,7 +30,7 @@ pub async fn route(
     kernel: Arc<Mutex<KernelSync>>,
     alive_workers: Arc<AtomicUsize>,
     unauth: Arc<UnauthLimiter>,
-    tls: Option<Arc<TlsCertificates>>,
+    reloader: SharedReloader,
     connection_limits: Arc<ConnectionLimits>,
     drain: super::drain::Drain,
 ) {
@@ -79,7 +79,8 @@ pub async fn route(
                 let _ = reply.send(lock(&kernel).set_default(on));
             }
             AdminRequest::Reload(reply) => {
-                let _ = reply.send(reload(tls.as_deref()).map_err(|e| format!("{e:#}")));
+                let result = reloader.lock().await.reload().await;
+                let _ = reply.send(result.map_err(|e| format!("{e:#}")));
             }
             AdminRequest::Health(reply) => {
                 let live = alive_workers.load(Ordering::SeqCst) == workers.len();
@@ -209,23 +210,6 @@ fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
         }
     }
     out
-}
-
-/// Re-reads what can change at runtime: for now the TLS certificate (SIGHUP and
-/// `relay ctl reload`). Open connections keep the certificate they were established with.
-pub fn reload(tls: Option<&TlsCertificates>) -> anyhow::Result<String> {
-    match tls {
-        Some(tls) => {
-            tls.reload()?;
-            tracing::info!("TLS certificate reloaded; new connections use it");
-            Ok("reloaded the TLS certificate and key; new connections use them".to_owned())
-        }
-        None => Ok(
-            "nothing to reload: no TLS listener is configured (a reload re-reads the \
-                    TLS certificate and key)"
-                .to_owned(),
-        ),
-    }
 }
 
 /// TCP/TLS clients (issue 11): allocations and connections by transport, why connections

@@ -318,6 +318,21 @@ impl KernelSync {
         self.fastpath.take()
     }
 
+    /// A reload's new peer policy (sharing the host-address set): the kernel copy is
+    /// recompiled at once, so the fast path stops forwarding to newly denied peers before the
+    /// cores withdraw their permissions. On failure the old policy is put back.
+    pub fn set_policy(&mut self, policy: PeerPolicy) -> Result<(), String> {
+        let old = std::mem::replace(&mut self.policy, policy);
+        if let Err(error) = self.sync_policy() {
+            self.policy = old;
+            let _ = self.sync_policy();
+            return Err(format!(
+                "cannot install the new peer policy in the kernel: {error}"
+            ));
+        }
+        Ok(())
+    }
+
     /// Installs the policy's current prefixes (with the host's current addresses).
     fn sync_policy(&mut self) -> Result<(), FastPathError> {
         let Some(fastpath) = &mut self.fastpath else {

@@ -11,6 +11,7 @@ mod kernel_sync;
 mod limits;
 mod notify;
 mod privileges;
+mod reload;
 mod tls;
 mod worker;
 
@@ -53,17 +54,18 @@ use self::{
 /// Runs the daemon until SIGINT/SIGTERM, or until a drain (SIGUSR1, `relay ctl drain`) ends.
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
-    init_logging(&config.log_level)?;
+    reload::init_logging(&config.log_level)?;
     // The main runtime only runs the admin endpoint and waits for signals; the workers have
     // runtimes of their own.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, args))
 }
 
-async fn run(mut config: Config) -> anyhow::Result<()> {
+/// `args` are kept for reloads, which re-read the configuration the same way.
+async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM at any point of the start (a service manager stopping the relay
     // right after starting it) is a clean stop, never the default action.
     let mut signals = ShutdownSignals::install()?;
@@ -84,6 +86,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
              /proc/PID/cmdline: prefer --users-file, --auth-secret-file or RELAY_AUTH_SECRET"
         );
     }
+    let mut generated = None;
     if config.users.is_empty() && config.auth_secrets.is_empty() {
         let password: String = rand::thread_rng()
             .sample_iter(&Alphanumeric)
@@ -101,10 +104,12 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
                 path.display()
             ),
         }
-        config.users.push(StaticUser {
+        let user = StaticUser {
             name: "relay".to_owned(),
             password,
-        });
+        };
+        generated = Some(user.clone());
+        config.users.push(user);
     }
     // While still root: descriptors for every allocation the caps allow.
     // (and one per TCP/TLS connection the caps allow, with TCP or TLS listeners).
@@ -275,6 +280,18 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         handles.push(handle);
     }
 
+    let reloader = reload::Reloader::new(
+        args,
+        reload::Running {
+            config: config.clone(),
+            own_addresses: own_addresses.clone(),
+            policy: policy.clone(),
+            generated,
+        },
+        tls.clone(),
+        worker_requests.clone(),
+        Arc::clone(&kernel),
+    );
     let (admin_tx, admin_rx) = mpsc::channel(64);
     let metrics_task = metrics_listener.map(|listener| {
         tokio::spawn(control::http::serve(
@@ -294,7 +311,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         Arc::clone(&kernel),
         Arc::clone(&alive_workers),
         unauth_limiter,
-        tls.clone(),
+        Arc::clone(&reloader),
         connection_limits,
         drain.clone(),
     ));
@@ -334,9 +351,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     let reloads = tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             info!("SIGHUP: reloading");
-            if let Err(error) = admin::reload(tls.as_deref()) {
-                warn!("{error:#}");
-            }
+            // Refusals are logged by the reload itself.
+            let _ = reloader.lock().await.reload().await;
         }
     });
     let drains = tokio::spawn(drain::on_sigusr1(usr1, drain.clone()));
@@ -665,16 +681,4 @@ impl ShutdownSignals {
         info!("shutting down");
         Ok(())
     }
-}
-
-fn init_logging(filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .with_context(|| format!("invalid --log-level `{filter}`"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-    Ok(())
 }

@@ -51,13 +51,17 @@ impl TlsCertificates {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Reads the files again; on success new handshakes use them, on failure the old
-    /// certificate stays and the error says why.
-    pub fn reload(&self) -> anyhow::Result<()> {
+    /// Reads the files again without using them yet (a reload checks everything before it
+    /// changes anything); on failure the error says why.
+    pub fn prepare(&self) -> anyhow::Result<Arc<ServerConfig>> {
         let config = server_config(&self.files)
             .context("TLS certificate not reloaded; the previous one stays in use")?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-        Ok(())
+        Ok(Arc::new(config))
+    }
+
+    /// New handshakes use `config` (from [`TlsCertificates::prepare`]).
+    pub fn install(&self, config: Arc<ServerConfig>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
     }
 }
 
@@ -191,7 +195,7 @@ mod tests {
         let tls = TlsCertificates::load(files.clone()).expect("load");
         let before = tls.current();
         std::fs::write(&files.cert, "garbage").expect("write");
-        let err = format!("{:#}", tls.reload().unwrap_err());
+        let err = format!("{:#}", tls.prepare().unwrap_err());
         assert!(err.contains("previous one stays"), "{err}");
         assert!(
             Arc::ptr_eq(&before, &tls.current()),
@@ -201,7 +205,7 @@ mod tests {
         // Fixed files: the next reload takes them.
         let fresh = write_pair(&dir, "a.test");
         assert_eq!(fresh, files);
-        tls.reload().expect("reload");
+        tls.install(tls.prepare().expect("reload"));
         assert!(
             !Arc::ptr_eq(&before, &tls.current()),
             "new configuration in use"

@@ -25,4 +25,5 @@ mod malformed;
 mod permission;
 mod properties;
 mod refresh;
+mod reload;
 mod stream;

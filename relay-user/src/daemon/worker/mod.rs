@@ -58,7 +58,7 @@ use crate::{
 };
 use rand::rngs::StdRng;
 use relay_proto::{
-    server::{AllocationId, Command, Forward, Server},
+    server::{AllocationId, Command, Forward, Reconfigure, ReconfigureReport, Server},
     Transport,
 };
 
@@ -82,6 +82,11 @@ pub enum WorkerRequest {
     },
     /// Counts for metrics.
     Snapshot(oneshot::Sender<WorkerSnapshot>),
+    /// A reload's credentials, peer policy and caps for this worker's core; what it withdrew.
+    Reconfigure {
+        update: Box<Reconfigure>,
+        reply: oneshot::Sender<ReconfigureReport>,
+    },
 }
 
 /// One worker's share of the metrics.
@@ -768,6 +773,13 @@ impl Worker {
                     Some(_) => lock(&self.kernel).set_allocation(allocation, on),
                 };
                 let _ = reply.send(result);
+            }
+            WorkerRequest::Reconfigure { update, reply } => {
+                let report = self.server.reconfigure(*update, Instant::now());
+                // The withdrawn permissions' and channels' kernel entries go now, before the
+                // reload answers.
+                self.drain_commands(None);
+                let _ = reply.send(report);
             }
             WorkerRequest::Snapshot(reply) => {
                 let mut snapshot = WorkerSnapshot {
