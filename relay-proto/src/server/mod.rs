@@ -44,12 +44,12 @@ use effects::Effects;
 pub use forward::Forward;
 pub use quota::{AllocationQuota, QuotaError, QuotaLedger};
 pub use relayed::LiveRelayed;
-pub use usage::{AllocationEnd, EndReason};
 use request::{
     AllocateRequest, ChannelBindRequest, CreatePermissionRequest, RefreshRequest, Rejection,
     SendIndication,
 };
 use timers::Timers;
+pub use usage::{AllocationEnd, EndReason};
 
 /// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);

@@ -23,3 +23,4 @@ mod permission;
 mod properties;
 mod refresh;
 mod stream;
+mod usage;
