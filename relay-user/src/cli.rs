@@ -52,6 +52,22 @@ pub enum CtlCommand {
         #[arg(value_name = "ALLOCATION|on|off")]
         second: String,
     },
+    /// End an allocation (or every allocation of a user; a TURN REST username `expiry:user`
+    /// counts as its user part): its kernel entries and relay socket go, a TCP/TLS client's
+    /// connection closes, and its usage record says `disconnected`. Exits non-zero if there is
+    /// no such allocation or the user has none.
+    Disconnect {
+        /// The allocation id (see `relay ctl allocations`).
+        #[arg(
+            value_name = "ALLOCATION",
+            required_unless_present = "user",
+            conflicts_with = "user"
+        )]
+        allocation: Option<u64>,
+        /// End every allocation of this user instead.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
     /// Re-read the TLS certificate and key (as SIGHUP does): new handshakes use them, open
     /// connections keep theirs. Exits non-zero with the reason if the files are unusable (the
     /// running certificate then stays).
@@ -215,4 +231,8 @@ pub struct ServeArgs {
     /// network (Prometheus, Kubernetes probes); the admin endpoint stays on loopback.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Also append every usage record (one JSON object per ended allocation, see README
+    /// "Usage records") to this file, one line each. Opened at start, before root is dropped.
+    #[arg(long, value_name = "PATH")]
+    pub usage_log: Option<std::path::PathBuf>,
 }

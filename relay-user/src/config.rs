@@ -5,7 +5,7 @@
 //! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
 //! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
 //! `metrics`, `listen-tcp`, `listen-tls`, `tls-cert`, `tls-key`, `max-connections`,
-//! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`, `usage-log`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -57,6 +57,7 @@ pub struct ConfigFile {
     pub user_id: Option<String>,
     pub group_id: Option<String>,
     pub metrics: Option<SocketAddr>,
+    pub usage_log: Option<PathBuf>,
     pub max_allocations: Option<usize>,
     pub max_allocations_per_user: Option<usize>,
     pub unauth_rate_bytes: Option<u64>,
@@ -119,6 +120,7 @@ impl ConfigFile {
         put(&mut self.user_id, upper.user_id);
         put(&mut self.group_id, upper.group_id);
         put(&mut self.metrics, upper.metrics);
+        put(&mut self.usage_log, upper.usage_log);
         put(&mut self.max_allocations, upper.max_allocations);
         put(&mut self.unauth_rate_bytes, upper.unauth_rate_bytes);
         put(&mut self.unauth_burst_bytes, upper.unauth_burst_bytes);
@@ -164,6 +166,7 @@ impl ConfigFile {
             user_id: args.user_id.clone(),
             group_id: args.group_id.clone(),
             metrics: args.metrics,
+            usage_log: args.usage_log.clone(),
             max_allocations: args.max_allocations,
             max_allocations_per_user: args.max_allocations_per_user,
             unauth_rate_bytes: args.unauth_rate_bytes,
@@ -220,6 +223,8 @@ pub struct Config {
     pub group_id: Option<String>,
     /// Read-only listener for `/metrics`, `/healthz` and `/readyz` (may face the network).
     pub metrics: Option<SocketAddr>,
+    /// File usage records are appended to, besides the log.
+    pub usage_log: Option<PathBuf>,
     /// Allocations relay-wide (508 beyond).
     pub max_allocations: usize,
     /// Allocations per user, REST usernames by their user part (486 beyond).
@@ -380,6 +385,7 @@ impl Config {
             user_id: file.user_id,
             group_id: file.group_id,
             metrics: file.metrics,
+            usage_log: file.usage_log,
             max_allocations,
             max_allocations_per_user,
             secrets_on_command_line: false,

@@ -17,6 +17,9 @@ fn main() -> std::process::ExitCode {
             }),
             CtlCommand::Fastpath { first, second } => client::fastpath(ctl.admin, &first, &second),
             CtlCommand::Reload => client::reload(ctl.admin),
+            CtlCommand::Disconnect { allocation, user } => {
+                client::disconnect(ctl.admin, allocation, user.as_deref())
+            }
         },
     };
     match result {

@@ -89,6 +89,9 @@ pub struct AllocationView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relayed_additional: Option<String>,
     pub expires_in_secs: u64,
+    /// When the allocation went live, in Unix seconds (0 in answers of older relays).
+    #[serde(default)]
+    pub started_unix: u64,
     /// Peer IPs with a live permission.
     pub peers: Vec<String>,
     pub channels: Vec<ChannelView>,
@@ -145,6 +148,26 @@ pub enum AdminRequest {
     /// Re-read what can change at runtime (the TLS certificate): what was reloaded, or why
     /// nothing was.
     Reload(oneshot::Sender<Result<String, String>>),
+    /// End allocations (`relay ctl disconnect`): the ids ended, or why none was.
+    Disconnect {
+        target: DisconnectTarget,
+        reply: oneshot::Sender<Result<Vec<u64>, String>>,
+    },
+}
+
+/// What `relay ctl disconnect` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DisconnectTarget {
+    Allocation(u64),
+    /// Every allocation of a user (a TURN REST username counts as its user part).
+    User(String),
+}
+
+/// The answer to a disconnect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disconnected {
+    /// The allocations ended.
+    pub disconnected: Vec<u64>,
 }
 
 /// What `/healthz` and `/readyz` report.

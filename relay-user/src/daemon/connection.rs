@@ -64,6 +64,8 @@ pub enum CloseReason {
     Stalled,
     /// The relay is stopping.
     Shutdown,
+    /// The operator ended its allocation (`relay ctl disconnect`).
+    Disconnected,
 }
 
 impl CloseReason {
@@ -78,6 +80,7 @@ impl CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Stalled => "stalled",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Disconnected => "disconnected",
         }
     }
 }

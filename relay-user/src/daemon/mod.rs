@@ -11,6 +11,7 @@ mod limits;
 mod notify;
 mod privileges;
 mod tls;
+mod usage;
 mod worker;
 
 use std::{
@@ -184,6 +185,8 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         policy.clone(),
         config.relay_ips.clone(),
     )?));
+    // Opened as root: the file may live where the unprivileged daemon cannot create it.
+    let usage = Arc::new(usage::UsageLog::open(config.usage_log.as_deref())?);
     // Everything privileged is done (programs attached, map descriptors open, listeners
     // bound) and no thread has started yet: drop root.
     if let Some(identity) =
@@ -249,6 +252,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             worker::Faults::default()
         };
         let env = stream_env.clone();
+        let usage = Arc::clone(&usage);
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || {
@@ -258,7 +262,15 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
                     streams: stream_listeners,
                     env,
                 };
-                run_worker(server_config, listeners, kernel, requests_rx, stop, faults)
+                run_worker(
+                    server_config,
+                    listeners,
+                    kernel,
+                    requests_rx,
+                    stop,
+                    faults,
+                    usage,
+                )
             })
             .context("starting a worker thread")?;
         handles.push(handle);
@@ -421,6 +433,7 @@ fn run_worker(
     requests: mpsc::Receiver<WorkerRequest>,
     stop: watch::Receiver<bool>,
     faults: worker::Faults,
+    usage: Arc<usage::UsageLog>,
 ) -> anyhow::Result<usize> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -434,7 +447,7 @@ fn run_worker(
             worker::unix_now(),
         );
         let mut worker =
-            Worker::new(server, kernel, faults, listeners.env).context("worker epoll")?;
+            Worker::new(server, kernel, faults, listeners.env, usage).context("worker epoll")?;
         for (addr, socket) in listeners.udp {
             worker
                 .add_listener(addr, socket)
