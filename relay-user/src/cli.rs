@@ -210,6 +210,10 @@ pub struct ServeArgs {
     /// Channel binding lifetime in seconds instead of RFC 8656's 600 (for tests only).
     #[arg(long, value_name = "SECS", hide = true)]
     pub channel_lifetime: Option<u64>,
+    /// Allocation lifetime without a LIFETIME attribute, in seconds, instead of RFC 8656's
+    /// 600 (for tests only: an expiry within a test's time).
+    #[arg(long, value_name = "SECS", hide = true)]
+    pub allocation_lifetime: Option<u64>,
     /// Fault injection (for tests only): the first N receive calls of worker 0 fail with
     /// ENOMEM.
     #[arg(long, value_name = "N", hide = true)]

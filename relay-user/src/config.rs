@@ -239,6 +239,8 @@ pub struct Config {
     /// Test-only overrides of the RFC 8656 permission and channel lifetimes (hidden flags).
     pub permission_lifetime: Option<std::time::Duration>,
     pub channel_lifetime: Option<std::time::Duration>,
+    /// Test-only default allocation lifetime (hidden flag).
+    pub allocation_lifetime: Option<std::time::Duration>,
     /// Test-only fault injection in worker 0 (hidden flags).
     pub fault_receive_errors: u32,
     pub fault_panic_worker_after: u64,
@@ -262,6 +264,7 @@ impl Config {
         let seconds = |s: Option<u64>| s.map(std::time::Duration::from_secs);
         config.permission_lifetime = seconds(args.permission_lifetime);
         config.channel_lifetime = seconds(args.channel_lifetime);
+        config.allocation_lifetime = seconds(args.allocation_lifetime);
         config.fault_receive_errors = args.fault_receive_errors.unwrap_or(0);
         config.fault_panic_worker_after = args.fault_panic_worker_after.unwrap_or(0);
         Ok(config)
@@ -397,6 +400,7 @@ impl Config {
                 .unwrap_or(relay_proto::limiter::DEFAULT_BURST_BYTES),
             permission_lifetime: None,
             channel_lifetime: None,
+            allocation_lifetime: None,
             fault_receive_errors: 0,
             fault_panic_worker_after: 0,
         })

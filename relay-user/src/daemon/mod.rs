@@ -554,6 +554,10 @@ fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
     if let Some(lifetime) = config.channel_lifetime {
         server.channel_lifetime = lifetime;
     }
+    if let Some(lifetime) = config.allocation_lifetime {
+        server.default_lifetime = lifetime;
+        server.max_lifetime = server.max_lifetime.max(lifetime);
+    }
     server.software = Some(concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned());
     server
 }
