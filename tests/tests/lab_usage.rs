@@ -224,12 +224,13 @@ fn kernel_and_socket_counters_are_each_counted_once() {
     assert_eq!(record["listener"], listen);
     assert_eq!(record["relayed"], serde_json::json!([relayed.to_string()]));
     // Exactly what the kernel forwarded (the last listing: nothing moved since), and exactly
-    // the 30 round trips on the socket path: 12-byte payloads out, 16-byte ChannelData back.
+    // the 30 round trips on the socket path; both paths count the 12-byte payloads, not the
+    // ChannelData framing.
     assert_eq!(counters(record, "kernel"), view(&last.kernel), "{record}");
-    assert_eq!(counters(record, "kernel")[0], 150);
+    assert_eq!(counters(record, "kernel"), [150, 150 * 12, 150, 150 * 12]);
     assert_eq!(
         counters(record, "socket"),
-        [30, 30 * 12, 30, 30 * 16],
+        [30, 30 * 12, 30, 30 * 12],
         "{record}"
     );
     assert_eq!(counters(record, "socket"), view(&last.socket), "{record}");

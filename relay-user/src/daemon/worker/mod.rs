@@ -572,7 +572,7 @@ impl Worker {
         if let Some(forward) = forward {
             self.relay(forward, datagram, Some(token));
         }
-        self.drain_commands(Some(token));
+        self.drain_commands(Some((token, datagram.len)));
     }
 
     /// Queues a relayed datagram where the core decided, from where it lies in the arena.
@@ -601,8 +601,9 @@ impl Worker {
                 header,
                 transport,
             } => {
+                // The peer's payload, as the kernel counts it (not the ChannelData framing).
                 if let Some(token) = from_relay {
-                    self.count(token, false, HEADROOM + datagram.len);
+                    self.count(token, false, datagram.len);
                 }
                 if transport.is_stream() {
                     // A copy into the connection's queue (TCP has no zero-copy send here).
@@ -651,8 +652,9 @@ impl Worker {
     /// Executes the server's commands in order (binding a relay socket may make it emit
     /// more): sends are queued for the flush, fast-path updates are applied at once, so a
     /// ChannelBind's binding is installed before its success response leaves. `from_relay`
-    /// is the relay socket whose datagram caused them (its Data indications are peer data).
-    fn drain_commands(&mut self, from_relay: Option<u64>) {
+    /// is the relay socket whose datagram (of that many bytes) caused them: its Data
+    /// indication carries peer data, counted as the peer's payload, as the kernel counts it.
+    fn drain_commands(&mut self, from_relay: Option<(u64, usize)>) {
         while let Some(command) = self.server.next_command() {
             match command {
                 Command::SendToClient {
@@ -661,8 +663,8 @@ impl Worker {
                     payload,
                     transport,
                 } => {
-                    if let Some(token) = from_relay {
-                        self.count(token, false, payload.len());
+                    if let Some((token, peer_bytes)) = from_relay {
+                        self.count(token, false, peer_bytes);
                     }
                     if transport.is_stream() {
                         streams::queue_on(
