@@ -944,11 +944,12 @@ impl Worker {
     /// Takes the worker's channels out of the kernel and drops every socket; returns how many
     /// relay sockets it released.
     fn close(&mut self) -> usize {
-        // Allocations end before their connections close, so their records say `shutdown`.
+        let open = self.relays.len();
+        // Allocations end before their connections close, so their records say `shutdown`;
+        // their relay sockets and kernel entries go with them.
         self.server.end_all();
         self.drain_commands(None);
         self.close_streams();
-        let open = self.relays.len();
         let mut kernel = lock(&self.kernel);
         for (relayed, token) in self.relays.drain() {
             if let Some(Role::Relay { id, .. }) = self.sockets.get(token).map(|e| e.role) {
