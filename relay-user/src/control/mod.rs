@@ -6,6 +6,9 @@
 //! - `POST /allocations/{id}/fastpath/on|off`: move one allocation between the kernel fast path
 //!   and the socket path; the allocation itself is untouched.
 //! - `POST /fastpath/default/on|off`: the path new allocations start on.
+//! - `POST /allocations/{id}/disconnect`, `POST /users/{name}/disconnect` (name
+//!   percent-encoded): end one allocation, or every allocation of a user; 404 if none matched.
+//!   Each ended allocation's usage record says `disconnected`.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /healthz`, `GET /readyz`: 200 while every worker runs (and, for readiness, new
 //!   allocations are taken), 503 otherwise; for service managers and Kubernetes probes.

@@ -14,6 +14,7 @@
 use std::{
     fs::File,
     io::Write,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -55,7 +56,7 @@ pub struct UsageRecord {
     pub start_unix: u64,
     pub end: String,
     pub end_unix: u64,
-    /// Whole seconds between start and end.
+    /// `end_unix - start_unix` (so the three always agree).
     pub duration_secs: u64,
     /// `expired`, `refresh`, `connection_closed`, `disconnected` or `shutdown`.
     pub reason: &'static str,
@@ -96,7 +97,7 @@ impl UsageRecord {
             start_unix: start.as_secs(),
             end: rfc3339(stop.as_secs()),
             end_unix: stop.as_secs(),
-            duration_secs: age.as_secs(),
+            duration_secs: stop.as_secs().saturating_sub(start.as_secs()),
             reason: end.reason.label(),
             socket,
             kernel,
@@ -124,9 +125,11 @@ impl UsageLog {
     pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
         let file = match path {
             Some(path) => {
+                // Usernames and addresses: not for every local user (0640 when created).
                 let file = std::fs::OpenOptions::new()
                     .append(true)
                     .create(true)
+                    .mode(0o640)
                     .open(path)
                     .with_context(|| format!("cannot open --usage-log {}", path.display()))?;
                 Some((path.to_owned(), Mutex::new(file)))
@@ -260,7 +263,7 @@ mod tests {
             r#""realm":"relay.test","transport":"tcp","client":"192.0.2.10:50000","#,
             r#""listener":"198.18.0.1:3478","relayed":["198.18.0.1:50002","[2001:db8::1]:50004"],"#,
             r#""start":"2023-11-14T22:13:29Z","start_unix":1700000009,"#,
-            r#""end":"2023-11-14T22:15:00Z","end_unix":1700000100,"duration_secs":90,"#,
+            r#""end":"2023-11-14T22:15:00Z","end_unix":1700000100,"duration_secs":91,"#,
             r#""reason":"disconnected","#,
             r#""socket":{"to_peer_packets":3,"to_peer_bytes":300,"to_client_packets":2,"to_client_bytes":208},"#,
             r#""kernel":{"to_peer_packets":10,"to_peer_bytes":1000,"to_client_packets":0,"to_client_bytes":0},"#,
@@ -321,6 +324,12 @@ mod tests {
             let value: serde_json::Value = serde_json::from_str(line).unwrap();
             assert_eq!(value["event"], "allocation_end");
         }
+        // A new file is not for every local user.
+        let fresh = dir.join("fresh.jsonl");
+        UsageLog::open(Some(&fresh)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o007, 0, "{mode:o}");
         std::fs::remove_dir_all(&dir).unwrap();
 
         // A file that refuses writes (read-only descriptor): logged, not fatal.
