@@ -424,3 +424,106 @@ fn usage_log_from_config_appends() {
     assert!(stderr.contains("--usage-log"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `relay ctl disconnect --user` names a TURN REST user by its user part: a TLS and a UDP
+/// allocation of two REST usernames of `dave` both end, the TLS connection is closed by the
+/// relay, and the records carry the full REST usernames and each client's transport.
+#[test]
+fn disconnect_rest_user_over_tls_and_udp() {
+    const SECRET: &str = "usage-rest-secret";
+    let (pki, _) = support::tls::TestPki::installed("relay-usage");
+    let dir = temp_dir("usage-tls");
+    let usage_log = dir.join("usage.jsonl");
+    let usage_arg = usage_log.display().to_string();
+    let tls = SocketAddr::from(([127, 0, 0, 1], free_tcp_port("127.0.0.1")));
+    let tls_arg = tls.to_string();
+    let (cert, key) = (pki.cert_path(), pki.key_path());
+    let relay = Relay::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--listen-tls",
+        &tls_arg,
+        "--tls-cert",
+        cert.to_str().expect("utf-8 path"),
+        "--tls-key",
+        key.to_str().expect("utf-8 path"),
+        "--relay-ip",
+        "127.0.0.1",
+        "--realm",
+        REALM,
+        "--auth-secret",
+        SECRET,
+        "--user",
+        "erin:secret",
+        "--workers",
+        "2",
+        "--usage-log",
+        &usage_arg,
+    ]);
+    relay.wait_tcp_listening(tls);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let credential = |expiry: u64| {
+        let username = format!("{expiry}:dave");
+        let password =
+            relay::proto::auth::rest_password(SECRET.as_bytes(), &username).expect("REST password");
+        (username, password)
+    };
+    let (tls_user, tls_password) = credential(now + 3600);
+    let (udp_user, udp_password) = credential(now + 7200);
+
+    let mut over_tls = StreamClient::tls(tls, REALM, pki.client_config(&[]));
+    over_tls.login(&tls_user, &tls_password);
+    let tls_relayed = over_tls.allocate();
+    let (_udp, udp_relayed) = long_allocation(&relay, &udp_user, &udp_password);
+    let (_erin, erin_relayed) = long_allocation(&relay, "erin", "secret");
+    let mut ids = [id_of(&relay, tls_relayed), id_of(&relay, udp_relayed)];
+    ids.sort_unstable();
+
+    let (ok, out, err) = relay.ctl(&["disconnect", "--user", "dave"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "disconnected allocation(s) {}, {}",
+            ids[0], ids[1]
+        )),
+        "{out}"
+    );
+    assert!(
+        over_tls.closed_within(Duration::from_secs(3)).is_some(),
+        "the disconnected TLS client's connection stays open"
+    );
+    // erin is untouched.
+    let left: Vec<String> = relay
+        .allocations()
+        .allocations
+        .iter()
+        .map(|a| a.relayed.clone())
+        .collect();
+    assert_eq!(left, vec![erin_relayed.to_string()]);
+
+    let records = wait_records(&usage_log, 2, Duration::from_secs(5));
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let tls_record = record_of(&records, id_of_record(&records, &tls_user));
+    assert_eq!(tls_record["transport"], "tls");
+    assert_eq!(tls_record["listener"], tls.to_string());
+    assert_eq!(tls_record["reason"], "disconnected");
+    let udp_record = record_of(&records, id_of_record(&records, &udp_user));
+    assert_eq!(udp_record["transport"], "udp");
+    assert_eq!(udp_record["reason"], "disconnected");
+    relay.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The allocation id of the one record of `user`.
+fn id_of_record(records: &[Value], user: &str) -> u64 {
+    let ids: Vec<u64> = records
+        .iter()
+        .filter(|r| r["user"] == user)
+        .filter_map(|r| r["allocation"].as_u64())
+        .collect();
+    assert_eq!(ids.len(), 1, "records of {user}: {records:#?}");
+    ids[0]
+}
