@@ -52,6 +52,22 @@ pub enum CtlCommand {
         #[arg(value_name = "ALLOCATION|on|off")]
         second: String,
     },
+    /// End an allocation (or every allocation of a user; a TURN REST username `expiry:user`
+    /// counts as its user part): its kernel entries and relay socket go, a TCP/TLS client's
+    /// connection closes, and its usage record says `disconnected`. Exits non-zero if there is
+    /// no such allocation or the user has none.
+    Disconnect {
+        /// The allocation id (see `relay ctl allocations`).
+        #[arg(
+            value_name = "ALLOCATION",
+            required_unless_present = "user",
+            conflicts_with = "user"
+        )]
+        allocation: Option<u64>,
+        /// End every allocation of this user instead.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
     /// Re-read the config (as SIGHUP does): users, REST secrets, peer policy, quotas, log
     /// level, TLS certificate and key; live allocations stay. Exits non-zero with the reason
     /// if anything is invalid or a setting that needs a restart changed (nothing then changes).
@@ -209,6 +225,10 @@ pub struct ServeArgs {
     /// Channel binding lifetime in seconds instead of RFC 8656's 600 (for tests only).
     #[arg(long, value_name = "SECS", hide = true)]
     pub channel_lifetime: Option<u64>,
+    /// Allocation lifetime without a LIFETIME attribute, in seconds, instead of RFC 8656's
+    /// 600 (for tests only: an expiry within a test's time).
+    #[arg(long, value_name = "SECS", hide = true)]
+    pub allocation_lifetime: Option<u64>,
     /// Fault injection (for tests only): the first N receive calls of worker 0 fail with
     /// ENOMEM.
     #[arg(long, value_name = "N", hide = true)]
@@ -239,4 +259,8 @@ pub struct ServeArgs {
     /// network (Prometheus, Kubernetes probes); the admin endpoint stays on loopback.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Also append every usage record (one JSON object per ended allocation, see README
+    /// "Usage records") to this file, one line each. Opened at start, before root is dropped.
+    #[arg(long, value_name = "PATH")]
+    pub usage_log: Option<std::path::PathBuf>,
 }

@@ -6,7 +6,7 @@
 //! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
 //! `metrics`, `listen-tcp`, `listen-tls`, `tls-cert`, `tls-key`, `max-connections`,
 //! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`,
-//! `alternate-server`, `alternate-domain`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `alternate-server`, `alternate-domain`, `usage-log`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -58,6 +58,7 @@ pub struct ConfigFile {
     pub user_id: Option<String>,
     pub group_id: Option<String>,
     pub metrics: Option<SocketAddr>,
+    pub usage_log: Option<PathBuf>,
     pub max_allocations: Option<usize>,
     pub max_allocations_per_user: Option<usize>,
     pub unauth_rate_bytes: Option<u64>,
@@ -122,6 +123,7 @@ impl ConfigFile {
         put(&mut self.user_id, upper.user_id);
         put(&mut self.group_id, upper.group_id);
         put(&mut self.metrics, upper.metrics);
+        put(&mut self.usage_log, upper.usage_log);
         put(&mut self.max_allocations, upper.max_allocations);
         put(&mut self.unauth_rate_bytes, upper.unauth_rate_bytes);
         put(&mut self.unauth_burst_bytes, upper.unauth_burst_bytes);
@@ -169,6 +171,7 @@ impl ConfigFile {
             user_id: args.user_id.clone(),
             group_id: args.group_id.clone(),
             metrics: args.metrics,
+            usage_log: args.usage_log.clone(),
             max_allocations: args.max_allocations,
             max_allocations_per_user: args.max_allocations_per_user,
             unauth_rate_bytes: args.unauth_rate_bytes,
@@ -227,6 +230,8 @@ pub struct Config {
     pub group_id: Option<String>,
     /// Read-only listener for `/metrics`, `/healthz` and `/readyz` (may face the network).
     pub metrics: Option<SocketAddr>,
+    /// File usage records are appended to, besides the log.
+    pub usage_log: Option<PathBuf>,
     /// Allocations relay-wide (508 beyond).
     pub max_allocations: usize,
     /// Allocations per user, REST usernames by their user part (486 beyond).
@@ -243,6 +248,8 @@ pub struct Config {
     pub channel_lifetime: Option<std::time::Duration>,
     /// ALTERNATE-SERVER targets and ALTERNATE-DOMAIN (drain, allocation cap).
     pub alternates: relay_proto::server::Alternates,
+    /// Test-only default allocation lifetime (hidden flag).
+    pub allocation_lifetime: Option<std::time::Duration>,
     /// Test-only fault injection in worker 0 (hidden flags).
     pub fault_receive_errors: u32,
     pub fault_panic_worker_after: u64,
@@ -266,6 +273,7 @@ impl Config {
         let seconds = |s: Option<u64>| s.map(std::time::Duration::from_secs);
         config.permission_lifetime = seconds(args.permission_lifetime);
         config.channel_lifetime = seconds(args.channel_lifetime);
+        config.allocation_lifetime = seconds(args.allocation_lifetime);
         config.fault_receive_errors = args.fault_receive_errors.unwrap_or(0);
         config.fault_panic_worker_after = args.fault_panic_worker_after.unwrap_or(0);
         Ok(config)
@@ -402,6 +410,7 @@ impl Config {
             user_id: file.user_id,
             group_id: file.group_id,
             metrics: file.metrics,
+            usage_log: file.usage_log,
             max_allocations,
             max_allocations_per_user,
             secrets_on_command_line: false,
@@ -413,6 +422,7 @@ impl Config {
                 .unwrap_or(relay_proto::limiter::DEFAULT_BURST_BYTES),
             permission_lifetime: None,
             channel_lifetime: None,
+            allocation_lifetime: None,
             fault_receive_errors: 0,
             fault_panic_worker_after: 0,
         })

@@ -19,6 +19,9 @@ fn main() -> std::process::ExitCode {
             CtlCommand::Reload => client::reload(ctl.admin),
             CtlCommand::Drain { deadline } => relay::control::drain::drain(ctl.admin, deadline),
             CtlCommand::Status { json } => relay::control::drain::status(ctl.admin, json),
+            CtlCommand::Disconnect { allocation, user } => {
+                client::disconnect(ctl.admin, allocation, user.as_deref())
+            }
         },
     };
     match result {

@@ -74,6 +74,8 @@ pub(super) struct Allocation {
     pub(super) additional: Option<SocketAddr>,
     /// Granted by the Allocate; the expiry starts when the socket is bound.
     pub(super) lifetime: Duration,
+    /// When the Allocate arrived; reset to when it went live (its usage record's start).
+    pub(super) started: Instant,
     pub(super) expires: Instant,
     pub(super) state: AllocState,
     /// Transaction id of the Allocate that created it, for retransmissions (RFC 8656 §7.2).

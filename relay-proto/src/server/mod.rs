@@ -17,8 +17,9 @@ mod request;
 #[cfg(test)]
 mod tests;
 mod timers;
+mod usage;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -53,6 +54,7 @@ use request::{
     SendIndication,
 };
 use timers::Timers;
+pub use usage::{AllocationEnd, EndReason};
 
 /// After expiry a channel number and its peer stay reserved this long (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
@@ -296,6 +298,8 @@ pub struct AllocationInfo {
     pub additional_relayed: Option<SocketAddr>,
     /// expiry
     pub expires: Instant,
+    /// when it went live
+    pub started: Instant,
     /// peer IPs with a live permission
     pub permissions: Vec<IpAddr>,
     /// bound channels: (number, peer)
@@ -353,6 +357,8 @@ pub struct Server<R> {
     timers: Timers,
     /// Error responses sent, by method and code (for metrics; no per-user keys).
     error_responses: HashMap<(Method, StunErrorCode), u64>,
+    /// Live allocations that ended since the IO layer last asked (see [`Server::next_ended`]).
+    ended: VecDeque<AllocationEnd>,
 }
 
 /// [`Server::peer_reachable`] on the configuration alone, so it can be lent while an
@@ -401,6 +407,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             commands: Effects::default(),
             timers: Timers::default(),
             error_responses: HashMap::new(),
+            ended: VecDeque::new(),
             config,
         }
     }
@@ -432,6 +439,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             relayed: a.relayed,
             additional_relayed: a.additional,
             expires: a.expires,
+            started: a.started,
             permissions: a.permissions.keys().copied().collect(),
             channels: a
                 .channels
@@ -472,7 +480,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             }
             alloc.scheduled = None;
             if alloc.expires <= now {
-                self.remove_allocation(id);
+                self.remove_allocation(id, EndReason::Expired);
                 continue;
             }
             alloc.expire(now, &mut self.commands);
@@ -560,7 +568,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .get(&(client, listener, transport))
             .copied()
         {
-            self.remove_allocation(id);
+            self.remove_allocation(id, EndReason::ConnectionClosed);
         }
     }
 
@@ -735,6 +743,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
         };
         let lifetime = alloc.lifetime;
         alloc.expires = now + lifetime;
+        alloc.started = now;
         let relayed: Vec<SocketAddr> = alloc.relayed_addresses().collect();
         let ctx = pending.ctx;
         let mut attrs = Vec::with_capacity(relayed.len() + 3);
@@ -889,11 +898,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
     }
 
     /// Deletes an allocation: its channels leave the fast path, then its sockets close (both of
-    /// a dual allocation).
-    fn remove_allocation(&mut self, id: AllocationId) {
+    /// a dual allocation); a live one leaves its end (and `reason`) for its usage record.
+    fn remove_allocation(&mut self, id: AllocationId, reason: EndReason) {
         let Some(alloc) = self.forget_allocation(id) else {
             return;
         };
+        self.note_end(&alloc, reason);
         for (number, channel) in &alloc.channels {
             if channel.installed {
                 self.commands
@@ -1294,6 +1304,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             additional: None,
             lifetime,
             expires: now + lifetime,
+            started: now,
             state: AllocState::Pending(Pending {
                 ctx: ctx.clone(),
                 attempts: 0,
@@ -1365,7 +1376,7 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
         }
         let lifetime = if request.lifetime == Some(0) {
-            self.remove_allocation(id);
+            self.remove_allocation(id, EndReason::Refresh);
             Duration::ZERO
         } else {
             let lifetime = self.desired_lifetime(request.lifetime);

@@ -165,6 +165,26 @@ pub fn reload(admin: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `relay ctl disconnect ALLOCATION` and `relay ctl disconnect --user NAME`: ends the
+/// allocation(s) and prints which; an unknown allocation or user is an error.
+pub fn disconnect(
+    admin: SocketAddr,
+    allocation: Option<u64>,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
+    let path = match (allocation, user) {
+        (Some(id), None) => format!("/allocations/{id}/disconnect"),
+        (None, Some(user)) => format!("/users/{}/disconnect", super::http::percent_encode(user)),
+        _ => bail!("usage: relay ctl disconnect ALLOCATION, or relay ctl disconnect --user NAME"),
+    };
+    let body = request(admin, "POST", &path)?;
+    let answer: super::Disconnected =
+        serde_json::from_str(&body).context("unexpected answer from the admin endpoint")?;
+    let ids: Vec<String> = answer.disconnected.iter().map(u64::to_string).collect();
+    println!("disconnected allocation(s) {}", ids.join(", "));
+    Ok(())
+}
+
 pub fn fastpath(admin: SocketAddr, first: &str, second: &str) -> anyhow::Result<()> {
     let state = |word: &str| match word {
         "on" | "off" => Ok(word.to_owned()),

@@ -10,7 +10,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{ask, AdminRequest};
+use super::{ask, AdminRequest, DisconnectTarget, Disconnected};
 
 /// Longest request head accepted; the admin API has no request bodies.
 const MAX_REQUEST: usize = 8192;
@@ -259,6 +259,16 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
                 .await,
             )
         }
+        ("POST", ["allocations", id, "disconnect"]) => {
+            let Ok(allocation) = id.parse::<u64>() else {
+                return Response::error(400, "expected /allocations/<id>/disconnect");
+            };
+            disconnect(core, DisconnectTarget::Allocation(allocation)).await
+        }
+        ("POST", ["users", name, "disconnect"]) => match percent_decode(name) {
+            Some(user) if !user.is_empty() => disconnect(core, DisconnectTarget::User(user)).await,
+            _ => Response::error(400, "expected /users/<percent-encoded name>/disconnect"),
+        },
         ("POST", ["reload"]) => match ask(core, AdminRequest::Reload).await {
             Some(Ok(message)) => Response::json(200, &serde_json::json!({ "message": message })),
             Some(Err(message)) => Response::error(409, &message),
@@ -282,6 +292,8 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
         (_, ["allocations"] | ["metrics"] | ["healthz"] | ["readyz"] | ["reload"] | ["status"])
         | (_, ["drain"] | ["drain", _])
         | (_, ["allocations", _, "fastpath", _])
+        | (_, ["allocations", _, "disconnect"])
+        | (_, ["users", _, "disconnect"])
         | (_, ["fastpath", "default", _]) => Response::error(405, "method not allowed"),
         _ => Response::error(404, "no such route"),
     }
@@ -294,9 +306,60 @@ async fn drain_route(core: &mpsc::Sender<AdminRequest>, deadline: Option<Duratio
     }
 }
 
+/// Ends allocations; 404 when there was none to end.
+async fn disconnect(core: &mpsc::Sender<AdminRequest>, target: DisconnectTarget) -> Response {
+    match ask(core, |reply| AdminRequest::Disconnect { target, reply }).await {
+        Some(Ok(disconnected)) => Response::json(200, &Disconnected { disconnected }),
+        Some(Err(message)) => Response::error(404, &message),
+        None => Response::error(503, "the relay is shutting down"),
+    }
+}
+
+/// `%XX` escapes of a path segment decoded; `None` for a broken escape or non-UTF-8 result.
+pub fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `text` as a path segment: everything but RFC 3986 unreserved characters escaped.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::local_host;
+    use super::{local_host, percent_decode, percent_encode};
+
+    #[test]
+    fn user_names_survive_the_path() {
+        for name in ["alice", "1700000000:alice", "a b/c%d?e", "ünï", "x.y-z_~"] {
+            assert_eq!(percent_decode(&percent_encode(name)).as_deref(), Some(name));
+            assert!(!percent_encode(name).contains(['/', ' ', '?']));
+        }
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("abc%4"), None);
+        assert_eq!(percent_decode("%FF"), None);
+    }
 
     #[test]
     fn only_loopback_hosts_are_local() {

@@ -6,6 +6,9 @@
 //! - `POST /allocations/{id}/fastpath/on|off`: move one allocation between the kernel fast path
 //!   and the socket path; the allocation itself is untouched.
 //! - `POST /fastpath/default/on|off`: the path new allocations start on.
+//! - `POST /allocations/{id}/disconnect`, `POST /users/{name}/disconnect` (name
+//!   percent-encoded): end one allocation, or every allocation of a user; 404 if none matched.
+//!   Each ended allocation's usage record says `disconnected`.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /healthz`, `GET /readyz`: 200 while every worker runs (and, for readiness, new
 //!   allocations are taken: not while draining), 503 otherwise; for service managers and
@@ -93,6 +96,9 @@ pub struct AllocationView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relayed_additional: Option<String>,
     pub expires_in_secs: u64,
+    /// When the allocation went live, in Unix seconds (0 in answers of older relays).
+    #[serde(default)]
+    pub started_unix: u64,
     /// Peer IPs with a live permission.
     pub peers: Vec<String>,
     pub channels: Vec<ChannelView>,
@@ -156,6 +162,26 @@ pub enum AdminRequest {
     },
     /// `relay ctl status`.
     Status(oneshot::Sender<drain::StatusView>),
+    /// End allocations (`relay ctl disconnect`): the ids ended, or why none was.
+    Disconnect {
+        target: DisconnectTarget,
+        reply: oneshot::Sender<Result<Vec<u64>, String>>,
+    },
+}
+
+/// What `relay ctl disconnect` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DisconnectTarget {
+    Allocation(u64),
+    /// Every allocation of a user (a TURN REST username counts as its user part).
+    User(String),
+}
+
+/// The answer to a disconnect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disconnected {
+    /// The allocations ended.
+    pub disconnected: Vec<u64>,
 }
 
 /// What `/healthz` and `/readyz` report.

@@ -14,9 +14,9 @@ use super::{
     connection_limits::ConnectionLimits,
     kernel_sync::KernelSync,
     reload::SharedReloader,
-    worker::{lock, WorkerRequest, WorkerSnapshot},
+    worker::{lock, DisconnectTarget as WorkerTarget, WorkerRequest, WorkerSnapshot},
 };
-use crate::control::{ask, AdminRequest, AllocationList, Health};
+use crate::control::{ask, AdminRequest, AllocationList, DisconnectTarget, Health};
 use relay_proto::{limiter::UnauthLimiter, server::AllocationId};
 
 /// Serves requests from the admin endpoint until it goes away.
@@ -75,6 +75,9 @@ pub async fn route(
                 };
                 let _ = reply.send(result);
             }
+            AdminRequest::Disconnect { target, reply } => {
+                let _ = reply.send(disconnect(&workers, target).await);
+            }
             AdminRequest::SetDefault { on, reply } => {
                 let _ = reply.send(lock(&kernel).set_default(on));
             }
@@ -132,6 +135,47 @@ pub async fn route(
             }
         }
     }
+}
+
+/// Ends an allocation on the worker that owns it, or a user's on every worker; an unknown
+/// allocation or a user without allocations is an error that names it.
+async fn disconnect(
+    workers: &[mpsc::Sender<WorkerRequest>],
+    target: DisconnectTarget,
+) -> Result<Vec<u64>, String> {
+    let (asked, target, missing): (&[_], _, _) = match target {
+        DisconnectTarget::Allocation(id) => {
+            // Allocation ids are striped over the workers: worker i owns i + 1 + k * n.
+            let owner = usize::try_from(id.saturating_sub(1))
+                .ok()
+                .map(|i| i % workers.len().max(1));
+            let asked = match owner {
+                Some(i) if id > 0 => workers.get(i..=i).unwrap_or_default(),
+                _ => &[],
+            };
+            (
+                asked,
+                WorkerTarget::Allocation(AllocationId(id)),
+                format!("no allocation {id} (see `relay ctl allocations`)"),
+            )
+        }
+        DisconnectTarget::User(user) => {
+            let missing = format!("no allocation of user `{user}` (see `relay ctl allocations`)");
+            (workers, WorkerTarget::User(user), missing)
+        }
+    };
+    let mut ended = Vec::new();
+    for worker in asked {
+        let target = target.clone();
+        if let Some(ids) = ask(worker, |reply| WorkerRequest::Disconnect { target, reply }).await {
+            ended.extend(ids.into_iter().map(|id| id.0));
+        }
+    }
+    ended.sort_unstable();
+    if ended.is_empty() {
+        return Err(missing);
+    }
+    Ok(ended)
 }
 
 /// Prometheus text exposition; no per-user labels.

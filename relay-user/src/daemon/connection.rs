@@ -68,6 +68,8 @@ pub enum CloseReason {
     Stalled,
     /// The relay is stopping.
     Shutdown,
+    /// The operator ended its allocation (`relay ctl disconnect`).
+    Disconnected,
 }
 
 impl CloseReason {
@@ -82,6 +84,7 @@ impl CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Stalled => "stalled",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Disconnected => "disconnected",
         }
     }
 }

@@ -214,7 +214,9 @@ impl KernelSync {
                     self.remove_permission(*id, &permission);
                 }
             }
-            Command::DeleteAllocation { id, .. } => self.forget_allocation(*id),
+            Command::DeleteAllocation { id, .. } => {
+                self.forget_allocation(*id);
+            }
             _ => {}
         }
     }
@@ -291,6 +293,14 @@ impl KernelSync {
                 PathCounters::default()
             }
         }
+    }
+
+    /// Takes allocation `id` out of the kernel (its relay socket is closing) and returns what
+    /// the kernel relayed for it, read after its entries are gone (so final up to packets in
+    /// flight), for its usage record. A second call (the other socket of a dual allocation)
+    /// returns zero: each count is reported once.
+    pub fn end_allocation(&mut self, id: AllocationId) -> PathCounters {
+        self.forget_allocation(id)
     }
 
     /// Kernel totals over live and deleted allocations.
@@ -388,7 +398,7 @@ impl KernelSync {
         }
     }
 
-    fn forget_allocation(&mut self, id: AllocationId) {
+    fn forget_allocation(&mut self, id: AllocationId) -> PathCounters {
         // Bindings out first, so the counters read next are final (up to packets in flight).
         let mut clean = true;
         if let Some(channels) = self.bindings.remove(&id) {
@@ -412,6 +422,7 @@ impl KernelSync {
                 self.free_slots.push(slot);
             }
         }
+        counters
     }
 
     /// The counter slot of `id`, taking (and zeroing) a free one the first time.

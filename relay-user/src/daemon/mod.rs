@@ -13,6 +13,7 @@ mod notify;
 mod privileges;
 mod reload;
 mod tls;
+mod usage;
 mod worker;
 
 use std::{
@@ -192,6 +193,8 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         policy.clone(),
         config.relay_ips.clone(),
     )?));
+    // Opened as root: the file may live where the unprivileged daemon cannot create it.
+    let usage = Arc::new(usage::UsageLog::open(config.usage_log.as_deref())?);
     // Everything privileged is done (programs attached, map descriptors open, listeners
     // bound) and no thread has started yet: drop root.
     if let Some(identity) =
@@ -265,6 +268,7 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
             worker::Faults::default()
         };
         let env = stream_env.clone();
+        let usage = Arc::clone(&usage);
         let handle = std::thread::Builder::new()
             .name(format!("relay-worker-{index}"))
             .spawn(move || {
@@ -274,7 +278,15 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
                     streams: stream_listeners,
                     env,
                 };
-                run_worker(server_config, listeners, kernel, requests_rx, stop, faults)
+                run_worker(
+                    server_config,
+                    listeners,
+                    kernel,
+                    requests_rx,
+                    stop,
+                    faults,
+                    usage,
+                )
             })
             .context("starting a worker thread")?;
         handles.push(handle);
@@ -453,6 +465,7 @@ fn run_worker(
     requests: mpsc::Receiver<WorkerRequest>,
     stop: watch::Receiver<bool>,
     faults: worker::Faults,
+    usage: Arc<usage::UsageLog>,
 ) -> anyhow::Result<usize> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -466,7 +479,7 @@ fn run_worker(
             worker::unix_now(),
         );
         let mut worker =
-            Worker::new(server, kernel, faults, listeners.env).context("worker epoll")?;
+            Worker::new(server, kernel, faults, listeners.env, usage).context("worker epoll")?;
         for (addr, socket) in listeners.udp {
             worker
                 .add_listener(addr, socket)
@@ -574,6 +587,10 @@ fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
         server.channel_lifetime = lifetime;
     }
     server.alternates = config.alternates.clone();
+    if let Some(lifetime) = config.allocation_lifetime {
+        server.default_lifetime = lifetime;
+        server.max_lifetime = server.max_lifetime.max(lifetime);
+    }
     server.software = Some(concat!("relay ", env!("CARGO_PKG_VERSION")).to_owned());
     server
 }

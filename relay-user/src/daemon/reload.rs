@@ -241,6 +241,7 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         secrets_on_command_line: _,
         permission_lifetime: _,
         channel_lifetime: _,
+        allocation_lifetime: _,
         fault_receive_errors: _,
         fault_panic_worker_after: _,
         // Fixed: checked below.
@@ -261,6 +262,7 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         unauth_rate_bytes: _,
         unauth_burst_bytes: _,
         alternates: _,
+        usage_log: _,
     } = old;
     let mut changes = Vec::new();
     let mut check = |key: &str, a: &dyn Debug, b: &dyn Debug| {
@@ -340,6 +342,9 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         &old.alternates,
         &new.alternates,
     );
+    // Opened at start, while still root (it may live where the unprivileged relay cannot
+    // create files).
+    check("usage-log", &old.usage_log, &new.usage_log);
     changes
 }
 

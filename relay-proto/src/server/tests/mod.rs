@@ -27,3 +27,4 @@ mod properties;
 mod refresh;
 mod reload;
 mod stream;
+mod usage;

@@ -46,7 +46,12 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{aggregate::ChannelMemo, connection::Connection, kernel_sync::KernelSync};
+use super::{
+    aggregate::ChannelMemo,
+    connection::{CloseReason, Connection},
+    kernel_sync::KernelSync,
+    usage::{UsageLog, UsageRecord},
+};
 use crate::{
     control::{AllocationView, ChannelView, PathCounters},
     net::{
@@ -87,6 +92,19 @@ pub enum WorkerRequest {
         update: Box<Reconfigure>,
         reply: oneshot::Sender<ReconfigureReport>,
     },
+    /// End allocations for the operator (`relay ctl disconnect`); answers the ids ended.
+    Disconnect {
+        target: DisconnectTarget,
+        reply: oneshot::Sender<Vec<AllocationId>>,
+    },
+}
+
+/// Which allocations `relay ctl disconnect` ends.
+#[derive(Clone, Debug)]
+pub enum DisconnectTarget {
+    Allocation(AllocationId),
+    /// Every allocation of this user (a REST username by its user part).
+    User(String),
 }
 
 /// One worker's share of the metrics.
@@ -292,6 +310,11 @@ pub struct Worker {
     /// Socket-path totals, including allocations that are gone (for metrics).
     socket_totals: PathCounters,
     kernel: Arc<Mutex<KernelSync>>,
+    /// Where usage records go.
+    usage: Arc<UsageLog>,
+    /// (socket, kernel) counters of allocations whose relay sockets closed in this round of
+    /// commands, until their usage record is written.
+    ending: HashMap<AllocationId, (PathCounters, PathCounters)>,
 }
 
 impl Worker {
@@ -301,6 +324,7 @@ impl Worker {
         kernel: Arc<Mutex<KernelSync>>,
         faults: Faults,
         stream_env: StreamEnv,
+        usage: Arc<UsageLog>,
     ) -> io::Result<Self> {
         // SAFETY: the Epoll owns its descriptor (an OwnedFd it never replaces) for its whole
         // life, which the AsyncFd's is, and its as_raw_fd always returns that descriptor.
@@ -329,6 +353,8 @@ impl Worker {
             send_drops: 0,
             socket_totals: PathCounters::default(),
             kernel,
+            usage,
+            ending: HashMap::new(),
         })
     }
 
@@ -556,7 +582,7 @@ impl Worker {
         if let Some(forward) = forward {
             self.relay(forward, datagram, Some(token));
         }
-        self.drain_commands(Some(token));
+        self.drain_commands(Some((token, datagram.len)));
     }
 
     /// Queues a relayed datagram where the core decided, from where it lies in the arena.
@@ -585,8 +611,9 @@ impl Worker {
                 header,
                 transport,
             } => {
+                // The peer's payload, as the kernel counts it (not the ChannelData framing).
                 if let Some(token) = from_relay {
-                    self.count(token, false, HEADROOM + datagram.len);
+                    self.count(token, false, datagram.len);
                 }
                 if transport.is_stream() {
                     // A copy into the connection's queue (TCP has no zero-copy send here).
@@ -635,8 +662,9 @@ impl Worker {
     /// Executes the server's commands in order (binding a relay socket may make it emit
     /// more): sends are queued for the flush, fast-path updates are applied at once, so a
     /// ChannelBind's binding is installed before its success response leaves. `from_relay`
-    /// is the relay socket whose datagram caused them (its Data indications are peer data).
-    fn drain_commands(&mut self, from_relay: Option<u64>) {
+    /// is the relay socket whose datagram (of that many bytes) caused them: its Data
+    /// indication carries peer data, counted as the peer's payload, as the kernel counts it.
+    fn drain_commands(&mut self, from_relay: Option<(u64, usize)>) {
         while let Some(command) = self.server.next_command() {
             match command {
                 Command::SendToClient {
@@ -645,8 +673,8 @@ impl Worker {
                     payload,
                     transport,
                 } => {
-                    if let Some(token) = from_relay {
-                        self.count(token, false, payload.len());
+                    if let Some((token, peer_bytes)) = from_relay {
+                        self.count(token, false, peer_bytes);
                     }
                     if transport.is_stream() {
                         streams::queue_on(
@@ -677,8 +705,13 @@ impl Worker {
                 },
                 Command::CreateAllocation { id, relayed } => self.open_relay(id, relayed),
                 Command::DeleteAllocation { id, relayed } => {
-                    lock(&self.kernel).apply(&command);
-                    self.close_relay(id, relayed);
+                    // The kernel's counters are read as its entries go, the socket's as it
+                    // closes: each path's count lands in the usage record once.
+                    let kernel = lock(&self.kernel).end_allocation(id);
+                    let socket = self.close_relay(id, relayed);
+                    let counted = self.ending.entry(id).or_default();
+                    counted.0 += socket;
+                    counted.1 += kernel;
                 }
                 Command::CreateChannelBinding { .. }
                 | Command::DeleteChannelBinding { .. }
@@ -686,6 +719,24 @@ impl Worker {
                 | Command::DeletePermission { .. } => lock(&self.kernel).apply(&command),
             }
         }
+        self.write_usage();
+    }
+
+    /// Writes the usage record of every allocation that ended: the core noted the end with
+    /// the commands that closed its sockets, all of which [`Worker::drain_commands`] has just
+    /// executed, so its counters are complete.
+    fn write_usage(&mut self) {
+        if self.ending.is_empty() {
+            return;
+        }
+        let (wall, now) = (SystemTime::now(), Instant::now());
+        while let Some(end) = self.server.next_ended() {
+            let (socket, kernel) = self.ending.remove(&end.id).unwrap_or_default();
+            self.usage
+                .write(&UsageRecord::new(&end, socket, kernel, wall, now));
+        }
+        // Allocations that never went live have no record.
+        self.ending.clear();
     }
 
     /// Sends every queued transmit; the arena's slots are free again afterwards. Connections
@@ -732,19 +783,26 @@ impl Worker {
         }
     }
 
-    fn close_relay(&mut self, id: AllocationId, relayed: SocketAddr) {
+    /// Closes a relay socket; returns what the socket path relayed through it.
+    fn close_relay(&mut self, id: AllocationId, relayed: SocketAddr) -> PathCounters {
         let Some(&token) = self.relays.get(&relayed) else {
-            return;
+            return PathCounters::default();
         };
         match self.sockets.get(token).map(|e| e.role) {
             Some(Role::Relay { id: owner, .. }) if owner == id => {
                 self.relays.remove(&relayed);
+                let mut counters = PathCounters::default();
                 if let Some(entry) = self.sockets.remove(token) {
                     self.epoll.get_ref().remove(entry.socket.raw_fd());
+                    counters = entry.counters;
                 }
                 debug!(allocation = %id, %relayed, "relay socket closed");
+                counters
             }
-            _ => warn!(allocation = %id, %relayed, "relay socket belongs to another allocation"),
+            _ => {
+                warn!(allocation = %id, %relayed, "relay socket belongs to another allocation");
+                PathCounters::default()
+            }
         }
     }
 
@@ -808,7 +866,42 @@ impl Worker {
                 }
                 let _ = reply.send(snapshot);
             }
+            WorkerRequest::Disconnect { target, reply } => {
+                let _ = reply.send(self.disconnect(target));
+            }
         }
+    }
+
+    /// Ends allocations for the operator (their records say `disconnected`) and closes the
+    /// connections of their TCP/TLS clients: without an allocation they have nothing to do.
+    fn disconnect(&mut self, target: DisconnectTarget) -> Vec<AllocationId> {
+        let streams: HashMap<AllocationId, (SocketAddr, SocketAddr, Transport)> = self
+            .server
+            .allocations()
+            .filter(|a| a.transport.is_stream())
+            .map(|a| (a.id, (a.client, a.listener, a.transport)))
+            .collect();
+        let ended = match target {
+            DisconnectTarget::Allocation(id) => {
+                if self.server.disconnect(id) {
+                    vec![id]
+                } else {
+                    Vec::new()
+                }
+            }
+            DisconnectTarget::User(user) => self.server.disconnect_user(&user),
+        };
+        self.drain_commands(None);
+        for id in &ended {
+            let token = streams
+                .get(id)
+                .and_then(|key| self.streams.get(key))
+                .copied();
+            if let Some(token) = token {
+                self.close_stream(token, CloseReason::Disconnected);
+            }
+        }
+        ended
     }
 
     /// What the socket path relayed per allocation (both relay sockets of a dual one).
@@ -842,6 +935,8 @@ impl Worker {
                 relayed: a.relayed.to_string(),
                 relayed_additional: a.additional_relayed.map(|r| r.to_string()),
                 expires_in_secs: a.expires.saturating_duration_since(now).as_secs(),
+                started_unix: unix_now()
+                    .saturating_sub(now.saturating_duration_since(a.started).as_secs()),
                 peers: a.permissions.iter().map(ToString::to_string).collect(),
                 channels: a
                     .channels
@@ -866,8 +961,12 @@ impl Worker {
     /// Takes the worker's channels out of the kernel and drops every socket; returns how many
     /// relay sockets it released.
     fn close(&mut self) -> usize {
-        self.close_streams();
         let open = self.relays.len();
+        // Allocations end before their connections close, so their records say `shutdown`;
+        // their relay sockets and kernel entries go with them.
+        self.server.end_all();
+        self.drain_commands(None);
+        self.close_streams();
         let mut kernel = lock(&self.kernel);
         for (relayed, token) in self.relays.drain() {
             if let Some(Role::Relay { id, .. }) = self.sockets.get(token).map(|e| e.role) {
