@@ -245,6 +245,11 @@ pub struct ServeArgs {
     /// certificates are checked against (needs --listen-tls and --alternate-server).
     #[arg(long, value_name = "NAME")]
     pub alternate_domain: Option<String>,
+    /// A load threshold: from this many allocations relay-wide on, new Allocates are sent to
+    /// an --alternate-server (300) of the client's family, while below --max-allocations;
+    /// clients with no such alternate are still served. Default: off.
+    #[arg(long, value_name = "N")]
+    pub redirect_above: Option<usize>,
     /// Local admin endpoint for `relay ctl` (keep it on loopback).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<SocketAddr>,

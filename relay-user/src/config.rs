@@ -6,7 +6,7 @@
 //! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
 //! `metrics`, `listen-tcp`, `listen-tls`, `tls-cert`, `tls-key`, `max-connections`,
 //! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`,
-//! `alternate-server`, `alternate-domain`, `usage-log`); a key the file does not set keeps the layer below, a flag given on the command line
+//! `alternate-server`, `alternate-domain`, `redirect-above`, `usage-log`); a key the file does not set keeps the layer below, a flag given on the command line
 //! replaces the file's value (lists are replaced, not merged).
 
 use std::{
@@ -65,6 +65,7 @@ pub struct ConfigFile {
     pub unauth_burst_bytes: Option<u64>,
     pub alternate_server: Option<Vec<SocketAddr>>,
     pub alternate_domain: Option<String>,
+    pub redirect_above: Option<usize>,
 }
 
 impl ConfigFile {
@@ -133,6 +134,7 @@ impl ConfigFile {
         );
         put(&mut self.alternate_server, upper.alternate_server);
         put(&mut self.alternate_domain, upper.alternate_domain);
+        put(&mut self.redirect_above, upper.redirect_above);
     }
 
     /// The layer the command-line flags form (unset flags leave keys unset).
@@ -178,6 +180,7 @@ impl ConfigFile {
             unauth_burst_bytes: args.unauth_burst_bytes,
             alternate_server: list(&args.alternate_server),
             alternate_domain: args.alternate_domain.clone(),
+            redirect_above: args.redirect_above,
         }
     }
 }
@@ -248,6 +251,8 @@ pub struct Config {
     pub channel_lifetime: Option<std::time::Duration>,
     /// ALTERNATE-SERVER targets and ALTERNATE-DOMAIN (drain, allocation cap).
     pub alternates: relay_proto::server::Alternates,
+    /// Allocations from which new ones go to alternates (`--redirect-above`).
+    pub redirect_above: Option<usize>,
     /// Test-only default allocation lifetime (hidden flag).
     pub allocation_lifetime: Option<std::time::Duration>,
     /// Test-only fault injection in worker 0 (hidden flags).
@@ -371,6 +376,10 @@ impl Config {
             resolve_alternates(file.alternate_server, file.alternate_domain, &streams)?;
         Ok(Self {
             alternates,
+            redirect_above: match file.redirect_above {
+                Some(0) => bail!("--redirect-above must be at least 1"),
+                other => other,
+            },
             listen,
             streams,
             relay_ips,

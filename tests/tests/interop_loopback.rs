@@ -709,4 +709,43 @@ fn refusals_are_counted_by_method_and_code_and_logged() {
         refusal.contains("method=\"create_permission\""),
         "{refusal}"
     );
+    // Which rule refused it, and the peer it concerned.
+    assert!(
+        refusal.contains("peer 10.1.2.3 denied by the peer policy: private"),
+        "{refusal}"
+    );
+    // A quota refusal names the cap and its value.
+    drop(relay);
+    let relay = Relay::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--realm",
+        REALM,
+        "--user",
+        "alice:wonderland",
+        "--max-allocations-per-user",
+        "1",
+        "--log-level",
+        "debug",
+    ]);
+    let mut first = Client::new(relay.listener(), REALM);
+    first.login("alice", "wonderland");
+    first.allocate();
+    let mut second = Client::new(relay.listener(), REALM);
+    second.login("alice", "wonderland");
+    assert_eq!(
+        second.request_error(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]),
+        Some(486)
+    );
+    let log = relay.log();
+    let refusal = log
+        .lines()
+        .find(|line| line.contains("request refused") && line.contains("code=486"))
+        .unwrap_or_else(|| panic!("no 486 refusal logged:\n{log}"));
+    assert!(
+        refusal.contains("user alice holds --max-allocations-per-user 1"),
+        "{refusal}"
+    );
 }

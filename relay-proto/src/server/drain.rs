@@ -99,9 +99,21 @@ pub(super) enum Refusal {
     Draining,
     /// `--max-allocations` reached.
     Capacity,
+    /// `--redirect-above` reached (only refused when an alternate can take the client).
+    Load,
 }
 
 impl<R: RngCore + CryptoRng> Server<R> {
+    /// Whether a new Allocate on `listener` should go to an alternate because the relay holds
+    /// `--redirect-above` allocations or more (a load threshold below the hard cap, RFC 8489
+    /// §10): only when an alternate of the client's family exists, else the relay serves it.
+    pub(super) fn over_load_threshold(&self, listener: SocketAddr) -> bool {
+        self.config
+            .redirect_above
+            .is_some_and(|threshold| self.config.quota.total() >= threshold)
+            && self.config.alternates.candidates(listener).next().is_some()
+    }
+
     /// An alternate for this client: a random one of the usable candidates, so a fleet's
     /// redirected clients spread over it.
     fn pick_alternate(&mut self, listener: SocketAddr) -> Option<SocketAddr> {
@@ -136,10 +148,21 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return self.respond_error(ctx, StunErrorCode::TryAlternate, &extra);
         }
         match why {
-            Refusal::Capacity => self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]),
+            Refusal::Capacity | Refusal::Load => {
+                let detail = format!(
+                    "relay-wide --max-allocations {} reached, no alternate server for the \
+                     client's family",
+                    self.config.max_allocations
+                );
+                self.refuse(ctx, StunErrorCode::InsufficientCapacity, &detail);
+            }
             Refusal::Draining => {
                 let code = StunErrorCode::InsufficientCapacity;
-                self.note_refusal(ctx, code);
+                self.note_refusal_because(
+                    ctx,
+                    code,
+                    "draining, no alternate server for the client's family",
+                );
                 let error = ErrorCode {
                     code: code.code(),
                     reason: DRAINING_REASON,

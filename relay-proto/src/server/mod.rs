@@ -120,6 +120,9 @@ pub struct ServerConfig {
     /// Where refused Allocates are sent (300 Try Alternate) while draining or at the
     /// allocation cap.
     pub alternates: Alternates,
+    /// Relay-wide allocations from which new Allocates go to an alternate (300) when one of
+    /// the client's family is configured (a load threshold below `max_allocations`).
+    pub redirect_above: Option<usize>,
 }
 
 impl ServerConfig {
@@ -154,6 +157,7 @@ impl ServerConfig {
             live_relayed: Arc::new(LiveRelayed::default()),
             drain: Arc::new(DrainState::default()),
             alternates: Alternates::default(),
+            redirect_above: None,
         }
     }
 }
@@ -830,7 +834,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
                     _ => return,
                 };
                 self.forget_allocation(id);
-                self.respond_error(&ctx, StunErrorCode::InsufficientCapacity, &[]);
+                let detail = "no relay port could be bound (ports in use by other programs?)";
+                self.refuse(&ctx, StunErrorCode::InsufficientCapacity, detail);
             }
         }
     }
@@ -1245,6 +1250,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
         if self.config.drain.is_draining() {
             return self.refuse_allocation(ctx, Refusal::Draining);
         }
+        if self.over_load_threshold(ctx.listener) {
+            return self.refuse_allocation(ctx, Refusal::Load);
+        }
         // Step 6: the family asked for (IPv4 without REQUESTED-ADDRESS-FAMILY, whatever the
         // client's own family: RFC 6156 relays between families) needs a relay IP of that
         // family, else 440.
@@ -1275,7 +1283,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
         match quota {
             Ok(()) => {}
             Err(QuotaError::User) => {
-                return self.respond_error(ctx, StunErrorCode::AllocationQuotaReached, &[])
+                let detail = format!(
+                    "user {quota_user} holds --max-allocations-per-user {}",
+                    self.config.max_allocations_per_user
+                );
+                return self.refuse(ctx, StunErrorCode::AllocationQuotaReached, &detail);
             }
             // The relay-wide cap: another instance may have room (RFC 8489 §10).
             Err(QuotaError::Total) => return self.refuse_allocation(ctx, Refusal::Capacity),
@@ -1283,7 +1295,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         let Some(relayed) = self.pick_relayed_in(v6, request.even_port, &[]) else {
             let quota_user = self.config.credentials.quota_user(&auth.username);
             self.config.quota.release(quota_user);
-            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
+            let detail = "no free port in --port-range on any relay IP of the family";
+            return self.refuse(ctx, StunErrorCode::InsufficientCapacity, detail);
         };
         let lifetime = self.desired_lifetime(request.lifetime);
         let id = AllocationId(self.next_id);
@@ -1404,8 +1417,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
             self.respond_error(ctx, StunErrorCode::PeerAddressFamilyMismatch, &[]);
             return false;
         }
-        if peers.iter().any(|p| !self.peer_allowed(p.ip())) {
-            self.respond_error(ctx, StunErrorCode::Forbidden, &[]);
+        if let Some(denied) = peers.iter().find(|p| !self.peer_allowed(p.ip())) {
+            let detail = self.deny_detail(denied.ip());
+            self.refuse(ctx, StunErrorCode::Forbidden, &detail);
             return false;
         }
         true
@@ -1444,7 +1458,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         new_ips.sort_unstable();
         new_ips.dedup();
         if alloc.permissions.len() + new_ips.len() > cap {
-            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
+            let detail = format!("{cap} permissions per allocation");
+            return self.refuse(ctx, StunErrorCode::InsufficientCapacity, &detail);
         }
         for peer in &peers {
             let reachable = |peer| reachable(&self.config, peer);
@@ -1484,7 +1499,8 @@ impl<R: RngCore + CryptoRng> Server<R> {
         // A channel names a transport address: on a relay IP only a live allocation's relayed
         // port is one (client-to-client); any other port would be a service on the host.
         if !self.peer_reachable(peer) {
-            return self.respond_error(ctx, StunErrorCode::Forbidden, &[]);
+            let detail = format!("peer {peer} is an address of this host but no live relayed port");
+            return self.refuse(ctx, StunErrorCode::Forbidden, &detail);
         }
         let cap = self.config.max_permissions_per_allocation;
         let channel_cap = self.config.max_channels_per_allocation;
@@ -1502,12 +1518,14 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return self.respond_error(ctx, StunErrorCode::BadRequest, &[]);
         }
         if !alloc.permissions.contains_key(&peer.ip()) && alloc.permissions.len() >= cap {
-            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
+            let detail = format!("{cap} permissions per allocation");
+            return self.refuse(ctx, StunErrorCode::InsufficientCapacity, &detail);
         }
         // Channels (bound or reserved) are capped so one client cannot fill the kernel's
         // shared channel table.
         if !alloc.channels.contains_key(&number) && alloc.channels.len() >= channel_cap {
-            return self.respond_error(ctx, StunErrorCode::InsufficientCapacity, &[]);
+            let detail = format!("{channel_cap} channels per allocation (bound or reserved)");
+            return self.refuse(ctx, StunErrorCode::InsufficientCapacity, &detail);
         }
         let expires_at = now + channel_lifetime;
         alloc.channels.insert(
@@ -1629,15 +1647,37 @@ impl<R: RngCore + CryptoRng> Server<R> {
     /// Counts an error response and logs it at debug, with the client, the method, the code
     /// and the user it concerned: an operator whose users cannot connect sees why.
     fn note_refusal(&mut self, ctx: &Ctx, code: StunErrorCode) {
+        self.note_refusal_because(ctx, code, "");
+    }
+
+    /// [`Server::note_refusal`] with what exactly refused it (the policy rule and peer, the
+    /// cap and its value), for the operator reading the debug log.
+    fn note_refusal_because(&mut self, ctx: &Ctx, code: StunErrorCode, detail: &str) {
         *self.error_responses.entry((ctx.method, code)).or_insert(0) += 1;
         tracing::debug!(
             client = %ctx.client,
+            transport = ctx.transport.label(),
             method = ctx.method.label(),
             code = code.code(),
             reason = code.reason(),
             user = ctx.auth.as_ref().map_or("-", |auth| auth.username.as_str()),
+            detail,
             "request refused"
         );
+    }
+
+    /// An error response whose log line says what refused the request.
+    fn refuse(&mut self, ctx: &Ctx, code: StunErrorCode, detail: &str) {
+        self.note_refusal_because(ctx, code, detail);
+        self.respond(ctx, Class::Error, &[Attribute::ErrorCode(code.into())]);
+    }
+
+    /// Why the peer policy refuses `ip`, for the refusal log.
+    fn deny_detail(&self, ip: IpAddr) -> String {
+        match self.config.policy.check(ip) {
+            Err(reason) => format!("peer {ip} denied by the peer policy: {reason}"),
+            Ok(()) => format!("peer {ip} is a relay address denied by --deny-peer"),
+        }
     }
 
     /// Error responses sent so far, by method and code.

@@ -33,6 +33,9 @@ pub trait AllocationQuota: fmt::Debug + Send + Sync {
 
     /// Gives back one allocation of `user`.
     fn release(&self, user: &str);
+
+    /// Allocations held relay-wide (for the load threshold that sends clients to alternates).
+    fn total(&self) -> usize;
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +69,10 @@ impl QuotaLedger {
 }
 
 impl AllocationQuota for QuotaLedger {
+    fn total(&self) -> usize {
+        QuotaLedger::total(self)
+    }
+
     fn try_acquire(
         &self,
         user: &str,

@@ -587,6 +587,7 @@ fn server_config(config: &Config, policy: PeerPolicy) -> ServerConfig {
         server.channel_lifetime = lifetime;
     }
     server.alternates = config.alternates.clone();
+    server.redirect_above = config.redirect_above;
     if let Some(lifetime) = config.allocation_lifetime {
         server.default_lifetime = lifetime;
         server.max_lifetime = server.max_lifetime.max(lifetime);

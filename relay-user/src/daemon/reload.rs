@@ -262,6 +262,7 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         unauth_rate_bytes: _,
         unauth_burst_bytes: _,
         alternates: _,
+        redirect_above: _,
         usage_log: _,
     } = old;
     let mut changes = Vec::new();
@@ -342,6 +343,7 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         &old.alternates,
         &new.alternates,
     );
+    check("redirect-above", &old.redirect_above, &new.redirect_above);
     // Opened at start, while still root (it may live where the unprivileged relay cannot
     // create files).
     check("usage-log", &old.usage_log, &new.usage_log);

@@ -166,3 +166,38 @@ fn several_alternates_are_all_used() {
     }
     assert_eq!(seen, others.into_iter().collect());
 }
+
+/// A load threshold below the hard cap (`--redirect-above`): from that many allocations on,
+/// new Allocates go to an alternate; without an alternate of the client's family the relay
+/// still serves them (the threshold only moves clients that have somewhere to go).
+#[test]
+fn load_threshold_redirects_only_where_an_alternate_exists() {
+    let mut h = Harness::with_config(|cfg| {
+        fleet(cfg);
+        cfg.redirect_above = Some(1);
+    });
+    let mut first = Client::new("192.0.2.10:50000", ALICE);
+    h.allocate(&mut first);
+    let mut second = Client::new("192.0.2.11:50000", BOB);
+    let reply = allocate_refused(&mut h, &mut second, 300);
+    let msg = Message::decode(&reply).expect("decodes");
+    assert_eq!(msg.alternate_server(), Some(alternate_v4()));
+    assert_eq!(h.quota.total(), 1, "the redirected Allocate took no quota");
+
+    let mut h = Harness::with_config(|cfg| {
+        cfg.alternates = Alternates {
+            servers: vec![alternate_v6()],
+            domain: None,
+        };
+        cfg.redirect_above = Some(1);
+    });
+    let mut first = Client::new("192.0.2.10:50000", ALICE);
+    let mut second = Client::new("192.0.2.11:50000", BOB);
+    h.allocate(&mut first);
+    h.allocate(&mut second);
+    assert_eq!(
+        h.quota.total(),
+        2,
+        "no IPv4 alternate: served above the threshold"
+    );
+}
