@@ -25,7 +25,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
     sync::{
-        atomic::{AtomicI32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -323,6 +323,10 @@ fn settle(env: Env<'_>, limit: Duration) -> Duration {
     started.elapsed()
 }
 
+/// How long load threads may outlive their planned run when the measuring thread is late
+/// (a loaded machine): they stop once the window is measured, at the latest after this.
+const MEASURE_SLACK: Duration = Duration::from_secs(5);
+
 /// CPU time in ns of thread `tid` of this process (schedstat's first field).
 fn thread_cpu_ns(tid: i32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
@@ -397,6 +401,7 @@ fn flood_loop(
     until: Instant,
     max_bytes: u64,
     written: &AtomicU64,
+    measured: &AtomicBool,
 ) -> anyhow::Result<()> {
     for c in conns.iter() {
         c.tcp().set_nonblocking(true)?;
@@ -415,7 +420,11 @@ fn flood_loop(
     let mut spins = 0u32;
     while total < max_bytes {
         spins += 1;
-        if spins.is_multiple_of(64) && (Instant::now() >= until || STOP.load(Ordering::Relaxed)) {
+        if spins.is_multiple_of(64)
+            && (Instant::now() >= until
+                || STOP.load(Ordering::Relaxed)
+                || measured.load(Ordering::Relaxed))
+        {
             break;
         }
         let mut progressed = false;
@@ -530,12 +539,15 @@ fn flood(
     let written = AtomicU64::new(0);
     let tid = AtomicI32::new(0);
     let gen_cpu = ctx.gen_cpu;
-    let until = Instant::now() + run;
+    // A hard bound; the threads stop as soon as the window is measured (`measured`),
+    // so they are still running, and their CPU time readable, at its end.
+    let until = Instant::now() + run + MEASURE_SLACK;
+    let measured = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let generator = scope.spawn(|| {
             pin_current_thread(gen_cpu)?;
             tid.store(gettid(), Ordering::SeqCst);
-            flood_loop(&mut conns, &batch, until, max_bytes, &written)
+            flood_loop(&mut conns, &batch, until, max_bytes, &written, &measured)
         });
         std::thread::sleep(plan.warmup);
         let tids = [tid.load(Ordering::SeqCst)];
@@ -551,6 +563,7 @@ fn flood(
             written.load(Ordering::Relaxed),
             peer_count(lab, far)?,
         );
+        measured.store(true, Ordering::Relaxed);
         generator
             .join()
             .map_err(|_| anyhow::anyhow!("stream generator panicked"))??;
@@ -709,7 +722,10 @@ fn handshakes(
 ) -> anyhow::Result<HandshakeMeasure> {
     let Env { ctx, plan, tls, .. } = env;
     let run = plan.warmup + plan.window + Duration::from_millis(100);
-    let until = Instant::now() + run;
+    // A hard bound; the threads stop as soon as the window is measured (`measured`),
+    // so they are still running, and their CPU time readable, at its end.
+    let until = Instant::now() + run + MEASURE_SLACK;
+    let measured = AtomicBool::new(false);
     // Far above what a core completes in the run: a bound in count as well as time.
     let max = (run.as_secs_f64() * 200_000.0) as u64;
     let next = AtomicU64::new(0);
@@ -724,18 +740,22 @@ fn handshakes(
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for tid in &tids {
-            let (next, completed, failed, first_error, tls_seen, latencies) = (
+            let (next, completed, failed, first_error, tls_seen, latencies, measured) = (
                 &next,
                 &completed,
                 &failed,
                 &first_error,
                 &tls_seen,
                 &latencies,
+                &measured,
             );
             handles.push(scope.spawn(move || -> anyhow::Result<()> {
                 pin_current_thread(gen_cpu)?;
                 tid.store(gettid(), Ordering::SeqCst);
-                while Instant::now() < until && !STOP.load(Ordering::Relaxed) {
+                while Instant::now() < until
+                    && !STOP.load(Ordering::Relaxed)
+                    && !measured.load(Ordering::Relaxed)
+                {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= max {
                         break;
@@ -787,6 +807,7 @@ fn handshakes(
         let (m0, c0) = (mark(env, &ids), completed.load(Ordering::Relaxed));
         std::thread::sleep(plan.window);
         let (m1, c1) = (mark(env, &ids), completed.load(Ordering::Relaxed));
+        measured.store(true, Ordering::Relaxed);
         for h in handles {
             h.join()
                 .map_err(|_| anyhow::anyhow!("handshake worker panicked"))??;
