@@ -7,6 +7,7 @@
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod bandwidth;
 mod drain;
 mod effects;
 mod forward;
@@ -41,6 +42,9 @@ use crate::stun::{
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
 use drain::Refusal;
+pub use bandwidth::{
+    BandwidthKey, BandwidthLedger, Direction, UserBandwidth, UserUsage, BANDWIDTH_SHARDS,
+};
 pub use drain::{Alternates, DrainState, DRAINING_REASON};
 use effects::Effects;
 pub use forward::Forward;
@@ -99,6 +103,9 @@ pub struct ServerConfig {
     /// Allocation counts shared with the other workers' servers (caps are relay-wide); the core
     /// only takes and gives back through the trait.
     pub quota: Arc<dyn AllocationQuota>,
+    /// Per-user bandwidth budget shared with the other workers' servers; `None` (the
+    /// default) is no limit and costs the relayed datagrams nothing.
+    pub bandwidth: Option<Arc<dyn UserBandwidth>>,
     /// Id of the first allocation; with `allocation_id_stride` this keeps ids unique across
     /// workers (worker i of n: first i + 1, stride n).
     pub first_allocation_id: u64,
@@ -145,6 +152,7 @@ impl ServerConfig {
             unauth_limiter: Arc::new(UnauthLimiter::default()),
             channel_range: CHANNEL_RANGE,
             quota: Arc::new(QuotaLedger::default()),
+            bandwidth: None,
             first_allocation_id: 1,
             allocation_id_stride: 1,
             live_relayed: Arc::new(LiveRelayed::default()),
@@ -581,6 +589,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
         if !self.peer_reachable(route.peer) {
             return None;
         }
+        if let Some(key) = route.bandwidth {
+            self.charge(key, cd.data.len(), Direction::ToPeer, now)?;
+        }
         let start = CHANNEL_DATA_HEADER_LEN;
         Some(Forward::ToPeer {
             relayed: route.relayed,
@@ -603,6 +614,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
     ) -> Option<Forward> {
         if let Some(route) = self.commands.to_client(relayed, peer, now) {
             let len = u16::try_from(data.len()).ok()?;
+            if let Some(key) = route.bandwidth {
+                self.charge(key, data.len(), Direction::ToClient, now)?;
+            }
             return Some(Forward::ToClient {
                 listener: route.listener,
                 client: route.client,
@@ -625,6 +639,10 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .and_then(|n| alloc.channels.get(n).map(|c| (*n, c)))
             .filter(|(_, c)| c.bound && c.expires > now)
             .map(|(n, _)| n);
+        let id = *id;
+        if let Some(key) = self.commands.bandwidth(id) {
+            self.charge(key, data.len(), Direction::ToClient, now)?;
+        }
         if let Some(channel) = bound_channel {
             let len = u16::try_from(data.len()).ok()?;
             return Some(Forward::ToClient {
@@ -867,6 +885,21 @@ impl<R: RngCore + CryptoRng> Server<R> {
         reachable(&self.config, peer)
     }
 
+    /// Charges a relayed datagram of `bytes` payload bytes to a limited user's budget:
+    /// `None` means drop it (over the budget; the ledger counts it).
+    fn charge(
+        &self,
+        key: BandwidthKey,
+        bytes: usize,
+        direction: Direction,
+        now: Instant,
+    ) -> Option<()> {
+        match &self.config.bandwidth {
+            Some(bandwidth) => bandwidth.admit(key, bytes, direction, now).then_some(()),
+            None => Some(()),
+        }
+    }
+
     /// Removes an allocation from every index without emitting anything.
     fn forget_allocation(&mut self, id: AllocationId) -> Option<Allocation> {
         let alloc = self.allocations.remove(&id)?;
@@ -883,6 +916,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .remove(&(alloc.client, alloc.listener, alloc.transport));
         let quota_user = self.config.credentials.quota_user(&alloc.username);
         self.config.quota.release(quota_user);
+        if let (Some(key), Some(bandwidth)) =
+            (self.commands.take_bandwidth(id), &self.config.bandwidth)
+        {
+            bandwidth.release(key, id);
+        }
         Some(alloc)
     }
 
@@ -1303,6 +1341,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
             scheduled: None,
         };
         self.allocations.insert(id, alloc);
+        if let Some(bandwidth) = &self.config.bandwidth {
+            let user = self.config.credentials.quota_user(&auth.username);
+            if let Some(key) = bandwidth.register(user, id) {
+                self.commands.set_bandwidth(id, key);
+            }
+        }
         self.schedule(id);
         self.by_five_tuple
             .insert((ctx.client, ctx.listener, ctx.transport), id);
@@ -1537,6 +1581,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
         };
         if !self.peer_reachable(peer) {
             return;
+        }
+        if let Some(key) = self.commands.bandwidth(alloc.id) {
+            if self.charge(key, data.len(), Direction::ToPeer, now).is_none() {
+                return;
+            }
         }
         self.commands.push_back(Command::SendToPeer {
             relayed,
