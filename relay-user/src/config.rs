@@ -671,7 +671,10 @@ mod tests {
         );
         let file = with_default("user-bandwidth = 1000");
         assert_eq!(
-            Config::resolve(file).unwrap().user_bandwidth.map(|l| l.burst),
+            Config::resolve(file)
+                .unwrap()
+                .user_bandwidth
+                .map(|l| l.burst),
             Some(MIN_DEFAULT_USER_BURST)
         );
         let file = with_default("user-bandwidth = 5000\nuser-bandwidth-burst = 7000");

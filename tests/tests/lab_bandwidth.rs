@@ -223,11 +223,19 @@ fn xdp_user_over_the_limit_moves_to_the_socket_path_and_is_bounded() {
         (delivered as f64) >= LIMIT as f64 * window * 0.5,
         "{delivered} B in {window:.2} s: the limit throttles, it does not cut off"
     );
-    assert_eq!(path_of(&relay, alice_id), "socket", "alice went back while flooding");
+    assert_eq!(
+        path_of(&relay, alice_id),
+        "socket",
+        "alice went back while flooding"
+    );
     alice_thread.join().expect("alice");
     bob_thread.join().expect("bob");
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(bob_sink.bytes(), bob_sent * PAYLOAD as u64, "bob lost datagrams");
+    assert_eq!(
+        bob_sink.bytes(),
+        bob_sent * PAYLOAD as u64,
+        "bob lost datagrams"
+    );
     assert_eq!(path_of(&relay, bob_id), "kernel");
     assert!(
         relay.metric("relay_bandwidth_dropped_total{direction=\"to_peer\"}") > 0,

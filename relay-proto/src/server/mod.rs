@@ -41,10 +41,10 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
-use drain::Refusal;
 pub use bandwidth::{
     BandwidthKey, BandwidthLedger, Direction, UserBandwidth, UserUsage, BANDWIDTH_SHARDS,
 };
+use drain::Refusal;
 pub use drain::{Alternates, DrainState, DRAINING_REASON};
 use effects::Effects;
 pub use forward::Forward;
@@ -1583,7 +1583,10 @@ impl<R: RngCore + CryptoRng> Server<R> {
             return;
         }
         if let Some(key) = self.commands.bandwidth(alloc.id) {
-            if self.charge(key, data.len(), Direction::ToPeer, now).is_none() {
+            if self
+                .charge(key, data.len(), Direction::ToPeer, now)
+                .is_none()
+            {
                 return;
             }
         }

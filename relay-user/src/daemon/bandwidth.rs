@@ -259,9 +259,8 @@ fn apply(decisions: &[Decision], kernel: &Mutex<KernelSync>, limit: u64) {
 /// `relay_bandwidth_*` metrics (no per-user labels); zeros without a limit.
 pub fn metrics(out: &mut String, shared: Option<&Shared>) {
     let directions = [Direction::ToPeer, Direction::ToClient];
-    let value = |f: fn(&BandwidthLedger, Direction) -> u64, d| {
-        shared.map_or(0, |s| f(&s.ledger, d))
-    };
+    let value =
+        |f: fn(&BandwidthLedger, Direction) -> u64, d| shared.map_or(0, |s| f(&s.ledger, d));
     let _ = writeln!(
         out,
         "# HELP relay_bandwidth_dropped_total Relayed datagrams dropped because their user was \
@@ -309,7 +308,10 @@ mod tests {
         Sample {
             key: BandwidthKey(key),
             user: format!("user{key}"),
-            kernel: kernel.iter().map(|(id, b)| (AllocationId(*id), *b)).collect(),
+            kernel: kernel
+                .iter()
+                .map(|(id, b)| (AllocationId(*id), *b))
+                .collect(),
             socket_offered: socket,
         }
     }
@@ -370,13 +372,19 @@ mod tests {
         let mut s = Sampler::new(1000, 1000);
         // User 1 relays 600 B/s on each path (each alone under the rate, together over it);
         // user 2 relays 900 B/s on the kernel path alone.
-        let d = s.step(&[sample(1, &[(1, 600)], 600), sample(2, &[(2, 900)], 0)], SECOND);
+        let d = s.step(
+            &[sample(1, &[(1, 600)], 600), sample(2, &[(2, 900)], 0)],
+            SECOND,
+        );
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].user, "user1");
         assert!(d[0].hold && d[0].changed);
         assert_eq!(d[0].rate, 1200);
         assert!(s
-            .step(&[sample(1, &[(1, 600)], 1800), sample(2, &[(2, 1800)], 0)], SECOND)
+            .step(
+                &[sample(1, &[(1, 600)], 1800), sample(2, &[(2, 1800)], 0)],
+                SECOND
+            )
             .iter()
             .all(|d| d.user == "user1"));
         // A user whose allocations are gone is forgotten.
