@@ -640,7 +640,13 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .filter(|(_, c)| c.bound && c.expires > now)
             .map(|(n, _)| n);
         let id = *id;
-        if let Some(key) = self.commands.bandwidth(id) {
+        // Looked up only with a limit configured: the unlimited path stays as it was.
+        let key = self
+            .config
+            .bandwidth
+            .as_ref()
+            .and_then(|_| self.commands.bandwidth(id));
+        if let Some(key) = key {
             self.charge(key, data.len(), Direction::ToClient, now)?;
         }
         if let Some(channel) = bound_channel {
@@ -1582,7 +1588,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
         if !self.peer_reachable(peer) {
             return;
         }
-        if let Some(key) = self.commands.bandwidth(alloc.id) {
+        let key = self
+            .config
+            .bandwidth
+            .as_ref()
+            .and_then(|_| self.commands.bandwidth(alloc.id));
+        if let Some(key) = key {
             if self
                 .charge(key, data.len(), Direction::ToPeer, now)
                 .is_none()
