@@ -211,6 +211,16 @@ pub struct ServeArgs {
     /// relay's table of 65,536 sources (or evicted from it) starts from at most 2048 bytes.
     #[arg(long, value_name = "BYTES")]
     pub unauth_burst_bytes: Option<u64>,
+    /// Relayed payload bytes per second one user may send and receive, both directions
+    /// together, relay-wide (REST usernames count under their user part). Beyond it datagrams
+    /// are dropped and counted (`relay_bandwidth_dropped_total`); a user over it on the kernel
+    /// fast path is moved to the socket path, which enforces it. Default: no limit.
+    #[arg(long, value_name = "BYTES")]
+    pub user_bandwidth: Option<u64>,
+    /// Burst of a user's relayed bytes above the rate (default: one second's worth, at least
+    /// 65536 bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub user_bandwidth_burst: Option<u64>,
     /// Allocations the whole relay holds (beyond: 508 Insufficient Capacity).
     #[arg(long, value_name = "N")]
     pub max_allocations: Option<usize>,

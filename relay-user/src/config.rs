@@ -3,7 +3,8 @@
 //! The TOML keys are the long flag names (`listen`, `relay-ip`, `port-range`, `realm`, `user`,
 //! `auth-secret`, `auth-secret-file`, `users-file`, `allow-peer`, `allow-peer-unsafe`, `nat64-prefix`, `deny-peer`, `fastpath`, `interface`, `log-level`,
 //! `admin`, `legacy-channels`, `workers`, `kernel-bindings`, `max-allocations`,
-//! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-id`, `group-id`,
+//! `max-allocations-per-user`, `unauth-rate-bytes`, `unauth-burst-bytes`, `user-bandwidth`,
+//! `user-bandwidth-burst`, `user-id`, `group-id`,
 //! `metrics`, `listen-tcp`, `listen-tls`, `tls-cert`, `tls-key`, `max-connections`,
 //! `max-connections-per-ip`, `stream-handshake-timeout`, `stream-idle-timeout`,
 //! `alternate-server`, `alternate-domain`, `redirect-above`, `usage-log`); a key the file does not set keeps the layer below, a flag given on the command line
@@ -63,6 +64,8 @@ pub struct ConfigFile {
     pub max_allocations_per_user: Option<usize>,
     pub unauth_rate_bytes: Option<u64>,
     pub unauth_burst_bytes: Option<u64>,
+    pub user_bandwidth: Option<u64>,
+    pub user_bandwidth_burst: Option<u64>,
     pub alternate_server: Option<Vec<SocketAddr>>,
     pub alternate_domain: Option<String>,
     pub redirect_above: Option<usize>,
@@ -128,6 +131,8 @@ impl ConfigFile {
         put(&mut self.max_allocations, upper.max_allocations);
         put(&mut self.unauth_rate_bytes, upper.unauth_rate_bytes);
         put(&mut self.unauth_burst_bytes, upper.unauth_burst_bytes);
+        put(&mut self.user_bandwidth, upper.user_bandwidth);
+        put(&mut self.user_bandwidth_burst, upper.user_bandwidth_burst);
         put(
             &mut self.max_allocations_per_user,
             upper.max_allocations_per_user,
@@ -178,6 +183,8 @@ impl ConfigFile {
             max_allocations_per_user: args.max_allocations_per_user,
             unauth_rate_bytes: args.unauth_rate_bytes,
             unauth_burst_bytes: args.unauth_burst_bytes,
+            user_bandwidth: args.user_bandwidth,
+            user_bandwidth_burst: args.user_bandwidth_burst,
             alternate_server: list(&args.alternate_server),
             alternate_domain: args.alternate_domain.clone(),
             redirect_above: args.redirect_above,
@@ -243,6 +250,9 @@ pub struct Config {
     pub unauth_rate_bytes: u64,
     /// Unauthenticated answers: burst in bytes per source.
     pub unauth_burst_bytes: u64,
+    /// Per-user bandwidth limit (bytes per second, both directions together) and burst;
+    /// `None` is no limit.
+    pub user_bandwidth: Option<UserBandwidthLimit>,
     /// `--user` or `--auth-secret` was given on the command line (readable in
     /// /proc/PID/cmdline): the daemon warns.
     pub secrets_on_command_line: bool,
@@ -429,6 +439,7 @@ impl Config {
             unauth_burst_bytes: file
                 .unauth_burst_bytes
                 .unwrap_or(relay_proto::limiter::DEFAULT_BURST_BYTES),
+            user_bandwidth: resolve_user_bandwidth(file.user_bandwidth, file.user_bandwidth_burst)?,
             permission_lifetime: None,
             channel_lifetime: None,
             allocation_lifetime: None,
@@ -436,6 +447,40 @@ impl Config {
             fault_panic_worker_after: 0,
         })
     }
+}
+
+/// A per-user bandwidth limit (issue 12 item 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserBandwidthLimit {
+    /// Bytes per second, both directions together.
+    pub rate: u64,
+    /// Bytes above the rate a user may send at once.
+    pub burst: u64,
+}
+
+/// The smallest default burst: one largest UDP datagram's worth, so a low rate still lets
+/// whole datagrams through.
+pub const MIN_DEFAULT_USER_BURST: u64 = 65_536;
+
+/// `--user-bandwidth` and `--user-bandwidth-burst`: no rate is no limit.
+fn resolve_user_bandwidth(
+    rate: Option<u64>,
+    burst: Option<u64>,
+) -> anyhow::Result<Option<UserBandwidthLimit>> {
+    let Some(rate) = rate else {
+        ensure!(
+            burst.is_none(),
+            "--user-bandwidth-burst needs --user-bandwidth (the rate)"
+        );
+        return Ok(None);
+    };
+    ensure!(
+        rate >= 1,
+        "--user-bandwidth must be at least 1 byte per second (leave it out for no limit)"
+    );
+    let burst = burst.unwrap_or(rate.max(MIN_DEFAULT_USER_BURST));
+    ensure!(burst >= 1, "--user-bandwidth-burst must be at least 1 byte");
+    Ok(Some(UserBandwidthLimit { rate, burst }))
 }
 
 /// `--alternate-server` and `--alternate-domain`: concrete addresses, and a domain only where
@@ -646,6 +691,48 @@ mod tests {
             err.contains("--nat64-prefix") && err.contains("/96"),
             "{err}"
         );
+    }
+
+    /// The embedded defaults with `toml` on top.
+    fn with_default(toml: &str) -> ConfigFile {
+        let mut file = ConfigFile::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        file.overlay(ConfigFile::parse(toml, "t").unwrap());
+        file
+    }
+
+    #[test]
+    fn user_bandwidth_is_off_by_default_and_defaults_its_burst() {
+        let config = Config::from_args(&args()).expect("default");
+        assert_eq!(config.user_bandwidth, None);
+        let file = with_default("user-bandwidth = 1000000");
+        assert_eq!(
+            Config::resolve(file).unwrap().user_bandwidth,
+            Some(UserBandwidthLimit {
+                rate: 1_000_000,
+                burst: 1_000_000
+            })
+        );
+        let file = with_default("user-bandwidth = 1000");
+        assert_eq!(
+            Config::resolve(file)
+                .unwrap()
+                .user_bandwidth
+                .map(|l| l.burst),
+            Some(MIN_DEFAULT_USER_BURST)
+        );
+        let file = with_default("user-bandwidth = 5000\nuser-bandwidth-burst = 7000");
+        assert_eq!(
+            Config::resolve(file).unwrap().user_bandwidth,
+            Some(UserBandwidthLimit {
+                rate: 5000,
+                burst: 7000
+            })
+        );
+        let file = with_default("user-bandwidth-burst = 7000");
+        let err = format!("{:#}", Config::resolve(file).unwrap_err());
+        assert!(err.contains("needs --user-bandwidth"), "{err}");
+        let file = with_default("user-bandwidth = 0");
+        assert!(Config::resolve(file).is_err());
     }
 
     #[test]

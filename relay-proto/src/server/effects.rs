@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use super::Command;
+use super::{bandwidth::BandwidthKey, AllocationId, Command};
 use crate::Transport;
 
 /// Where a client's ChannelData on one channel goes.
@@ -23,6 +23,8 @@ pub(super) struct PeerRoute {
     pub(super) relayed: SocketAddr,
     pub(super) peer: SocketAddr,
     pub(super) expires: Instant,
+    /// The user's bandwidth budget, when limited.
+    pub(super) bandwidth: Option<BandwidthKey>,
 }
 
 /// Where a peer's datagrams to one relayed address go.
@@ -33,6 +35,8 @@ pub(super) struct ClientRoute {
     pub(super) transport: Transport,
     pub(super) channel: u16,
     pub(super) expires: Instant,
+    /// The user's bandwidth budget, when limited.
+    pub(super) bandwidth: Option<BandwidthKey>,
 }
 
 /// Commands waiting for the IO layer, and the channel routes they have installed so far.
@@ -43,12 +47,15 @@ pub(super) struct Effects {
     to_peer: HashMap<(SocketAddr, SocketAddr, Transport, u16), PeerRoute>,
     /// (relayed, peer) → route.
     to_client: HashMap<(SocketAddr, SocketAddr), ClientRoute>,
+    /// Bandwidth keys of the allocations of limited users (empty without a limit).
+    bandwidth: HashMap<AllocationId, BandwidthKey>,
 }
 
 impl Effects {
     pub(super) fn push_back(&mut self, command: Command) {
         match command {
             Command::CreateChannelBinding {
+                id,
                 client,
                 listener,
                 transport,
@@ -59,12 +66,14 @@ impl Effects {
                 ..
             } => {
                 let expires = expires_at;
+                let bandwidth = self.bandwidth.get(&id).copied();
                 self.to_peer.insert(
                     (client, listener, transport, channel),
                     PeerRoute {
                         relayed,
                         peer,
                         expires,
+                        bandwidth,
                     },
                 );
                 self.to_client.insert(
@@ -75,6 +84,7 @@ impl Effects {
                         transport,
                         channel,
                         expires,
+                        bandwidth,
                     },
                 );
             }
@@ -93,6 +103,21 @@ impl Effects {
             _ => {}
         }
         self.queue.push_back(command);
+    }
+
+    /// Files the bandwidth key of allocation `id`; routes installed later carry it.
+    pub(super) fn set_bandwidth(&mut self, id: AllocationId, key: BandwidthKey) {
+        self.bandwidth.insert(id, key);
+    }
+
+    /// The bandwidth key of allocation `id`, if its user is limited.
+    pub(super) fn bandwidth(&self, id: AllocationId) -> Option<BandwidthKey> {
+        self.bandwidth.get(&id).copied()
+    }
+
+    /// Forgets the bandwidth key of allocation `id` (it is gone).
+    pub(super) fn take_bandwidth(&mut self, id: AllocationId) -> Option<BandwidthKey> {
+        self.bandwidth.remove(&id)
     }
 
     pub(super) fn pop_front(&mut self) -> Option<Command> {

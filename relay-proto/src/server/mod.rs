@@ -7,6 +7,7 @@
 //! transaction ids) from the injected RNG.
 
 mod allocation;
+mod bandwidth;
 mod drain;
 mod effects;
 mod forward;
@@ -42,6 +43,9 @@ use crate::stun::{
 };
 
 use allocation::{AllocState, Allocation, Channel, Pending, Slot};
+pub use bandwidth::{
+    BandwidthKey, BandwidthLedger, Direction, UserBandwidth, UserUsage, BANDWIDTH_SHARDS,
+};
 use drain::Refusal;
 pub use drain::{Alternates, DrainState, DRAINING_REASON};
 use effects::Effects;
@@ -103,6 +107,9 @@ pub struct ServerConfig {
     /// Allocation counts shared with the other workers' servers (caps are relay-wide); the core
     /// only takes and gives back through the trait.
     pub quota: Arc<dyn AllocationQuota>,
+    /// Per-user bandwidth budget shared with the other workers' servers; `None` (the
+    /// default) is no limit and costs the relayed datagrams nothing.
+    pub bandwidth: Option<Arc<dyn UserBandwidth>>,
     /// Id of the first allocation; with `allocation_id_stride` this keeps ids unique across
     /// workers (worker i of n: first i + 1, stride n).
     pub first_allocation_id: u64,
@@ -152,6 +159,7 @@ impl ServerConfig {
             unauth_limiter: Arc::new(UnauthLimiter::default()),
             channel_range: CHANNEL_RANGE,
             quota: Arc::new(QuotaLedger::default()),
+            bandwidth: None,
             first_allocation_id: 1,
             allocation_id_stride: 1,
             live_relayed: Arc::new(LiveRelayed::default()),
@@ -595,6 +603,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
         if !self.peer_reachable(route.peer) {
             return None;
         }
+        if let Some(key) = route.bandwidth {
+            self.charge(key, cd.data.len(), Direction::ToPeer, now)?;
+        }
         let start = CHANNEL_DATA_HEADER_LEN;
         Some(Forward::ToPeer {
             relayed: route.relayed,
@@ -617,6 +628,9 @@ impl<R: RngCore + CryptoRng> Server<R> {
     ) -> Option<Forward> {
         if let Some(route) = self.commands.to_client(relayed, peer, now) {
             let len = u16::try_from(data.len()).ok()?;
+            if let Some(key) = route.bandwidth {
+                self.charge(key, data.len(), Direction::ToClient, now)?;
+            }
             return Some(Forward::ToClient {
                 listener: route.listener,
                 client: route.client,
@@ -639,6 +653,16 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .and_then(|n| alloc.channels.get(n).map(|c| (*n, c)))
             .filter(|(_, c)| c.bound && c.expires > now)
             .map(|(n, _)| n);
+        let id = *id;
+        // Looked up only with a limit configured: the unlimited path stays as it was.
+        let key = self
+            .config
+            .bandwidth
+            .as_ref()
+            .and_then(|_| self.commands.bandwidth(id));
+        if let Some(key) = key {
+            self.charge(key, data.len(), Direction::ToClient, now)?;
+        }
         if let Some(channel) = bound_channel {
             let len = u16::try_from(data.len()).ok()?;
             return Some(Forward::ToClient {
@@ -883,6 +907,21 @@ impl<R: RngCore + CryptoRng> Server<R> {
         reachable(&self.config, peer)
     }
 
+    /// Charges a relayed datagram of `bytes` payload bytes to a limited user's budget:
+    /// `None` means drop it (over the budget; the ledger counts it).
+    fn charge(
+        &self,
+        key: BandwidthKey,
+        bytes: usize,
+        direction: Direction,
+        now: Instant,
+    ) -> Option<()> {
+        match &self.config.bandwidth {
+            Some(bandwidth) => bandwidth.admit(key, bytes, direction, now).then_some(()),
+            None => Some(()),
+        }
+    }
+
     /// Removes an allocation from every index without emitting anything.
     fn forget_allocation(&mut self, id: AllocationId) -> Option<Allocation> {
         let alloc = self.allocations.remove(&id)?;
@@ -899,6 +938,11 @@ impl<R: RngCore + CryptoRng> Server<R> {
             .remove(&(alloc.client, alloc.listener, alloc.transport));
         // The name the quota was taken under, whatever a reload did to the credentials since.
         self.config.quota.release(&alloc.quota_user);
+        if let (Some(key), Some(bandwidth)) =
+            (self.commands.take_bandwidth(id), &self.config.bandwidth)
+        {
+            bandwidth.release(key, id);
+        }
         Some(alloc)
     }
 
@@ -1335,6 +1379,12 @@ impl<R: RngCore + CryptoRng> Server<R> {
             scheduled: None,
         };
         self.allocations.insert(id, alloc);
+        if let Some(bandwidth) = &self.config.bandwidth {
+            let user = self.config.credentials.quota_user(&auth.username);
+            if let Some(key) = bandwidth.register(user, id) {
+                self.commands.set_bandwidth(id, key);
+            }
+        }
         self.schedule(id);
         self.by_five_tuple
             .insert((ctx.client, ctx.listener, ctx.transport), id);
@@ -1574,6 +1624,19 @@ impl<R: RngCore + CryptoRng> Server<R> {
         };
         if !self.peer_reachable(peer) {
             return;
+        }
+        let key = self
+            .config
+            .bandwidth
+            .as_ref()
+            .and_then(|_| self.commands.bandwidth(alloc.id));
+        if let Some(key) = key {
+            if self
+                .charge(key, data.len(), Direction::ToPeer, now)
+                .is_none()
+            {
+                return;
+            }
         }
         self.commands.push_back(Command::SendToPeer {
             relayed,

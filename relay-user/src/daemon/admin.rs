@@ -19,6 +19,14 @@ use super::{
 use crate::control::{ask, AdminRequest, AllocationList, DisconnectTarget, Health};
 use relay_proto::{limiter::UnauthLimiter, server::AllocationId};
 
+/// The relay-wide byte budgets the metrics report on.
+pub struct Limits {
+    /// Answers to unauthenticated requests, per source.
+    pub unauth: Arc<UnauthLimiter>,
+    /// Relayed bytes per user, when `--user-bandwidth` is set.
+    pub bandwidth: Option<Arc<super::bandwidth::Shared>>,
+}
+
 /// Serves requests from the admin endpoint until it goes away.
 #[expect(
     clippy::too_many_arguments,
@@ -29,7 +37,7 @@ pub async fn route(
     workers: Vec<mpsc::Sender<WorkerRequest>>,
     kernel: Arc<Mutex<KernelSync>>,
     alive_workers: Arc<AtomicUsize>,
-    unauth: Arc<UnauthLimiter>,
+    limits: Limits,
     reloader: SharedReloader,
     connection_limits: Arc<ConnectionLimits>,
     drain: super::drain::Drain,
@@ -127,7 +135,8 @@ pub async fn route(
                     }
                 }
                 let mut text = metrics(&total, &kernel);
-                unauth_metrics(&mut text, &unauth);
+                unauth_metrics(&mut text, &limits.unauth);
+                super::bandwidth::metrics(&mut text, limits.bandwidth.as_deref());
                 error_response_metrics(&mut text, &total);
                 stream_metrics(&mut text, &total, &connection_limits);
                 drain.metrics(&mut text);

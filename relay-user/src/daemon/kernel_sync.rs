@@ -17,7 +17,7 @@
 //! every address of the host, and refuses to forward to a denied peer whatever a binding says.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -48,6 +48,10 @@ pub struct KernelSync {
     /// Path for allocations without their own setting.
     default_on: bool,
     overrides: HashMap<AllocationId, bool>,
+    /// Allocations of users over `--user-bandwidth`, held on the socket path (where the
+    /// per-user budget is enforced) whatever `default_on` and `overrides` say; kept apart so
+    /// an operator's `relay ctl fastpath` setting applies again once the user is back under.
+    throttled: HashSet<AllocationId>,
     /// Live channel bindings per allocation, by channel number.
     bindings: HashMap<AllocationId, HashMap<u16, ChannelBinding>>,
     /// Bindings in the kernel now, with the next hops they hold.
@@ -100,6 +104,7 @@ impl KernelSync {
             default_on: fastpath.is_some(),
             fastpath,
             overrides: HashMap::new(),
+            throttled: HashSet::new(),
             bindings: HashMap::new(),
             installed: HashMap::new(),
             permissions: HashMap::new(),
@@ -133,7 +138,26 @@ impl KernelSync {
 
     /// Whether `id`'s channels are forwarded by the kernel.
     pub fn enabled(&self, id: AllocationId) -> bool {
-        self.fastpath.is_some() && self.overrides.get(&id).copied().unwrap_or(self.default_on)
+        self.fastpath.is_some()
+            && !self.throttled.contains(&id)
+            && self.overrides.get(&id).copied().unwrap_or(self.default_on)
+    }
+
+    /// Holds `id` on the socket path for the per-user bandwidth limit (`throttled`), or
+    /// releases it to its own or the default setting. Returns whether anything changed; an
+    /// allocation this module does not know (gone, or nothing to install yet) is left alone,
+    /// so the set never holds dead ids (the sampler asks again every second).
+    pub fn set_throttled(&mut self, id: AllocationId, throttled: bool) -> bool {
+        let known = self.bindings.contains_key(&id) || self.permissions.contains_key(&id);
+        let changed = if throttled {
+            known && self.throttled.insert(id)
+        } else {
+            self.throttled.remove(&id)
+        };
+        if changed {
+            self.sync_allocation(id);
+        }
+        changed
     }
 
     /// Applies one protocol-core command; commands that do not concern the kernel are ignored,
@@ -228,6 +252,12 @@ impl KernelSync {
         }
         self.overrides.insert(id, on);
         self.sync_allocation(id);
+        if on && self.throttled.contains(&id) {
+            // Kept, not refused: the operator's choice applies once the user is back under.
+            return Err(format!(
+                "allocation {id} is held on the socket path because its user is over                  --user-bandwidth; the kernel setting is kept and applies once the user has                  stayed under the limit"
+            ));
+        }
         Ok(())
     }
 
@@ -415,6 +445,7 @@ impl KernelSync {
         let counters = self.counters(id);
         self.retired += counters;
         self.overrides.remove(&id);
+        self.throttled.remove(&id);
         // The slot is zeroed again when the next allocation takes it; one that an entry the
         // kernel refused to delete may still count into is never reused.
         if let Some(slot) = self.slots.remove(&id) {

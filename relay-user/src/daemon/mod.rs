@@ -2,6 +2,7 @@
 
 mod admin;
 mod aggregate;
+mod bandwidth;
 mod connection;
 mod connection_limits;
 mod drain;
@@ -43,7 +44,10 @@ use relay_proto::{
     channel_data::LEGACY_CHANNEL_RANGE,
     limiter::UnauthLimiter,
     policy::PeerPolicy,
-    server::{AllocationQuota, DrainState, LiveRelayed, QuotaLedger, Server, ServerConfig},
+    server::{
+        AllocationQuota, BandwidthLedger, DrainState, LiveRelayed, QuotaLedger, Server,
+        ServerConfig, UserBandwidth,
+    },
     Transport,
 };
 
@@ -231,6 +235,19 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         config.unauth_rate_bytes,
         config.unauth_burst_bytes,
     ));
+    // One budget per user for the whole relay (issue 12 item 3); none without a limit, so the
+    // relayed datagrams cost nothing extra.
+    let bandwidth = config.user_bandwidth.map(|limit| {
+        info!(
+            rate = limit.rate,
+            burst = limit.burst,
+            "per-user bandwidth limit (bytes per second, both directions together)"
+        );
+        Arc::new(bandwidth::Shared {
+            ledger: Arc::new(BandwidthLedger::new(limit.rate, limit.burst)),
+            held_users: AtomicUsize::new(0),
+        })
+    });
     let live_relayed = Arc::new(LiveRelayed::default());
     let mut handles = Vec::new();
     let mut worker_requests = Vec::new();
@@ -249,6 +266,9 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         let mut server_config = server_config(&config, policy.clone());
         server_config.quota = Arc::clone(&quota);
         server_config.unauth_limiter = Arc::clone(&unauth_limiter);
+        server_config.bandwidth = bandwidth
+            .as_ref()
+            .map(|b| Arc::clone(&b.ledger) as Arc<dyn UserBandwidth>);
         server_config.live_relayed = Arc::clone(&live_relayed);
         server_config.drain = Arc::clone(&drain.state);
         server_config.first_allocation_id = index as u64 + 1;
@@ -304,6 +324,16 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         worker_requests.clone(),
         Arc::clone(&kernel),
     );
+    // The kernel path cannot run the shared buckets: a sampler moves users over the limit to
+    // the socket path (see `bandwidth`).
+    let sampler = match (&bandwidth, worker::lock(&kernel).attached()) {
+        (Some(shared), true) => Some(tokio::spawn(bandwidth::run(
+            Arc::clone(shared),
+            Arc::clone(&kernel),
+            stop_rx.clone(),
+        ))),
+        _ => None,
+    };
     let (admin_tx, admin_rx) = mpsc::channel(64);
     let metrics_task = metrics_listener.map(|listener| {
         tokio::spawn(control::http::serve(
@@ -322,7 +352,10 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         worker_requests,
         Arc::clone(&kernel),
         Arc::clone(&alive_workers),
-        unauth_limiter,
+        admin::Limits {
+            unauth: unauth_limiter,
+            bandwidth,
+        },
         Arc::clone(&reloader),
         connection_limits,
         drain.clone(),
@@ -389,6 +422,9 @@ async fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         task.abort();
     }
     router.abort();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
     let mut released = 0;
     for handle in handles {
         match handle.join() {

@@ -264,6 +264,7 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         alternates: _,
         redirect_above: _,
         usage_log: _,
+        user_bandwidth: _,
     } = old;
     let mut changes = Vec::new();
     let mut check = |key: &str, a: &dyn Debug, b: &dyn Debug| {
@@ -344,6 +345,12 @@ pub fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
         &new.alternates,
     );
     check("redirect-above", &old.redirect_above, &new.redirect_above);
+    // The shared buckets are sized at start.
+    check(
+        "user-bandwidth/user-bandwidth-burst",
+        &old.user_bandwidth,
+        &new.user_bandwidth,
+    );
     // Opened at start, while still root (it may live where the unprivileged relay cannot
     // create files).
     check("usage-log", &old.usage_log, &new.usage_log);

@@ -14,6 +14,7 @@ mod harness;
 mod allocate;
 mod alternate;
 mod auth;
+mod bandwidth;
 mod binding;
 mod capacity;
 mod channel;
