@@ -10,11 +10,7 @@ mod support;
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -27,7 +23,11 @@ use relay_tests::{
     },
     require_root,
 };
-use support::{client::Client, uclient, Relay};
+use support::{
+    client::Client,
+    echo::{round_trips, Echo},
+    uclient, Relay,
+};
 
 const REALM: &str = "lab.test";
 const PORT: &str = "3478";
@@ -313,87 +313,6 @@ fn tc_fast_path_behind_a_wildcard_listener_ipv6() {
 #[test]
 fn xdp_fast_path_behind_two_specific_listeners() {
     kernel_path_behind_listener("xdp", false, Listen::TwoSpecific);
-}
-
-/// A UDP echo server in the peer namespace that counts what it received.
-struct Echo {
-    addr: SocketAddr,
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(lab: &ThreeHosts) -> Self {
-        Self::start_on(lab, PEER_IP)
-    }
-
-    fn start_on(lab: &ThreeHosts, ip: &'static str) -> Self {
-        let socket = lab
-            .peer
-            .run_inside(move || UdpSocket::bind((ip, 0)).expect("echo socket"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let addr = socket.local_addr().expect("echo address");
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, done) = (Arc::clone(&received), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !done.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    let _ = socket.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Self {
-            addr,
-            received,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Sends `count` ChannelData messages on `channel` one at a time and waits for each echo;
-/// returns how many came back intact.
-fn round_trips(client: &Client, channel: u16, count: usize, tag: &str) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut echoed = 0;
-    for i in 0..count {
-        assert!(
-            Instant::now() < deadline,
-            "{tag}: round trips took too long"
-        );
-        let data = format!("{tag} {i:05}");
-        let mut message = channel.to_be_bytes().to_vec();
-        message.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        message.extend_from_slice(data.as_bytes());
-        client.send_raw(&message);
-        // Skip anything that is not the echo of this message (none is expected).
-        for _ in 0..4 {
-            match client.recv() {
-                Some(reply) if reply.get(4..) == Some(data.as_bytes()) => {
-                    echoed += 1;
-                    break;
-                }
-                Some(_) => continue,
-                None => break,
-            }
-        }
-    }
-    echoed
 }
 
 #[test]
@@ -708,7 +627,7 @@ fn both_paths_write_the_same_ip_header(v6: bool) {
     lab.add_static_neighbours();
     let _far = FarEnds::of(&lab);
     let relay = start_kernel_relay(&lab, v6, "xdp", &[]);
-    let echo = Echo::start_on(&lab, if v6 { PEER_IP6 } else { PEER_IP });
+    let echo = Echo::start_in(&lab.peer, if v6 { PEER_IP6 } else { PEER_IP });
     let (server, client_ip): (SocketAddr, &'static str) = if v6 {
         (
             format!("[{RELAY_CLIENT_SIDE_IP6}]:{PORT}")
@@ -962,12 +881,12 @@ fn relays_between_families(mode: &str) {
         extra.extend_from_slice(&["--interface", &rc, "--interface", &rp]);
     }
     let relay = start_dual_stack_relay(&lab, &extra);
-    let echo4 = Echo::start_on(&lab, PEER_IP);
-    let echo6 = Echo::start_on(&lab, PEER_IP6);
+    let echo4 = Echo::start_in(&lab.peer, PEER_IP);
+    let echo6 = Echo::start_in(&lab.peer, PEER_IP6);
     // Same peer IPs (so the channel's permission covers them), other ports, no channel: their
     // echoes come back as Data indications.
-    let side4 = Echo::start_on(&lab, PEER_IP);
-    let side6 = Echo::start_on(&lab, PEER_IP6);
+    let side4 = Echo::start_in(&lab.peer, PEER_IP);
+    let side6 = Echo::start_in(&lab.peer, PEER_IP6);
     let allocation = |relayed: SocketAddr| {
         relay
             .allocations()

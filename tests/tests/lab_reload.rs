@@ -11,12 +11,7 @@ mod support;
 use std::{
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    sync::atomic::Ordering,
 };
 
 use relay_tests::{
@@ -24,81 +19,13 @@ use relay_tests::{
     lab::{ThreeHosts, CLIENT_IP, PEER_IP, RELAY_CLIENT_SIDE_IP, RELAY_PEER_SIDE_IP},
     require_root,
 };
-use support::{client::Client, Relay};
+use support::{
+    client::Client,
+    echo::{round_trips, Echo},
+    Relay,
+};
 
 const REALM: &str = "lab.test";
-
-/// A UDP echo peer in the peer namespace that counts what it receives.
-struct Echo {
-    addr: SocketAddr,
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(lab: &ThreeHosts) -> Self {
-        let socket = lab
-            .peer
-            .run_inside(|| UdpSocket::bind((PEER_IP, 0)).expect("echo socket"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let addr = socket.local_addr().expect("echo address");
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, done) = (Arc::clone(&received), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !done.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    let _ = socket.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Self {
-            addr,
-            received,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// `count` ChannelData messages on `channel`, one at a time; how many echoes came back.
-fn round_trips(client: &Client, channel: u16, count: usize, tag: &str) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut echoed = 0;
-    for i in 0..count {
-        assert!(Instant::now() < deadline, "{tag}: took too long");
-        let data = format!("{tag} {i:05}");
-        let mut message = channel.to_be_bytes().to_vec();
-        message.extend_from_slice(&u16::try_from(data.len()).expect("short").to_be_bytes());
-        message.extend_from_slice(data.as_bytes());
-        client.send_raw(&message);
-        for _ in 0..4 {
-            match client.recv() {
-                Some(reply) if reply.get(4..) == Some(data.as_bytes()) => {
-                    echoed += 1;
-                    break;
-                }
-                Some(_) => continue,
-                None => break,
-            }
-        }
-    }
-    echoed
-}
 
 /// The config file; removed on drop.
 struct ConfigFile(PathBuf);

@@ -29,7 +29,11 @@ use relay_tests::{
     },
     require_root, unique_suffix, Netns,
 };
-use support::{client::Client, Relay};
+use support::{
+    client::Client,
+    echo::{round_trip, round_trips, Echo},
+    Relay,
+};
 
 const REALM: &str = "lab.test";
 const PORT: &str = "3478";
@@ -217,72 +221,6 @@ fn one_nic_tc_carries_uclient_traffic() {
     one_nic_uclient("tc", false);
 }
 
-/// A UDP echo server.
-struct Echo {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(ns: &Netns, ip: &'static str) -> Self {
-        let socket = ns.run_inside(move || UdpSocket::bind((ip, 0)).expect("echo socket"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let addr = socket.local_addr().expect("echo address");
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !done.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Self {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Sends one ChannelData message carrying `data` and waits for its echo; `true` if it came
-/// back intact within the client's timeout.
-fn round_trip(client: &Client, channel: u16, data: &str) -> bool {
-    let mut message = channel.to_be_bytes().to_vec();
-    message.extend_from_slice(&(data.len() as u16).to_be_bytes());
-    message.extend_from_slice(data.as_bytes());
-    client.send_raw(&message);
-    // Skip anything that is not the echo of this message (a late echo of an earlier one).
-    for _ in 0..4 {
-        match client.recv() {
-            Some(reply) if reply.get(4..) == Some(data.as_bytes()) => return true,
-            Some(_) => continue,
-            None => return false,
-        }
-    }
-    false
-}
-
-/// `count` round trips one after the other; returns how many came back.
-fn round_trips(client: &Client, channel: u16, count: usize, tag: &str) -> usize {
-    (0..count)
-        .filter(|i| round_trip(client, channel, &format!("{tag} {i:05}")))
-        .count()
-}
-
 /// A steady flow of ChannelData round trips on a thread of its own, one every
 /// [`Flow::PACE`], so the test can change the network under it.
 struct Flow {
@@ -377,7 +315,7 @@ fn three_hosts_running(lab: &ThreeHosts, extra_forwarding_off: &[&str]) -> Runni
             &lab.relay_peer_if,
         ],
     );
-    let echo = Echo::start(&lab.peer, PEER_IP);
+    let echo = Echo::start_in(&lab.peer, PEER_IP);
     let server: SocketAddr = format!("{RELAY_CLIENT_SIDE_IP}:{PORT}")
         .parse()
         .expect("addr");

@@ -7,103 +7,22 @@
 
 mod support;
 
-use std::{
-    net::{SocketAddr, UdpSocket},
-    os::unix::fs::PermissionsExt,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use std::{net::UdpSocket, os::unix::fs::PermissionsExt, sync::atomic::Ordering};
 
 use relay_tests::{
     fastpath::FarEnds,
-    lab::{ThreeHosts, CLIENT_IP, PEER_IP, RELAY_CLIENT_SIDE_IP, RELAY_PEER_SIDE_IP},
+    lab::{ThreeHosts, CLIENT_IP, RELAY_CLIENT_SIDE_IP, RELAY_PEER_SIDE_IP},
     require_root,
 };
 use serde_json::Value;
-use support::{client::Client, Relay};
+use support::{
+    client::Client,
+    echo::{round_trips, Echo},
+    Relay,
+};
 
 const REALM: &str = "lab.test";
 const PORT: &str = "3478";
-
-/// A UDP echo server in the peer namespace that counts what it received.
-struct Echo {
-    addr: SocketAddr,
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(lab: &ThreeHosts) -> Self {
-        let socket = lab
-            .peer
-            .run_inside(|| UdpSocket::bind((PEER_IP, 0)).expect("echo socket"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        let addr = socket.local_addr().expect("echo address");
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (count, done) = (Arc::clone(&received), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !done.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    let _ = socket.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Self {
-            addr,
-            received,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Sends `count` ChannelData messages on `channel` one at a time and waits for each echo;
-/// returns how many came back intact.
-fn round_trips(client: &Client, channel: u16, count: usize, tag: &str) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut echoed = 0;
-    for i in 0..count {
-        assert!(
-            Instant::now() < deadline,
-            "{tag}: round trips took too long"
-        );
-        let data = format!("{tag} {i:05}");
-        let mut message = channel.to_be_bytes().to_vec();
-        message.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        message.extend_from_slice(data.as_bytes());
-        client.send_raw(&message);
-        for _ in 0..4 {
-            match client.recv() {
-                Some(reply) if reply.get(4..) == Some(data.as_bytes()) => {
-                    echoed += 1;
-                    break;
-                }
-                Some(_) => continue,
-                None => break,
-            }
-        }
-    }
-    echoed
-}
 
 fn counters(record: &Value, path: &str) -> [u64; 4] {
     let c = &record[path];

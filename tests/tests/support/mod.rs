@@ -7,6 +7,7 @@
 )]
 
 pub mod client;
+pub mod echo;
 pub mod stream;
 pub mod tls;
 
