@@ -699,11 +699,9 @@ fn refusals_are_counted_by_method_and_code_and_logged() {
         relay.metric("relay_error_responses_total{method=\"create_permission\",code=\"403\"}"),
         1
     );
-    let log = relay.log();
-    let refusal = log
-        .lines()
-        .find(|line| line.contains("request refused") && line.contains("code=403"))
-        .unwrap_or_else(|| panic!("no 403 refusal logged:\n{log}"));
+    let refusal = relay
+        .wait_for_log_line(&["request refused", "code=403"])
+        .unwrap_or_else(|| panic!("no 403 refusal logged:\n{}", relay.log()));
     assert!(refusal.contains("user=\"alice\""), "{refusal}");
     assert!(
         refusal.contains("method=\"create_permission\""),
@@ -739,11 +737,9 @@ fn refusals_are_counted_by_method_and_code_and_logged() {
         second.request_error(Method::ALLOCATE, &[Attribute::RequestedTransport(17)]),
         Some(486)
     );
-    let log = relay.log();
-    let refusal = log
-        .lines()
-        .find(|line| line.contains("request refused") && line.contains("code=486"))
-        .unwrap_or_else(|| panic!("no 486 refusal logged:\n{log}"));
+    let refusal = relay
+        .wait_for_log_line(&["request refused", "code=486"])
+        .unwrap_or_else(|| panic!("no 486 refusal logged:\n{}", relay.log()));
     assert!(
         refusal.contains("user alice holds --max-allocations-per-user 1"),
         "{refusal}"

@@ -217,6 +217,25 @@ impl Relay {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The first log line with every one of `needles`, waiting up to 5 s for it (the log is
+    /// read from the relay's stderr by a thread, a little behind the relay's answers).
+    pub fn wait_for_log_line(&self, needles: &[&str]) -> Option<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if let Some(line) = log
+                .lines()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+            {
+                return Some(line.to_owned());
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The process id (of the relay itself when started through `env` or `ip netns exec`,
     /// which exec it).
     pub fn pid(&self) -> u32 {
