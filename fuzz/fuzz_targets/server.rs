@@ -23,7 +23,7 @@ use relay_proto::{
     auth::{rest_password, Credentials, LongTermKey},
     channel_data::ChannelData,
     policy::PeerPolicy,
-    server::{AllocationQuota, Command, LiveRelayed, QuotaLedger, Server, ServerConfig},
+    server::{AllocationQuota, Command, Forward, LiveRelayed, QuotaLedger, Server, ServerConfig},
     stun::{AddressFamily, Attribute, Class, Message, MessageBuilder, Method, TransactionId},
     Transport,
 };
@@ -139,6 +139,15 @@ impl Rig {
         self.policy.is_allowed(ip)
     }
 
+    /// Checks a relayed-data decision: a datagram only ever goes to a reachable peer from a
+    /// relayed address of this relay.
+    fn check_forward(&self, forward: Option<Forward>) {
+        if let Some(Forward::ToPeer { relayed, peer, .. }) = forward {
+            assert!(self.may_reach(peer), "forwarded to denied peer {peer}");
+            assert!(self.relayed.contains(&relayed), "unknown relayed {relayed}");
+        }
+    }
+
     /// Executes every command, answering binds from the input, and checks the invariants.
     fn drain(&mut self, input: &mut Input<'_>) {
         while let Some(command) = self.server.next_command() {
@@ -247,13 +256,20 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
         sa(LISTENERS[1])
     };
     // The same addresses over UDP, TCP and TLS are three 5-tuples (RFC 8656 §5).
-    let transport = input.pick(&[Transport::Udp, Transport::Udp, Transport::Tcp, Transport::Tls]);
+    let transport = input.pick(&[
+        Transport::Udp,
+        Transport::Udp,
+        Transport::Tcp,
+        Transport::Tls,
+    ]);
     match input.byte() % 9 {
         0 => {
             let len = usize::from(input.byte());
             let data = input.take(len).to_vec();
-            rig.server
+            let forward = rig
+                .server
                 .handle_client_message(client, listener, transport, &data, rig.now);
+            rig.check_forward(forward);
         }
         1 | 2 => {
             let tid = rig.tid();
@@ -310,16 +326,20 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
                     .add(&Attribute::Nonce(&nonce));
                 b.finish(Some(key.as_bytes()), flags & 128 != 0)
             };
-            rig.server
+            let forward = rig
+                .server
                 .handle_client_message(client, listener, transport, &bytes, rig.now);
+            rig.check_forward(forward);
         }
         3 => {
             let channel = input.pick(&[0x4000u16, 0x4001, 0x4fff]);
             let len = usize::from(input.byte());
             let data = input.take(len);
             let bytes = ChannelData { channel, data }.encode(input.byte() & 1 == 0);
-            rig.server
+            let forward = rig
+                .server
                 .handle_client_message(client, listener, transport, &bytes, rig.now);
+            rig.check_forward(forward);
         }
         4 => {
             let peer = sa(input.pick(&PEERS));
@@ -330,8 +350,10 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
             b.add(&Attribute::XorPeerAddress(peer))
                 .add(&Attribute::Data(data));
             let bytes = b.finish(None, false);
-            rig.server
+            let forward = rig
+                .server
                 .handle_client_message(client, listener, transport, &bytes, rig.now);
+            rig.check_forward(forward);
         }
         5 => {
             let relayed: Vec<SocketAddr> = rig.relayed.iter().copied().collect();
@@ -343,8 +365,10 @@ fn step(rig: &mut Rig, input: &mut Input<'_>) {
             let peer = sa(input.pick(&PEERS));
             let len = usize::from(input.byte());
             let data = input.take(len);
-            rig.server
+            let forward = rig
+                .server
                 .handle_peer_datagram(relayed, peer, data, rig.now);
+            rig.check_forward(forward);
         }
         7 => {
             // The host gains or loses addresses at runtime (netlink): a permission created
