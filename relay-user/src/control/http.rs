@@ -1,12 +1,24 @@
 //! The admin endpoint: a deliberately tiny HTTP/1.1 server (one request per connection) that
 //! turns routes into [`AdminRequest`]s for the core task.
+//!
+//! Each listener serves at most [`MAX_CONNECTIONS`] connections at once (more are answered 503
+//! and closed at once, so a flood cannot queue up behind them); a request head must arrive
+//! within [`REQUEST_TIMEOUT`], the answer must be computed within [`HANDLER_TIMEOUT`] and
+//! written within [`WRITE_TIMEOUT`], else the connection is dropped.
+//!
+//! Access on the admin listener: every route except `/metrics`, `/healthz` and `/readyz` (the
+//! ones `--metrics` may expose to the network, which carry no user names or client addresses)
+//! needs the [`CTL_HEADER`] header, reads as well as writes, and a loopback `Host`. A browser
+//! cannot add that header to a cross-site request without a CORS preflight, which this endpoint
+//! never grants, and DNS rebinding fails the `Host` check. It is not a secret: it does not keep
+//! out a local user who sends it (loopback is the boundary for that).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, Semaphore},
 };
 use tracing::{debug, warn};
 
@@ -14,8 +26,14 @@ use super::{ask, AdminRequest, DisconnectTarget, Disconnected};
 
 /// Longest request head accepted; the admin API has no request bodies.
 const MAX_REQUEST: usize = 8192;
-/// A client that has not sent its request by then is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that has not sent its whole request head by then is dropped (slow-loris).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the core's answer (e.g. metrics while the workers are busy).
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not take the answer by then is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once per listener; `relay ctl` and a scraper need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +65,8 @@ pub async fn bind_read_only(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves requests until the core goes away.
 pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>, exposure: Exposure) {
+    // Per listener, so a flood of the network-facing `--metrics` port leaves `relay ctl` alone.
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -56,13 +76,27 @@ pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>, expo
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refuse_busy(&stream, from);
+            continue;
+        };
         let core = core.clone();
         tokio::spawn(async move {
             if let Err(error) = handle(stream, core, exposure).await {
                 debug!(%from, %error, "admin request failed");
             }
+            drop(slot);
         });
     }
+}
+
+/// Over the cap: one non-blocking try to say so, then the connection is closed.
+fn refuse_busy(stream: &TcpStream, from: SocketAddr) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+        Content-Length: 40\r\nConnection: close\r\n\r\n{\"error\": \"too many admin connections\"}\n";
+    debug!(%from, "admin connection refused: {MAX_CONNECTIONS} already open");
+    // A fresh socket's send buffer takes this whole; if not, the client just sees the close.
+    let _ = stream.try_write(BUSY);
 }
 
 struct Response {
@@ -97,17 +131,21 @@ async fn handle(
         None => Response::error(400, "malformed request"),
         // Read-only: no state changes and nothing per user, so no Host or header checks.
         Some(r) if exposure == Exposure::ReadOnly => {
-            read_only_route(&r.method, &r.path, &core).await
+            tokio::time::timeout(HANDLER_TIMEOUT, read_only_route(&r.method, &r.path, &core))
+                .await
+                .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time"))
         }
         Some(r) if !r.host.as_deref().is_some_and(local_host) => Response::error(
             403,
             "the admin endpoint answers only requests for a loopback host",
         ),
-        Some(r) if r.method != "GET" && !r.ctl_header => Response::error(
+        Some(r) if !r.ctl_header && !public_route(&r.path) => Response::error(
             403,
-            "state-changing requests need the X-Relay-Ctl header (use relay ctl)",
+            "admin requests need the X-Relay-Ctl header (use relay ctl)",
         ),
-        Some(r) => route(&r.method, &r.path, &core).await,
+        Some(r) => tokio::time::timeout(HANDLER_TIMEOUT, route(&r.method, &r.path, &core))
+            .await
+            .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time")),
     };
     let reason = match response.status {
         200 => "OK",
@@ -124,9 +162,19 @@ async fn handle(
         response.content_type,
         response.body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(response.body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout"))?
+}
+
+/// Routes the `--metrics` listener serves to anyone: nothing per user or per client.
+fn public_route(path: &str) -> bool {
+    matches!(path.trim_matches('/'), "metrics" | "healthz" | "readyz")
 }
 
 /// The parts of a request the admin API looks at.
@@ -137,8 +185,8 @@ struct Request {
     ctl_header: bool,
 }
 
-/// Header a state-changing request must carry: browsers cannot add it to a cross-site request
-/// without a CORS preflight, which this endpoint never grants.
+/// Header every admin request but the public ones must carry: browsers cannot add it to a
+/// cross-site request without a CORS preflight, which this endpoint never grants.
 pub const CTL_HEADER: &str = "x-relay-ctl";
 
 /// Reads up to the end of the request head.
