@@ -1,10 +1,10 @@
-//! The admin endpoint: a deliberately tiny HTTP/1.1 server (one request per connection) that
-//! turns routes into [`AdminRequest`]s for the core task.
+//! The admin endpoint: an HTTP/1.1 server on hyper (one request per connection) that turns
+//! routes into [`AdminRequest`]s for the core task.
 //!
 //! Each listener serves at most [`MAX_CONNECTIONS`] connections at once (more are answered 503
 //! and closed at once, so a flood cannot queue up behind them); a request head must arrive
 //! within [`REQUEST_TIMEOUT`], the answer must be computed within [`HANDLER_TIMEOUT`] and
-//! written within [`WRITE_TIMEOUT`], else the connection is dropped.
+//! written within [`WRITE_TIMEOUT`] after that, else the connection is dropped.
 //!
 //! Access on the admin listener: every route except `/metrics`, `/healthz` and `/readyz` (the
 //! ones `--metrics` may expose to the network, which carry no user names or client addresses)
@@ -13,10 +13,13 @@
 //! never grants, and DNS rebinding fails the `Host` check. It is not a secret: it does not keep
 //! out a local user who sends it (loopback is the boundary for that).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{mpsc, Semaphore},
 };
@@ -24,7 +27,7 @@ use tracing::{debug, warn};
 
 use super::{ask, AdminRequest, DisconnectTarget, Disconnected};
 
-/// Longest request head accepted; the admin API has no request bodies.
+/// Longest request head accepted (hyper's minimum); the admin API has no request bodies.
 const MAX_REQUEST: usize = 8192;
 /// A client that has not sent its whole request head by then is dropped (slow-loris).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,57 +122,84 @@ impl Response {
     }
 }
 
+impl Response {
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let mut response = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(self.content_type),
+        );
+        response
+    }
+}
+
+/// Serves the one request of a connection; hyper drops a client whose head is late
+/// ([`REQUEST_TIMEOUT`]), the overall bound covers a client that does not take the answer.
 async fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     core: mpsc::Sender<AdminRequest>,
     exposure: Exposure,
-) -> std::io::Result<()> {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
-    let response = match head {
-        None => Response::error(400, "malformed request"),
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = service_fn(move |request: hyper::Request<Incoming>| {
+        let core = core.clone();
+        async move { Ok::<_, Infallible>(answer(&request, &core, exposure).await.into_hyper()) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::time::timeout(
+        REQUEST_TIMEOUT + HANDLER_TIMEOUT + WRITE_TIMEOUT,
+        connection,
+    )
+    .await
+    .map_err(|_| "connection timeout")??;
+    Ok(())
+}
+
+/// The answer to one request, after the access checks of `exposure`.
+async fn answer(
+    request: &hyper::Request<Incoming>,
+    core: &mpsc::Sender<AdminRequest>,
+    exposure: Exposure,
+) -> Response {
+    let method = request.method().as_str();
+    let path = request.uri().path();
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let ctl_header = request.headers().contains_key(CTL_HEADER);
+    let routed = match exposure {
         // Read-only: no state changes and nothing per user, so no Host or header checks.
-        Some(r) if exposure == Exposure::ReadOnly => {
-            tokio::time::timeout(HANDLER_TIMEOUT, read_only_route(&r.method, &r.path, &core))
+        Exposure::ReadOnly => {
+            return tokio::time::timeout(HANDLER_TIMEOUT, read_only_route(method, path, core))
                 .await
                 .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time"))
         }
-        Some(r) if !r.host.as_deref().is_some_and(local_host) => Response::error(
-            403,
-            "the admin endpoint answers only requests for a loopback host",
-        ),
-        Some(r) if !r.ctl_header && !public_route(&r.path) => Response::error(
-            403,
-            "admin requests need the X-Relay-Ctl header (use relay ctl)",
-        ),
-        Some(r) => tokio::time::timeout(HANDLER_TIMEOUT, route(&r.method, &r.path, &core))
-            .await
-            .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time")),
+        Exposure::Admin if !host.as_deref().is_some_and(local_host) => {
+            return Response::error(
+                403,
+                "the admin endpoint answers only requests for a loopback host",
+            )
+        }
+        Exposure::Admin if !ctl_header && !public_route(path) => {
+            return Response::error(
+                403,
+                "admin requests need the X-Relay-Ctl header (use relay ctl)",
+            )
+        }
+        Exposure::Admin => route(method, path, core),
     };
-    let reason = match response.status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    );
-    let write = async {
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(response.body.as_bytes()).await?;
-        stream.shutdown().await
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, write)
+    tokio::time::timeout(HANDLER_TIMEOUT, routed)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timeout"))?
+        .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time"))
 }
 
 /// Routes the `--metrics` listener serves to anyone: nothing per user or per client.
@@ -177,57 +207,9 @@ fn public_route(path: &str) -> bool {
     matches!(path.trim_matches('/'), "metrics" | "healthz" | "readyz")
 }
 
-/// The parts of a request the admin API looks at.
-struct Request {
-    method: String,
-    path: String,
-    host: Option<String>,
-    ctl_header: bool,
-}
-
 /// Header every admin request but the public ones must carry: browsers cannot add it to a
 /// cross-site request without a CORS preflight, which this endpoint never grants.
 pub const CTL_HEADER: &str = "x-relay-ctl";
-
-/// Reads up to the end of the request head.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let mut lines = text.lines();
-    let mut parts = lines.next().unwrap_or_default().split_whitespace();
-    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
-        return Ok(None);
-    };
-    let mut request = Request {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        host: None,
-        ctl_header: false,
-    };
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let name = name.trim().to_ascii_lowercase();
-        if name == "host" {
-            request.host = Some(value.trim().to_ascii_lowercase());
-        } else if name == CTL_HEADER {
-            request.ctl_header = true;
-        }
-    }
-    Ok(Some(request))
-}
 
 /// Whether a Host header names this host by a loopback literal or `localhost` (any port):
 /// anything else is a browser sent here by DNS rebinding.
