@@ -745,3 +745,74 @@ fn refusals_are_counted_by_method_and_code_and_logged() {
         "{refusal}"
     );
 }
+
+/// Issue 12 item 7: on the admin listener reads need the ctl header too (they list user names
+/// and client addresses); only what `--metrics` also serves to anyone answers without it.
+#[test]
+fn admin_reads_need_the_ctl_header() {
+    let relay = relay_with(&["--user", "alice:wonderland"]);
+    let host = relay.admin;
+    for path in ["/allocations", "/status"] {
+        let bare = raw_http(
+            relay.admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        );
+        assert!(bare.starts_with("HTTP/1.1 403"), "{path}: {bare}");
+        assert!(bare.contains("X-Relay-Ctl"), "{bare}");
+        let ctl = raw_http(
+            relay.admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Relay-Ctl: 1\r\n\r\n"),
+        );
+        assert!(ctl.starts_with("HTTP/1.1 200"), "{path}: {ctl}");
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        relay_tests_http_get(relay.admin, path);
+    }
+    let (ok, _, stderr) = relay.ctl(&["allocations"]);
+    assert!(ok, "{stderr}");
+}
+
+/// Issue 12 item 7: the admin listener serves a bounded number of connections; one over the cap
+/// is answered 503 at once, clients that send half a request are dropped after the request
+/// timeout, and `relay ctl` works again as soon as they are gone.
+#[test]
+fn admin_connections_are_capped_and_slow_clients_dropped() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let relay = relay_with(&["--user", "alice:wonderland"]);
+    let started = Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = (0..relay::control::http::MAX_CONNECTIONS)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(relay.admin).expect("connect admin");
+            // Half a request head: no blank line ever comes.
+            s.write_all(b"GET /allocations HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                .expect("write");
+            s
+        })
+        .collect();
+    // The extra one sends nothing: the relay answers at accept and closes without reading, so a
+    // request it never read would turn its close into a reset that hides the answer.
+    let extra = raw_http(relay.admin, "");
+    assert!(extra.starts_with("HTTP/1.1 503"), "{extra}");
+    assert!(extra.contains("too many admin connections"), "{extra}");
+    let timeout = relay::control::http::REQUEST_TIMEOUT;
+    for stream in &mut idle {
+        stream
+            .set_read_timeout(Some(timeout + Duration::from_secs(5)))
+            .expect("timeout");
+        let mut rest = Vec::new();
+        // EOF (or a reset) once the relay drops it; a read timeout would fail here.
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest)),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= timeout - Duration::from_millis(500),
+        "dropped after {waited:?}"
+    );
+    let (ok, stdout, stderr) = relay.ctl(&["status"]);
+    assert!(ok, "relay ctl status after the flood: {stderr}");
+    assert!(!stdout.is_empty());
+}

@@ -1,47 +1,71 @@
 //! `relay ctl`: talks to a running daemon's admin endpoint.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::header;
+use hyper_util::rt::TokioIo;
 
 use super::{AllocationList, AllocationView};
 
+/// For connecting; the answer may take up to the daemon's own handler timeout, and a little.
 const TIMEOUT: Duration = Duration::from_secs(5);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Sends one request and returns the body of a 200 answer; other answers become errors that
 /// carry the daemon's message.
 pub fn request(admin: SocketAddr, method: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&admin, TIMEOUT).with_context(|| {
+    // One request per command: a current-thread runtime is all hyper needs here.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin client")?;
+    runtime.block_on(exchange(admin, method, path))
+}
+
+async fn exchange(admin: SocketAddr, method: &str, path: &str) -> anyhow::Result<String> {
+    let unreachable = || {
         format!("cannot reach the relay's admin endpoint at {admin} (is `relay serve` running? see --admin)")
-    })?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nX-Relay-Ctl: 1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream
-        .read_to_string(&mut raw)
+    };
+    let stream = match tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(admin)).await {
+        Ok(connected) => connected.with_context(unreachable)?,
+        Err(_) => bail!("{}: connection timed out", unreachable()),
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("talking to the admin endpoint")?;
+    // Drives the connection while the request below waits for its answer.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, admin.to_string())
+        .header(super::http::CTL_HEADER, "1")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .context("building the admin request")?;
+    let answer = async {
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let (status, body) = tokio::time::timeout(ANSWER_TIMEOUT, answer)
+        .await
+        .map_err(|_| anyhow::anyhow!("the admin endpoint at {admin} did not answer in time"))?
         .context("reading the admin answer")?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed admin answer")?;
     if status != 200 {
-        let message = serde_json::from_str::<serde_json::Value>(body)
+        let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or_else(|| body.trim().to_owned());
         bail!("{message}");
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// `relay ctl allocations [--json]`.

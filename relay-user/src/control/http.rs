@@ -1,21 +1,42 @@
-//! The admin endpoint: a deliberately tiny HTTP/1.1 server (one request per connection) that
-//! turns routes into [`AdminRequest`]s for the core task.
+//! The admin endpoint: an HTTP/1.1 server on hyper (one request per connection) that turns
+//! routes into [`AdminRequest`]s for the core task.
+//!
+//! Each listener serves at most [`MAX_CONNECTIONS`] connections at once (more are answered 503
+//! and closed at once, so a flood cannot queue up behind them); a request head must arrive
+//! within [`REQUEST_TIMEOUT`], the answer must be computed within [`HANDLER_TIMEOUT`] and
+//! written within [`WRITE_TIMEOUT`] after that, else the connection is dropped.
+//!
+//! Access on the admin listener: every route except `/metrics`, `/healthz` and `/readyz` (the
+//! ones `--metrics` may expose to the network, which carry no user names or client addresses)
+//! needs the [`CTL_HEADER`] header, reads as well as writes, and a loopback `Host`. A browser
+//! cannot add that header to a cross-site request without a CORS preflight, which this endpoint
+//! never grants, and DNS rebinding fails the `Host` check. It is not a secret: it does not keep
+//! out a local user who sends it (loopback is the boundary for that).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header, server::conn::http1, service::service_fn, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, Semaphore},
 };
 use tracing::{debug, warn};
 
 use super::{ask, AdminRequest, DisconnectTarget, Disconnected};
 
-/// Longest request head accepted; the admin API has no request bodies.
+/// Longest request head accepted (hyper's minimum); the admin API has no request bodies.
 const MAX_REQUEST: usize = 8192;
-/// A client that has not sent its request by then is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that has not sent its whole request head by then is dropped (slow-loris).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the core's answer (e.g. metrics while the workers are busy).
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not take the answer by then is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once per listener; `relay ctl` and a scraper need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
 
 /// What a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +68,8 @@ pub async fn bind_read_only(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// Serves requests until the core goes away.
 pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>, exposure: Exposure) {
+    // Per listener, so a flood of the network-facing `--metrics` port leaves `relay ctl` alone.
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -56,13 +79,27 @@ pub async fn serve(listener: TcpListener, core: mpsc::Sender<AdminRequest>, expo
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refuse_busy(&stream, from);
+            continue;
+        };
         let core = core.clone();
         tokio::spawn(async move {
             if let Err(error) = handle(stream, core, exposure).await {
                 debug!(%from, %error, "admin request failed");
             }
+            drop(slot);
         });
     }
+}
+
+/// Over the cap: one non-blocking try to say so, then the connection is closed.
+fn refuse_busy(stream: &TcpStream, from: SocketAddr) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+        Content-Length: 40\r\nConnection: close\r\n\r\n{\"error\": \"too many admin connections\"}\n";
+    debug!(%from, "admin connection refused: {MAX_CONNECTIONS} already open");
+    // A fresh socket's send buffer takes this whole; if not, the client just sees the close.
+    let _ = stream.try_write(BUSY);
 }
 
 struct Response {
@@ -85,101 +122,94 @@ impl Response {
     }
 }
 
+impl Response {
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let mut response = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(self.content_type),
+        );
+        response
+    }
+}
+
+/// Serves the one request of a connection; hyper drops a client whose head is late
+/// ([`REQUEST_TIMEOUT`]), the overall bound covers a client that does not take the answer.
 async fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     core: mpsc::Sender<AdminRequest>,
     exposure: Exposure,
-) -> std::io::Result<()> {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request timeout"))??;
-    let response = match head {
-        None => Response::error(400, "malformed request"),
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let service = service_fn(move |request: hyper::Request<Incoming>| {
+        let core = core.clone();
+        async move { Ok::<_, Infallible>(answer(&request, &core, exposure).await.into_hyper()) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::time::timeout(
+        REQUEST_TIMEOUT + HANDLER_TIMEOUT + WRITE_TIMEOUT,
+        connection,
+    )
+    .await
+    .map_err(|_| "connection timeout")??;
+    Ok(())
+}
+
+/// The answer to one request, after the access checks of `exposure`.
+async fn answer(
+    request: &hyper::Request<Incoming>,
+    core: &mpsc::Sender<AdminRequest>,
+    exposure: Exposure,
+) -> Response {
+    let method = request.method().as_str();
+    let path = request.uri().path();
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let ctl_header = request.headers().contains_key(CTL_HEADER);
+    let routed = match exposure {
         // Read-only: no state changes and nothing per user, so no Host or header checks.
-        Some(r) if exposure == Exposure::ReadOnly => {
-            read_only_route(&r.method, &r.path, &core).await
+        Exposure::ReadOnly => {
+            return tokio::time::timeout(HANDLER_TIMEOUT, read_only_route(method, path, core))
+                .await
+                .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time"))
         }
-        Some(r) if !r.host.as_deref().is_some_and(local_host) => Response::error(
-            403,
-            "the admin endpoint answers only requests for a loopback host",
-        ),
-        Some(r) if r.method != "GET" && !r.ctl_header => Response::error(
-            403,
-            "state-changing requests need the X-Relay-Ctl header (use relay ctl)",
-        ),
-        Some(r) => route(&r.method, &r.path, &core).await,
+        Exposure::Admin if !host.as_deref().is_some_and(local_host) => {
+            return Response::error(
+                403,
+                "the admin endpoint answers only requests for a loopback host",
+            )
+        }
+        Exposure::Admin if !ctl_header && !public_route(path) => {
+            return Response::error(
+                403,
+                "admin requests need the X-Relay-Ctl header (use relay ctl)",
+            )
+        }
+        Exposure::Admin => route(method, path, core),
     };
-    let reason = match response.status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
-    stream.shutdown().await
+    tokio::time::timeout(HANDLER_TIMEOUT, routed)
+        .await
+        .unwrap_or_else(|_| Response::error(503, "the relay did not answer in time"))
 }
 
-/// The parts of a request the admin API looks at.
-struct Request {
-    method: String,
-    path: String,
-    host: Option<String>,
-    ctl_header: bool,
+/// Routes the `--metrics` listener serves to anyone: nothing per user or per client.
+fn public_route(path: &str) -> bool {
+    matches!(path.trim_matches('/'), "metrics" | "healthz" | "readyz")
 }
 
-/// Header a state-changing request must carry: browsers cannot add it to a cross-site request
-/// without a CORS preflight, which this endpoint never grants.
+/// Header every admin request but the public ones must carry: browsers cannot add it to a
+/// cross-site request without a CORS preflight, which this endpoint never grants.
 pub const CTL_HEADER: &str = "x-relay-ctl";
-
-/// Reads up to the end of the request head.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        if buf.len() > MAX_REQUEST {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let mut lines = text.lines();
-    let mut parts = lines.next().unwrap_or_default().split_whitespace();
-    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
-        return Ok(None);
-    };
-    let mut request = Request {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        host: None,
-        ctl_header: false,
-    };
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let name = name.trim().to_ascii_lowercase();
-        if name == "host" {
-            request.host = Some(value.trim().to_ascii_lowercase());
-        } else if name == CTL_HEADER {
-            request.ctl_header = true;
-        }
-    }
-    Ok(Some(request))
-}
 
 /// Whether a Host header names this host by a loopback literal or `localhost` (any port):
 /// anything else is a browser sent here by DNS rebinding.

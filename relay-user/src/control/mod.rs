@@ -16,6 +16,11 @@
 //! - `POST /drain`, `POST /drain/{deadline_secs}`: start draining; answers like `/status`.
 //! - `GET /status`: running or draining, the drain deadline, the allocations left.
 //!
+//! On the admin listener every route but `/metrics`, `/healthz` and `/readyz` needs the
+//! `X-Relay-Ctl` header (reads too: they show user names and client addresses), which
+//! `relay ctl` sends; see [`http`] for what that does and does not keep out, and for the
+//! connection cap and timeouts.
+//!
 //! `--metrics ADDR:PORT` adds a second listener with only the read-only `/metrics`,
 //! `/healthz` and `/readyz`, which may face the network (for Prometheus and probes).
 

@@ -208,8 +208,8 @@ fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
-    let kernel = lock(kernel);
-    let kernel_totals = kernel.totals(snapshot.allocation_ids.iter().copied());
+    // Outside the lock: workers installing bindings must not wait for a scrape.
+    let kernel_totals = KernelSync::live_totals(kernel, &snapshot.allocation_ids);
     let paths = [
         ("socket", snapshot.socket_totals),
         ("kernel", kernel_totals),
@@ -246,6 +246,8 @@ fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
             );
         }
     }
+    let kernel = lock(kernel);
+    // A handful of map reads (one per verdict reason), not one per allocation.
     if let Some(fastpath) = kernel.fastpath() {
         if let Ok(counters) = fastpath.verdict_counters() {
             let _ = writeln!(

@@ -19,6 +19,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -43,8 +44,34 @@ use crate::{
 /// How often "kernel maps are full" is said while bindings keep being refused.
 const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Reads one counter slot through a map fd of its own, so the reading needs no lock.
+pub trait SlotReader: Send + Sync {
+    fn read(&self, slot: u32) -> Result<PathCounters, String>;
+}
+
+impl SlotReader for fastpath::CounterReader {
+    fn read(&self, slot: u32) -> Result<PathCounters, String> {
+        let c = self.counters(slot).map_err(|e| e.to_string())?;
+        Ok(PathCounters {
+            to_peer_packets: c.to_peer_packets,
+            to_peer_bytes: c.to_peer_bytes,
+            to_client_packets: c.to_client_packets,
+            to_client_bytes: c.to_client_bytes,
+        })
+    }
+}
+
+/// How often [`KernelSync::live_totals`] reads again when slots changed hands meanwhile,
+/// before it reads under the lock instead.
+const UNLOCKED_TOTALS_TRIES: usize = 3;
+
 pub struct KernelSync {
     fastpath: Option<FastPath>,
+    /// The counter map for reads outside the lock (`None` without a fast path).
+    reader: Option<Arc<dyn SlotReader>>,
+    /// Bumped whenever an allocation's counters move into `retired` and its slot is let go,
+    /// so an unlocked read can tell whether a slot it read changed hands meanwhile.
+    slot_epoch: u64,
     /// Path for allocations without their own setting.
     default_on: bool,
     overrides: HashMap<AllocationId, bool>,
@@ -100,7 +127,16 @@ impl KernelSync {
             }
             None => None,
         };
+        let reader = fastpath.as_ref().and_then(|f| match f.counter_reader() {
+            Ok(reader) => Some(Arc::new(reader) as Arc<dyn SlotReader>),
+            Err(error) => {
+                warn!(%error, "kernel counters are read under the fast-path lock");
+                None
+            }
+        });
         let mut sync = Self {
+            reader,
+            slot_epoch: 0,
             default_on: fastpath.is_some(),
             fastpath,
             overrides: HashMap::new(),
@@ -333,6 +369,40 @@ impl KernelSync {
         self.forget_allocation(id)
     }
 
+    /// Like [`KernelSync::totals`], for `/metrics`: the lock is held only to copy the slots of
+    /// `live` (and the retired totals), not across one map read per allocation, so workers that
+    /// need it to update the maps are not kept waiting by a scrape. The sum is the one
+    /// `totals` gives: if an allocation ended meanwhile (its counters retired, its slot free for
+    /// another), the copy is stale and it is read again; after a few tries, under the lock.
+    pub fn live_totals(kernel: &Mutex<Self>, live: &[AllocationId]) -> PathCounters {
+        use super::worker::lock;
+        for _ in 0..UNLOCKED_TOTALS_TRIES {
+            let (reader, retired, epoch, slots) = {
+                let k = lock(kernel);
+                let Some(reader) = k.reader.clone() else {
+                    // No fast path: nothing to read from the kernel.
+                    return k.totals(live.iter().copied());
+                };
+                let slots: Vec<(AllocationId, u32)> = live
+                    .iter()
+                    .filter_map(|id| Some((*id, *k.slots.get(id)?)))
+                    .collect();
+                (reader, k.retired, k.slot_epoch, slots)
+            };
+            let mut total = retired;
+            for (id, slot) in slots {
+                match reader.read(slot) {
+                    Ok(c) => total += c,
+                    Err(error) => debug!(allocation = %id, %error, "cannot read kernel counters"),
+                }
+            }
+            if lock(kernel).slot_epoch == epoch {
+                return total;
+            }
+        }
+        lock(kernel).totals(live.iter().copied())
+    }
+
     /// Kernel totals over live and deleted allocations.
     pub fn totals(&self, live: impl Iterator<Item = AllocationId>) -> PathCounters {
         let mut total = self.retired;
@@ -448,6 +518,7 @@ impl KernelSync {
         self.throttled.remove(&id);
         // The slot is zeroed again when the next allocation takes it; one that an entry the
         // kernel refused to delete may still count into is never reused.
+        self.slot_epoch = self.slot_epoch.wrapping_add(1);
         if let Some(slot) = self.slots.remove(&id) {
             if clean {
                 self.free_slots.push(slot);
@@ -793,4 +864,100 @@ pub fn log_capacity(fastpath: &FastPath) {
         relay_common::NEXT_HOP_BYTES,
         relay_common::allocation_counter_bytes(cpus),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use super::{KernelSync, PathCounters, SlotReader};
+    use crate::proto::{policy::PeerPolicy, server::AllocationId};
+
+    /// A counter map that checks, on every read, that the KernelSync lock is free: a worker
+    /// that needs it meanwhile would get it at once.
+    struct LockFreeReads {
+        kernel: OnceLock<Arc<Mutex<KernelSync>>>,
+        reads: Mutex<Vec<u32>>,
+        /// Retires allocation 1 during the first read, as a worker ending it would.
+        end_during_read: bool,
+    }
+
+    impl SlotReader for LockFreeReads {
+        fn read(&self, slot: u32) -> Result<PathCounters, String> {
+            let kernel = self.kernel.get().ok_or("no kernel")?;
+            let mut guard = kernel.try_lock().map_err(|_| "read under the lock")?;
+            let first = {
+                let mut reads = self.reads.lock().map_err(|_| "poisoned")?;
+                reads.push(slot);
+                reads.len() == 1
+            };
+            if first && self.end_during_read {
+                guard.retired += counters(slot);
+                guard.slots.remove(&AllocationId(1));
+                guard.slot_epoch += 1;
+            }
+            Ok(counters(slot))
+        }
+    }
+
+    fn counters(slot: u32) -> PathCounters {
+        let n = u64::from(slot) + 1;
+        PathCounters {
+            to_peer_packets: n,
+            to_peer_bytes: 100 * n,
+            to_client_packets: 2 * n,
+            to_client_bytes: 200 * n,
+        }
+    }
+
+    fn kernel(end_during_read: bool) -> (Arc<Mutex<KernelSync>>, Arc<LockFreeReads>) {
+        let mut sync = KernelSync::new(None, PeerPolicy::default(), Vec::new()).expect("sync");
+        let reader = Arc::new(LockFreeReads {
+            kernel: OnceLock::new(),
+            reads: Mutex::new(Vec::new()),
+            end_during_read,
+        });
+        sync.reader = Some(Arc::clone(&reader) as Arc<dyn SlotReader>);
+        sync.retired = counters(9);
+        for (id, slot) in [(1, 0), (2, 1), (3, 2)] {
+            sync.slots.insert(AllocationId(id), slot);
+        }
+        let kernel = Arc::new(Mutex::new(sync));
+        assert!(reader.kernel.set(Arc::clone(&kernel)).is_ok());
+        (kernel, reader)
+    }
+
+    #[test]
+    fn metrics_read_kernel_counters_outside_the_lock() {
+        let (kernel, reader) = kernel(false);
+        let live = [
+            AllocationId(1),
+            AllocationId(2),
+            AllocationId(3),
+            AllocationId(4),
+        ];
+        let total = KernelSync::live_totals(&kernel, &live);
+        let mut want = counters(9);
+        for slot in 0..3 {
+            want += counters(slot);
+        }
+        assert_eq!(total, want);
+        // One read per live allocation with a slot, none of them under the lock (a read under
+        // it would have failed and been left out of the sum).
+        assert_eq!(*reader.reads.lock().expect("reads"), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn an_allocation_ending_during_the_read_is_counted_once() {
+        let (kernel, reader) = kernel(true);
+        let live = [AllocationId(1), AllocationId(2), AllocationId(3)];
+        let total = KernelSync::live_totals(&kernel, &live);
+        // Allocation 1 is retired now: its counters are in `retired`, its slot is not read again.
+        let mut want = counters(9);
+        for slot in 0..3 {
+            want += counters(slot);
+        }
+        assert_eq!(total, want);
+        assert_eq!(*reader.reads.lock().expect("reads"), vec![0, 1, 2, 1, 2]);
+    }
 }

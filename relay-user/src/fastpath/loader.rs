@@ -231,6 +231,39 @@ pub struct FastPath {
     locks: Vec<InterfaceLock>,
 }
 
+/// Reads the per-allocation counter map through a fd of its own (see
+/// [`FastPath::counter_reader`]).
+pub struct CounterReader {
+    map: PerCpuArray<aya::maps::MapData, AllocationCounters>,
+}
+
+impl CounterReader {
+    /// Like [`FastPath::counters`].
+    pub fn counters(&self, slot: u32) -> Result<AllocationCounters, FastPathError> {
+        slot_counters(&self.map, slot)
+    }
+}
+
+/// Slot `slot` of the counter map, summed over CPUs.
+fn slot_counters<T: std::borrow::Borrow<aya::maps::MapData>>(
+    counters: &PerCpuArray<T, AllocationCounters>,
+    slot: u32,
+) -> Result<AllocationCounters, FastPathError> {
+    let per_cpu = counters
+        .get(&slot, 0)
+        .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
+    Ok(per_cpu
+        .iter()
+        .fold(AllocationCounters::default(), |sum, cpu| {
+            AllocationCounters {
+                to_peer_packets: sum.to_peer_packets + cpu.to_peer_packets,
+                to_peer_bytes: sum.to_peer_bytes + cpu.to_peer_bytes,
+                to_client_packets: sum.to_client_packets + cpu.to_client_packets,
+                to_client_bytes: sum.to_client_bytes + cpu.to_client_bytes,
+            }
+        }))
+}
+
 impl FastPath {
     /// Parses the embedded object and loads its programs into the kernel (not attached yet),
     /// with the default map capacity.
@@ -713,19 +746,31 @@ impl FastPath {
             .ok_or(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP))?;
         let counters = PerCpuArray::<_, AllocationCounters>::try_from(map)
             .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
-        let per_cpu = counters
-            .get(&slot, 0)
+        slot_counters(&counters, slot)
+    }
+
+    /// A handle on the counter map of its own (a duplicated map fd), so counters can be read
+    /// by whoever holds it without borrowing this `FastPath` (nor the lock around it).
+    pub fn counter_reader(&self) -> Result<CounterReader, FastPathError> {
+        let map = self
+            .ebpf
+            .map(ALLOCATION_COUNTERS_MAP)
+            .ok_or(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP))?;
+        let aya::maps::Map::PerCpuArray(data) = map else {
+            return Err(FastPathError::MissingMap(ALLOCATION_COUNTERS_MAP));
+        };
+        let fd = std::os::fd::AsFd::as_fd(data.fd())
+            .try_clone_to_owned()
+            .map_err(|io_error| {
+                map_error(ALLOCATION_COUNTERS_MAP)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }))
+            })?;
+        let data = aya::maps::MapData::from_fd(fd).map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_error(ALLOCATION_COUNTERS_MAP))?;
-        Ok(per_cpu
-            .iter()
-            .fold(AllocationCounters::default(), |sum, cpu| {
-                AllocationCounters {
-                    to_peer_packets: sum.to_peer_packets + cpu.to_peer_packets,
-                    to_peer_bytes: sum.to_peer_bytes + cpu.to_peer_bytes,
-                    to_client_packets: sum.to_client_packets + cpu.to_client_packets,
-                    to_client_bytes: sum.to_client_bytes + cpu.to_client_bytes,
-                }
-            }))
+        Ok(CounterReader { map })
     }
 
     /// Zeroes counter slot `slot` on every CPU (before an allocation starts using it).

@@ -19,8 +19,8 @@ pub mod nexthop;
 
 pub use binding::{supported, BindingHops, ChannelBinding, PermissionBinding};
 pub use loader::{
-    is_ethernet, AllocationCounters, AttachMode, FastPath, FastPathError, MapCapacity, TestProgram,
-    TestRunOutput,
+    is_ethernet, AllocationCounters, AttachMode, CounterReader, FastPath, FastPathError,
+    MapCapacity, TestProgram, TestRunOutput,
 };
 
 /// The eBPF object built from `relay-ebpf` by the build script, embedded so `relay` is one file.
