@@ -260,7 +260,7 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
         ("GET", ["metrics"]) => match ask(core, AdminRequest::Metrics).await {
             Some(text) => Response {
                 status: 200,
-                content_type: "text/plain; version=0.0.4",
+                content_type: crate::daemon::METRICS_CONTENT_TYPE,
                 body: text,
             },
             None => unavailable(),
