@@ -3,8 +3,9 @@
 //!
 //! Each listener serves at most [`MAX_CONNECTIONS`] connections at once (more are answered 503
 //! and closed at once, so a flood cannot queue up behind them); a request head must arrive
-//! within [`REQUEST_TIMEOUT`], the answer must be computed within [`HANDLER_TIMEOUT`] and
-//! written within [`WRITE_TIMEOUT`] after that, else the connection is dropped.
+//! within [`REQUEST_TIMEOUT`] (hyper's header-read timeout), the answer is computed within
+//! [`HANDLER_TIMEOUT`] (else 503), and a connection lives at most the sum of those and
+//! [`WRITE_TIMEOUT`], which bounds a client that does not take its answer.
 //!
 //! Access on the admin listener: every route except `/metrics`, `/healthz` and `/readyz` (the
 //! ones `--metrics` may expose to the network, which carry no user names or client addresses)
@@ -260,7 +261,7 @@ async fn route(method: &str, path: &str, core: &mpsc::Sender<AdminRequest>) -> R
         ("GET", ["metrics"]) => match ask(core, AdminRequest::Metrics).await {
             Some(text) => Response {
                 status: 200,
-                content_type: "text/plain; version=0.0.4",
+                content_type: crate::daemon::METRICS_CONTENT_TYPE,
                 body: text,
             },
             None => unavailable(),

@@ -9,7 +9,9 @@
 //! - `POST /allocations/{id}/disconnect`, `POST /users/{name}/disconnect` (name
 //!   percent-encoded): end one allocation, or every allocation of a user; 404 if none matched.
 //!   Each ended allocation's usage record says `disconnected`.
-//! - `GET /metrics`: Prometheus text format.
+//! - `GET /metrics`: OpenMetrics text (encoded by `prometheus-client`; Prometheus reads it):
+//!   sample names and labels as ever; counter families are named without `_total` in their
+//!   `# HELP`/`# TYPE` lines, as OpenMetrics wants, and the text ends with `# EOF`.
 //! - `GET /healthz`, `GET /readyz`: 200 while every worker runs (and, for readiness, new
 //!   allocations are taken: not while draining), 503 otherwise; for service managers and
 //!   Kubernetes probes.

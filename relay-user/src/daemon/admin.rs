@@ -1,17 +1,15 @@
 //! Routes admin requests to the workers and merges their answers.
 
-use std::{
-    fmt::Write as _,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, Mutex,
 };
 
 use tokio::sync::mpsc;
 
 use super::{
     connection_limits::ConnectionLimits,
+    exposition::{Exposition, Labels},
     kernel_sync::KernelSync,
     reload::SharedReloader,
     worker::{lock, DisconnectTarget as WorkerTarget, WorkerRequest, WorkerSnapshot},
@@ -134,13 +132,14 @@ pub async fn route(
                         total.stream_buffered_bytes += part.stream_buffered_bytes;
                     }
                 }
-                let mut text = metrics(&total, &kernel);
-                unauth_metrics(&mut text, &limits.unauth);
-                super::bandwidth::metrics(&mut text, limits.bandwidth.as_deref());
-                error_response_metrics(&mut text, &total);
-                stream_metrics(&mut text, &total, &connection_limits);
-                drain.metrics(&mut text);
-                let _ = reply.send(text);
+                let mut out = Exposition::default();
+                metrics(&mut out, &total, &kernel);
+                unauth_metrics(&mut out, &limits.unauth);
+                super::bandwidth::metrics(&mut out, limits.bandwidth.as_deref());
+                error_response_metrics(&mut out, &total);
+                stream_metrics(&mut out, &total, &connection_limits);
+                drain.metrics(&mut out);
+                let _ = reply.send(out.encode());
             }
         }
     }
@@ -187,173 +186,155 @@ async fn disconnect(
     Ok(ended)
 }
 
-/// Prometheus text exposition; no per-user labels.
-fn metrics(snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) -> String {
-    let mut out = String::new();
-    for (name, help, value) in [
-        (
-            "relay_allocations",
-            "Live allocations.",
-            snapshot.allocations,
-        ),
-        (
-            "relay_permissions",
-            "Live permissions.",
-            snapshot.permissions,
-        ),
-        ("relay_channels", "Bound channels.", snapshot.channels),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    }
+/// Labels of one path and direction.
+fn path_direction(path: &str, direction: &str) -> Labels {
+    vec![
+        ("path", path.to_owned()),
+        ("direction", direction.to_owned()),
+    ]
+}
+
+/// Prometheus exposition; no per-user labels.
+fn metrics(out: &mut Exposition, snapshot: &WorkerSnapshot, kernel: &Mutex<KernelSync>) {
+    out.gauge(
+        "relay_allocations",
+        "Live allocations.",
+        snapshot.allocations,
+    );
+    out.gauge(
+        "relay_permissions",
+        "Live permissions.",
+        snapshot.permissions,
+    );
+    out.gauge("relay_channels", "Bound channels.", snapshot.channels);
     // Outside the lock: workers installing bindings must not wait for a scrape.
     let kernel_totals = KernelSync::live_totals(kernel, &snapshot.allocation_ids);
     let paths = [
         ("socket", snapshot.socket_totals),
         ("kernel", kernel_totals),
     ];
-    let _ = writeln!(
-        out,
-        "# HELP relay_relayed_packets_total Datagrams relayed, by path and direction.\n\
-         # TYPE relay_relayed_packets_total counter"
+    out.counters(
+        "relay_relayed_packets_total",
+        "Datagrams relayed, by path and direction.",
+        paths.iter().flat_map(|(path, c)| {
+            [
+                (path_direction(path, "to_peer"), c.to_peer_packets),
+                (path_direction(path, "to_client"), c.to_client_packets),
+            ]
+        }),
     );
-    for (path, c) in &paths {
-        for (direction, n) in [
-            ("to_peer", c.to_peer_packets),
-            ("to_client", c.to_client_packets),
-        ] {
-            let _ = writeln!(
-                out,
-                "relay_relayed_packets_total{{path=\"{path}\",direction=\"{direction}\"}} {n}"
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_relayed_bytes_total Payload bytes relayed, by path and direction.\n\
-         # TYPE relay_relayed_bytes_total counter"
+    out.counters(
+        "relay_relayed_bytes_total",
+        "Payload bytes relayed, by path and direction.",
+        paths.iter().flat_map(|(path, c)| {
+            [
+                (path_direction(path, "to_peer"), c.to_peer_bytes),
+                (path_direction(path, "to_client"), c.to_client_bytes),
+            ]
+        }),
     );
-    for (path, c) in &paths {
-        for (direction, n) in [
-            ("to_peer", c.to_peer_bytes),
-            ("to_client", c.to_client_bytes),
-        ] {
-            let _ = writeln!(
-                out,
-                "relay_relayed_bytes_total{{path=\"{path}\",direction=\"{direction}\"}} {n}"
-            );
-        }
-    }
     let kernel = lock(kernel);
     // A handful of map reads (one per verdict reason), not one per allocation.
     if let Some(fastpath) = kernel.fastpath() {
         if let Ok(counters) = fastpath.verdict_counters() {
-            let _ = writeln!(
-                out,
-                "# HELP relay_fastpath_verdicts_total Kernel program verdicts, by reason.\n\
-                 # TYPE relay_fastpath_verdicts_total counter"
+            out.counters(
+                "relay_fastpath_verdicts_total",
+                "Kernel program verdicts, by reason.",
+                counters
+                    .into_iter()
+                    .map(|(reason, n)| (vec![("reason", reason.label().to_owned())], n)),
             );
-            for (reason, n) in counters {
-                let _ = writeln!(
-                    out,
-                    "relay_fastpath_verdicts_total{{reason=\"{}\"}} {n}",
-                    reason.label()
-                );
-            }
         }
     }
-    out
 }
 
 /// TCP/TLS clients (issue 11): allocations and connections by transport, why connections
 /// ended, refusals at the caps, queue drops and buffered bytes; no per-user labels.
-fn stream_metrics(out: &mut String, snapshot: &WorkerSnapshot, limits: &ConnectionLimits) {
-    let _ = writeln!(
-        out,
-        "# HELP relay_allocations_by_transport Live allocations by client transport.\n\
-         # TYPE relay_allocations_by_transport gauge"
+fn stream_metrics(out: &mut Exposition, snapshot: &WorkerSnapshot, limits: &ConnectionLimits) {
+    let transport = |t: &str| vec![("transport", t.to_owned())];
+    out.gauges(
+        "relay_allocations_by_transport",
+        "Live allocations by client transport.",
+        ["udp", "tcp", "tls"].map(|t| {
+            let n = snapshot
+                .allocations_by_transport
+                .get(t)
+                .copied()
+                .unwrap_or(0);
+            (transport(t), n)
+        }),
     );
-    for transport in ["udp", "tcp", "tls"] {
-        let n = snapshot
-            .allocations_by_transport
-            .get(transport)
-            .copied()
-            .unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "relay_allocations_by_transport{{transport=\"{transport}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_connections Open TCP and TLS client connections.\n\
-         # TYPE relay_connections gauge"
+    out.gauges(
+        "relay_connections",
+        "Open TCP and TLS client connections.",
+        ["tcp", "tls"].map(|t| {
+            (
+                transport(t),
+                snapshot.connections.get(t).copied().unwrap_or(0),
+            )
+        }),
     );
-    for transport in ["tcp", "tls"] {
-        let n = snapshot.connections.get(transport).copied().unwrap_or(0);
-        let _ = writeln!(out, "relay_connections{{transport=\"{transport}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_connections_closed_total TCP and TLS client connections closed, by \
-         transport and reason.\n\
-         # TYPE relay_connections_closed_total counter"
+    out.counters(
+        "relay_connections_closed_total",
+        "TCP and TLS client connections closed, by transport and reason.",
+        snapshot.connections_closed.iter().map(|((t, reason), n)| {
+            (
+                vec![("transport", t.to_string()), ("reason", reason.to_string())],
+                *n,
+            )
+        }),
     );
-    for ((transport, reason), n) in &snapshot.connections_closed {
-        let _ = writeln!(
-            out,
-            "relay_connections_closed_total{{transport=\"{transport}\",reason=\"{reason}\"}} {n}"
-        );
-    }
     let (total, per_source) = limits.refused();
-    let _ = writeln!(
-        out,
-        "# HELP relay_connections_refused_total TCP and TLS connections closed at accept by \
-         --max-connections (total) or --max-connections-per-ip (per_ip).\n\
-         # TYPE relay_connections_refused_total counter\n\
-         relay_connections_refused_total{{reason=\"total\"}} {total}\n\
-         relay_connections_refused_total{{reason=\"per_ip\"}} {per_source}\n\
-         # HELP relay_stream_send_drops_total Messages to TCP/TLS clients dropped because \
-         their send queue was full.\n\
-         # TYPE relay_stream_send_drops_total counter\n\
-         relay_stream_send_drops_total {}\n\
-         # HELP relay_stream_buffered_bytes Bytes held in TCP/TLS connection buffers.\n\
-         # TYPE relay_stream_buffered_bytes gauge\n\
-         relay_stream_buffered_bytes {}",
-        snapshot.stream_send_drops, snapshot.stream_buffered_bytes
+    out.counters(
+        "relay_connections_refused_total",
+        "TCP and TLS connections closed at accept by --max-connections (total) or \
+         --max-connections-per-ip (per_ip).",
+        [
+            (vec![("reason", "total".to_owned())], total),
+            (vec![("reason", "per_ip".to_owned())], per_source),
+        ],
+    );
+    out.counter(
+        "relay_stream_send_drops_total",
+        "Messages to TCP/TLS clients dropped because their send queue was full.",
+        snapshot.stream_send_drops,
+    );
+    out.gauge(
+        "relay_stream_buffered_bytes",
+        "Bytes held in TCP/TLS connection buffers.",
+        snapshot.stream_buffered_bytes,
+    );
+}
+
+/// Error responses by method and code (no per-user labels): 401 and 438 start every
+/// allocation, 403 is the peer policy, 486 a user's quota, 508 the relay's capacity.
+fn error_response_metrics(out: &mut Exposition, snapshot: &WorkerSnapshot) {
+    out.counters(
+        "relay_error_responses_total",
+        "STUN/TURN error responses sent, by method and code.",
+        snapshot
+            .error_responses
+            .iter()
+            .map(|((method, code), count)| {
+                (
+                    vec![("method", method.to_string()), ("code", code.to_string())],
+                    *count,
+                )
+            }),
     );
 }
 
 /// What the relay-wide unauthenticated-answer budget refused (issue 12 item 2).
-/// Error responses by method and code (no per-user labels): 401 and 438 start every
-/// allocation, 403 is the peer policy, 486 a user's quota, 508 the relay's capacity.
-fn error_response_metrics(out: &mut String, snapshot: &WorkerSnapshot) {
-    let _ = writeln!(
-        out,
-        "# HELP relay_error_responses_total STUN/TURN error responses sent, by method and code.\n\
-         # TYPE relay_error_responses_total counter"
-    );
-    for ((method, code), count) in &snapshot.error_responses {
-        let _ = writeln!(
-            out,
-            "relay_error_responses_total{{method=\"{method}\",code=\"{code}\"}} {count}"
-        );
-    }
-}
-
-fn unauth_metrics(out: &mut String, limiter: &UnauthLimiter) {
-    let _ = writeln!(
-        out,
-        "# HELP relay_unauth_refused_total Answers to unauthenticated requests (401, 438, 400, \
-         Binding) not sent because their destination's byte budget was spent.\n\
-         # TYPE relay_unauth_refused_total counter\n\
-         relay_unauth_refused_total {}\n\
-         # HELP relay_unauth_refused_bytes_total Bytes of those refused answers.\n\
-         # TYPE relay_unauth_refused_bytes_total counter\n\
-         relay_unauth_refused_bytes_total {}",
+fn unauth_metrics(out: &mut Exposition, limiter: &UnauthLimiter) {
+    out.counter(
+        "relay_unauth_refused_total",
+        "Answers to unauthenticated requests (401, 438, 400, Binding) not sent because their \
+         destination's byte budget was spent.",
         limiter.refused_answers(),
-        limiter.refused_bytes()
+    );
+    out.counter(
+        "relay_unauth_refused_bytes_total",
+        "Bytes of those refused answers.",
+        limiter.refused_bytes(),
     );
 }

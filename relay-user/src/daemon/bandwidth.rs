@@ -20,7 +20,6 @@
 
 use std::{
     collections::HashMap,
-    fmt::Write as _,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -257,44 +256,28 @@ fn apply(decisions: &[Decision], kernel: &Mutex<KernelSync>, limit: u64) {
 }
 
 /// `relay_bandwidth_*` metrics (no per-user labels); zeros without a limit.
-pub fn metrics(out: &mut String, shared: Option<&Shared>) {
+pub fn metrics(out: &mut super::exposition::Exposition, shared: Option<&Shared>) {
     let directions = [Direction::ToPeer, Direction::ToClient];
     let value =
         |f: fn(&BandwidthLedger, Direction) -> u64, d| shared.map_or(0, |s| f(&s.ledger, d));
-    let _ = writeln!(
-        out,
-        "# HELP relay_bandwidth_dropped_total Relayed datagrams dropped because their user was \
-         over --user-bandwidth, by direction.\n\
-         # TYPE relay_bandwidth_dropped_total counter"
+    let by_direction = |f: fn(&BandwidthLedger, Direction) -> u64| {
+        directions.map(|d| (vec![("direction", d.label().to_owned())], value(f, d)))
+    };
+    out.counters(
+        "relay_bandwidth_dropped_total",
+        "Relayed datagrams dropped because their user was over --user-bandwidth, by direction.",
+        by_direction(BandwidthLedger::dropped),
     );
-    for d in directions {
-        let n = value(BandwidthLedger::dropped, d);
-        let _ = writeln!(
-            out,
-            "relay_bandwidth_dropped_total{{direction=\"{}\"}} {n}",
-            d.label()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP relay_bandwidth_dropped_bytes_total Payload bytes of those datagrams.\n\
-         # TYPE relay_bandwidth_dropped_bytes_total counter"
+    out.counters(
+        "relay_bandwidth_dropped_bytes_total",
+        "Payload bytes of those datagrams.",
+        by_direction(BandwidthLedger::dropped_bytes),
     );
-    for d in directions {
-        let n = value(BandwidthLedger::dropped_bytes, d);
-        let _ = writeln!(
-            out,
-            "relay_bandwidth_dropped_bytes_total{{direction=\"{}\"}} {n}",
-            d.label()
-        );
-    }
     let held = shared.map_or(0, |s| s.held_users.load(Ordering::Relaxed));
-    let _ = writeln!(
-        out,
-        "# HELP relay_bandwidth_held_users Users over --user-bandwidth whose allocations are \
-         held on the socket path.\n\
-         # TYPE relay_bandwidth_held_users gauge\n\
-         relay_bandwidth_held_users {held}"
+    out.gauge(
+        "relay_bandwidth_held_users",
+        "Users over --user-bandwidth whose allocations are held on the socket path.",
+        u64::try_from(held).unwrap_or(u64::MAX),
     );
 }
 

@@ -3,7 +3,6 @@
 //! main wait (a clean stop, exit 0) once no allocation is left or the deadline passed.
 
 use std::{
-    fmt::Write as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -73,25 +72,20 @@ impl Drain {
         }
     }
 
-    /// Prometheus lines: whether the relay drains and the seconds to its deadline.
-    pub fn metrics(&self, out: &mut String) {
+    /// Prometheus samples: whether the relay drains and the seconds to its deadline.
+    pub fn metrics(&self, out: &mut super::exposition::Exposition) {
         let now = Instant::now();
-        let _ = writeln!(
-            out,
-            "# HELP relay_draining 1 while the relay drains (no new allocations; it stops when \
-             relay_allocations reaches 0 or the deadline passes).\n\
-             # TYPE relay_draining gauge\n\
-             relay_draining {}",
-            u8::from(self.state.is_draining())
+        out.gauge(
+            "relay_draining",
+            "1 while the relay drains (no new allocations; it stops when relay_allocations \
+             reaches 0 or the deadline passes).",
+            u64::from(self.state.is_draining()),
         );
         if let Some(deadline) = self.state.deadline() {
-            let _ = writeln!(
-                out,
-                "# HELP relay_drain_deadline_seconds Seconds until a draining relay stops \
-                 whatever allocations remain.\n\
-                 # TYPE relay_drain_deadline_seconds gauge\n\
-                 relay_drain_deadline_seconds {}",
-                deadline.saturating_duration_since(now).as_secs()
+            out.gauge(
+                "relay_drain_deadline_seconds",
+                "Seconds until a draining relay stops whatever allocations remain.",
+                deadline.saturating_duration_since(now).as_secs(),
             );
         }
     }

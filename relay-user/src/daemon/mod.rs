@@ -6,6 +6,7 @@ mod bandwidth;
 mod connection;
 mod connection_limits;
 mod drain;
+mod exposition;
 mod host_addresses;
 mod interfaces;
 mod kernel_sync;
@@ -57,6 +58,9 @@ use self::{
 };
 
 /// Runs the daemon until SIGINT/SIGTERM, or until a drain (SIGUSR1, `relay ctl drain`) ends.
+/// What `/metrics` answers with.
+pub const METRICS_CONTENT_TYPE: &str = exposition::CONTENT_TYPE;
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
     reload::init_logging(&config.log_level)?;
