@@ -18,8 +18,8 @@ use std::{
 use relay::proto::stun::{Attribute, Class, Message, MessageBuilder, Method, TransactionId};
 use support::{
     client::Client,
-    echo_peer, free_tcp_port, free_udp_port,
-    stream::{raw_closed_within, tcp_connect, ReadEnd, StreamClient},
+    echo_peer, free_udp_port,
+    stream::{raw_closed_within, tcp_connect, ReadEnd, StreamClient, StreamRelay},
     tls::TestPki,
     uclient_stream, Relay,
 };
@@ -40,41 +40,8 @@ struct Streams {
 
 fn relay_with(extra: &[&str]) -> Streams {
     let (pki, _) = TestPki::installed("relay-abuse");
-    let tcp: SocketAddr = format!("127.0.0.1:{}", free_tcp_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
-    let tls: SocketAddr = format!("127.0.0.1:{}", free_tcp_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
-    let (tcp_arg, tls_arg) = (tcp.to_string(), tls.to_string());
-    let (cert, key) = (pki.cert_path(), pki.key_path());
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--listen-tcp",
-        &tcp_arg,
-        "--listen-tls",
-        &tls_arg,
-        "--tls-cert",
-        cert.to_str().expect("utf-8 path"),
-        "--tls-key",
-        key.to_str().expect("utf-8 path"),
-        "--relay-ip",
-        "127.0.0.1",
-        "--realm",
-        REALM,
-        "--allow-peer-unsafe",
-        PEER_IP,
-        "--user",
-        "alice:wonderland",
-        "--legacy-channels",
-        "--log-level",
-        "info",
-    ];
-    args.extend_from_slice(extra);
-    let relay = Relay::start(&args);
-    relay.wait_tcp_listening(tcp);
-    relay.wait_tcp_listening(tls);
+    let args = [&["--legacy-channels"][..], extra].concat();
+    let StreamRelay { relay, tcp, tls } = StreamRelay::start(&pki, &args);
     Streams {
         relay,
         tcp,

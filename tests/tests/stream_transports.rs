@@ -26,8 +26,11 @@ use relay_tests::{
 };
 use serde_json::Value;
 use support::{
-    client::Client, echo_peer, free_tcp_port, free_udp_port, run_aioice_over, stream::StreamClient,
-    tls::TestPki, uclient_stream, AioiceTransport, Relay,
+    client::Client,
+    echo_peer, free_tcp_port, free_udp_port, run_aioice_over,
+    stream::{StreamClient, StreamRelay},
+    tls::TestPki,
+    uclient_stream, AioiceTransport, Relay,
 };
 
 const PEER_IP: &str = "127.0.0.2";
@@ -35,49 +38,10 @@ const REALM: &str = "relay.local";
 const SECRET: &str = "stream-rest-secret";
 
 /// A relay on loopback with a UDP, a TCP and a TLS listener (the certificate from `pki`).
-struct Streams {
-    relay: Relay,
-    tcp: SocketAddr,
-    tls: SocketAddr,
-}
+type Streams = StreamRelay;
 
 fn relay_with(pki: &TestPki, extra: &[&str]) -> Streams {
-    let tcp: SocketAddr = format!("127.0.0.1:{}", free_tcp_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
-    let tls: SocketAddr = format!("127.0.0.1:{}", free_tcp_port("127.0.0.1"))
-        .parse()
-        .expect("addr");
-    let (tcp_arg, tls_arg) = (tcp.to_string(), tls.to_string());
-    let cert = pki.cert_path();
-    let key = pki.key_path();
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--listen-tcp",
-        &tcp_arg,
-        "--listen-tls",
-        &tls_arg,
-        "--tls-cert",
-        cert.to_str().expect("utf-8 path"),
-        "--tls-key",
-        key.to_str().expect("utf-8 path"),
-        "--relay-ip",
-        "127.0.0.1",
-        "--realm",
-        REALM,
-        "--allow-peer-unsafe",
-        PEER_IP,
-        "--user",
-        "alice:wonderland",
-        "--log-level",
-        "info",
-    ];
-    args.extend_from_slice(extra);
-    let relay = Relay::start(&args);
-    relay.wait_tcp_listening(tcp);
-    relay.wait_tcp_listening(tls);
-    Streams { relay, tcp, tls }
+    StreamRelay::start(pki, extra)
 }
 
 /// A UDP peer on 127.0.0.2 the tests read and answer themselves.

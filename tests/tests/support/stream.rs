@@ -429,3 +429,52 @@ pub fn raw_closed_within(stream: &mut TcpStream, within: Duration) -> Option<(St
     }
     None
 }
+
+/// A relay on loopback with a UDP, a TCP and a TLS listener (the certificate from `pki`), user
+/// `alice:wonderland`, realm `relay.local`, peers allowed on 127.0.0.2; both stream listeners
+/// accept connections when this returns.
+pub struct StreamRelay {
+    pub relay: super::Relay,
+    pub tcp: SocketAddr,
+    pub tls: SocketAddr,
+}
+
+impl StreamRelay {
+    pub fn start(pki: &super::tls::TestPki, extra: &[&str]) -> Self {
+        let free = || -> SocketAddr {
+            format!("127.0.0.1:{}", super::free_tcp_port("127.0.0.1"))
+                .parse()
+                .expect("addr")
+        };
+        let (tcp, tls) = (free(), free());
+        let (tcp_arg, tls_arg) = (tcp.to_string(), tls.to_string());
+        let (cert, key) = (pki.cert_path(), pki.key_path());
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-tcp",
+            &tcp_arg,
+            "--listen-tls",
+            &tls_arg,
+            "--tls-cert",
+            cert.to_str().expect("utf-8 path"),
+            "--tls-key",
+            key.to_str().expect("utf-8 path"),
+            "--relay-ip",
+            "127.0.0.1",
+            "--realm",
+            "relay.local",
+            "--allow-peer-unsafe",
+            "127.0.0.2",
+            "--user",
+            "alice:wonderland",
+            "--log-level",
+            "info",
+        ];
+        args.extend_from_slice(extra);
+        let relay = super::Relay::start(&args);
+        relay.wait_tcp_listening(tcp);
+        relay.wait_tcp_listening(tls);
+        Self { relay, tcp, tls }
+    }
+}
